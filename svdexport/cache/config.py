@@ -1,0 +1,58 @@
+"""Cache settings and the step plan (which steps run the full graph)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from svdexport.errors import SvdExportError
+
+GRANULARITIES = ("block", "final")
+
+
+@dataclass
+class CacheConfig:
+    granularity: str = "block"  # "block": per-module sites inside every block; "final": last hidden state only
+    predictor: str = "svd-taylor"  # how the principal coefficients are forecast on cached steps
+    beta: float = 0.9  # EMA weight on the old value (ema, ema-velocity)
+    order: int = 1  # finite-difference order of svd-taylor (1 or 2)
+    tau: float = 0.85  # energy fraction the kept principal directions must reach
+    k_max: int = 64  # cap on the rank per site; bases are zero-padded to this many columns
+    warmup: int = 3  # first steps that are always full
+    interval: int = 7  # after warmup, one full step every `interval` steps
+
+    def validate(self) -> "CacheConfig":
+        from svdexport.cache.predictors import PREDICTORS
+
+        if self.granularity not in GRANULARITIES:
+            raise SvdExportError(f"unknown granularity {self.granularity!r} (choose from {', '.join(GRANULARITIES)})")
+        if self.predictor not in PREDICTORS:
+            raise SvdExportError(f"unknown predictor {self.predictor!r} (choose from {', '.join(PREDICTORS)})")
+        if not 0.0 < self.tau <= 1.0:
+            raise SvdExportError(f"tau must be in (0, 1], got {self.tau}")
+        if not 0.0 <= self.beta < 1.0:
+            raise SvdExportError(f"beta must be in [0, 1), got {self.beta}")
+        if self.order not in (1, 2):
+            raise SvdExportError(f"order must be 1 or 2, got {self.order}")
+        if self.interval < 1:
+            raise SvdExportError(f"interval must be >= 1, got {self.interval}")
+        if self.warmup < 0:
+            raise SvdExportError(f"warmup must be >= 0, got {self.warmup}")
+        if self.k_max < 1:
+            raise SvdExportError(f"k_max must be >= 1, got {self.k_max}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def step_plan(steps: int, warmup: int, interval: int) -> list[bool]:
+    """True where step i runs the full graph: the first `warmup` steps, then every `interval`-th step.
+
+    The phase follows TaylorSeer, whose counts the paper reports (50 steps, warmup 3: interval 5 -> 12
+    full steps, 7 -> 9, 8 -> 8). Step 0 is always full: a cached step needs something cached.
+    """
+    if steps < 1:
+        raise SvdExportError(f"steps must be >= 1, got {steps}")
+    plan = [i < warmup or (i - warmup + 1) % interval == 0 for i in range(steps)]
+    plan[0] = True
+    return plan

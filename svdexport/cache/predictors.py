@@ -1,0 +1,124 @@
+"""Forecasts of the principal coefficients C on cached steps.
+
+Each predictor sees C on every full step (`update`) and returns the coefficients P to use on a cached
+step (`predict`); the residual is always reused from the last full step. Steps are sampler step indices,
+so forecasts are in step units and handle the uneven spacing between warmup and interval.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Predictor:
+    """Base: holds the state of one request; `reset` clears it."""
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def update(self, step: int, coeffs: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def predict(self, step: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Reuse(Predictor):
+    """FORA-style: the last full step's coefficients, so F^ is that step's feature exactly."""
+
+    def reset(self) -> None:
+        self.last = None
+
+    def update(self, step: int, coeffs: torch.Tensor) -> None:
+        self.last = coeffs
+
+    def predict(self, step: int) -> torch.Tensor:
+        return self.last
+
+
+class Ema(Predictor):
+    """The paper's rule: C_ema <- beta*C_ema + (1-beta)*C on full steps, held between them."""
+
+    def __init__(self, beta: float):
+        self.beta = beta
+
+    def reset(self) -> None:
+        self.state = None
+
+    def update(self, step: int, coeffs: torch.Tensor) -> None:
+        self.state = coeffs if self.state is None else torch.lerp(coeffs, self.state, self.beta)
+
+    def predict(self, step: int) -> torch.Tensor:
+        return self.state
+
+
+class EmaVelocity(Predictor):
+    """EMA (weight beta on the old value) of dC/dstep, extrapolated from the last full step."""
+
+    def __init__(self, beta: float):
+        self.beta = beta
+
+    def reset(self) -> None:
+        self.last, self.last_step, self.velocity = None, 0, None
+
+    def update(self, step: int, coeffs: torch.Tensor) -> None:
+        if self.last is not None:
+            v = (coeffs - self.last) / (step - self.last_step)
+            self.velocity = v if self.velocity is None else torch.lerp(v, self.velocity, self.beta)
+        self.last, self.last_step = coeffs, step
+
+    def predict(self, step: int) -> torch.Tensor:
+        if self.velocity is None:
+            return self.last
+        return self.last + (step - self.last_step) * self.velocity
+
+
+class SvdTaylor(Predictor):
+    """TaylorSeer's finite-difference forecast on the principal coefficients.
+
+    Uses Newton divided differences over the last order+1 full steps, so the forecast is the exact
+    extrapolating polynomial even where full steps are unevenly spaced (TaylorSeer's plain backward
+    differences are exact there only for order 1).
+    """
+
+    def __init__(self, order: int):
+        self.order = order
+
+    def reset(self) -> None:
+        self.points: list[tuple[int, torch.Tensor]] = []
+        self.nodes: list[int] = []
+        self.coefs: list[torch.Tensor] = []
+
+    def update(self, step: int, coeffs: torch.Tensor) -> None:
+        self.points = (self.points + [(step, coeffs)])[-(self.order + 1) :]
+        self.nodes = [s for s, _ in reversed(self.points)]  # newest first
+        table = [c for _, c in reversed(self.points)]
+        self.coefs = [table[0]]
+        for j in range(1, len(table)):
+            table = [(table[i] - table[i + 1]) / (self.nodes[i] - self.nodes[i + j]) for i in range(len(table) - 1)]
+            self.coefs.append(table[0])
+
+    def predict(self, step: int) -> torch.Tensor:
+        out, weight = self.coefs[0], 1.0
+        for j in range(1, len(self.coefs)):
+            weight *= step - self.nodes[j - 1]
+            out = out + weight * self.coefs[j]
+        return out
+
+
+PREDICTORS = ("svd-taylor", "ema-velocity", "ema", "reuse")
+
+
+def make_predictor(name: str, beta: float = 0.9, order: int = 1) -> Predictor:
+    """A fresh predictor, already reset."""
+    table = {
+        "reuse": lambda: Reuse(),
+        "ema": lambda: Ema(beta),
+        "ema-velocity": lambda: EmaVelocity(beta),
+        "svd-taylor": lambda: SvdTaylor(order),
+    }
+    if name not in table:
+        raise ValueError(f"unknown predictor {name!r}")
+    predictor = table[name]()
+    predictor.reset()
+    return predictor

@@ -1,0 +1,149 @@
+"""Command line: `svdexport build | calibrate | run`.
+
+User errors (SvdExportError, bad arguments) print one line and exit with status 2; nothing else is caught,
+so a bug still shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from svdexport.cache.config import GRANULARITIES, CacheConfig
+from svdexport.cache.predictors import PREDICTORS
+from svdexport.errors import SvdExportError
+
+DEFAULTS = CacheConfig()
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="flux", help="DiT family (default: flux)")
+    g.add_argument("--weights", help="local diffusers folder or transformer .safetensors (default: bundled model)")
+    g.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default: fp32)")
+    s = p.add_argument_group("build shapes (fixed per engine)")
+    s.add_argument("--batch", type=int, help="images per call (default 1)")
+    s.add_argument("--height", type=int, help="image height in pixels (default 512; 1024 for FLUX.1)")
+    s.add_argument("--width", type=int, help="image width in pixels (default 512; 1024 for FLUX.1)")
+    s.add_argument("--text-len", type=int, help="text tokens (default 64; 512 for FLUX.1)")
+    c = p.add_argument_group("SVD-Cache")
+    c.add_argument("--granularity", default=DEFAULTS.granularity, help=f"{' | '.join(GRANULARITIES)}")
+    c.add_argument("--predictor", default=DEFAULTS.predictor, help=f"{' | '.join(PREDICTORS)}")
+    c.add_argument("--beta", type=float, default=DEFAULTS.beta, help="EMA weight on the old value")
+    c.add_argument("--order", type=int, default=DEFAULTS.order, help="svd-taylor order, 1 or 2")
+    c.add_argument("--tau", type=float, default=DEFAULTS.tau, help="energy kept by the principal subspace")
+    c.add_argument("--k-max", type=int, default=DEFAULTS.k_max, help="rank cap per site (bases padded to it)")
+    c.add_argument("--warmup", type=int, help="first full steps (default: the family's, 3 for FLUX)")
+    c.add_argument("--interval", type=int, help="one full step every N after warmup (default: 7 for FLUX)")
+    k = p.add_argument_group("calibration")
+    k.add_argument("--calib-samples", type=int, default=8, help="reference inputs (default 8)")
+    k.add_argument("--calib-steps", type=int, default=50, help="sampling steps per input (default 50)")
+
+
+def _build_options(a: argparse.Namespace, backend: str = "eager"):
+    from svdexport.models import family
+    from svdexport.runtime.build import BuildOptions
+
+    defaults = family(a.model).DEFAULT_CACHE
+    cache = CacheConfig(
+        granularity=a.granularity, predictor=a.predictor, beta=a.beta, order=a.order, tau=a.tau, k_max=a.k_max,
+        warmup=defaults["warmup"] if a.warmup is None else a.warmup,
+        interval=defaults["interval"] if a.interval is None else a.interval,
+    )
+    shapes = {k: v for k, v in (("batch", a.batch), ("height", a.height), ("width", a.width),
+                                ("text_len", a.text_len)) if v is not None}
+    return BuildOptions(model=a.model, weights=a.weights, backend=backend, cache=cache, shapes=shapes,
+                        dtype=a.dtype, calib_samples=a.calib_samples, calib_steps=a.calib_steps)
+
+
+def cmd_build(a: argparse.Namespace) -> None:
+    from svdexport.runtime.build import build
+
+    opts = _build_options(a, a.backend)
+    out = Path(a.out or f"engines/{a.model}-{a.backend}")
+    m = build(opts, out)
+    g = m["graphs"]
+    ranks = ", ".join(f"{s['name']}:{s['rank']}" for s in m["sites"])
+    print(f"built {out} ({m['backend']}, {m['dtype']}, shapes {m['shapes']['build']})")
+    print(f"parameters: full graph {g['full']['parameters']:,}, cached-step graph {g['cached']['parameters']:,}")
+    print(f"ranks (tau {m['calibration']['tau']}, k_max {m['calibration']['k_max']}): {ranks}")
+
+
+def cmd_calibrate(a: argparse.Namespace) -> None:
+    from svdexport.runtime.build import calibrate_to_file
+
+    bases = calibrate_to_file(_build_options(a), Path(a.out))
+    print(f"wrote {a.out}: {len(bases.sites)} sites, ranks {bases.ranks}, "
+          f"{bases.num_inputs} inputs x {bases.num_timesteps} timesteps")
+
+
+def cmd_run(a: argparse.Namespace) -> None:
+    import svdexport
+    from safetensors.torch import save_file
+
+    if a.steps < 1:
+        raise SvdExportError(f"--steps must be >= 1, got {a.steps}")
+    out = Path(a.out or f"out/{Path(a.engine).name}-seed{a.seed}.png")
+    if out.suffix.lower() != ".png":
+        raise SvdExportError(f"--out must end in .png, got {out}")
+    engine = svdexport.load(a.engine, progress=True)
+    overrides = {k: v for k, v in (("interval", a.interval), ("warmup", a.warmup)) if v is not None}
+    result = engine.generate(seed=a.seed, steps=a.steps, progress=True, **overrides)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    latents_path = out.with_suffix(".safetensors")
+    # Write beside, then rename: an interrupted run leaves no half-written file.
+    tmp_png, tmp_lat = out.with_name(f".{out.name}.tmp"), latents_path.with_name(f".{latents_path.name}.tmp")
+    engine.preview(result.latents).save(tmp_png, format="PNG")
+    save_file({"latents": result.latents.contiguous()}, str(tmp_lat),
+              metadata={"seed": str(a.seed), "steps": str(a.steps), "engine": str(a.engine)})
+    tmp_png.replace(out)
+    tmp_lat.replace(latents_path)
+    print(f"wrote {out} (preview of the latents) and {latents_path} (final latents)")
+    print(f"{a.steps} steps: {result.full_steps} full, {result.cached_steps} cached, {result.seconds:.2f} s")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="svdexport", description="SVD-Cache DiT engines: build, calibrate, run.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="calibrate the bases and build an engine folder")
+    _model_args(b)
+    b.add_argument("--backend", default="eager", help="eager (default)")
+    b.add_argument("--out", help="engine folder (default engines/MODEL-BACKEND)")
+    b.set_defaults(func=cmd_build)
+
+    c = sub.add_parser("calibrate", help="only compute the low-rank bases (safetensors)")
+    _model_args(c)
+    c.add_argument("--out", required=True, help="bases file, .safetensors")
+    c.set_defaults(func=cmd_calibrate)
+
+    r = sub.add_parser("run", help="generate with an engine; writes the latents and a PNG preview")
+    r.add_argument("engine", help="engine folder written by build")
+    r.add_argument("--steps", type=int, default=50)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out", help="PNG path (default out/ENGINE-seedS.png); latents go beside as .safetensors")
+    r.add_argument("--interval", type=int, help="override the engine's interval")
+    r.add_argument("--warmup", type=int, help="override the engine's warmup")
+    r.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    try:
+        args.func(args)
+    except SvdExportError as e:
+        print(f"svdexport: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("svdexport: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""What every DiT family shares: capturing cache-site features with hooks, and the split into C and R.
+
+A family adapter (one file per family, e.g. flux.py) provides:
+- `load(weights, dtype)`: the real diffusers transformer, from the bundled config or a local path;
+- `sites(granularity)`: the names of the cache sites, in graph order;
+- `full_graph(granularity)` / `cached_graph(granularity)`: two nn.Modules with positional tensor I/O and
+  an `input_names` list, the full one returning (output, C, R) for all sites stacked;
+- `example_inputs(...)`, `sampler(...)`, `preview(...)`: conditioning, noise, the flow-match sampler
+  and a PNG preview of the final latents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from svdexport.cache.svd import split
+from svdexport.errors import SvdExportError
+from svdexport.runtime.files import fingerprint, sha256_files
+
+# Turns a hooked module's (args, output) into the site feature [B, N, D].
+Extractor = Callable[[tuple, object], torch.Tensor]
+
+
+class SiteRecorder:
+    """Forward hooks that copy site features into a list while a full-graph call is recording.
+
+    Hooks stay registered but are inert outside `recording`, so the unmodified transformer can still be
+    called directly (the parity tests do). The flag is a Python attribute, not a tensor: nothing in the
+    traced graph branches on tensor values.
+    """
+
+    def __init__(self, sites: list[tuple[nn.Module, Extractor, bool]]):
+        # sites: (module, extractor, pre) with pre=True for a forward-pre hook (the module's input)
+        self.features: list[torch.Tensor] | None = None
+        self.handles = []
+        for module, extract, pre in sites:
+            if pre:
+                hook = self._pre_hook(extract)
+                self.handles.append(module.register_forward_pre_hook(hook))
+            else:
+                self.handles.append(module.register_forward_hook(self._hook(extract)))
+
+    def _hook(self, extract: Extractor):
+        def hook(module, args, output):
+            if self.features is not None:
+                self.features.append(extract(args, output))
+
+        return hook
+
+    def _pre_hook(self, extract: Extractor):
+        def hook(module, args):
+            if self.features is not None:
+                self.features.append(extract(args, None))
+
+        return hook
+
+    def start(self) -> None:
+        self.features = []
+
+    def stop(self) -> torch.Tensor:
+        """Stacked features [sites, B, N, D], in registration order (the order blocks run)."""
+        features, self.features = self.features, None
+        return torch.stack(features)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def split_sites(features: torch.Tensor, bases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """C and R for stacked site features, in the features' dtype."""
+    return split(features, bases.to(features.dtype))
+
+
+def parameter_count(module: nn.Module) -> int:
+    """Distinct parameters a graph holds (shared submodules counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+@dataclass
+class WeightsInfo:
+    source: str  # "bundled" or the absolute path given with --weights
+    config: dict  # the transformer's diffusers config
+    files: list[str] = field(default_factory=list)  # weight files read, absolute paths, in hashing order
+    pipeline_parts: list[str] = field(default_factory=list)  # text encoders / VAE found beside the transformer
+    sha256: str = ""  # digest of the weights; set at load for the generated bundled model, else on demand
+
+    def digest(self) -> str:
+        if not self.sha256:
+            self.sha256 = sha256_files([Path(f) for f in self.files], progress=True)
+        return self.sha256
+
+    def record(self) -> dict:
+        """What a manifest keeps to check later that the same weights are loaded."""
+        return {"source": self.source, "sha256": self.digest(),
+                "files": fingerprint([Path(f) for f in self.files])}
+
+    def verify(self, recorded: dict) -> None:
+        """Refuses weights that differ from the build's; re-hashes only files whose size or mtime changed."""
+        if self.files and fingerprint([Path(f) for f in self.files]) == recorded.get("files"):
+            return
+        if self.digest() != recorded.get("sha256"):
+            raise SvdExportError(f"weights at {self.source} differ from the ones this engine was built from; rebuild it")

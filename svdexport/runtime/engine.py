@@ -1,0 +1,70 @@
+"""A loaded engine: verified manifest, the two graphs, the bases and the step scheduler."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from svdexport.cache.config import CacheConfig
+from svdexport.cache.svd import Bases
+from svdexport.errors import SvdExportError
+from svdexport.export import backend
+from svdexport.models import family
+from svdexport.runtime import manifest as manifest_io
+from svdexport.runtime.scheduler import CachedSampler, Generation
+
+BASES_FILE = "bases.safetensors"
+
+
+class Engine:
+    """Runs SVD-Cache generation over the engine's graphs with the shapes it was built for."""
+
+    def __init__(self, folder: Path, manifest: dict, full, cached, bases: Bases):
+        self.folder, self.manifest, self.bases = folder, manifest, bases
+        self.family = family(manifest["model"]["family"])
+        self.config = manifest["model"]["config"]
+        self.shapes = self.family.Shapes(**manifest["shapes"]["build"])
+        self.dtype = getattr(torch, manifest["dtype"])
+        self.cache = CacheConfig(**manifest["cache"])
+        sampler = self.family.make_sampler(manifest["sampler"])
+        set_timesteps = lambda s, n: self.family.set_timesteps(s, n, self.shapes)  # noqa: E731
+        self.sampler = CachedSampler(full, cached, bases.vectors, self.cache, sampler, set_timesteps)
+
+    def example_inputs(self, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Seeded noise and synthetic conditioning with the engine's shapes and dtype."""
+        return self.family.example_inputs(self.config, self.shapes, seed, dtype=self.dtype)
+
+    def check_inputs(self, inputs: dict[str, torch.Tensor]) -> None:
+        for name, want in self.example_inputs(0).items():
+            got = inputs.get(name)
+            if got is None:
+                raise SvdExportError(f"input {name!r} is missing")
+            if tuple(got.shape) != tuple(want.shape):
+                raise SvdExportError(
+                    f"input {name!r} has shape {tuple(got.shape)}; this engine was built for {tuple(want.shape)}"
+                )
+
+    def generate(self, inputs: dict[str, torch.Tensor] | None = None, seed: int = 0, steps: int = 50,
+                 progress: bool = False, **cache_overrides) -> Generation:
+        """One request. `inputs` defaults to seeded synthetic ones; keyword overrides (interval, warmup,
+        predictor, beta, order) change the step plan or forecast without rebuilding."""
+        if inputs is None:
+            inputs = self.example_inputs(seed)
+        self.check_inputs(inputs)
+        allowed = {"interval", "warmup", "predictor", "beta", "order"}
+        if set(cache_overrides) - allowed:
+            raise SvdExportError(f"cannot override {sorted(set(cache_overrides) - allowed)} at run time")
+        cache = dataclasses.replace(self.cache, **cache_overrides).validate()
+        return self.sampler.generate(inputs, steps, cache=cache, progress=progress)
+
+    def preview(self, latents: torch.Tensor):
+        return self.family.preview(latents, self.shapes)
+
+
+def load(folder, progress: bool = False) -> Engine:
+    folder = Path(folder)
+    manifest = manifest_io.read(folder)
+    full, cached = backend(manifest["backend"]).load(folder, manifest, progress=progress)
+    return Engine(folder, manifest, full, cached, Bases.load(folder / BASES_FILE))

@@ -1,0 +1,79 @@
+"""Hashes, fingerprints and atomic output folders."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm import tqdm
+
+_CHUNK = 1 << 22
+
+
+def sha256_file(path: Path, progress: bool = False) -> str:
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    # A bar only where hashing takes noticeable time (real checkpoints are tens of GB).
+    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
+                                      disable=not progress or size < (1 << 30), leave=False) as bar:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            bar.update(len(chunk))
+    return h.hexdigest()
+
+
+def sha256_files(paths: list[Path], progress: bool = False) -> str:
+    """One digest over several files (name and content), in the given order."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        h.update(bytes.fromhex(sha256_file(p, progress)))
+    return h.hexdigest()
+
+
+def sha256_state_dict(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def fingerprint(paths: list[Path]) -> list[list]:
+    """(name, size, mtime_ns) per file: lets a later load skip re-hashing unchanged multi-GB weights."""
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `target`; on success it replaces `target`, on failure it vanishes.
+
+    Refuses to replace a non-empty folder that svdexport did not write (no manifest.json in it).
+    """
+    target = Path(target)
+    if target.exists() and any(target.iterdir()) and not (target / "manifest.json").exists():
+        from svdexport.errors import SvdExportError
+
+        raise SvdExportError(f"{target} exists and is not an svdexport output; choose another --out or remove it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            target.rename(old)
+        tmp.rename(target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
