@@ -107,9 +107,16 @@ def _from_folder(root: Path, dtype: torch.dtype) -> tuple[FluxTransformer2DModel
     if not files:
         raise SvdExportError(f"{folder} has no .safetensors weights")
     try:
-        model = FluxTransformer2DModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+        model, report = FluxTransformer2DModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
+                                                               output_loading_info=True)
     except Exception as e:  # diffusers raises several types for bad or mismatched checkpoints
         raise SvdExportError(f"cannot load FLUX weights from {folder}: {str(e).splitlines()[0]}") from None
+    # diffusers only warns about missing or extra tensors (and fills gaps randomly): refuse instead.
+    problems = {k: v for k, v in report.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        kind, keys = next(iter(problems.items()))
+        raise SvdExportError(f"cannot load FLUX weights from {folder}: config and weights disagree "
+                             f"({len(keys)} {kind.replace('_', ' ')}, e.g. {keys[0]})")
     parts = [p for p in ("text_encoder", "text_encoder_2", "vae") if (root / p).is_dir()]
     info = WeightsInfo(str(root.resolve()), dict(model.config), [str(f.resolve()) for f in files], parts)
     return model, info
@@ -170,7 +177,8 @@ def _from_file(path: Path, dtype: torch.dtype) -> tuple[FluxTransformer2DModel, 
         model.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError) as e:
         raise SvdExportError(f"weights in {path} do not match their config: {str(e).splitlines()[0]}") from None
-    model = model.to(dtype)
+    if dtype != torch.float32:
+        model = model.to(dtype)
     return model, WeightsInfo(str(path.resolve()), dict(model.config), [str(path.resolve())])
 
 
@@ -178,7 +186,8 @@ def load(weights: str | None, dtype: torch.dtype = torch.float32) -> tuple[FluxT
     """The real diffusers transformer: bundled (weights=None), a diffusers folder, or one .safetensors file."""
     if weights is None:
         model, info = _bundled()
-        model = model.to(dtype)
+        if dtype != torch.float32:  # built in float32; .to(float32) would only print a diffusers warning
+            model = model.to(dtype)
     else:
         path = Path(weights)
         if not path.exists():

@@ -16,7 +16,7 @@ from svdexport.models.base import parameter_count
 from svdexport.runtime import manifest as manifest_io
 from svdexport.runtime.calibrate import calibrate
 from svdexport.runtime.engine import BASES_FILE
-from svdexport.runtime.files import atomic_dir
+from svdexport.runtime.files import atomic_dir, check_replaceable
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -101,6 +101,7 @@ def calibrate_to_file(opts: BuildOptions, out: Path, progress: bool = True) -> B
 def build(opts: BuildOptions, out: Path, progress: bool = True) -> dict:
     """Builds an engine folder at `out` (replaced only when the whole build succeeded); returns its manifest."""
     be = backend(opts.backend)
+    check_replaceable(Path(out))  # before the long work, not after it
     p = prepare(opts)
     sampler_config = p.fam.sampler_config(opts.weights)
     bases = run_calibration(p, opts, sampler_config, progress)

@@ -52,17 +52,23 @@ def fingerprint(paths: list[Path]) -> list[list]:
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
 
 
+def check_replaceable(target: Path) -> None:
+    """A build may replace an earlier engine (a folder with manifest.json), never the user's other files."""
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / "manifest.json").exists())):
+        from svdexport.errors import SvdExportError
+
+        raise SvdExportError(f"{target} exists and is not an svdexport output; choose another --out or remove it")
+
+
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; on success it replaces `target`, on failure it vanishes.
 
-    Refuses to replace a non-empty folder that svdexport did not write (no manifest.json in it).
+    Refuses to replace a non-empty folder that svdexport did not write (see `check_replaceable`).
     """
     target = Path(target)
-    if target.exists() and any(target.iterdir()) and not (target / "manifest.json").exists():
-        from svdexport.errors import SvdExportError
-
-        raise SvdExportError(f"{target} exists and is not an svdexport output; choose another --out or remove it")
+    check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

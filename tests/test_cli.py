@@ -1,0 +1,257 @@
+"""The command line: build and run end to end, and one-line errors on bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import tiny_model
+from helpers import plain_diffusers_loop
+from svdexport.cli import main
+from svdexport.models import flux
+
+FAST = ["--calib-samples", "1", "--calib-steps", "4", "--height", "128", "--width", "128", "--text-len", "8"]
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *words):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("svdexport: error:"), err
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eng") / "flux"
+    assert main(["build", "--out", str(out), *FAST]) == 0
+    return out
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    """A local diffusers folder with a transformer/ subfolder, as a FLUX.1 download has."""
+    model = tiny_model(guidance=True)
+    model.save_pretrained(tmp_path / "pipe" / "transformer")
+    return tmp_path / "pipe", model
+
+
+def test_build_writes_manifest_and_bases(engine):
+    m = json.loads((engine / "manifest.json").read_text())
+    assert m["model"]["family"] == "flux" and m["backend"] == "eager"
+    assert m["model"]["weights"]["source"] == "bundled" and len(m["model"]["weights"]["sha256"]) == 64
+    assert [s["name"] for s in m["sites"]][:2] == ["double.0.attn", "double.0.ff"]
+    assert m["calibration"] == {"num_inputs": 1, "num_timesteps": 4, "tau": 0.85, "k_max": 64}
+    assert m["shapes"]["inputs"]["hidden_states"] == [1, 64, 64]
+    assert set(m["files"]) == {"bases.safetensors"}
+    assert {"torch", "diffusers", "svdexport"} <= set(m["versions"])
+    assert m["graphs"]["cached"]["parameters"] < m["graphs"]["full"]["parameters"]
+    assert not list(engine.parent.glob(".*tmp*"))  # the temporary build folder is gone
+
+
+def test_run_writes_image_latents_and_reports_steps(engine, tmp_path, capsys):
+    png = tmp_path / "img.png"
+    code, out, _ = run_cli(capsys, "run", engine, "--steps", 20, "--seed", 3, "--out", png)
+    assert code == 0
+    assert png.stat().st_size > 0
+    latents = load_file(str(png.with_suffix(".safetensors")))["latents"]
+    assert latents.shape == (1, 64, 64) and torch.isfinite(latents).all()
+    assert "20 steps: 5 full, 15 cached" in out  # steps 0, 1, 2 (warmup), 9, 16 (interval 7)
+
+
+def test_build_from_local_folder_matches_plain_loop_at_interval_one(tiny_folder, tmp_path, capsys):
+    import svdexport
+
+    folder, model = tiny_folder
+    out = tmp_path / "eng"
+    code, _, err = run_cli(capsys, "build", "--weights", folder, "--out", out, "--k-max", 16, *FAST)
+    assert code == 0, err
+    engine = svdexport.load(out)
+    assert engine.manifest["model"]["weights"]["source"] == str(folder.resolve())
+    inputs = engine.example_inputs(seed=5)
+    assert "guidance" in inputs
+    got = engine.generate(inputs, steps=8, interval=1).latents
+    expected = plain_diffusers_loop(model, inputs, 8, engine.shapes)
+    assert (got - expected).abs().max() <= 1e-5
+
+
+def test_single_safetensors_file_with_inferred_config(tmp_path, capsys):
+    # Head dim 128 lets svdexport infer FLUX's rotary axes without a config.json.
+    torch.manual_seed(0)
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel(in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
+                                   num_attention_heads=1, joint_attention_dim=32, pooled_projection_dim=16)
+    save_file(model.state_dict(), str(tmp_path / "t.safetensors"))
+    code, out, err = run_cli(capsys, "build", "--weights", tmp_path / "t.safetensors", "--out", tmp_path / "e", *FAST)
+    assert code == 0, err
+    m = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert m["model"]["config"]["num_layers"] == 1 and m["model"]["config"]["axes_dims_rope"] == [16, 56, 56]
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--model", "sd9"], ["unknown model", "sd9"]),
+    (["--tau", "0"], ["tau"]),
+    (["--tau", "1.2"], ["tau"]),
+    (["--interval", "0"], ["interval"]),
+    (["--warmup", "-1"], ["warmup"]),
+    (["--k-max", "129"], ["k_max", "hidden size 128"]),
+    (["--predictor", "magic"], ["predictor"]),
+    (["--height", "100"], ["height"]),
+    (["--weights", "/nonexistent/flux"], ["not found"]),
+    (["--backend", "nope"], ["backend"]),
+])
+def test_build_bad_input_one_line_and_nothing_written(tmp_path, capsys, argv, words):
+    out = tmp_path / "never"
+    code, _, err = run_cli(capsys, "build", "--out", out, *FAST, *argv)
+    assert_one_line_error(code, err, *words)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bad_weights_folders(tmp_path, capsys, tiny_folder):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run_cli(capsys, "build", "--weights", empty, "--out", tmp_path / "o", *FAST)
+    assert_one_line_error(code, err, "no transformer")
+
+    folder, _ = tiny_folder
+    cfg = folder / "transformer" / "config.json"
+    original = cfg.read_text()
+    cfg.write_text("{not json")
+    code, _, err = run_cli(capsys, "build", "--weights", folder, "--out", tmp_path / "o", *FAST)
+    assert_one_line_error(code, err, "malformed")
+
+    cfg.write_text(json.dumps({**json.loads(original), "_class_name": "SD3Transformer2DModel"}))
+    code, _, err = run_cli(capsys, "build", "--weights", folder, "--out", tmp_path / "o", *FAST)
+    assert_one_line_error(code, err, "SD3Transformer2DModel")
+
+    cfg.write_text(json.dumps({**json.loads(original), "num_layers": 5}))  # config and weights disagree
+    code, _, err = run_cli(capsys, "build", "--weights", folder, "--out", tmp_path / "o", *FAST)
+    assert_one_line_error(code, err, "cannot load")
+
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    code, _, err = run_cli(capsys, "build", "--weights", junk, "--out", tmp_path / "o", *FAST)
+    assert_one_line_error(code, err, "cannot read")
+
+    other = tmp_path / "other.safetensors"
+    save_file({"conv.weight": torch.zeros(3, 3)}, str(other))
+    code, _, err = run_cli(capsys, "build", "--weights", other, "--out", tmp_path / "o", *FAST)
+    assert_one_line_error(code, err, "not a FLUX transformer")
+    assert not (tmp_path / "o").exists()
+
+
+def copy_engine(engine, tmp_path):
+    import shutil
+
+    dst = tmp_path / "copy"
+    shutil.copytree(engine, dst)
+    return dst
+
+
+def test_run_refuses_missing_edited_or_corrupted_engines(engine, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "run", tmp_path / "nothing")
+    assert_one_line_error(code, err, "not found")
+
+    eng = copy_engine(engine, tmp_path)
+    m = json.loads((eng / "manifest.json").read_text())
+    m["cache"]["interval"] = 2
+    (eng / "manifest.json").write_text(json.dumps(m))
+    code, _, err = run_cli(capsys, "run", eng)
+    assert_one_line_error(code, err, "edited")
+
+    (eng / "manifest.json").unlink()
+    code, _, err = run_cli(capsys, "run", eng)
+    assert_one_line_error(code, err, "manifest.json is missing")
+
+    eng2 = copy_engine(engine, tmp_path / "b")
+    data = bytearray((eng2 / "bases.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (eng2 / "bases.safetensors").write_bytes(bytes(data))
+    code, _, err = run_cli(capsys, "run", eng2)
+    assert_one_line_error(code, err, "corrupted")
+
+
+def test_run_refuses_other_library_versions(engine, tmp_path, capsys):
+    from svdexport.runtime import manifest
+
+    eng = copy_engine(engine, tmp_path)
+    m = json.loads((eng / "manifest.json").read_text())
+    m["versions"]["torch"] = "1.0.0"
+    m["manifest_sha256"] = manifest._digest(m)  # consistent manifest, other versions
+    (eng / "manifest.json").write_text(json.dumps(m))
+    code, _, err = run_cli(capsys, "run", eng)
+    assert_one_line_error(code, err, "torch 1.0.0")
+
+
+def test_wrong_input_shape_names_the_built_shape(engine):
+    import svdexport
+    from svdexport.errors import SvdExportError
+
+    e = svdexport.load(engine)
+    inputs = e.example_inputs()
+    inputs["hidden_states"] = torch.zeros(1, 100, 64)
+    with pytest.raises(SvdExportError, match=r"built for \(1, 64, 64\)"):
+        e.generate(inputs, steps=2)
+
+
+def test_bad_run_arguments(engine, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "run", engine, "--steps", 0)
+    assert_one_line_error(code, err, "steps")
+    code, _, err = run_cli(capsys, "run", engine, "--out", tmp_path / "x.jpg")
+    assert_one_line_error(code, err, ".png")
+    code, _, err = run_cli(capsys, "run", engine, "--interval", 0, "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, "interval")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_calibrate_command(tmp_path, capsys):
+    from svdexport.cache.svd import Bases
+
+    code, out, err = run_cli(capsys, "calibrate", "--out", tmp_path / "b.safetensors", "--granularity", "final", *FAST)
+    assert code == 0, err
+    bases = Bases.load(tmp_path / "b.safetensors")
+    assert bases.sites == ["final"] and bases.num_timesteps == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["b.safetensors"]
+
+
+def test_console_script_exits_nonzero_without_traceback(tmp_path):
+    exe = Path(sys.executable).with_name("svdexport")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "svdexport.cli"]
+    proc = subprocess.run([*cmd, "run", str(tmp_path / "missing")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().startswith("svdexport: error:")
+
+
+def test_existing_foreign_folder_is_not_replaced(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    code, _, err = run_cli(capsys, "build", "--out", out, *FAST)
+    assert_one_line_error(code, err, "not an svdexport output")
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_failed_rebuild_keeps_the_previous_engine(engine, tmp_path, capsys, monkeypatch):
+    eng = copy_engine(engine, tmp_path)
+    before = (eng / "manifest.json").read_text()
+    from svdexport.runtime import build as build_mod
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(build_mod.manifest_io, "write", boom)
+    with pytest.raises(RuntimeError):
+        main(["build", "--out", str(eng), *FAST])
+    assert (eng / "manifest.json").read_text() == before
+    assert [p.name for p in eng.parent.iterdir()] == ["copy"]
