@@ -79,8 +79,10 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
 
 
 def cmd_run(a: argparse.Namespace) -> None:
-    import svdexport
     from safetensors.torch import save_file
+
+    import svdexport
+    from svdexport.runtime.files import atomic_file
 
     if a.steps < 1:
         raise SvdExportError(f"--steps must be >= 1, got {a.steps}")
@@ -90,15 +92,13 @@ def cmd_run(a: argparse.Namespace) -> None:
     engine = svdexport.load(a.engine, progress=True)
     overrides = {k: v for k, v in (("interval", a.interval), ("warmup", a.warmup)) if v is not None}
     result = engine.generate(seed=a.seed, steps=a.steps, progress=True, **overrides)
-    out.parent.mkdir(parents=True, exist_ok=True)
     latents_path = out.with_suffix(".safetensors")
-    # Write beside, then rename: an interrupted run leaves no half-written file.
-    tmp_png, tmp_lat = out.with_name(f".{out.name}.tmp"), latents_path.with_name(f".{latents_path.name}.tmp")
-    engine.preview(result.latents).save(tmp_png, format="PNG")
-    save_file({"latents": result.latents.contiguous()}, str(tmp_lat),
-              metadata={"seed": str(a.seed), "steps": str(a.steps), "engine": str(a.engine)})
-    tmp_png.replace(out)
-    tmp_lat.replace(latents_path)
+    # Written beside, then renamed: an interrupted run leaves no half-written file.
+    with atomic_file(latents_path) as tmp:
+        save_file({"latents": result.latents.contiguous()}, str(tmp),
+                  metadata={"seed": str(a.seed), "steps": str(a.steps), "engine": str(a.engine)})
+    with atomic_file(out) as tmp:
+        engine.preview(result.latents).save(tmp, format="PNG")
     print(f"wrote {out} (preview of the latents) and {latents_path} (final latents)")
     print(f"{a.steps} steps: {result.full_steps} full, {result.cached_steps} cached, {result.seconds:.2f} s")
 

@@ -16,7 +16,7 @@ from svdexport.models.base import parameter_count
 from svdexport.runtime import manifest as manifest_io
 from svdexport.runtime.calibrate import calibrate
 from svdexport.runtime.engine import BASES_FILE
-from svdexport.runtime.files import atomic_dir, check_replaceable
+from svdexport.runtime.files import atomic_dir, atomic_file, check_replaceable
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -88,13 +88,8 @@ def calibrate_to_file(opts: BuildOptions, out: Path, progress: bool = True) -> B
         raise SvdExportError(f"--out must end in .safetensors, got {out}")
     p = prepare(opts)
     bases = run_calibration(p, opts, p.fam.sampler_config(opts.weights), progress)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
+    with atomic_file(out) as tmp:
         bases.save(tmp)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return bases
 
 
