@@ -1,4 +1,4 @@
-"""Command line: `svdexport build | calibrate | run`.
+"""Command line: `svdexport build | calibrate | run | bench`.
 
 User errors (SvdExportError, bad arguments) print one line and exit with status 2; nothing else is caught,
 so a bug still shows its traceback.
@@ -13,6 +13,7 @@ from pathlib import Path
 from svdexport.cache.config import GRANULARITIES, CacheConfig
 from svdexport.cache.predictors import PREDICTORS
 from svdexport.errors import SvdExportError
+from svdexport.export import BACKENDS
 
 DEFAULTS = CacheConfig()
 
@@ -22,6 +23,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="flux", help="DiT family (default: flux)")
     g.add_argument("--weights", help="local diffusers folder or transformer .safetensors (default: bundled model)")
     g.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default: fp32)")
+    g.add_argument("--device", default="auto", help="cpu | cuda | auto (default: cuda when a GPU is visible)")
     s = p.add_argument_group("build shapes (fixed per engine)")
     s.add_argument("--batch", type=int, help="images per call (default 1)")
     s.add_argument("--height", type=int, help="image height in pixels (default 512; 1024 for FLUX.1)")
@@ -54,7 +56,7 @@ def _build_options(a: argparse.Namespace, backend: str = "eager"):
     shapes = {k: v for k, v in (("batch", a.batch), ("height", a.height), ("width", a.width),
                                 ("text_len", a.text_len)) if v is not None}
     return BuildOptions(model=a.model, weights=a.weights, backend=backend, cache=cache, shapes=shapes,
-                        dtype=a.dtype, calib_samples=a.calib_samples, calib_steps=a.calib_steps)
+                        dtype=a.dtype, device=a.device, calib_samples=a.calib_samples, calib_steps=a.calib_steps)
 
 
 def cmd_build(a: argparse.Namespace) -> None:
@@ -62,10 +64,15 @@ def cmd_build(a: argparse.Namespace) -> None:
 
     opts = _build_options(a, a.backend)
     out = Path(a.out or f"engines/{a.model}-{a.backend}")
-    m = build(opts, out)
+    m = build(opts, out, graphs_dir=a.graphs)
+    if m.get("reused"):
+        print(f"{out} is up to date (same model, weights, settings and library versions): reused")
+        return
     g = m["graphs"]
     ranks = ", ".join(f"{s['name']}:{s['rank']}" for s in m["sites"])
-    print(f"built {out} ({m['backend']}, {m['dtype']}, shapes {m['shapes']['build']})")
+    print(f"built {out} ({m['backend']}, {m['device']}, {m['dtype']}, shapes {m['shapes']['build']})")
+    if m["graphs_dir"]:
+        print(f"exported graphs in {m['graphs_dir']}")
     print(f"parameters: full graph {g['full']['parameters']:,}, cached-step graph {g['cached']['parameters']:,}")
     print(f"ranks (tau {m['calibration']['tau']}, k_max {m['calibration']['k_max']}): {ranks}")
 
@@ -89,7 +96,7 @@ def cmd_run(a: argparse.Namespace) -> None:
     out = Path(a.out or f"out/{Path(a.engine).name}-seed{a.seed}.png")
     if out.suffix.lower() != ".png":
         raise SvdExportError(f"--out must end in .png, got {out}")
-    engine = svdexport.load(a.engine, progress=True)
+    engine = svdexport.load(a.engine)
     overrides = {k: v for k, v in (("interval", a.interval), ("warmup", a.warmup)) if v is not None}
     result = engine.generate(seed=a.seed, steps=a.steps, progress=True, **overrides)
     latents_path = out.with_suffix(".safetensors")
@@ -109,8 +116,9 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="calibrate the bases and build an engine folder")
     _model_args(b)
-    b.add_argument("--backend", default="eager", help="eager (default)")
+    b.add_argument("--backend", default="eager", help=f"{' | '.join(BACKENDS)} (default eager)")
     b.add_argument("--out", help="engine folder (default engines/MODEL-BACKEND)")
+    b.add_argument("--graphs", help="folder for the exported programs (default graphs/NAME of --out)")
     b.set_defaults(func=cmd_build)
 
     c = sub.add_parser("calibrate", help="only compute the low-rank bases (safetensors)")
@@ -126,7 +134,27 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--interval", type=int, help="override the engine's interval")
     r.add_argument("--warmup", type=int, help="override the engine's warmup")
     r.set_defaults(func=cmd_run)
+    m = sub.add_parser("bench", help="step and end-to-end latency against eager PyTorch, as ratios")
+    m.add_argument("engine", help="engine folder written by build")
+    m.add_argument("--steps", type=int, default=50)
+    m.add_argument("--repeats", type=int, default=5, help="interleaved repeats of the step timings")
+    m.add_argument("--e2e-repeats", type=int, default=3, help="interleaved repeats of whole generations")
+    m.add_argument("--json", help="also write the measurements to this JSON file")
+    m.set_defaults(func=cmd_bench)
     return p
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    import json
+
+    from svdexport.bench.latency import bench, format_report
+
+    if min(a.steps, a.repeats, a.e2e_repeats) < 1:
+        raise SvdExportError("--steps, --repeats and --e2e-repeats must be >= 1")
+    report = bench(a.engine, steps=a.steps, repeats=a.repeats, e2e_repeats=a.e2e_repeats)
+    print(format_report(report))
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,26 +1,70 @@
-"""Backends turn the two graphs into engines. One file per backend, all behind `Backend`."""
+"""Backends turn the two graphs into engines. One file per backend, all behind `Backend`.
+
+A build exports both graphs with torch.export (static shapes, positional tensors) into the graphs
+folder; a compiled backend makes its engine files from those programs; `load` gives back two callables
+with the eager graphs' calling convention, without constructing the diffusers model.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from torch import nn
+import torch
 
 from svdexport.errors import SvdExportError
 
-BACKENDS = ("eager",)
+BACKENDS = ("eager", "inductor", "aoti", "onnx", "tensorrt")
+GRAPHS = ("full", "cached")
+
+
+@dataclass
+class GraphExport:
+    """One graph as a backend receives it."""
+
+    module: torch.nn.Module  # the eager graph (shares the transformer's weights)
+    args: tuple  # example positional inputs with the build shapes
+    input_names: list[str]  # names of the positional inputs, in order
+    output_names: list[str]  # names of the outputs, in order
+    program: object = None  # torch.export.ExportedProgram, for backends that compile from it
+    program_path: Path | None = None  # where that program was saved (graphs folder)
+
+
+class CompiledGraph:
+    """Adapts a compiled callable to the eager graphs' convention: a tuple for several outputs, else a tensor."""
+
+    def __init__(self, fn: Callable, input_names: list[str], output_names: list[str]):
+        self.fn, self.input_names, self.output_names = fn, list(input_names), list(output_names)
+
+    def __call__(self, *inputs: torch.Tensor):
+        out = self.fn(*inputs)
+        if isinstance(out, torch.Tensor):
+            out = (out,)
+        return tuple(out) if len(self.output_names) > 1 else out[0]
 
 
 class Backend:
-    """Builds engine files from the graphs and loads them back as callables with `input_names`."""
+    """Builds engine files and loads them back."""
 
     name = ""
+    needs_export = True  # whether build must torch.export the graphs first
+    requires: tuple[str, ...] = ()  # importable modules the backend needs
+    extra = ""  # the pip extra that installs them
 
-    def build(self, full: nn.Module, cached: nn.Module, example: dict, engine_dir: Path) -> dict:
-        """Writes this backend's files into engine_dir; returns what the manifest should record."""
+    def check(self) -> None:
+        """Raises SvdExportError in one line when the backend cannot run here."""
+        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            raise SvdExportError(f"backend {self.name!r} needs {', '.join(missing)}, which is not installed "
+                                 f"(pip install 'svdexport[{self.extra}]')")
+
+    def build(self, graphs: dict[str, GraphExport], engine_dir: Path, graphs_dir: Path) -> dict:
+        """Writes this backend's files into engine_dir (and exports into graphs_dir); returns manifest notes."""
         raise NotImplementedError
 
-    def load(self, engine_dir: Path, manifest: dict, progress: bool = False):
+    def load(self, engine_dir: Path, manifest: dict):
         """(full graph, cached graph) ready to call."""
         raise NotImplementedError
 
@@ -31,3 +75,32 @@ def backend(name: str) -> Backend:
     from importlib import import_module
 
     return import_module(f"svdexport.export.{name}").BACKEND
+
+
+def compiled_pair(manifest: dict, load_one: Callable[[str], Callable]) -> tuple[CompiledGraph, CompiledGraph]:
+    """(full, cached) from a per-graph loader, with names from the manifest."""
+    g = manifest["graphs"]
+    return tuple(CompiledGraph(load_one(n), g[n]["inputs"], g[n]["outputs"]) for n in GRAPHS)
+
+
+def export_programs(graphs: dict[str, GraphExport], graphs_dir: Path) -> None:
+    """torch.export both graphs (static shapes) and save the programs to graphs_dir/NAME.pt2."""
+    graphs_dir.mkdir(parents=True, exist_ok=True)
+    for name, g in graphs.items():
+        try:
+            g.program = torch.export.export(g.module, g.args, strict=False)
+        except Exception as e:  # an exporter failure is a design bug; name the graph that hit it
+            raise SvdExportError(f"torch.export failed on the {name} graph: {str(e).splitlines()[0]}") from e
+        g.program_path = graphs_dir / f"{name}.pt2"
+        torch.export.save(g.program, g.program_path)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where possible, so engines and graphs do not hold two copies of the weights."""
+    import os
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -5,25 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from svdexport.export import Backend
+from svdexport.export import Backend, GraphExport
 from svdexport.models import family
 
 
 class EagerBackend(Backend):
     name = "eager"
+    needs_export = False
 
-    def build(self, full: nn.Module, cached: nn.Module, example: dict, engine_dir: Path) -> dict:
+    def build(self, graphs: dict[str, GraphExport], engine_dir: Path, graphs_dir: Path) -> dict:
         return {}
 
-    def load(self, engine_dir: Path, manifest: dict, progress: bool = False):
+    def load(self, engine_dir: Path, manifest: dict):
         fam = family(manifest["model"]["family"])
         weights = manifest["model"]["weights"]
         source = None if weights["source"] == "bundled" else weights["source"]
         model, info = fam.load(source, getattr(torch, manifest["dtype"]))
         info.verify(weights)
-        return fam.graphs(model, manifest["cache"]["granularity"])
+        return fam.graphs(model.to(manifest.get("device", "cpu")), manifest["cache"]["granularity"])
 
 
 BACKEND = EagerBackend()

@@ -74,7 +74,7 @@ class SiteRecorder:
 
 def split_sites(features: torch.Tensor, bases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """C and R for stacked site features, in the features' dtype."""
-    return split(features, bases.to(features.dtype))
+    return split(features, bases.to(features))
 
 
 def parameter_count(module: nn.Module) -> int:

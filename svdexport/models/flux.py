@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from typing import TYPE_CHECKING
+
+from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 from torch import nn
 
@@ -25,6 +27,18 @@ from svdexport.cache.svd import reconstruct
 from svdexport.errors import SvdExportError
 from svdexport.models.base import SiteRecorder, WeightsInfo, split_sites
 from svdexport.runtime.files import sha256_state_dict
+
+if TYPE_CHECKING:
+    from diffusers import FluxTransformer2DModel
+
+# The transformer class is imported only where a model is built: compiled engines (aoti, onnx) run
+# without the model's Python code.
+
+
+def _transformer_class():
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel
 
 NAME = "flux"
 DEFAULT_CACHE = {"warmup": 3, "interval": 7}  # TaylorSeer's FLUX schedule; 50 steps -> 9 full steps
@@ -79,7 +93,7 @@ def _bundled() -> tuple[FluxTransformer2DModel, WeightsInfo]:
     # Random weights from a fixed seed: small enough to regenerate, so no binary is committed.
     spec = json.loads(BUNDLED_CONFIG.read_text())
     torch.manual_seed(spec["seed"])
-    model = FluxTransformer2DModel(**spec["config"])
+    model = _transformer_class()(**spec["config"])
     info = WeightsInfo("bundled", dict(model.config), sha256=sha256_state_dict(model.state_dict()))
     return model, info
 
@@ -107,7 +121,7 @@ def _from_folder(root: Path, dtype: torch.dtype) -> tuple[FluxTransformer2DModel
     if not files:
         raise SvdExportError(f"{folder} has no .safetensors weights")
     try:
-        model, report = FluxTransformer2DModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
+        model, report = _transformer_class().from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
                                                                output_loading_info=True)
     except Exception as e:  # diffusers raises several types for bad or mismatched checkpoints
         raise SvdExportError(f"cannot load FLUX weights from {folder}: {str(e).splitlines()[0]}") from None
@@ -173,7 +187,7 @@ def _from_file(path: Path, dtype: torch.dtype) -> tuple[FluxTransformer2DModel, 
     else:
         config = _infer_config(state)
     try:
-        model = FluxTransformer2DModel(**config)
+        model = _transformer_class()(**config)
         model.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError) as e:
         raise SvdExportError(f"weights in {path} do not match their config: {str(e).splitlines()[0]}") from None

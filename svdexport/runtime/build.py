@@ -1,7 +1,10 @@
-"""`svdexport build` and `svdexport calibrate`: weights -> graphs -> bases -> engine folder."""
+"""`svdexport build` and `svdexport calibrate`: weights -> graphs -> bases -> exported programs -> engine."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,7 +13,7 @@ import torch
 from svdexport.cache.config import CacheConfig
 from svdexport.cache.svd import Bases
 from svdexport.errors import SvdExportError
-from svdexport.export import backend
+from svdexport.export import GraphExport, backend, export_programs
 from svdexport.models import family
 from svdexport.models.base import parameter_count
 from svdexport.runtime import manifest as manifest_io
@@ -29,6 +32,7 @@ class BuildOptions:
     cache: CacheConfig = field(default_factory=CacheConfig)  # SVD-Cache settings
     shapes: dict = field(default_factory=dict)  # overrides of the family's default build shapes
     dtype: str = "fp32"  # weights and activations precision
+    device: str = "auto"  # "cpu", "cuda", or "auto" (cuda when a GPU is visible)
     calib_samples: int = 8  # calibration inputs
     calib_steps: int = 50  # sampling steps per calibration input
 
@@ -36,6 +40,12 @@ class BuildOptions:
         self.cache.validate()
         if self.dtype not in DTYPES:
             raise SvdExportError(f"unknown dtype {self.dtype!r} (choose from {', '.join(DTYPES)})")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device not in ("cpu", "cuda"):
+            raise SvdExportError(f"unknown device {self.device!r} (choose from cpu, cuda)")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise SvdExportError("--device cuda asked for, but no CUDA GPU is visible")
         if self.calib_samples < 1 or self.calib_steps < 1:
             raise SvdExportError("calibration needs at least one sample and one step")
         return self
@@ -46,18 +56,24 @@ class Prepared:
     """Everything a build derives before writing: the model, its graphs and the build shapes."""
 
     fam: object  # family module
-    model: torch.nn.Module  # the diffusers transformer
+    model: torch.nn.Module  # the diffusers transformer, on the build device
     info: object  # WeightsInfo
     shapes: object  # the family's Shapes
     full: torch.nn.Module  # full-compute graph
     cached: torch.nn.Module  # cached-step graph
     sites: list  # cache-site names
+    sampler_config: dict  # flow-match scheduler config
+
+    def inputs(self, seed: int, opts: BuildOptions) -> dict[str, torch.Tensor]:
+        x = self.fam.example_inputs(self.info.config, self.shapes, seed, dtype=DTYPES[opts.dtype])
+        return {k: v.to(opts.device) for k, v in x.items()}
 
 
 def prepare(opts: BuildOptions) -> Prepared:
     opts.validate()
     fam = family(opts.model)
     model, info = fam.load(opts.weights, DTYPES[opts.dtype])
+    model = model.to(opts.device)
     dim = fam.hidden_size(info.config)
     if opts.cache.k_max > dim:
         raise SvdExportError(f"k_max={opts.cache.k_max} exceeds the model's hidden size {dim}")
@@ -67,16 +83,14 @@ def prepare(opts: BuildOptions) -> Prepared:
     except TypeError as e:
         raise SvdExportError(f"bad shape option: {e}") from None
     full, cached = fam.graphs(model, opts.cache.granularity)
-    return Prepared(fam, model, info, shapes, full, cached, fam.sites(info.config, opts.cache.granularity))
+    return Prepared(fam, model, info, shapes, full, cached, fam.sites(info.config, opts.cache.granularity),
+                    fam.sampler_config(opts.weights))
 
 
-def run_calibration(p: Prepared, opts: BuildOptions, sampler_config: dict, progress: bool) -> Bases:
-    sampler = p.fam.make_sampler(sampler_config)
-    dtype = DTYPES[opts.dtype]
+def run_calibration(p: Prepared, opts: BuildOptions, progress: bool) -> Bases:
     return calibrate(
-        p.full, p.cached, p.sites, p.fam.hidden_size(p.info.config), sampler,
-        lambda s, n: p.fam.set_timesteps(s, n, p.shapes),
-        lambda seed: p.fam.example_inputs(p.info.config, p.shapes, seed, dtype=dtype),
+        p.full, p.cached, p.sites, p.fam.hidden_size(p.info.config), p.fam.make_sampler(p.sampler_config),
+        lambda s, n: p.fam.set_timesteps(s, n, p.shapes), lambda seed: p.inputs(seed, opts),
         opts.cache.tau, opts.cache.k_max, opts.calib_samples, opts.calib_steps, progress=progress,
     )
 
@@ -86,27 +100,82 @@ def calibrate_to_file(opts: BuildOptions, out: Path, progress: bool = True) -> B
     out = Path(out)
     if out.suffix != ".safetensors":
         raise SvdExportError(f"--out must end in .safetensors, got {out}")
-    p = prepare(opts)
-    bases = run_calibration(p, opts, p.fam.sampler_config(opts.weights), progress)
+    bases = run_calibration(prepare(opts), opts, progress)
     with atomic_file(out) as tmp:
         bases.save(tmp)
     return bases
 
 
-def build(opts: BuildOptions, out: Path, progress: bool = True) -> dict:
-    """Builds an engine folder at `out` (replaced only when the whole build succeeded); returns its manifest."""
+def graph_exports(p: Prepared, bases: Bases, opts: BuildOptions) -> dict[str, GraphExport]:
+    """Both graphs with example inputs of the build shapes (the cached graph's from one real full step)."""
+    state = {**p.inputs(0, opts), "bases": bases.vectors.to(opts.device)}
+    b = state["hidden_states"].shape[0]
+    state["timestep"] = torch.full((b,), 0.5, dtype=DTYPES[opts.dtype], device=opts.device)
+    with torch.no_grad():
+        _, state["coeffs"], state["residuals"] = p.full(*[state[n] for n in p.full.input_names])
+    return {name: GraphExport(g, tuple(state[n] for n in g.input_names), g.input_names, g.output_names)
+            for name, g in (("full", p.full), ("cached", p.cached))}
+
+
+def build_key(p: Prepared, opts: BuildOptions) -> str:
+    """Digest of everything an engine depends on: same key, same engine."""
+    parts = {"model": opts.model, "weights": p.info.digest(), "backend": opts.backend, "cache": opts.cache.to_dict(),
+             "shapes": p.shapes.__dict__, "dtype": opts.dtype, "device": opts.device,
+             "calibration": [opts.calib_samples, opts.calib_steps], "sampler": p.sampler_config,
+             "versions": manifest_io.library_versions()}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def existing(out: Path, key: str) -> dict | None:
+    """The manifest of a valid engine at `out` built with the same key, else None."""
+    if not (out / manifest_io.MANIFEST).exists():
+        return None
+    try:
+        data = manifest_io.read(out)
+    except SvdExportError:
+        return None  # damaged or outdated: rebuild it
+    return data if data.get("build_key") == key else None
+
+
+def _describe(graphs: dict[str, GraphExport], p: Prepared) -> dict:
+    return {
+        name: {"inputs": g.input_names, "outputs": g.output_names, "parameters": parameter_count(g.module),
+               "input_shapes": [list(a.shape) for a in g.args], "input_dtypes": [str(a.dtype)[6:] for a in g.args]}
+        for name, g in graphs.items()
+    }
+
+
+def build(opts: BuildOptions, out: Path, graphs_dir: Path | None = None, progress: bool = True) -> dict:
+    """Builds an engine folder at `out` (replaced only when the whole build succeeded); returns its manifest.
+
+    An engine already at `out` with the same build key is reused (`manifest["reused"]` is then True).
+    """
+    out = Path(out)
+    graphs_dir = Path(graphs_dir) if graphs_dir else Path("graphs") / out.name
     be = backend(opts.backend)
-    check_replaceable(Path(out))  # before the long work, not after it
+    be.check()
+    check_replaceable(out)  # before the long work, not after it
     p = prepare(opts)
-    sampler_config = p.fam.sampler_config(opts.weights)
-    bases = run_calibration(p, opts, sampler_config, progress)
-    example = p.fam.example_inputs(p.info.config, p.shapes, 0, dtype=DTYPES[opts.dtype])
-    with atomic_dir(Path(out)) as tmp:
+    key = build_key(p, opts)
+    if (data := existing(out, key)) is not None:
+        return {**data, "reused": True}
+    if be.needs_export:
+        check_replaceable(graphs_dir)
+    bases = run_calibration(p, opts, progress)
+    graphs = graph_exports(p, bases, opts)
+    graphs_ctx = atomic_dir(graphs_dir) if be.needs_export else contextlib.nullcontext(None)
+    with atomic_dir(out) as tmp, graphs_ctx as gtmp:
         bases.save(tmp / BASES_FILE)
-        backend_record = be.build(p.full, p.cached, example, tmp)
+        if be.needs_export:
+            export_programs(graphs, gtmp)
+            (gtmp / "manifest.json").write_text(json.dumps({"engine": str(out), "build_key": key}, indent=2))
+        backend_record = be.build(graphs, tmp, gtmp)
         data = {
+            "build_key": key,
             "backend": be.name,
             "backend_options": backend_record,
+            "device": opts.device,
+            "graphs_dir": str(graphs_dir) if be.needs_export else None,
             "model": {
                 "family": opts.model,
                 "config": {k: v for k, v in p.info.config.items() if not k.startswith("_")},
@@ -118,12 +187,10 @@ def build(opts: BuildOptions, out: Path, progress: bool = True) -> dict:
             "sites": [{"name": n, "rank": k, "energy": e} for n, k, e in zip(bases.sites, bases.ranks, bases.energy)],
             "calibration": {"num_inputs": bases.num_inputs, "num_timesteps": bases.num_timesteps,
                             "tau": bases.tau, "k_max": bases.k_max},
-            "shapes": {"build": dict(p.shapes.__dict__), "inputs": {k: list(v.shape) for k, v in example.items()}},
+            "shapes": {"build": dict(p.shapes.__dict__),
+                       "inputs": {k: list(v.shape) for k, v in p.inputs(0, opts).items()}},
             "dtype": str(DTYPES[opts.dtype]).removeprefix("torch."),
-            "sampler": sampler_config,
-            "graphs": {
-                name: {"inputs": g.input_names, "outputs": g.output_names, "parameters": parameter_count(g)}
-                for name, g in (("full", p.full), ("cached", p.cached))
-            },
+            "sampler": p.sampler_config,
+            "graphs": _describe(graphs, p),
         }
         return manifest_io.write(tmp, data)

@@ -27,14 +27,17 @@ class Engine:
         self.config = manifest["model"]["config"]
         self.shapes = self.family.Shapes(**manifest["shapes"]["build"])
         self.dtype = getattr(torch, manifest["dtype"])
+        self.device = torch.device(manifest.get("device", "cpu"))
         self.cache = CacheConfig(**manifest["cache"])
+        self.full, self.cached = full, cached
         sampler = self.family.make_sampler(manifest["sampler"])
         set_timesteps = lambda s, n: self.family.set_timesteps(s, n, self.shapes)  # noqa: E731
-        self.sampler = CachedSampler(full, cached, bases.vectors, self.cache, sampler, set_timesteps)
+        self.sampler = CachedSampler(full, cached, bases.vectors.to(self.device), self.cache, sampler, set_timesteps)
 
     def example_inputs(self, seed: int = 0) -> dict[str, torch.Tensor]:
         """Seeded noise and synthetic conditioning with the engine's shapes and dtype."""
-        return self.family.example_inputs(self.config, self.shapes, seed, dtype=self.dtype)
+        inputs = self.family.example_inputs(self.config, self.shapes, seed, dtype=self.dtype)
+        return {k: v.to(self.device) for k, v in inputs.items()}
 
     def check_inputs(self, inputs: dict[str, torch.Tensor]) -> None:
         for name, want in self.example_inputs(0).items():
@@ -53,6 +56,7 @@ class Engine:
         if inputs is None:
             inputs = self.example_inputs(seed)
         self.check_inputs(inputs)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
         allowed = {"interval", "warmup", "predictor", "beta", "order"}
         if set(cache_overrides) - allowed:
             raise SvdExportError(f"cannot override {sorted(set(cache_overrides) - allowed)} at run time")
@@ -63,8 +67,10 @@ class Engine:
         return self.family.preview(latents, self.shapes)
 
 
-def load(folder, progress: bool = False) -> Engine:
+def load(folder) -> Engine:
     folder = Path(folder)
     manifest = manifest_io.read(folder)
-    full, cached = backend(manifest["backend"]).load(folder, manifest, progress=progress)
+    be = backend(manifest["backend"])
+    be.check()
+    full, cached = be.load(folder, manifest)
     return Engine(folder, manifest, full, cached, Bases.load(folder / BASES_FILE))

@@ -1,0 +1,53 @@
+"""TensorRT through torch-tensorrt (optional extra, CUDA only): each program compiled to a TensorRT
+engine and saved as an ExportedProgram that embeds it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from svdexport.errors import SvdExportError
+from svdexport.export import GRAPHS, Backend, GraphExport, compiled_pair
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+    requires = ("torch_tensorrt",)
+    extra = "tensorrt"
+
+    def check(self) -> None:
+        super().check()
+        if not torch.cuda.is_available():
+            raise SvdExportError("backend 'tensorrt' needs a CUDA GPU and none is visible")
+
+    def build(self, graphs: dict[str, GraphExport], engine_dir: Path, graphs_dir: Path) -> dict:
+        import torch_tensorrt
+        from torch.export.passes import move_to_device_pass
+
+        precision = {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
+        for name in GRAPHS:
+            g = graphs[name]
+            args = tuple(a.cuda() for a in g.args)
+            program = move_to_device_pass(g.program, "cuda")
+            dtype = next(a.dtype for a in args if a.is_floating_point())
+            try:
+                trt = torch_tensorrt.dynamo.compile(program, arg_inputs=args, enabled_precisions={precision[dtype]},
+                                                    use_explicit_typing=False)
+                torch_tensorrt.save(trt, str(engine_dir / f"{name}.trt.pt2"), output_format="exported_program",
+                                    arg_inputs=args)
+            except Exception as e:
+                raise SvdExportError(f"TensorRT failed on the {name} graph: {str(e).splitlines()[0]}") from e
+        return {"programs": {n: f"{n}.trt.pt2" for n in GRAPHS}, "device": "cuda"}
+
+    def load(self, engine_dir: Path, manifest: dict):
+        import torch_tensorrt  # noqa: F401  (registers the TensorRT runtime ops the programs call)
+
+        def one(name: str):
+            module = torch.export.load(str(engine_dir / f"{name}.trt.pt2")).module()
+            return lambda *args: module(*(a.cuda() for a in args))
+
+        return compiled_pair(manifest, one)
+
+
+BACKEND = TensorRTBackend()
