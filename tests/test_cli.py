@@ -252,6 +252,6 @@ def test_failed_rebuild_keeps_the_previous_engine(engine, tmp_path, capsys, monk
 
     monkeypatch.setattr(build_mod.manifest_io, "write", boom)
     with pytest.raises(RuntimeError):
-        main(["build", "--out", str(eng), *FAST])
+        main(["build", "--out", str(eng), "--interval", "5", *FAST])  # other settings: a real rebuild
     assert (eng / "manifest.json").read_text() == before
     assert [p.name for p in eng.parent.iterdir()] == ["copy"]

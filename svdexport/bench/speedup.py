@@ -12,12 +12,9 @@ import statistics
 import sys
 
 import svdexport
+from svdexport.bench.metrics import rel_l2
 from svdexport.cache.predictors import PREDICTORS
 from svdexport.errors import SvdExportError
-
-
-def rel_l2(a, b) -> float:
-    return float((a - b).float().norm() / b.float().norm())
 
 
 def measure(engine_dir: str, steps: int, repeats: int, seeds: int, predictors: list[str]) -> list[dict]:
