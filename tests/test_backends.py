@@ -167,3 +167,22 @@ def test_tensorrt_without_gpu_is_one_line(tmp_path, capsys):
     code = main(["build", "--backend", "tensorrt", "--out", str(tmp_path / "t"), *FAST])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "tensorrt" in err[0].lower()
+
+
+def test_run_command_works_for_the_backend(built, tmp_path, capsys):
+    _, out, _, _ = built
+    png = tmp_path / "x.png"
+    assert main(["run", str(out), "--steps", "12", "--out", str(png)]) == 0
+    assert "12 steps: 4 full, 8 cached" in capsys.readouterr().out  # steps 0-2 and 9
+    assert png.exists() and png.with_suffix(".safetensors").exists()
+
+
+def test_example_script_loads_and_generates_a_batch_of_seeds(built, tmp_path):
+    _, out, _, _ = built
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "scripts" / "example_generate.py"
+    proc = subprocess.run([sys.executable, str(script), str(out), "--seeds", "0", "1", "--steps", "6",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["seed0.png", "seed1.png"]
