@@ -98,7 +98,8 @@ def cmd_run(a: argparse.Namespace) -> None:
         raise SvdExportError(f"--out must end in .png, got {out}")
     engine = svdexport.load(a.engine)
     overrides = {k: v for k, v in (("interval", a.interval), ("warmup", a.warmup)) if v is not None}
-    result = engine.generate(seed=a.seed, steps=a.steps, progress=True, **overrides)
+    labels = None if a.label is None else [a.label] * engine.shapes.batch
+    result = engine.generate(seed=a.seed, steps=a.steps, progress=True, labels=labels, **overrides)
     latents_path = out.with_suffix(".safetensors")
     # Written beside, then renamed: an interrupted run leaves no half-written file.
     with atomic_file(latents_path) as tmp:
@@ -133,7 +134,21 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="PNG path (default out/ENGINE-seedS.png); latents go beside as .safetensors")
     r.add_argument("--interval", type=int, help="override the engine's interval")
     r.add_argument("--warmup", type=int, help="override the engine's warmup")
+    r.add_argument("--label", type=int, help="class to generate, for class-conditioned models (bundled digits)")
     r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("compare", help="quality and speed against eager, every predictor and the peer libraries")
+    c.add_argument("engine", help="engine folder written by build")
+    c.add_argument("--samples", type=int, default=16)
+    c.add_argument("--steps", type=int, default=50)
+    c.add_argument("--intervals", default=None, help="comma list, e.g. 3,5,7,9 (default: the engine's)")
+    c.add_argument("--peers", default="all", help="'all', 'none' or a comma list of peer names")
+    c.add_argument("--json", help="write rows and settings as JSON")
+    c.add_argument("--md", help="write the tables as markdown")
+    c.add_argument("--grid", help="PNG of the reference and every method side by side")
+    c.add_argument("--frontier", help="PNG of speed against PSNR across the intervals")
+    c.add_argument("--docs", help="write a generated benchmarks page (e.g. docs/benchmarks.md) with its plots")
+    c.set_defaults(func=cmd_compare)
     m = sub.add_parser("bench", help="step and end-to-end latency against eager PyTorch, as ratios")
     m.add_argument("engine", help="engine folder written by build")
     m.add_argument("--steps", type=int, default=50)
@@ -142,6 +157,43 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--json", help="also write the measurements to this JSON file")
     m.set_defaults(func=cmd_bench)
     return p
+
+
+def cmd_compare(a: argparse.Namespace) -> None:
+    from svdexport.bench import peers as peer_lib
+    from svdexport.bench import report
+    from svdexport.bench.compare import compare
+
+    try:
+        intervals = tuple(int(i) for i in a.intervals.split(",")) if a.intervals else None
+    except ValueError:
+        raise SvdExportError(f"--intervals must be a comma list of integers, got {a.intervals!r}") from None
+    if intervals is not None and min(intervals) < 1 or a.samples < 1 or a.steps < 1:
+        raise SvdExportError("--intervals, --samples and --steps must be >= 1")
+    peers = {"all": None, "none": []}.get(a.peers)
+    if peers is None and a.peers != "all":
+        peers = a.peers.split(",")
+        unknown = [p for p in peers if p not in peer_lib.PEERS]
+        if unknown:
+            raise SvdExportError(f"unknown peer {unknown[0]!r} (choose from {', '.join(peer_lib.PEERS)})")
+    if intervals is None:
+        import svdexport
+
+        intervals = (svdexport.load(a.engine).cache.interval,)
+    result = compare(a.engine, samples=a.samples, steps=a.steps, intervals=intervals, peers=peers)
+    print(report.markdown(result))
+    from svdexport.runtime.files import atomic_file
+
+    for path, text in ((a.json, report.to_json(result)), (a.md, report.markdown(result))):
+        if path:
+            with atomic_file(Path(path)) as tmp:
+                tmp.write_text(text)
+    if a.grid:
+        report.grid(result, Path(a.grid), 7 if 7 in intervals else intervals[0])
+    if a.frontier:
+        report.frontier_plot(result, Path(a.frontier))
+    if a.docs:
+        report.write_docs(result, Path(a.docs), "svdexport " + " ".join(sys.argv[1:]))
 
 
 def cmd_bench(a: argparse.Namespace) -> None:

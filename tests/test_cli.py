@@ -49,11 +49,13 @@ def tiny_folder(tmp_path):
 def test_build_writes_manifest_and_bases(engine):
     m = json.loads((engine / "manifest.json").read_text())
     assert m["model"]["family"] == "flux" and m["backend"] == "eager"
-    assert m["model"]["weights"]["source"] == "bundled" and len(m["model"]["weights"]["sha256"]) == 64
+    assert m["model"]["weights"]["source"] == "bundled:digits" and len(m["model"]["weights"]["sha256"]) == 64
+    assert m["model"]["conditioning"] == {"kind": "class-table", "file": "conditioning.safetensors",
+                                          "labels": [str(i) for i in range(10)]}
     assert [s["name"] for s in m["sites"]][:2] == ["double.0.attn", "double.0.ff"]
     assert m["calibration"] == {"num_inputs": 1, "num_timesteps": 4, "tau": 0.85, "k_max": 64}
-    assert m["shapes"]["inputs"]["hidden_states"] == [1, 64, 64]
-    assert set(m["files"]) == {"bases.safetensors"}
+    assert m["shapes"]["inputs"]["hidden_states"] == [1, 64, 4]
+    assert set(m["files"]) == {"bases.safetensors", "conditioning.safetensors"}
     assert {"torch", "diffusers", "svdexport"} <= set(m["versions"])
     assert m["graphs"]["cached"]["parameters"] < m["graphs"]["full"]["parameters"]
     assert not list(engine.parent.glob(".*tmp*"))  # the temporary build folder is gone
@@ -65,7 +67,7 @@ def test_run_writes_image_latents_and_reports_steps(engine, tmp_path, capsys):
     assert code == 0
     assert png.stat().st_size > 0
     latents = load_file(str(png.with_suffix(".safetensors")))["latents"]
-    assert latents.shape == (1, 64, 64) and torch.isfinite(latents).all()
+    assert latents.shape == (1, 64, 4) and torch.isfinite(latents).all()
     assert "20 steps: 5 full, 15 cached" in out  # steps 0, 1, 2 (warmup), 9, 16 (interval 7)
 
 
@@ -109,6 +111,8 @@ def test_single_safetensors_file_with_inferred_config(tmp_path, capsys):
     (["--predictor", "magic"], ["predictor"]),
     (["--height", "100"], ["height"]),
     (["--weights", "/nonexistent/flux"], ["not found"]),
+    (["--weights", "bundled:nope"], ["unknown bundled model"]),
+    (["--text-len", "9"], ["class table has 8 text tokens"]),
     (["--backend", "nope"], ["backend"]),
 ])
 def test_build_bad_input_one_line_and_nothing_written(tmp_path, capsys, argv, words):
@@ -200,9 +204,33 @@ def test_wrong_input_shape_names_the_built_shape(engine):
 
     e = svdexport.load(engine)
     inputs = e.example_inputs()
-    inputs["hidden_states"] = torch.zeros(1, 100, 64)
-    with pytest.raises(SvdExportError, match=r"built for \(1, 64, 64\)"):
+    inputs["hidden_states"] = torch.zeros(1, 100, 4)
+    with pytest.raises(SvdExportError, match=r"built for \(1, 64, 4\)"):
         e.generate(inputs, steps=2)
+
+
+def test_labels_choose_the_class_and_are_validated(engine, tmp_path, capsys):
+    import svdexport
+    from svdexport.errors import SvdExportError
+
+    e = svdexport.load(engine)
+    a, b = e.example_inputs(0, labels=[3]), e.example_inputs(0, labels=[7])
+    assert torch.equal(a["hidden_states"], b["hidden_states"])  # same noise, other class
+    assert not torch.equal(a["pooled_projections"], b["pooled_projections"])
+    with pytest.raises(SvdExportError, match="class indices"):
+        e.example_inputs(0, labels=[10])
+    code, _, err = run_cli(capsys, "run", engine, "--label", 12, "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, "class indices")
+
+
+def test_bundled_random_model_with_synthetic_conditioning(tmp_path, capsys):
+    out = tmp_path / "r"
+    code, _, err = run_cli(capsys, "build", "--weights", "bundled:random", "--out", out, *FAST)
+    assert code == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["model"]["conditioning"] == {"kind": "synthetic"} and m["shapes"]["inputs"]["hidden_states"] == [1, 64, 64]
+    code, _, err = run_cli(capsys, "run", out, "--label", 1, "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, "not class-conditioned")
 
 
 def test_bad_run_arguments(engine, tmp_path, capsys):

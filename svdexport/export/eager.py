@@ -20,8 +20,7 @@ class EagerBackend(Backend):
     def load(self, engine_dir: Path, manifest: dict):
         fam = family(manifest["model"]["family"])
         weights = manifest["model"]["weights"]
-        source = None if weights["source"] == "bundled" else weights["source"]
-        model, info = fam.load(source, getattr(torch, manifest["dtype"]))
+        model, info = fam.load(weights["source"], getattr(torch, manifest["dtype"]))
         info.verify(weights)
         return fam.graphs(model.to(manifest.get("device", "cpu")), manifest["cache"]["granularity"])
 

@@ -89,6 +89,8 @@ class WeightsInfo:
     files: list[str] = field(default_factory=list)  # weight files read, absolute paths, in hashing order
     pipeline_parts: list[str] = field(default_factory=list)  # text encoders / VAE found beside the transformer
     sha256: str = ""  # digest of the weights; set at load for the generated bundled model, else on demand
+    conditioning: dict = field(default_factory=lambda: {"kind": "synthetic"})  # or a class table (file, labels)
+    shapes: dict | None = None  # default build shapes the model declares (bundled models)
 
     def digest(self) -> str:
         if not self.sha256:

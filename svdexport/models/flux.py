@@ -43,7 +43,12 @@ def _transformer_class():
 NAME = "flux"
 DEFAULT_CACHE = {"warmup": 3, "interval": 7}  # TaylorSeer's FLUX schedule; 50 steps -> 9 full steps
 PIXELS_PER_TOKEN = 16  # VAE downsampling 8 x 2x2 latent packing
-BUNDLED_CONFIG = Path(__file__).parent / "bundled" / "flux_tiny.json"
+BUNDLED_DIR = Path(__file__).parent / "bundled"
+# Bundled models, selected with --weights bundled:NAME. "digits" (trained by scripts/train_reference_flux.py,
+# class-conditioned, 64 image tokens) is the default; "random" is seeded random weights at 1024 image
+# tokens, for latency work at a FLUX-like sequence length.
+BUNDLED = {"digits": BUNDLED_DIR / "flux_digits", "random": BUNDLED_DIR / "flux_tiny.json"}
+DEFAULT_WEIGHTS = "bundled:digits"
 
 # FLUX.1's scheduler config (scheduler/scheduler_config.json of the dev and schnell repositories).
 SAMPLER_CONFIG = {
@@ -89,12 +94,25 @@ def _config_kwargs(config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
-def _bundled() -> tuple[FluxTransformer2DModel, WeightsInfo]:
+def _bundled_random() -> tuple[FluxTransformer2DModel, WeightsInfo]:
     # Random weights from a fixed seed: small enough to regenerate, so no binary is committed.
-    spec = json.loads(BUNDLED_CONFIG.read_text())
+    spec = json.loads(BUNDLED["random"].read_text())
     torch.manual_seed(spec["seed"])
     model = _transformer_class()(**spec["config"])
-    info = WeightsInfo("bundled", dict(model.config), sha256=sha256_state_dict(model.state_dict()))
+    info = WeightsInfo("bundled:random", dict(model.config), sha256=sha256_state_dict(model.state_dict()))
+    return model, info
+
+
+def _bundled(name: str, dtype: torch.dtype) -> tuple[FluxTransformer2DModel, WeightsInfo]:
+    if name not in BUNDLED:
+        raise SvdExportError(f"unknown bundled model {name!r} (choose from {', '.join(BUNDLED)})")
+    if name == "random":
+        model, info = _bundled_random()
+        if dtype != torch.float32:  # built in float32; .to(float32) would only print a diffusers warning
+            model = model.to(dtype)
+        return model, info
+    model, info = _from_folder(BUNDLED[name], dtype)
+    info.source = f"bundled:{name}"
     return model, info
 
 
@@ -133,6 +151,15 @@ def _from_folder(root: Path, dtype: torch.dtype) -> tuple[FluxTransformer2DModel
                              f"({len(keys)} {kind.replace('_', ' ')}, e.g. {keys[0]})")
     parts = [p for p in ("text_encoder", "text_encoder_2", "vae") if (root / p).is_dir()]
     info = WeightsInfo(str(root.resolve()), dict(model.config), [str(f.resolve()) for f in files], parts)
+    meta_path = root / "svdexport.json"  # written by scripts/train_reference_flux.py beside its model
+    if meta_path.exists():
+        meta = _read_json(meta_path)
+        cond = meta.get("conditioning", {})
+        if cond.get("kind") == "class-table":
+            table = root / cond["file"]
+            info.conditioning = {"kind": "class-table", "file": str(table.resolve()), "labels": cond["labels"]}
+            info.files.append(str(table.resolve()))  # the table is part of the model's identity
+        info.shapes = meta.get("shapes")
     return model, info
 
 
@@ -197,11 +224,11 @@ def _from_file(path: Path, dtype: torch.dtype) -> tuple[FluxTransformer2DModel, 
 
 
 def load(weights: str | None, dtype: torch.dtype = torch.float32) -> tuple[FluxTransformer2DModel, WeightsInfo]:
-    """The real diffusers transformer: bundled (weights=None), a diffusers folder, or one .safetensors file."""
-    if weights is None:
-        model, info = _bundled()
-        if dtype != torch.float32:  # built in float32; .to(float32) would only print a diffusers warning
-            model = model.to(dtype)
+    """The real diffusers transformer: bundled (None or "bundled:NAME"), a diffusers folder, or one
+    .safetensors file."""
+    weights = DEFAULT_WEIGHTS if weights in (None, "bundled") else weights
+    if weights.startswith("bundled:"):
+        model, info = _bundled(weights.split(":", 1)[1], dtype)
     else:
         path = Path(weights)
         if not path.exists():
@@ -356,21 +383,40 @@ def _image_ids(shapes: FluxShapes) -> torch.Tensor:
 
 
 def example_inputs(config: dict, shapes: FluxShapes, seed: int, guidance_scale: float = 3.5,
-                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Seeded noise latents and synthetic conditioning of the transformer's shapes (no text encoders)."""
+                   dtype: torch.dtype = torch.float32, table: dict | None = None,
+                   labels: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Seeded noise latents and conditioning of the transformer's shapes.
+
+    With a class table (the bundled digits model) the conditioning is the table's rows for `labels`
+    (default: classes seed, seed+1, ... modulo the number of classes); otherwise it is seeded synthetic
+    embeddings standing in for the text encoders.
+    """
     g = torch.Generator().manual_seed(seed)
     b = shapes.batch
-    inputs = {
-        "hidden_states": torch.randn(b, shapes.img_tokens, config["in_channels"], generator=g),
-        "encoder_hidden_states": torch.randn(b, shapes.text_len, config["joint_attention_dim"], generator=g),
-        "pooled_projections": torch.randn(b, config["pooled_projection_dim"], generator=g),
-    }
+    latents = torch.randn(b, shapes.img_tokens, config["in_channels"], generator=g)
+    if table is None:
+        enc = torch.randn(b, shapes.text_len, config["joint_attention_dim"], generator=g)
+        pooled = torch.randn(b, config["pooled_projection_dim"], generator=g)
+    else:
+        classes = table["pooled_projections"].shape[0]
+        labels = [(seed + i) % classes for i in range(b)] if labels is None else list(labels)
+        if len(labels) != b or not all(0 <= y < classes for y in labels):
+            raise SvdExportError(f"labels must be {b} class indices in [0, {classes}), got {labels}")
+        enc, pooled = table["encoder_hidden_states"][labels], table["pooled_projections"][labels]
+    inputs = {"hidden_states": latents, "encoder_hidden_states": enc, "pooled_projections": pooled}
     inputs = {k: v.to(dtype) for k, v in inputs.items()}
     inputs["img_ids"] = _image_ids(shapes)
     inputs["txt_ids"] = torch.zeros(shapes.text_len, 3)
     if config.get("guidance_embeds"):
         inputs["guidance"] = torch.full((b,), guidance_scale, dtype=torch.float32)
     return inputs
+
+
+def load_table(path: str | Path) -> dict[str, torch.Tensor] | None:
+    """The class-conditioning table of a model or engine, or None for synthetic conditioning."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
 
 
 def _shift(image_tokens: int, cfg) -> float:
@@ -400,12 +446,17 @@ def sampler_config(weights: str | None) -> dict:
     return dict(SAMPLER_CONFIG)
 
 
-def preview(latents: torch.Tensor, shapes: FluxShapes) -> Image.Image:
-    """PNG preview of packed latents [B, N, C*4]: first three latent channels, per-image contrast stretch."""
+def unpack(latents: torch.Tensor, shapes: FluxShapes) -> torch.Tensor:
+    """Packed latents [B, N, C*4] -> [B, C, 2h, 2w] (FluxPipeline's _unpack_latents, before the VAE)."""
     b, n, c4 = latents.shape
     h, w = shapes.grid
     x = latents.detach().float().reshape(b, h, w, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    x = x.reshape(b, c4 // 4, h * 2, w * 2)[:, :3]
+    return x.reshape(b, c4 // 4, h * 2, w * 2)
+
+
+def preview(latents: torch.Tensor, shapes: FluxShapes) -> Image.Image:
+    """PNG preview of packed latents [B, N, C*4]: first three latent channels, per-image contrast stretch."""
+    x = unpack(latents, shapes)[:, :3]
     if x.shape[1] < 3:
         x = x[:, :1].expand(-1, 3, -1, -1)
     lo = x.flatten(1).quantile(0.01, dim=1)[:, None, None, None]
@@ -418,9 +469,11 @@ def preview(latents: torch.Tensor, shapes: FluxShapes) -> Image.Image:
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
 
 
-def default_shapes(config: dict) -> FluxShapes:
-    # FLUX.1 at full width (joint dim 4096): 1024x1024 and 512 text tokens; the bundled model is smaller.
-    if config["joint_attention_dim"] >= 4096:
+def default_shapes(info: WeightsInfo) -> FluxShapes:
+    # The model's own (bundled models say theirs); FLUX.1 at full width: 1024x1024 and 512 text tokens.
+    if info.shapes:
+        return FluxShapes(**info.shapes)
+    if info.config["joint_attention_dim"] >= 4096:
         return FluxShapes(height=1024, width=1024, text_len=512)
     return FluxShapes()
 

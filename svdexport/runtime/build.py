@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from svdexport.cache.config import CacheConfig
 from svdexport.cache.svd import Bases
@@ -18,7 +19,7 @@ from svdexport.models import family
 from svdexport.models.base import parameter_count
 from svdexport.runtime import manifest as manifest_io
 from svdexport.runtime.calibrate import calibrate
-from svdexport.runtime.engine import BASES_FILE
+from svdexport.runtime.engine import BASES_FILE, TABLE_FILE
 from svdexport.runtime.files import atomic_dir, atomic_file, check_replaceable
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,9 +64,10 @@ class Prepared:
     cached: torch.nn.Module  # cached-step graph
     sites: list  # cache-site names
     sampler_config: dict  # flow-match scheduler config
+    table: dict | None  # class-conditioning table (bundled digits model), else None: synthetic conditioning
 
     def inputs(self, seed: int, opts: BuildOptions) -> dict[str, torch.Tensor]:
-        x = self.fam.example_inputs(self.info.config, self.shapes, seed, dtype=DTYPES[opts.dtype])
+        x = self.fam.example_inputs(self.info.config, self.shapes, seed, dtype=DTYPES[opts.dtype], table=self.table)
         return {k: v.to(opts.device) for k, v in x.items()}
 
 
@@ -77,14 +79,20 @@ def prepare(opts: BuildOptions) -> Prepared:
     dim = fam.hidden_size(info.config)
     if opts.cache.k_max > dim:
         raise SvdExportError(f"k_max={opts.cache.k_max} exceeds the model's hidden size {dim}")
-    shapes = fam.default_shapes(info.config)
+    shapes = fam.default_shapes(info)
     try:
         shapes = fam.Shapes(**{**shapes.__dict__, **opts.shapes}).validate()
     except TypeError as e:
         raise SvdExportError(f"bad shape option: {e}") from None
+    table = None
+    if info.conditioning["kind"] == "class-table":
+        table = fam.load_table(info.conditioning["file"])
+        text_len = table["encoder_hidden_states"].shape[1]
+        if shapes.text_len != text_len:
+            raise SvdExportError(f"this model's class table has {text_len} text tokens; --text-len must be {text_len}")
     full, cached = fam.graphs(model, opts.cache.granularity)
     return Prepared(fam, model, info, shapes, full, cached, fam.sites(info.config, opts.cache.granularity),
-                    fam.sampler_config(opts.weights))
+                    fam.sampler_config(opts.weights), table)
 
 
 def run_calibration(p: Prepared, opts: BuildOptions, progress: bool) -> Bases:
@@ -166,6 +174,10 @@ def build(opts: BuildOptions, out: Path, graphs_dir: Path | None = None, progres
     graphs_ctx = atomic_dir(graphs_dir) if be.needs_export else contextlib.nullcontext(None)
     with atomic_dir(out) as tmp, graphs_ctx as gtmp:
         bases.save(tmp / BASES_FILE)
+        conditioning = {"kind": "synthetic"}  # seeded embeddings of the right shapes stand in for text encoders
+        if p.table is not None:
+            save_file({k: v.contiguous() for k, v in p.table.items()}, str(tmp / TABLE_FILE))
+            conditioning = {"kind": "class-table", "file": TABLE_FILE, "labels": p.info.conditioning["labels"]}
         if be.needs_export:
             export_programs(graphs, gtmp)
             (gtmp / "manifest.json").write_text(json.dumps({"engine": str(out), "build_key": key}, indent=2))
@@ -181,7 +193,7 @@ def build(opts: BuildOptions, out: Path, graphs_dir: Path | None = None, progres
                 "config": {k: v for k, v in p.info.config.items() if not k.startswith("_")},
                 "weights": p.info.record(),
                 "pipeline_parts": p.info.pipeline_parts,
-                "conditioning": "synthetic",  # no text encoders are run: seeded embeddings of the right shapes
+                "conditioning": conditioning,
             },
             "cache": opts.cache.to_dict(),
             "sites": [{"name": n, "rank": k, "energy": e} for n, k, e in zip(bases.sites, bases.ranks, bases.energy)],

@@ -16,6 +16,7 @@ from svdexport.runtime import manifest as manifest_io
 from svdexport.runtime.scheduler import CachedSampler, Generation
 
 BASES_FILE = "bases.safetensors"
+TABLE_FILE = "conditioning.safetensors"  # class-conditioning table, for models that have one
 
 
 class Engine:
@@ -30,13 +31,20 @@ class Engine:
         self.device = torch.device(manifest.get("device", "cpu"))
         self.cache = CacheConfig(**manifest["cache"])
         self.full, self.cached = full, cached
+        cond = manifest["model"]["conditioning"]
+        self.labels = cond.get("labels")  # class names when the model is class-conditioned, else None
+        self.table = self.family.load_table(folder / cond["file"]) if cond["kind"] == "class-table" else None
         sampler = self.family.make_sampler(manifest["sampler"])
         set_timesteps = lambda s, n: self.family.set_timesteps(s, n, self.shapes)  # noqa: E731
         self.sampler = CachedSampler(full, cached, bases.vectors.to(self.device), self.cache, sampler, set_timesteps)
 
-    def example_inputs(self, seed: int = 0) -> dict[str, torch.Tensor]:
-        """Seeded noise and synthetic conditioning with the engine's shapes and dtype."""
-        inputs = self.family.example_inputs(self.config, self.shapes, seed, dtype=self.dtype)
+    def example_inputs(self, seed: int = 0, labels: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """Seeded noise and conditioning (the classes `labels` for a class-conditioned model, else
+        synthetic embeddings) with the engine's shapes and dtype."""
+        if labels is not None and self.table is None:
+            raise SvdExportError("this engine's model is not class-conditioned; it takes no labels")
+        inputs = self.family.example_inputs(self.config, self.shapes, seed, dtype=self.dtype, table=self.table,
+                                            labels=labels)
         return {k: v.to(self.device) for k, v in inputs.items()}
 
     def check_inputs(self, inputs: dict[str, torch.Tensor]) -> None:
@@ -50,11 +58,11 @@ class Engine:
                 )
 
     def generate(self, inputs: dict[str, torch.Tensor] | None = None, seed: int = 0, steps: int = 50,
-                 progress: bool = False, **cache_overrides) -> Generation:
+                 progress: bool = False, labels: list[int] | None = None, **cache_overrides) -> Generation:
         """One request. `inputs` defaults to seeded synthetic ones; keyword overrides (interval, warmup,
         predictor, beta, order) change the step plan or forecast without rebuilding."""
         if inputs is None:
-            inputs = self.example_inputs(seed)
+            inputs = self.example_inputs(seed, labels)
         self.check_inputs(inputs)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         allowed = {"interval", "warmup", "predictor", "beta", "order"}

@@ -1,0 +1,112 @@
+"""Peer caching libraries on the tiny FLUX model: they skip work, stay close to the plain loop, and leave
+the model exactly as it was."""
+
+import sys
+
+import pytest
+import torch
+
+from conftest import TINY_SHAPES, tiny_model
+from helpers import plain_diffusers_loop
+from svdexport.bench import peers
+from svdexport.bench.metrics import rel_l2
+from svdexport.cache.config import step_plan
+from svdexport.errors import SvdExportError
+from svdexport.models import flux
+
+STEPS, WARMUP, INTERVAL = 20, 3, 4
+# diffusers' TaylorSeer hook computes when i < warmup or (i - warmup - 1) % interval == 0
+# (taylorseer_cache.py, _measure_should_compute): steps 0, 1, 2, 4, 8, 12, 16.
+TAYLORSEER_FULL = 7
+# (peer, options): every peer with its defaults, plus the variants whose code paths differ.
+CASES = [(name, {}) for name in peers.PEERS] + [
+    ("diffusers-taylorseer", {"order": 2}),
+    ("diffusers-taylorseer", {"lite": True}),
+    ("cachedit-dbcache", {"schedule": "dynamic", "threshold": 0.5}),
+    ("cachedit-dbcache-taylorseer", {"schedule": "dynamic", "threshold": 0.5}),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tiny model gains nothing from threads, and on a busy 2-core machine oversubscribed OpenMP
+    # threads make every step ~100x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model(guidance=True)  # guidance embeds: the FLUX.1-dev layout
+    inputs = flux.example_inputs(dict(model.config), TINY_SHAPES, seed=0)
+    return model, inputs, plain_diffusers_loop(model, inputs, STEPS, TINY_SHAPES)
+
+
+def _state(model, inputs):
+    """Everything a later user of the model sees: one forward, module order, attributes, hooks, weights."""
+    with torch.no_grad():
+        out = model(hidden_states=inputs["hidden_states"], timestep=torch.full((1,), 0.5),
+                    guidance=inputs["guidance"], pooled_projections=inputs["pooled_projections"],
+                    encoder_hidden_states=inputs["encoder_hidden_states"], txt_ids=inputs["txt_ids"],
+                    img_ids=inputs["img_ids"], return_dict=False)[0]
+    modules = [(n, sorted(m.__dict__), len(m._forward_hooks), len(m._forward_pre_hooks))
+               for n, m in model.named_modules()]
+    return out, modules, [(k, v.clone()) for k, v in model.state_dict().items()]
+
+
+@pytest.mark.parametrize("name,options", CASES, ids=[f"{n}{''.join(f'-{k}={v}' for k, v in o.items())}"
+                                                     for n, o in CASES])
+def test_peer(setup, name, options):
+    reason = peers.available(name)
+    if reason is not None:
+        pytest.skip(reason)
+    model, inputs, plain = setup
+    before = _state(model, inputs)
+    r = peers.run_peer(name, model, inputs, STEPS, TINY_SHAPES, flux.SAMPLER_CONFIG, WARMUP, INTERVAL, **options)
+
+    assert r.latents.shape == inputs["hidden_states"].shape and torch.isfinite(r.latents).all()
+    assert 0 < r.full_steps < STEPS and r.seconds > 0
+    if name == "diffusers-taylorseer":
+        assert r.full_steps == TAYLORSEER_FULL
+    if name.startswith("cachedit") and options.get("schedule", "plan") == "plan":
+        assert r.full_steps == sum(step_plan(STEPS, WARMUP, INTERVAL))  # svdexport's own plan
+    assert rel_l2(r.latents, plain) < 0.5
+
+    after = _state(model, inputs)
+    assert torch.equal(after[0], before[0])
+    assert after[1] == before[1]
+    assert all(ka == kb and torch.equal(a, b) for (ka, a), (kb, b) in zip(after[2], before[2]))
+    assert len(after[2]) == len(before[2])
+
+
+def test_model_restored_when_the_loop_fails(setup):
+    model, inputs, _ = setup
+    before = _state(model, inputs)
+    bad = {**inputs, "img_ids": inputs["img_ids"][:3]}  # wrong token count: the forward raises
+    with pytest.raises(Exception):
+        peers.run_peer("diffusers-fbcache", model, bad, STEPS, TINY_SHAPES, flux.SAMPLER_CONFIG, WARMUP, INTERVAL)
+    after = _state(model, inputs)
+    assert torch.equal(after[0], before[0]) and after[1] == before[1]
+
+
+def test_unknown_peer_and_option():
+    model = tiny_model()
+    with pytest.raises(SvdExportError, match="unknown peer 'nope'") as e:
+        peers.run_peer("nope", model, {}, STEPS, TINY_SHAPES, flux.SAMPLER_CONFIG, WARMUP, INTERVAL)
+    assert "\n" not in str(e.value)
+    with pytest.raises(SvdExportError, match="unknown peer"):
+        peers.available("nope")
+    with pytest.raises(SvdExportError, match="no option bogus"):
+        peers.run_peer("diffusers-fbcache", model, {}, STEPS, TINY_SHAPES, flux.SAMPLER_CONFIG, WARMUP, INTERVAL,
+                       bogus=1)
+
+
+def test_missing_library_raises_the_reason(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cache_dit", None)  # as if not installed: find_spec and import fail
+    reason = peers.available("cachedit-dbcache")
+    assert reason == "cache-dit is not installed (pip install cache-dit)"
+    with pytest.raises(SvdExportError, match="cache-dit is not installed"):
+        peers.run_peer("cachedit-dbcache", tiny_model(), {}, STEPS, TINY_SHAPES, flux.SAMPLER_CONFIG, WARMUP,
+                       INTERVAL)

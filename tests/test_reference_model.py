@@ -1,0 +1,40 @@
+"""The bundled trained reference model: provenance and sample quality."""
+
+import hashlib
+import json
+
+import torch
+
+from svdexport.bench.compare import _accuracy, _classifier
+from svdexport.models import flux
+from svdexport.runtime.scheduler import CachedSampler
+from svdexport.cache.config import CacheConfig
+
+FOLDER = flux.BUNDLED["digits"]
+
+
+def test_weights_are_small_documented_and_match_their_hashes():
+    meta = json.loads((FOLDER / "svdexport.json").read_text())
+    weights = FOLDER / "diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_size <= 20 * 2**20
+    for name, digest in meta["sha256"].items():
+        assert hashlib.sha256((FOLDER / name).read_bytes()).hexdigest() == digest
+    training = meta["training"]
+    assert training["seed"] == 0 and training["steps"] == training["loss"][-1]["step"]
+    assert training["loss"][-1]["loss"] < training["loss"][0]["loss"] / 2  # it learned
+    assert meta["conditioning"]["kind"] == "class-table" and len(meta["conditioning"]["labels"]) == 10
+
+
+def test_classifier_recognises_95_percent_of_class_conditioned_samples():
+    model, info = flux.load(None)
+    table = flux.load_table(info.conditioning["file"])
+    shapes = flux.FluxShapes(**{**info.shapes, "batch": 100})
+    labels = [i % 10 for i in range(100)]
+    inputs = flux.example_inputs(dict(model.config), shapes, seed=2026, table=table, labels=labels)
+    full, cached = flux.graphs(model, "final")
+    loop = CachedSampler(full, cached, torch.zeros(1, 128, 1), CacheConfig(warmup=50, interval=1),
+                         flux.make_sampler(flux.SAMPLER_CONFIG), lambda s, n: flux.set_timesteps(s, n, shapes))
+    latents = loop.generate(inputs, steps=50).latents
+    images = list(flux.unpack(latents, shapes))
+    accuracy = _accuracy(_classifier(), images, labels)
+    assert accuracy >= 0.95, accuracy
