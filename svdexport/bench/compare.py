@@ -44,12 +44,12 @@ def _methods(engine, eager, peers: list[str], steps: int) -> list[Method]:
 
     cache = eager.cache
     label = {"svd-taylor": f"svd-taylor o{cache.order}"}.get(cache.predictor, f"{cache.predictor} b{cache.beta}")
-    ms = [Method("eager full compute", "eager", lambda x, i: eager.generate(x, steps, interval=1), True)]
+    ms = [Method("eager full compute", "eager", lambda x, i: eager.generate(x, steps=steps, interval=1), True)]
     ms.append(Method(f"SVD-Cache {label} (engine)", engine.manifest["backend"],
-                     lambda x, i: engine.generate(x, steps, interval=i)))
+                     lambda x, i: engine.generate(x, steps=steps, interval=i)))
     for label, over in PREDICTOR_VARIANTS:
         ms.append(Method(f"SVD-Cache {label}", "eager",
-                         lambda x, i, over=over: eager.generate(x, steps, interval=i, **over)))
+                         lambda x, i, over=over: eager.generate(x, steps=steps, interval=i, **over)))
     # TaylorSeer on the whole feature: identity bases make C = F and R = 0, so the same forecast runs
     # on the full feature instead of its principal part.
     sites, dim = eager.bases.vectors.shape[:2]
