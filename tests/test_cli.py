@@ -52,8 +52,8 @@ def test_build_writes_manifest_and_bases(engine):
     assert m["model"]["weights"]["source"] == "bundled:digits" and len(m["model"]["weights"]["sha256"]) == 64
     assert m["model"]["conditioning"] == {"kind": "class-table", "file": "conditioning.safetensors",
                                           "labels": [str(i) for i in range(10)]}
-    assert [s["name"] for s in m["sites"]][:2] == ["double.0.attn", "double.0.ff"]
-    assert m["calibration"] == {"num_inputs": 1, "num_timesteps": 4, "tau": 0.85, "k_max": 64}
+    assert [s["name"] for s in m["sites"]] == ["final"]
+    assert m["calibration"] == {"num_inputs": 1, "num_timesteps": 4, "tau": 0.95, "k_max": 64}
     assert m["shapes"]["inputs"]["hidden_states"] == [1, 64, 4]
     assert set(m["files"]) == {"bases.safetensors", "conditioning.safetensors"}
     assert {"torch", "diffusers", "svdexport"} <= set(m["versions"])

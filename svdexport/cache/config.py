@@ -11,11 +11,11 @@ GRANULARITIES = ("block", "final")
 
 @dataclass
 class CacheConfig:
-    granularity: str = "block"  # "block": per-module sites inside every block; "final": last hidden state only
+    granularity: str = "final"  # "final": last hidden state only; "block": per-module sites inside every block
     predictor: str = "svd-taylor"  # how the principal coefficients are forecast on cached steps
     beta: float = 0.9  # EMA weight on the old value (ema, ema-velocity)
     order: int = 1  # finite-difference order of svd-taylor (1 or 2)
-    tau: float = 0.85  # energy fraction the kept principal directions must reach
+    tau: float = 0.95  # energy fraction the kept principal directions must reach
     k_max: int = 64  # cap on the rank per site; bases are zero-padded to this many columns
     warmup: int = 3  # first steps that are always full
     interval: int = 7  # after warmup, one full step every `interval` steps
