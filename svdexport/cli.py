@@ -107,7 +107,8 @@ def cmd_run(a: argparse.Namespace) -> None:
                   metadata={"seed": str(a.seed), "steps": str(a.steps), "engine": str(a.engine)})
     with atomic_file(out) as tmp:
         engine.preview(result.latents).save(tmp, format="PNG")
-    print(f"wrote {out} (preview of the latents) and {latents_path} (final latents)")
+    what = "image" if engine.labels else "preview of the latents"  # the digits model's latents are pixels
+    print(f"wrote {out} ({what}) and {latents_path} (final latents)")
     print(f"{a.steps} steps: {result.full_steps} full, {result.cached_steps} cached, {result.seconds:.2f} s")
 
 
