@@ -412,8 +412,8 @@ def example_inputs(config: dict, shapes: FluxShapes, seed: int, guidance_scale: 
     return inputs
 
 
-def load_table(path: str | Path) -> dict[str, torch.Tensor] | None:
-    """The class-conditioning table of a model or engine, or None for synthetic conditioning."""
+def load_table(path: str | Path) -> dict[str, torch.Tensor]:
+    """The class-conditioning table of a model or engine: per class, encoder_hidden_states and pooled_projections."""
     from safetensors.torch import load_file
 
     return load_file(str(path))
