@@ -15,7 +15,6 @@ import svdexport
 from svdexport.bench.metrics import psnr
 from svdexport.cli import main
 from svdexport.errors import SvdExportError
-from svdexport.export.eager import BACKEND as EAGER
 
 FAST = ["--calib-samples", "1", "--calib-steps", "4", "--height", "128", "--width", "128", "--text-len", "8"]
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
@@ -32,11 +31,10 @@ def built(request, tmp_path_factory):
     out = root / "engine"
     assert main(["build", "--backend", request.param, "--out", str(out), "--graphs", str(root / "graphs"), *FAST]) == 0
     engine = svdexport.load(out)
-    eager = EAGER.load(out, engine.manifest)
-    return request.param, out, engine, eager
+    return request.param, out, engine, engine.eager_reference()
 
 
-def one_step_state(engine, eager_full, seed=1):
+def one_step_state(engine, eager_full, seed=1):  # inputs of one step, C and R from eager
     state = {**engine.example_inputs(seed), "bases": engine.sampler.bases, "timestep": torch.tensor([0.37])}
     with torch.no_grad():
         out = eager_full(*[state[n] for n in eager_full.input_names])
@@ -45,7 +43,8 @@ def one_step_state(engine, eager_full, seed=1):
 
 
 def test_each_graph_matches_eager_within_1e4_of_output_scale(built):
-    _, _, engine, (eager_full, eager_cached) = built
+    _, _, engine, eager = built
+    eager_full, eager_cached = eager.full, eager.cached
     state, expected = one_step_state(engine, eager_full)
     got = engine.full(*[state[n] for n in engine.full.input_names])
     for name, a, b in zip(("noise_pred", "coeffs", "residuals"), got, expected):
@@ -57,10 +56,7 @@ def test_each_graph_matches_eager_within_1e4_of_output_scale(built):
 
 
 def test_50_step_svd_cache_generation_matches_eager(built):
-    _, out, engine, (eager_full, eager_cached) = built
-    from svdexport.runtime.engine import Engine
-
-    reference = Engine(out, engine.manifest, eager_full, eager_cached, engine.bases)
+    _, out, engine, reference = built
     inputs = engine.example_inputs(seed=4)
     a = engine.generate(inputs, steps=50)
     b = reference.generate(inputs, steps=50)
@@ -157,7 +153,7 @@ def test_tensorrt_matches_eager(tmp_path):
     assert main(["build", "--backend", "tensorrt", "--device", "cuda", "--out", str(out),
                  "--graphs", str(tmp_path / "g"), *FAST]) == 0
     engine = svdexport.load(out)
-    eager_full, eager_cached = EAGER.load(out, engine.manifest)
+    eager_full = engine.eager_reference().full
     state, expected = one_step_state(engine, eager_full)
     got = engine.full(*[state[n] for n in engine.full.input_names])
     assert (got[0] - expected[0]).abs().max() <= 1e-3 * expected[0].abs().max()

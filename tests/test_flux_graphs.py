@@ -25,13 +25,18 @@ def reference(model, inputs, t):
 T = torch.tensor([0.6])
 
 
+def full_step(model, shapes, granularity, seed):
+    """Inputs, both graphs, random bases and the full graph's (output, C, R) for one step."""
+    inputs = flux.example_inputs(dict(model.config), shapes, seed=seed)
+    full, cached = flux.graphs(model, granularity)
+    bases = random_bases(model, granularity, 8)
+    return inputs, full, cached, bases, full(*call_args(full, inputs, T, bases))
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("granularity", ["block", "final"])
 def test_full_graph_output_is_the_unmodified_transformers(model, shapes, granularity):
-    inputs = flux.example_inputs(dict(model.config), shapes, seed=1)
-    full, _ = flux.graphs(model, granularity)
-    bases = random_bases(model, granularity, 8)
-    out, coeffs, residuals = full(*call_args(full, inputs, T, bases))
+    inputs, _, _, _, (out, coeffs, residuals) = full_step(model, shapes, granularity, seed=1)
     assert torch.equal(out, reference(model, inputs, T))
     n_sites = len(flux.sites(dict(model.config), granularity))
     assert coeffs.shape == (n_sites, 1, shapes.img_tokens, 8)
@@ -40,10 +45,7 @@ def test_full_graph_output_is_the_unmodified_transformers(model, shapes, granula
 
 @torch.no_grad()
 def test_final_site_is_the_hidden_state_before_norm_out(model, shapes):
-    inputs = flux.example_inputs(dict(model.config), shapes, seed=2)
-    full, _ = flux.graphs(model, "final")
-    bases = random_bases(model, "final", 8)
-    _, coeffs, residuals = full(*call_args(full, inputs, T, bases))
+    inputs, _, _, bases, (_, coeffs, residuals) = full_step(model, shapes, "final", seed=2)
     # Independent extraction: the same transformer with its output head removed returns that state.
     headless = copy.deepcopy(model)
     headless.norm_out = type("Pass", (nn.Module,), {"forward": lambda self, x, temb: x})()
@@ -55,10 +57,7 @@ def test_final_site_is_the_hidden_state_before_norm_out(model, shapes):
 @torch.no_grad()
 def test_block_sites_explain_each_blocks_image_update(model, shapes):
     """C V^T + R per site, times the block's gates, is exactly what each block adds to the image stream."""
-    inputs = flux.example_inputs(dict(model.config), shapes, seed=3)
-    full, _ = flux.graphs(model, "block")
-    bases = random_bases(model, "block", 8)
-    _, coeffs, residuals = full(*call_args(full, inputs, T, bases))
+    inputs, _, _, bases, (_, coeffs, residuals) = full_step(model, shapes, "block", seed=3)
     feats = coeffs @ bases.unsqueeze(1).transpose(-1, -2) + residuals
     # Image stream in/out of every block, taken with hooks on the blocks themselves (not the graph's sites).
     seen = []
@@ -89,10 +88,7 @@ def test_block_sites_explain_each_blocks_image_update(model, shapes):
 @torch.no_grad()
 @pytest.mark.parametrize("granularity", ["block", "final"])
 def test_cached_graph_with_exact_features_equals_full_step(model, shapes, granularity):
-    inputs = flux.example_inputs(dict(model.config), shapes, seed=4)
-    full, cached = flux.graphs(model, granularity)
-    bases = random_bases(model, granularity, 8)
-    out, coeffs, residuals = full(*call_args(full, inputs, T, bases))
+    inputs, _, cached, bases, (out, coeffs, residuals) = full_step(model, shapes, granularity, seed=4)
     again = cached(*call_args(cached, inputs, T, bases, coeffs, residuals))
     assert torch.allclose(again, out, atol=1e-5 * out.abs().max())
 

@@ -15,8 +15,6 @@ import svdexport
 from svdexport.bench.latency import bench
 from svdexport.bench.metrics import psnr
 from svdexport.cli import main
-from svdexport.export.eager import BACKEND as EAGER
-from svdexport.runtime.engine import Engine
 
 pytestmark = pytest.mark.latency
 BASELINE = json.loads((Path(__file__).parent / "baselines" / "latency.json").read_text())
@@ -29,7 +27,7 @@ def measured(tmp_path_factory):
                  "--graphs", str(out.parent / "graphs")]) == 0
     report = bench(str(out), steps=50, repeats=3, step_calls=5, e2e_repeats=5)
     engine = svdexport.load(out)
-    eager = Engine(out, engine.manifest, *EAGER.load(out, engine.manifest), engine.bases)
+    eager = engine.eager_reference()
     scores = []
     for seed in range(4):
         x = engine.example_inputs(seed)

@@ -76,12 +76,10 @@ def compare(engine_dir: str, samples: int = 16, steps: int = 50, intervals: tupl
             peers: list[str] | None = None, progress: bool = True) -> dict:
     import svdexport
     from svdexport.bench import peers as peer_lib
-    from svdexport.export.eager import BACKEND as EAGER
-    from svdexport.runtime.engine import Engine
 
     engine = svdexport.load(engine_dir)
     m = engine.manifest
-    eager = engine if m["backend"] == "eager" else Engine(engine.folder, m, *EAGER.load(engine.folder, m), engine.bases)
+    eager = engine.eager_reference()
     peers = [p for p in (peer_lib.PEERS if peers is None else peers) if peer_lib.available(p) is None]
     methods = _methods(engine, eager, peers, steps)
     labels = [seed % len(engine.labels) for seed in range(samples)] if engine.labels else None

@@ -25,15 +25,10 @@ def _median_time(fn: Callable[[], object], times: list[float], calls: int) -> No
 @torch.inference_mode()
 def bench(engine_dir: str, steps: int = 50, repeats: int = 5, step_calls: int = 10, e2e_repeats: int = 3) -> dict:
     import svdexport
-    from svdexport.export.eager import BACKEND as EAGER
-    from svdexport.runtime.engine import Engine
 
     engine = svdexport.load(engine_dir)
     m = engine.manifest
-    if m["backend"] == "eager":
-        eager = engine
-    else:  # the reference: the same weights and bases, run by eager PyTorch
-        eager = Engine(engine.folder, m, *EAGER.load(engine.folder, m), engine.bases)
+    eager = engine.eager_reference()
 
     inputs = engine.example_inputs(0)
     state = {**inputs, "bases": engine.sampler.bases}

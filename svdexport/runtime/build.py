@@ -114,9 +114,9 @@ def calibrate_to_file(opts: BuildOptions, out: Path, progress: bool = True) -> B
     return bases
 
 
-def graph_exports(p: Prepared, bases: Bases, opts: BuildOptions) -> dict[str, GraphExport]:
+def graph_exports(p: Prepared, bases: Bases, example: dict, opts: BuildOptions) -> dict[str, GraphExport]:
     """Both graphs with example inputs of the build shapes (the cached graph's from one real full step)."""
-    state = {**p.inputs(0, opts), "bases": bases.vectors.to(opts.device)}
+    state = {**example, "bases": bases.vectors.to(opts.device)}
     b = state["hidden_states"].shape[0]
     state["timestep"] = torch.full((b,), 0.5, dtype=DTYPES[opts.dtype], device=opts.device)
     with torch.no_grad():
@@ -145,7 +145,7 @@ def existing(out: Path, key: str) -> dict | None:
     return data if data.get("build_key") == key else None
 
 
-def _describe(graphs: dict[str, GraphExport], p: Prepared) -> dict:
+def _describe(graphs: dict[str, GraphExport]) -> dict:
     return {
         name: {"inputs": g.input_names, "outputs": g.output_names, "parameters": parameter_count(g.module),
                "input_shapes": [list(a.shape) for a in g.args], "input_dtypes": [str(a.dtype)[6:] for a in g.args]}
@@ -170,7 +170,8 @@ def build(opts: BuildOptions, out: Path, graphs_dir: Path | None = None, progres
     if be.needs_export:
         check_replaceable(graphs_dir)
     bases = run_calibration(p, opts, progress)
-    graphs = graph_exports(p, bases, opts)
+    example = p.inputs(0, opts)
+    graphs = graph_exports(p, bases, example, opts)
     graphs_ctx = atomic_dir(graphs_dir) if be.needs_export else contextlib.nullcontext(None)
     with atomic_dir(out) as tmp, graphs_ctx as gtmp:
         bases.save(tmp / BASES_FILE)
@@ -200,9 +201,9 @@ def build(opts: BuildOptions, out: Path, graphs_dir: Path | None = None, progres
             "calibration": {"num_inputs": bases.num_inputs, "num_timesteps": bases.num_timesteps,
                             "tau": bases.tau, "k_max": bases.k_max},
             "shapes": {"build": dict(p.shapes.__dict__),
-                       "inputs": {k: list(v.shape) for k, v in p.inputs(0, opts).items()}},
+                       "inputs": {k: list(v.shape) for k, v in example.items()}},
             "dtype": str(DTYPES[opts.dtype]).removeprefix("torch."),
             "sampler": p.sampler_config,
-            "graphs": _describe(graphs, p),
+            "graphs": _describe(graphs),
         }
         return manifest_io.write(tmp, data)

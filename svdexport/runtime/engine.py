@@ -71,6 +71,13 @@ class Engine:
         cache = dataclasses.replace(self.cache, **cache_overrides).validate()
         return self.sampler.generate(inputs, steps, cache=cache, progress=progress)
 
+    def eager_reference(self) -> "Engine":
+        """The same weights, bases and settings run by eager PyTorch: what every backend is measured against."""
+        if self.manifest["backend"] == "eager":
+            return self
+        full, cached = backend("eager").load(self.folder, self.manifest)
+        return Engine(self.folder, self.manifest, full, cached, self.bases)
+
     def preview(self, latents: torch.Tensor):
         return self.family.preview(latents, self.shapes)
 
