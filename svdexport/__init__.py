@@ -11,4 +11,12 @@ def load(engine_dir):
     return _load(engine_dir)
 
 
-__all__ = ["__version__", "load"]
+def apply(pipe, engine, **cache_overrides):
+    """Puts an engine (an Engine or its folder) into a diffusers FluxPipeline in place of its transformer;
+    returns the pipeline. Keyword overrides (interval, warmup, predictor, beta, order) change the step plan."""
+    from svdexport.runtime.pipeline import apply as _apply
+
+    return _apply(pipe, engine, **cache_overrides)
+
+
+__all__ = ["__version__", "apply", "load"]

@@ -265,8 +265,27 @@ def _time_embedding(embed: nn.Module, timestep, pooled, guidance, dtype) -> torc
     return embed(t, guidance.to(dtype) * 1000, pooled)
 
 
+class _GivenRotary(nn.Module):
+    """Stands in for the transformer's pos_embed inside the full graph: the rotary table is a graph input.
+
+    diffusers computes it in float64, which TensorRT and some ONNX Runtime providers reject; `rotary`
+    computes it the same way outside the engine and passes it in float32.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.table: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, ids):
+        return self.table
+
+
 class FluxFullGraph(nn.Module):
-    """The unmodified transformer forward, returning also C and R of every cache site."""
+    """The unmodified transformer forward, returning also C and R of every cache site.
+
+    Only the rotary position table differs: it comes in as inputs (rotary_cos, rotary_sin) instead of
+    being computed in float64 from the position ids inside the graph.
+    """
 
     def __init__(self, transformer: FluxTransformer2DModel, granularity: str):
         super().__init__()
@@ -282,14 +301,18 @@ class FluxFullGraph(nn.Module):
             for block in transformer.single_transformer_blocks:
                 hooks.append((block.proj_out, lambda args, out: out[:, self.text_len :], False))
         self.recorder = SiteRecorder(hooks)
+        self.given_rotary = _GivenRotary()
         guidance = ["guidance"] if transformer.config.guidance_embeds else []
         self.input_names = ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
-                            "img_ids", "txt_ids", "bases"] + guidance
+                            "rotary_cos", "rotary_sin", "bases"] + guidance
         self.output_names = ["noise_pred", "coeffs", "residuals"]
 
-    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, bases,
-                guidance=None):
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, rotary_cos, rotary_sin,
+                bases, guidance=None):
         self.text_len = encoder_hidden_states.shape[1]
+        no_ids = rotary_cos.new_zeros(0, 3)  # the ids only feed pos_embed, which is swapped for the given table
+        own_rotary, self.given_rotary.table = self.transformer.pos_embed, (rotary_cos, rotary_sin)
+        self.transformer.pos_embed = self.given_rotary
         self.recorder.start()
         try:
             out = self.transformer(
@@ -297,13 +320,14 @@ class FluxFullGraph(nn.Module):
                 encoder_hidden_states=encoder_hidden_states,
                 pooled_projections=pooled_projections,
                 timestep=timestep,
-                img_ids=img_ids,
-                txt_ids=txt_ids,
+                img_ids=no_ids,
+                txt_ids=no_ids,
                 guidance=guidance,
                 return_dict=False,
             )[0]
         finally:
             features = self.recorder.stop()
+            self.transformer.pos_embed, self.given_rotary.table = own_rotary, None
         coeffs, residuals = split_sites(features, bases)
         return out, coeffs, residuals
 
@@ -382,6 +406,19 @@ def _image_ids(shapes: FluxShapes) -> torch.Tensor:
     return ids.reshape(h * w, 3)
 
 
+def rotary(config: dict, txt_ids: torch.Tensor, img_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary table (cos, sin) [text + image tokens, head_dim] as FluxPosEmbed computes it (float64,
+    with diffusers' own function), returned in float32 for the engine."""
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    pos = torch.cat([txt_ids, img_ids]).detach().float().cpu()
+    parts = [get_1d_rotary_pos_embed(dim, pos[:, i], theta=10000, repeat_interleave_real=True, use_real=True,
+                                     freqs_dtype=torch.float64) for i, dim in enumerate(config["axes_dims_rope"])]
+    cos = torch.cat([c for c, _ in parts], dim=-1).float()
+    sin = torch.cat([s for _, s in parts], dim=-1).float()
+    return cos.to(img_ids.device), sin.to(img_ids.device)
+
+
 def example_inputs(config: dict, shapes: FluxShapes, seed: int, guidance_scale: float = 3.5,
                    dtype: torch.dtype = torch.float32, table: dict | None = None,
                    labels: list[int] | None = None) -> dict[str, torch.Tensor]:
@@ -407,8 +444,27 @@ def example_inputs(config: dict, shapes: FluxShapes, seed: int, guidance_scale: 
     inputs = {k: v.to(dtype) for k, v in inputs.items()}
     inputs["img_ids"] = _image_ids(shapes)
     inputs["txt_ids"] = torch.zeros(shapes.text_len, 3)
+    inputs["rotary_cos"], inputs["rotary_sin"] = rotary(config, inputs["txt_ids"], inputs["img_ids"])
     if config.get("guidance_embeds"):
         inputs["guidance"] = torch.full((b,), guidance_scale, dtype=torch.float32)
+    return inputs
+
+
+def call_inputs(config: dict, kwargs: dict, memo: dict) -> dict[str, torch.Tensor]:
+    """Graph inputs from the keyword arguments FluxPipeline passes to FluxTransformer2DModel.forward.
+
+    `memo` keeps the rotary table between calls: the position ids are the same at every step.
+    """
+    img_ids, txt_ids = (kwargs[k][0] if kwargs[k].ndim == 3 else kwargs[k] for k in ("img_ids", "txt_ids"))
+    old = memo.get("ids")
+    if old is None or not (torch.equal(old[0], txt_ids) and torch.equal(old[1], img_ids)):
+        memo["ids"], memo["rotary"] = (txt_ids.clone(), img_ids.clone()), rotary(config, txt_ids, img_ids)
+    inputs = {k: kwargs[k] for k in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")}
+    inputs.update(img_ids=img_ids, txt_ids=txt_ids, rotary_cos=memo["rotary"][0], rotary_sin=memo["rotary"][1])
+    if config.get("guidance_embeds"):
+        if kwargs.get("guidance") is None:
+            raise SvdExportError("this engine's model is guidance-distilled (FLUX.1-dev) and needs a guidance scale")
+        inputs["guidance"] = kwargs["guidance"].float()
     return inputs
 
 

@@ -13,7 +13,7 @@ from svdexport.errors import SvdExportError
 from svdexport.export import backend
 from svdexport.models import family
 from svdexport.runtime import manifest as manifest_io
-from svdexport.runtime.scheduler import CachedSampler, Generation
+from svdexport.runtime.scheduler import CachedSampler, Generation, StepCache
 
 BASES_FILE = "bases.safetensors"
 TABLE_FILE = "conditioning.safetensors"  # class-conditioning table, for models that have one
@@ -65,11 +65,19 @@ class Engine:
             inputs = self.example_inputs(seed, labels)
         self.check_inputs(inputs)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        return self.sampler.generate(inputs, steps, cache=self.cache_config(**cache_overrides), progress=progress)
+
+    def cache_config(self, **overrides) -> CacheConfig:
+        """The engine's cache settings with run-time overrides of the step plan or the forecast."""
         allowed = {"interval", "warmup", "predictor", "beta", "order"}
-        if set(cache_overrides) - allowed:
-            raise SvdExportError(f"cannot override {sorted(set(cache_overrides) - allowed)} at run time")
-        cache = dataclasses.replace(self.cache, **cache_overrides).validate()
-        return self.sampler.generate(inputs, steps, cache=cache, progress=progress)
+        if set(overrides) - allowed:
+            raise SvdExportError(f"cannot override {sorted(set(overrides) - allowed)} at run time "
+                                 f"(allowed: {', '.join(sorted(allowed))})")
+        return dataclasses.replace(self.cache, **overrides).validate()
+
+    def step_cache(self, steps: int, cache: CacheConfig | None = None) -> StepCache:
+        """Fresh cache state for one request of `steps` steps (used when something else owns the loop)."""
+        return StepCache(self.full, self.cached, self.sampler.bases, cache or self.cache, steps)
 
     def eager_reference(self) -> "Engine":
         """The same weights, bases and settings run by eager PyTorch: what every backend is measured against."""

@@ -33,11 +33,39 @@ class Generation:
 FullStepHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
+class StepCache:
+    """The cache state of one request: which graph each step runs, the predictor and the last residuals.
+
+    `CachedSampler` drives it over its own sampler; `runtime.pipeline.EngineTransformer` drives it from
+    inside diffusers' FluxPipeline, one transformer call per step.
+    """
+
+    def __init__(self, full: Graph, cached: Graph, bases: torch.Tensor, cache: CacheConfig, steps: int):
+        self.full, self.cached = full, cached
+        self.plan = step_plan(steps, cache.warmup, cache.interval)
+        self.predictor = make_predictor(cache.predictor, cache.beta, cache.order)
+        self.state: dict[str, torch.Tensor] = {"bases": bases}
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # (C, R) of the latest full step
+
+    def __call__(self, i: int, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model output at step i; `inputs` holds the graphs' inputs other than the cache tensors."""
+        self.state.update(inputs)
+        if self.plan[i]:
+            out, coeffs, residuals = self.full(*[self.state[n] for n in self.full.input_names])
+            self.predictor.update(i, coeffs)
+            self.state["residuals"] = residuals
+            self.last = coeffs, residuals
+        else:
+            self.state["coeffs"] = self.predictor.predict(i)
+            out = self.cached(*[self.state[n] for n in self.cached.input_names])
+        return out
+
+
 class CachedSampler:
     """Drives a full-compute and a cached-step graph over a diffusers flow-match sampler.
 
-    All cache state (predictor, last residuals) lives in `generate`'s locals, so every request starts
-    clean whatever its number of steps.
+    All cache state lives in a fresh StepCache per `generate`, so every request starts clean whatever
+    its number of steps.
     """
 
     def __init__(self, full: Graph, cached: Graph, bases: torch.Tensor, cache: CacheConfig, sampler,
@@ -49,28 +77,18 @@ class CachedSampler:
     @torch.inference_mode()
     def generate(self, inputs: dict[str, torch.Tensor], steps: int, cache: CacheConfig | None = None,
                  progress: bool = False, on_full_step: FullStepHook | None = None) -> Generation:
-        cache = cache or self.cache
-        plan = step_plan(steps, cache.warmup, cache.interval)
-        predictor = make_predictor(cache.predictor, cache.beta, cache.order)
+        step = StepCache(self.full, self.cached, self.bases, cache or self.cache, steps)
         timesteps = self.set_timesteps(self.sampler, steps)
-        state = {**inputs, "bases": self.bases}
         latents = inputs["hidden_states"]
-        full_names, cached_names = self.full.input_names, self.cached.input_names
+        step.state.update(inputs)
         start = time.perf_counter()
         for i, t in enumerate(tqdm(timesteps, desc="sampling", unit="step", disable=not progress, leave=False)):
-            state["hidden_states"] = latents
             # As FluxPipeline: the timestep in the latents' dtype, divided by 1000 before the call.
-            state["timestep"] = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-            if plan[i]:
-                out, coeffs, residuals = self.full(*[state[n] for n in full_names])
-                predictor.update(i, coeffs)
-                state["residuals"] = residuals
-                if on_full_step is not None:
-                    on_full_step(i, coeffs, residuals)
-            else:
-                state["coeffs"] = predictor.predict(i)
-                out = self.cached(*[state[n] for n in cached_names])
+            timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
+            out = step(i, {"hidden_states": latents, "timestep": timestep})
+            if on_full_step is not None and step.plan[i]:
+                on_full_step(i, *step.last)
             latents = self.sampler.step(out, t, latents, return_dict=False)[0]
         seconds = time.perf_counter() - start
-        full = sum(plan)
+        full = sum(step.plan)
         return Generation(latents, full, steps - full, seconds)

@@ -1,0 +1,126 @@
+"""Engines inside diffusers pipelines: `apply(pipe, engine_dir)` swaps the pipeline's transformer for an
+engine-backed stand-in, so `pipe(prompt, ...)` keeps its text encoders, VAE, scheduler and prompts and
+runs the full-compute and cached-step engines with the engine's step plan.
+
+The stand-in knows the step from the pipeline's scheduler (`step_index`, None before the first step of a
+call), so its cache state starts fresh at step 0 of every call, whatever the number of steps. True CFG
+calls the transformer twice per step under `cache_context("cond")` / `("uncond")`: each context keeps
+its own cache state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from pathlib import Path
+
+import torch
+
+from svdexport.errors import SvdExportError
+from svdexport.runtime.engine import Engine
+from svdexport.runtime.engine import load as load_engine
+
+# Inputs with a leading batch dimension; a smaller batch than the engine's is padded with its last row.
+BATCHED = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
+# Inputs in the engine's precision; ids, rotary tables and guidance keep theirs (float32).
+ACTIVATIONS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+UNSUPPORTED = ("controlnet_block_samples", "controlnet_single_block_samples")
+
+
+class EngineTransformer(torch.nn.Module):
+    """What FluxPipeline needs of its transformer (config, dtype, device, cache_context, forward), backed
+    by a compiled engine."""
+
+    def __init__(self, engine: Engine, pipe, **cache_overrides):
+        super().__init__()
+        from diffusers.configuration_utils import FrozenDict
+
+        self.engine = engine
+        self.cache = engine.cache_config(**cache_overrides)
+        self.config = FrozenDict(engine.config)
+        self._pipe = weakref.ref(pipe)  # the pipeline owns this module; no reference cycle
+        self._context = "cond"
+        self._caches: dict[str, object] = {}  # context name -> StepCache of the running call
+        self._memo: dict = {}  # the rotary table of the last position ids
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.engine.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **kwargs):
+        previous, self._context = self._context, name
+        try:
+            yield
+        finally:
+            self._context = previous
+
+    def _step(self) -> tuple[int, int]:
+        """(index of the current step, steps of this call) from the pipeline's scheduler."""
+        scheduler = self._pipe().scheduler
+        index = scheduler.step_index
+        return (0 if index is None else index), len(scheduler.timesteps)
+
+    def _fit_batch(self, inputs: dict[str, torch.Tensor]) -> int:
+        want = self.engine.shapes.batch
+        got = inputs["hidden_states"].shape[0]
+        if got > want:
+            raise SvdExportError(f"the pipeline asks for {got} images per step (prompts x num_images_per_prompt); "
+                                 f"this engine was built for batch {want} (rebuild with --batch {got})")
+        for k in BATCHED:
+            if k in inputs and got < want:
+                x = inputs[k]
+                inputs[k] = torch.cat([x, x[-1:].expand(want - got, *x.shape[1:])])
+        return got
+
+    @torch.inference_mode()
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, joint_attention_kwargs: dict | None = None,
+                return_dict: bool = True, **kwargs):
+        if joint_attention_kwargs:
+            raise SvdExportError(f"an engine takes no joint_attention_kwargs (got {sorted(joint_attention_kwargs)}: "
+                                 "IP-Adapter and LoRA scales must be baked in before the build)")
+        used = [k for k in UNSUPPORTED if kwargs.get(k) is not None]
+        if used:
+            raise SvdExportError(f"an engine takes no {used[0]} (ControlNet residuals are not engine inputs)")
+        engine = self.engine
+        inputs = engine.family.call_inputs(engine.config, {**kwargs, "hidden_states": hidden_states,
+                                                           "timestep": timestep}, self._memo)
+        batch = self._fit_batch(inputs)
+        inputs = {k: v.to(engine.device, engine.dtype if k in ACTIVATIONS else v.dtype) for k, v in inputs.items()}
+        engine.check_inputs(inputs)
+        i, steps = self._step()
+        if i == 0:
+            self._caches[self._context] = engine.step_cache(steps, self.cache)
+        cache = self._caches.get(self._context)
+        if cache is None or len(cache.plan) != steps:
+            raise SvdExportError(f"step {i} of a call whose step 0 this engine did not see; call the pipeline again")
+        out = cache(i, inputs)[:batch].to(hidden_states.device, hidden_states.dtype)
+        if not return_dict:
+            return (out,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=out)
+
+
+def apply(pipe, engine: Engine | str | Path, **cache_overrides):
+    """Replaces `pipe.transformer` with the engine (an Engine or its folder) and returns the pipeline.
+
+    `cache_overrides` (interval, warmup, predictor, beta, order) change the step plan or the forecast for
+    this pipeline without rebuilding; interval=1 runs every step in full.
+    """
+    if not isinstance(engine, Engine):
+        engine = load_engine(engine)
+    own = getattr(pipe, "transformer", None)
+    if own is not None and hasattr(own, "config"):
+        keys = ("in_channels", "num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim",
+                "joint_attention_dim", "guidance_embeds")
+        differ = [k for k in keys if k in own.config and own.config[k] != engine.config.get(k)]
+        if differ:
+            raise SvdExportError(f"the engine's model differs from the pipeline's transformer ({differ[0]}: "
+                                 f"{engine.config.get(differ[0])} vs {own.config[differ[0]]})")
+    pipe.transformer = EngineTransformer(engine, pipe, **cache_overrides)
+    return pipe

@@ -1,0 +1,129 @@
+"""Engines inside diffusers' FluxPipeline: svdexport.apply against the uncached pipeline."""
+
+import importlib.util
+
+import pytest
+import torch
+
+import svdexport
+from svdexport.cache.config import step_plan
+from svdexport.errors import SvdExportError
+from svdexport.runtime.build import BuildOptions, build
+from tiny_pipeline import prompt_embeds, tiny_pipeline
+
+HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
+SHAPES = dict(height=128, width=128, text_len=8)
+CALL = dict(height=128, width=128, guidance_scale=3.5, output_type="pt")
+
+
+def pipe_call(pipe, steps=10, batch=1, seed=1, **kw):
+    return pipe(generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
+                **{**prompt_embeds(batch), **CALL, **kw}).images
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A FLUX pipeline folder (transformer, VAE, scheduler; no text encoders) as save_pretrained writes it."""
+    root = tmp_path_factory.mktemp("pipe")
+    tiny_pipeline().save_pretrained(root)
+    return root
+
+
+def engine_of(folder, tmp_path_factory, backend, **shapes):
+    out = tmp_path_factory.mktemp(backend) / "engine"
+    opts = BuildOptions(weights=str(folder), backend=backend, shapes={**SHAPES, **shapes}, calib_samples=1,
+                        calib_steps=4)
+    build(opts, out, graphs_dir=out.parent / "graphs", progress=False)
+    return svdexport.load(out)
+
+
+BACKENDS = ["eager", pytest.param("onnx", marks=pytest.mark.skipif(not HAS_ONNX, reason="onnx extra not installed"))]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def engine(request, folder, tmp_path_factory):
+    return engine_of(folder, tmp_path_factory, request.param)
+
+
+class Counting:
+    """Counts the calls of a graph."""
+
+    def __init__(self, graph):
+        self.graph, self.input_names, self.calls = graph, graph.input_names, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.graph(*args)
+
+
+def test_interval_1_matches_the_uncached_pipeline(engine):
+    pipe = tiny_pipeline()
+    reference = pipe_call(pipe)
+    svdexport.apply(pipe, engine, interval=1)
+    got = pipe_call(pipe)
+    # Images in [0, 1] through the real VAE; only the backend and the rotary table's float32 cast differ.
+    assert (got - reference).abs().max() <= 1e-4
+
+
+def test_cached_pipeline_runs_the_engines_plan_and_equals_its_own_loop(engine):
+    pipe = svdexport.apply(tiny_pipeline(), engine)
+    inputs = engine.example_inputs(seed=3)
+    embeds = prompt_embeds()
+    inputs.update(encoder_hidden_states=embeds["prompt_embeds"], pooled_projections=embeds["pooled_prompt_embeds"])
+    full, engine.full = engine.full, Counting(engine.full)
+    try:
+        latents = pipe_call(pipe, steps=20, latents=inputs["hidden_states"], output_type="latent")
+        calls = engine.full.calls
+    finally:
+        engine.full = full
+    assert calls == sum(step_plan(20, engine.cache.warmup, engine.cache.interval)) == 5
+    own = engine.generate(inputs, steps=20)
+    assert torch.allclose(latents, own.latents, atol=1e-5)
+
+
+def test_each_call_starts_a_fresh_cache(engine):
+    pipe = svdexport.apply(tiny_pipeline(), engine)
+    pipe_call(pipe, steps=20, seed=5)
+    again = pipe_call(pipe, steps=7, seed=2)
+    fresh = pipe_call(svdexport.apply(tiny_pipeline(), engine), steps=7, seed=2)
+    assert torch.equal(again, fresh)
+
+
+def test_true_cfg_keeps_one_cache_per_context(folder, tmp_path_factory):
+    engine = engine_of(folder, tmp_path_factory, "eager")
+    negative = prompt_embeds(seed=9)
+    cfg = dict(true_cfg_scale=2.0, negative_prompt_embeds=negative["prompt_embeds"],
+               negative_pooled_prompt_embeds=negative["pooled_prompt_embeds"])
+    pipe = tiny_pipeline()
+    reference = pipe_call(pipe, **cfg)
+    assert (pipe_call(svdexport.apply(pipe, engine, interval=1), **cfg) - reference).abs().max() <= 1e-4
+    # Cached: cond and uncond each forecast their own features; sharing one state would mix them.
+    pipe = svdexport.apply(tiny_pipeline(), engine)
+    pipe_call(pipe, **cfg)
+    caches = pipe.transformer._caches
+    assert set(caches) == {"cond", "uncond"} and caches["cond"] is not caches["uncond"]
+    assert not torch.equal(caches["cond"].state["residuals"], caches["uncond"].state["residuals"])
+
+
+def test_smaller_batch_is_padded_and_larger_refused(folder, tmp_path_factory):
+    engine = engine_of(folder, tmp_path_factory, "eager", batch=2)
+    pipe = tiny_pipeline()
+    reference = pipe_call(pipe)
+    svdexport.apply(pipe, engine, interval=1)
+    assert (pipe_call(pipe) - reference).abs().max() <= 1e-4
+    assert pipe_call(pipe, batch=2).shape[0] == 2
+    with pytest.raises(SvdExportError, match="built for batch 2"):
+        pipe_call(pipe, batch=3)
+
+
+def test_mismatched_requests_are_refused(engine):
+    pipe = svdexport.apply(tiny_pipeline(), engine)
+    with pytest.raises(SvdExportError, match="built for"):
+        pipe_call(pipe, height=256, width=256)
+    with pytest.raises(SvdExportError, match="built for"):
+        pipe(prompt_embeds=torch.randn(1, 9, 32), pooled_prompt_embeds=torch.randn(1, 16), num_inference_steps=2,
+             **CALL)
+    with pytest.raises(SvdExportError, match="differs from the pipeline's transformer"):
+        svdexport.apply(tiny_pipeline(guidance=False), engine)
+    with pytest.raises(SvdExportError, match="cannot override"):
+        svdexport.apply(tiny_pipeline(), engine, tau=0.5)
