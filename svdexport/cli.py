@@ -14,6 +14,7 @@ from svdexport.cache.config import GRANULARITIES, CacheConfig
 from svdexport.cache.predictors import PREDICTORS
 from svdexport.errors import SvdExportError
 from svdexport.export import BACKENDS
+from svdexport.runtime.files import atomic_file
 
 DEFAULTS = CacheConfig()
 
@@ -22,7 +23,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="flux", help="DiT family (default: flux)")
     g.add_argument("--weights", help="local diffusers folder or transformer .safetensors (default: bundled model)")
-    g.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default: fp32)")
+    g.add_argument("--dtype", default="auto", help="fp32 | bf16 | fp16 | auto (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--device", default="auto", help="cpu | cuda | auto (default: cuda when a GPU is visible)")
     s = p.add_argument_group("build shapes (fixed per engine)")
     s.add_argument("--batch", type=int, help="images per call (default 1)")
@@ -36,27 +37,29 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--order", type=int, default=DEFAULTS.order, help="svd-taylor order, 1 or 2")
     c.add_argument("--tau", type=float, default=DEFAULTS.tau, help="energy kept by the principal subspace")
     c.add_argument("--k-max", type=int, default=DEFAULTS.k_max, help="rank cap per site (bases padded to it)")
-    c.add_argument("--warmup", type=int, help="first full steps (default: the family's, 3 for FLUX)")
-    c.add_argument("--interval", type=int, help="one full step every N after warmup (default: 7 for FLUX)")
+    c.add_argument("--warmup", type=int, help="first full steps (default: the model's; FLUX.1-dev 3, schnell 1)")
+    c.add_argument("--interval", type=int, help="one full step every N after warmup (default: dev 7, schnell 2)")
     k = p.add_argument_group("calibration")
     k.add_argument("--calib-samples", type=int, default=8, help="reference inputs (default 8)")
-    k.add_argument("--calib-steps", type=int, default=50, help="sampling steps per input (default 50)")
+    k.add_argument("--calib-steps", type=int, help="sampling steps per input (default: the model's, dev 50, schnell 4)")
+    k.add_argument("--calibration-prompts", metavar="FILE",
+                   help="prompts, one per line, for models with text encoders (default: a built-in list of 16)")
+    k.add_argument("--no-memory-check", action="store_true",
+                   help="build even when the estimated peak memory exceeds what is available")
 
 
 def _build_options(a: argparse.Namespace, backend: str = "eager"):
     from svdexport.models import family
     from svdexport.runtime.build import BuildOptions
 
-    defaults = family(a.model).DEFAULT_CACHE
-    cache = CacheConfig(
-        granularity=a.granularity, predictor=a.predictor, beta=a.beta, order=a.order, tau=a.tau, k_max=a.k_max,
-        warmup=defaults["warmup"] if a.warmup is None else a.warmup,
-        interval=defaults["interval"] if a.interval is None else a.interval,
-    )
+    family(a.model)  # an unknown family fails here, before any work
+    cache = CacheConfig(granularity=a.granularity, predictor=a.predictor, beta=a.beta, order=a.order, tau=a.tau,
+                        k_max=a.k_max, warmup=a.warmup, interval=a.interval)
     shapes = {k: v for k, v in (("batch", a.batch), ("height", a.height), ("width", a.width),
                                 ("text_len", a.text_len)) if v is not None}
     return BuildOptions(model=a.model, weights=a.weights, backend=backend, cache=cache, shapes=shapes,
-                        dtype=a.dtype, device=a.device, calib_samples=a.calib_samples, calib_steps=a.calib_steps)
+                        dtype=a.dtype, device=a.device, calib_samples=a.calib_samples, calib_steps=a.calib_steps,
+                        calibration_prompts=a.calibration_prompts, check_memory=not a.no_memory_check)
 
 
 def cmd_build(a: argparse.Namespace) -> None:
@@ -75,6 +78,11 @@ def cmd_build(a: argparse.Namespace) -> None:
         print(f"exported graphs in {m['graphs_dir']}")
     print(f"parameters: full graph {g['full']['parameters']:,}, cached-step graph {g['cached']['parameters']:,}")
     print(f"ranks (tau {m['calibration']['tau']}, k_max {m['calibration']['k_max']}): {ranks}")
+    mem, gib = m["memory"], 2**30
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"memory: estimated peak {mem['peak_bytes'] / gib:.1f} GiB, measured peak RSS "
+          f"{mem['measured_peak_rss_bytes'] / gib:.1f} GiB ({mem['available_bytes'] / gib:.1f} GiB were available); "
+          f"engine files {size / gib:.2f} GiB; {m['build_seconds']:.0f} s")
 
 
 def cmd_calibrate(a: argparse.Namespace) -> None:
@@ -86,30 +94,65 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
 
 
 def cmd_run(a: argparse.Namespace) -> None:
-    from safetensors.torch import save_file
-
     import svdexport
-    from svdexport.runtime.files import atomic_file
 
-    if a.steps < 1:
+    if a.steps is not None and a.steps < 1:
         raise SvdExportError(f"--steps must be >= 1, got {a.steps}")
     out = Path(a.out or f"out/{Path(a.engine).name}-seed{a.seed}.png")
     if out.suffix.lower() != ".png":
         raise SvdExportError(f"--out must end in .png, got {out}")
     engine = svdexport.load(a.engine)
+    steps = a.steps or engine.steps
     overrides = {k: v for k, v in (("interval", a.interval), ("warmup", a.warmup)) if v is not None}
+    if a.prompt:
+        if a.label is not None:
+            raise SvdExportError("--label is for class-conditioned models; --prompt for text-conditioned ones")
+        _run_prompt(a, engine, steps, overrides, out)
+        return
+    if engine.manifest["model"]["conditioning"]["kind"] == "pipeline":
+        raise SvdExportError("this engine's model has text encoders: give --prompt \"...\"")
     labels = None if a.label is None else [a.label] * engine.shapes.batch
-    result = engine.generate(seed=a.seed, steps=a.steps, progress=True, labels=labels, **overrides)
+    result = engine.generate(seed=a.seed, steps=steps, progress=True, labels=labels, **overrides)
     latents_path = out.with_suffix(".safetensors")
-    # Written beside, then renamed: an interrupted run leaves no half-written file.
-    with atomic_file(latents_path) as tmp:
-        save_file({"latents": result.latents.contiguous()}, str(tmp),
-                  metadata={"seed": str(a.seed), "steps": str(a.steps), "engine": str(a.engine)})
+    _write_latents(result.latents, latents_path, {"seed": str(a.seed), "steps": str(steps), "engine": str(a.engine)})
     with atomic_file(out) as tmp:
         engine.preview(result.latents).save(tmp, format="PNG")
     what = "image" if engine.labels else "preview of the latents"  # the digits model's latents are pixels
     print(f"wrote {out} ({what}) and {latents_path} (final latents)")
-    print(f"{a.steps} steps: {result.full_steps} full, {result.cached_steps} cached, {result.seconds:.2f} s")
+    print(f"{steps} steps: {result.full_steps} full, {result.cached_steps} cached, {result.seconds:.2f} s")
+
+
+def _write_latents(latents, path: Path, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    # Written beside, then renamed: an interrupted run leaves no half-written file.
+    with atomic_file(path) as tmp:
+        save_file({"latents": latents.contiguous()}, str(tmp), metadata=metadata)
+
+
+def _run_prompt(a: argparse.Namespace, engine, steps: int, overrides: dict, out: Path) -> None:
+    """The whole FluxPipeline (text encoders, engine, VAE) from the folder the engine was built from."""
+    import time
+
+    import torch
+    from PIL import Image
+
+    from svdexport.runtime.pipeline import pipeline_for
+
+    pipe = pipeline_for(engine, **overrides)
+    start = time.perf_counter()
+    images = pipe(prompt=a.prompt, height=engine.shapes.height, width=engine.shapes.width, num_inference_steps=steps,
+                  guidance_scale=a.guidance_scale, max_sequence_length=engine.shapes.text_len,
+                  generator=torch.Generator().manual_seed(a.seed)).images
+    seconds = time.perf_counter() - start
+    strip = Image.new("RGB", (sum(i.width for i in images), images[0].height))
+    for k, image in enumerate(images):
+        strip.paste(image, (k * images[0].width, 0))
+    with atomic_file(out) as tmp:
+        strip.save(tmp, format="PNG")
+    plan = pipe.transformer.plan_of_last_call()
+    print(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, {engine.shapes.width}x{engine.shapes.height})")
+    print(f"{steps} steps: {sum(plan)} full, {steps - sum(plan)} cached, {seconds:.2f} s with text encoders and VAE")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -130,8 +173,11 @@ def parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="generate with an engine; writes the latents and a PNG preview")
     r.add_argument("engine", help="engine folder written by build")
-    r.add_argument("--steps", type=int, default=50)
+    r.add_argument("--steps", type=int, help="sampling steps (default: the model's, FLUX.1-dev 50, schnell 4)")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--prompt", action="append", help="text prompt, through the whole FluxPipeline of the engine's "
+                   "weights folder; repeat for a batch (at most the engine's --batch)")
+    r.add_argument("--guidance-scale", type=float, default=3.5, help="FLUX.1-dev's distilled guidance (default 3.5)")
     r.add_argument("--out", help="PNG path (default out/ENGINE-seedS.png); latents go beside as .safetensors")
     r.add_argument("--interval", type=int, help="override the engine's interval")
     r.add_argument("--warmup", type=int, help="override the engine's warmup")
@@ -183,8 +229,6 @@ def cmd_compare(a: argparse.Namespace) -> None:
         intervals = (svdexport.load(a.engine).cache.interval,)
     result = compare(a.engine, samples=a.samples, steps=a.steps, intervals=intervals, peers=peers)
     print(report.markdown(result))
-    from svdexport.runtime.files import atomic_file
-
     for path, text in ((a.json, report.to_json(result)), (a.md, report.markdown(result))):
         if path:
             with atomic_file(Path(path)) as tmp:

@@ -17,8 +17,8 @@ class CacheConfig:
     order: int = 1  # finite-difference order of svd-taylor (1 or 2)
     tau: float = 0.95  # energy fraction the kept principal directions must reach
     k_max: int = 64  # cap on the rank per site; bases are zero-padded to this many columns
-    warmup: int = 3  # first steps that are always full
-    interval: int = 7  # after warmup, one full step every `interval` steps
+    warmup: int | None = 3  # first steps that are always full (None: the model's default)
+    interval: int | None = 7  # after warmup, one full step every `interval` steps (None: the model's default)
 
     def validate(self) -> "CacheConfig":
         from svdexport.cache.predictors import PREDICTORS
@@ -33,9 +33,10 @@ class CacheConfig:
             raise SvdExportError(f"beta must be in [0, 1), got {self.beta}")
         if self.order not in (1, 2):
             raise SvdExportError(f"order must be 1 or 2, got {self.order}")
-        if self.interval < 1:
+        # None: the model's default, filled in by the build (e.g. FLUX.1-dev 3/7, schnell 1/2).
+        if self.interval is not None and self.interval < 1:
             raise SvdExportError(f"interval must be >= 1, got {self.interval}")
-        if self.warmup < 0:
+        if self.warmup is not None and self.warmup < 0:
             raise SvdExportError(f"warmup must be >= 0, got {self.warmup}")
         if self.k_max < 1:
             raise SvdExportError(f"k_max must be >= 1, got {self.k_max}")

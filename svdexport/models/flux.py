@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 from torch import nn
+from tqdm import tqdm
 
 from svdexport.cache.svd import reconstruct
 from svdexport.errors import SvdExportError
@@ -41,13 +42,20 @@ def _transformer_class():
     return FluxTransformer2DModel
 
 NAME = "flux"
-DEFAULT_CACHE = {"warmup": 3, "interval": 7}  # TaylorSeer's FLUX schedule; 50 steps -> 9 full steps
+# Steps per image and schedule when the user gives none. dev: TaylorSeer's FLUX schedule, 9 full steps of
+# 50. schnell (timestep-distilled, no guidance input): 4 steps, full / cached / full / cached.
+DEV = {"steps": 50, "warmup": 3, "interval": 7}
+SCHNELL = {"steps": 4, "warmup": 1, "interval": 2}
 PIXELS_PER_TOKEN = 16  # VAE downsampling 8 x 2x2 latent packing
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 # Bundled models, selected with --weights bundled:NAME. "digits" (trained by scripts/train_reference_flux.py,
 # class-conditioned, 64 image tokens) is the default; "random" is seeded random weights at 1024 image
 # tokens, for latency work at a FLUX-like sequence length.
-BUNDLED = {"digits": BUNDLED_DIR / "flux_digits", "random": BUNDLED_DIR / "flux_tiny.json"}
+# "flux1-reduced" is FLUX.1-dev's full width (hidden 3072, 24 heads, joint attention 4096) at 2 double +
+# 2 single blocks, seeded random weights: the real-size export path on a machine without 24 GB to spare.
+BUNDLED = {"digits": BUNDLED_DIR / "flux_digits", "random": BUNDLED_DIR / "flux_tiny.json",
+           "flux1-reduced": BUNDLED_DIR / "flux1_reduced.json"}
+PIPELINE_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
 DEFAULT_WEIGHTS = "bundled:digits"
 
 # FLUX.1's scheduler config (scheduler/scheduler_config.json of the dev and schnell repositories).
@@ -60,6 +68,7 @@ SAMPLER_CONFIG = {
     "base_image_seq_len": 256,
     "max_image_seq_len": 4096,
 }
+SCHNELL_SAMPLER_CONFIG = {**SAMPLER_CONFIG, "shift": 1.0, "use_dynamic_shifting": False}  # FLUX.1-schnell's
 
 
 @dataclass
@@ -94,28 +103,6 @@ def _config_kwargs(config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
-def _bundled_random() -> tuple[FluxTransformer2DModel, WeightsInfo]:
-    # Random weights from a fixed seed: small enough to regenerate, so no binary is committed.
-    spec = json.loads(BUNDLED["random"].read_text())
-    torch.manual_seed(spec["seed"])
-    model = _transformer_class()(**spec["config"])
-    info = WeightsInfo("bundled:random", dict(model.config), sha256=sha256_state_dict(model.state_dict()))
-    return model, info
-
-
-def _bundled(name: str, dtype: torch.dtype) -> tuple[FluxTransformer2DModel, WeightsInfo]:
-    if name not in BUNDLED:
-        raise SvdExportError(f"unknown bundled model {name!r} (choose from {', '.join(BUNDLED)})")
-    if name == "random":
-        model, info = _bundled_random()
-        if dtype != torch.float32:  # built in float32; .to(float32) would only print a diffusers warning
-            model = model.to(dtype)
-        return model, info
-    model, info = _from_folder(BUNDLED[name], dtype)
-    info.source = f"bundled:{name}"
-    return model, info
-
-
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -129,15 +116,144 @@ def _check_class(config: dict, where: Path) -> None:
         raise SvdExportError(f"{where} holds a {cls}, not a FluxTransformer2DModel")
 
 
-def _from_folder(root: Path, dtype: torch.dtype) -> tuple[FluxTransformer2DModel, WeightsInfo]:
+def _transformer_folder(root: Path) -> Path:
     folder = root / "transformer" if (root / "transformer" / "config.json").exists() else root
     if not (folder / "config.json").exists():
         raise SvdExportError(f"{root} has no transformer (expected config.json or transformer/config.json)")
+    return folder
+
+
+def _inspect_folder(root: Path) -> WeightsInfo:
+    folder = _transformer_folder(root)
     config = _read_json(folder / "config.json")
     _check_class(config, folder / "config.json")
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise SvdExportError(f"{folder} has no .safetensors weights")
+    parts = [p for p in PIPELINE_PARTS if (root / p).is_dir()]
+    info = WeightsInfo(str(root.resolve()), _config_kwargs(config), [str(f.resolve()) for f in files], parts)
+    meta_path = root / "svdexport.json"  # written by scripts/train_reference_flux.py beside its model
+    if meta_path.exists():
+        meta = _read_json(meta_path)
+        cond = meta.get("conditioning", {})
+        if cond.get("kind") == "class-table":
+            table = root / cond["file"]
+            info.conditioning = {"kind": "class-table", "file": str(table.resolve()), "labels": cond["labels"]}
+            info.files.append(str(table.resolve()))  # the table is part of the model's identity
+        info.shapes = meta.get("shapes")
+    return info
+
+
+def _header_shapes(path: Path) -> dict[str, tuple]:
+    """Tensor names and shapes of a .safetensors file, from its header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise SvdExportError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+
+
+def _is_bfl(names) -> bool:
+    return any(k.startswith(("double_blocks.", "model.diffusion_model.")) for k in names)
+
+
+def _infer_config(shapes: dict[str, tuple]) -> dict:
+    """A diffusers config from the tensor shapes of a FLUX checkpoint (diffusers or BFL names)."""
+
+    def count(prefix: str) -> int:
+        return len({k[len(prefix) + 1:].split(".")[0] for k in shapes if k.startswith(prefix + ".")})
+
+    bfl = _is_bfl(shapes)
+    pre = "model.diffusion_model." if any(k.startswith("model.diffusion_model.") for k in shapes) else ""
+    n = ({"x": "img_in.weight", "head": "double_blocks.0.img_attn.norm.query_norm.scale", "txt": "txt_in.weight",
+          "pooled": "vector_in.in_layer.weight", "double": "double_blocks", "single": "single_blocks",
+          "guidance": "guidance_in."} if bfl else
+         {"x": "x_embedder.weight", "head": "transformer_blocks.0.attn.norm_q.weight",
+          "txt": "context_embedder.weight", "pooled": "time_text_embed.text_embedder.linear_1.weight",
+          "double": "transformer_blocks", "single": "single_transformer_blocks",
+          "guidance": "time_text_embed.guidance_embedder."})
+    n = {k: pre + v for k, v in n.items()}
+    try:
+        inner, in_channels = shapes[n["x"]]
+        head_dim = shapes[n["head"]][0]
+        config = {
+            "in_channels": in_channels,
+            "num_layers": count(n["double"]),
+            "num_single_layers": count(n["single"]),
+            "attention_head_dim": head_dim,
+            "num_attention_heads": inner // head_dim,
+            "joint_attention_dim": shapes[n["txt"]][1],
+            "pooled_projection_dim": shapes[n["pooled"]][1],
+            "guidance_embeds": any(k.startswith(n["guidance"]) for k in shapes),
+        }
+    except KeyError as e:
+        raise SvdExportError(f"not a FLUX transformer checkpoint (missing {e.args[0]})") from None
+    if head_dim != 128:
+        raise SvdExportError(
+            f"cannot infer axes_dims_rope for head dim {head_dim}; put the transformer's config.json beside the file"
+        )
+    return config
+
+
+def _inspect_file(path: Path) -> WeightsInfo:
+    beside = path.parent / "config.json"
+    if beside.exists():
+        config = _read_json(beside)
+        _check_class(config, beside)
+        config = _config_kwargs(config)
+    else:
+        config = _infer_config(_header_shapes(path))
+    try:
+        with torch.device("meta"):  # fills in the class defaults (e.g. axes_dims_rope) without allocating
+            config = dict(_transformer_class()(**config).config)
+    except TypeError as e:
+        raise SvdExportError(f"bad transformer config for {path}: {e}") from None
+    return WeightsInfo(str(path.resolve()), _config_kwargs(config), [str(path.resolve())])
+
+
+def _spec(name: str) -> dict:
+    return json.loads(BUNDLED[name].read_text())
+
+
+def inspect(weights: str | None) -> WeightsInfo:
+    """What the weights are (config, files, pipeline parts, conditioning) without loading any tensor: a
+    build checks shapes and memory against it before the long work."""
+    weights = DEFAULT_WEIGHTS if weights in (None, "bundled") else weights
+    if weights.startswith("bundled:"):
+        name = weights.split(":", 1)[1]
+        if name not in BUNDLED:
+            raise SvdExportError(f"unknown bundled model {name!r} (choose from {', '.join(BUNDLED)})")
+        if BUNDLED[name].is_dir():
+            info = _inspect_folder(BUNDLED[name])
+        else:
+            spec = _spec(name)
+            info = WeightsInfo(weights, spec["config"], shapes=spec.get("shapes"))
+        info.source = weights
+        return info
+    path = Path(weights)
+    if not path.exists():
+        raise SvdExportError(f"weights not found: {path}")
+    if path.is_dir():
+        return _inspect_folder(path)
+    if path.suffix != ".safetensors":
+        raise SvdExportError(f"weights must be a diffusers folder or a .safetensors file, got {path}")
+    return _inspect_file(path)
+
+
+def _generated(info: WeightsInfo, dtype: torch.dtype) -> FluxTransformer2DModel:
+    # Random weights from a fixed seed: reproducible, so no binary is committed.
+    spec = _spec(info.source.split(":", 1)[1])
+    torch.manual_seed(spec["seed"])
+    model = _transformer_class()(**spec["config"])
+    info.config = dict(model.config)
+    info.sha256 = sha256_state_dict(model.state_dict())
+    return model.to(dtype) if dtype != torch.float32 else model  # .to(float32) would only print a warning
+
+
+def _load_folder(info: WeightsInfo, dtype: torch.dtype) -> FluxTransformer2DModel:
+    folder = Path(info.files[0]).parent
     try:
         model, report = _transformer_class().from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
                                                                output_loading_info=True)
@@ -149,56 +265,19 @@ def _from_folder(root: Path, dtype: torch.dtype) -> tuple[FluxTransformer2DModel
         kind, keys = next(iter(problems.items()))
         raise SvdExportError(f"cannot load FLUX weights from {folder}: config and weights disagree "
                              f"({len(keys)} {kind.replace('_', ' ')}, e.g. {keys[0]})")
-    parts = [p for p in ("text_encoder", "text_encoder_2", "vae") if (root / p).is_dir()]
-    info = WeightsInfo(str(root.resolve()), dict(model.config), [str(f.resolve()) for f in files], parts)
-    meta_path = root / "svdexport.json"  # written by scripts/train_reference_flux.py beside its model
-    if meta_path.exists():
-        meta = _read_json(meta_path)
-        cond = meta.get("conditioning", {})
-        if cond.get("kind") == "class-table":
-            table = root / cond["file"]
-            info.conditioning = {"kind": "class-table", "file": str(table.resolve()), "labels": cond["labels"]}
-            info.files.append(str(table.resolve()))  # the table is part of the model's identity
-        info.shapes = meta.get("shapes")
-    return model, info
+    info.config = dict(model.config)
+    return model
 
 
-def _infer_config(state: dict[str, torch.Tensor]) -> dict:
-    """A diffusers config from the tensor shapes of a diffusers-format FLUX state dict."""
-
-    def count(prefix: str) -> int:
-        return len({k.split(".")[1] for k in state if k.startswith(prefix + ".")})
-
-    try:
-        inner, in_channels = state["x_embedder.weight"].shape
-        head_dim = state["transformer_blocks.0.attn.norm_q.weight"].shape[0]
-        config = {
-            "in_channels": in_channels,
-            "num_layers": count("transformer_blocks"),
-            "num_single_layers": count("single_transformer_blocks"),
-            "attention_head_dim": head_dim,
-            "num_attention_heads": inner // head_dim,
-            "joint_attention_dim": state["context_embedder.weight"].shape[1],
-            "pooled_projection_dim": state["time_text_embed.text_embedder.linear_1.weight"].shape[1],
-            "guidance_embeds": any(k.startswith("time_text_embed.guidance_embedder.") for k in state),
-        }
-    except KeyError as e:
-        raise SvdExportError(f"not a FLUX transformer checkpoint (missing {e.args[0]})") from None
-    if head_dim != 128:
-        raise SvdExportError(
-            f"cannot infer axes_dims_rope for head dim {head_dim}; put the transformer's config.json beside the file"
-        )
-    return config
-
-
-def _from_file(path: Path, dtype: torch.dtype) -> tuple[FluxTransformer2DModel, WeightsInfo]:
+def _load_file(info: WeightsInfo, dtype: torch.dtype) -> FluxTransformer2DModel:
     from safetensors.torch import load_file
 
+    path = Path(info.source)
     try:
         state = load_file(str(path))
     except Exception as e:
         raise SvdExportError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
-    if any(k.startswith(("double_blocks.", "model.diffusion_model.")) for k in state):
+    if _is_bfl(state):
         # Black Forest Labs' original layout: diffusers' own converter maps it to diffusers names.
         from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
@@ -206,40 +285,42 @@ def _from_file(path: Path, dtype: torch.dtype) -> tuple[FluxTransformer2DModel, 
             state = convert_flux_transformer_checkpoint_to_diffusers(state)
         except (KeyError, IndexError) as e:
             raise SvdExportError(f"{path} is not a FLUX transformer checkpoint ({e})") from None
-    beside = path.parent / "config.json"
-    if beside.exists():
-        config = _read_json(beside)
-        _check_class(config, beside)
-        config = _config_kwargs(config)
-    else:
-        config = _infer_config(state)
     try:
-        model = _transformer_class()(**config)
-        model.load_state_dict(state, strict=True)
+        with torch.device("meta"):
+            model = _transformer_class()(**info.config)
+        model.load_state_dict(state, strict=True, assign=True)  # takes the loaded tensors, no second copy
     except (RuntimeError, TypeError) as e:
         raise SvdExportError(f"weights in {path} do not match their config: {str(e).splitlines()[0]}") from None
-    if dtype != torch.float32:
-        model = model.to(dtype)
-    return model, WeightsInfo(str(path.resolve()), dict(model.config), [str(path.resolve())])
+    return model.to(dtype)
 
 
-def load(weights: str | None, dtype: torch.dtype = torch.float32) -> tuple[FluxTransformer2DModel, WeightsInfo]:
+def load(weights: str | None, dtype: torch.dtype = torch.float32,
+         info: WeightsInfo | None = None) -> tuple[FluxTransformer2DModel, WeightsInfo]:
     """The real diffusers transformer: bundled (None or "bundled:NAME"), a diffusers folder, or one
-    .safetensors file."""
-    weights = DEFAULT_WEIGHTS if weights in (None, "bundled") else weights
-    if weights.startswith("bundled:"):
-        model, info = _bundled(weights.split(":", 1)[1], dtype)
+    .safetensors file. `info` is `inspect(weights)` when the caller already has it."""
+    info = info or inspect(weights)
+    if info.source.startswith("bundled:") and not info.files:
+        model = _generated(info, dtype)
+    elif Path(info.source).is_file():
+        model = _load_file(info, dtype)
     else:
-        path = Path(weights)
-        if not path.exists():
-            raise SvdExportError(f"weights not found: {path}")
-        if path.is_dir():
-            model, info = _from_folder(path, dtype)
-        elif path.suffix == ".safetensors":
-            model, info = _from_file(path, dtype)
-        else:
-            raise SvdExportError(f"weights must be a diffusers folder or a .safetensors file, got {path}")
+        model = _load_folder(info, dtype)
     return model.eval().requires_grad_(False), info
+
+
+def parameters(config: dict) -> int:
+    """Parameter count of the transformer a config describes, without allocating it."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in _transformer_class()(**_config_kwargs(config)).parameters())
+
+
+def activation_bytes(config: dict, shapes: FluxShapes, itemsize: int) -> int:
+    """Largest activations of one full step: the attention scores of one layer (float32 softmax, as the
+    math fallback of CPU attention keeps them) and a few hidden-state buffers."""
+    tokens = shapes.img_tokens + shapes.text_len
+    scores = shapes.batch * config["num_attention_heads"] * tokens * tokens * 4 * 2
+    hidden = shapes.batch * tokens * hidden_size(config) * itemsize * 16
+    return scores + hidden
 
 
 # ----------------------------------------------------------------------------------------------- graphs
@@ -468,6 +549,45 @@ def call_inputs(config: dict, kwargs: dict, memo: dict) -> dict[str, torch.Tenso
     return inputs
 
 
+CALIBRATION_PROMPTS = Path(__file__).parent / "prompts" / "calibration.txt"
+TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+def read_prompts(path: str | Path | None) -> list[str]:
+    """Prompts of a text file, one per line (blank lines and # comments skipped); the built-in list for None."""
+    path = Path(path) if path else CALIBRATION_PROMPTS
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SvdExportError(f"cannot read prompts from {path}: {e}") from None
+    prompts = [p.strip() for p in lines if p.strip() and not p.lstrip().startswith("#")]
+    if not prompts:
+        raise SvdExportError(f"{path} has no prompts (one per line)")
+    return prompts
+
+
+def has_text_encoders(info: WeightsInfo) -> bool:
+    return all(p in info.pipeline_parts for p in TEXT_PARTS)
+
+
+@torch.inference_mode()
+def encode_prompts(info: WeightsInfo, prompts: list[str], text_len: int, dtype: torch.dtype,
+                   device: str) -> dict[str, torch.Tensor]:
+    """Per prompt, encoder_hidden_states and pooled_projections from the pipeline folder's own text
+    encoders (FluxPipeline.encode_prompt); the encoders are freed when it returns."""
+    from diffusers import FluxPipeline
+
+    try:
+        pipe = FluxPipeline.from_pretrained(info.source, transformer=None, vae=None, torch_dtype=dtype,
+                                            local_files_only=True).to(device)
+    except Exception as e:
+        raise SvdExportError(f"cannot load the text encoders of {info.source}: {str(e).splitlines()[0]}") from None
+    rows = [pipe.encode_prompt(prompt=p, prompt_2=None, device=device, max_sequence_length=text_len)[:2]
+            for p in tqdm(prompts, desc="encoding prompts", unit="prompt", leave=False)]
+    return {"encoder_hidden_states": torch.cat([e for e, _ in rows]).cpu(),
+            "pooled_projections": torch.cat([p for _, p in rows]).cpu()}
+
+
 def load_table(path: str | Path) -> dict[str, torch.Tensor]:
     """The class-conditioning table of a model or engine: per class, encoder_hidden_states and pooled_projections."""
     from safetensors.torch import load_file
@@ -493,13 +613,22 @@ def set_timesteps(sampler: FlowMatchEulerDiscreteScheduler, steps: int, shapes: 
     return sampler.timesteps
 
 
-def sampler_config(weights: str | None) -> dict:
-    """The scheduler config beside the weights when a pipeline folder has one, else FLUX.1's."""
+def sampler_config(weights: str | None, config: dict) -> dict:
+    """The scheduler config beside the weights when a pipeline folder has one, else FLUX.1-dev's, or
+    schnell's for a full-width transformer without a guidance embedder."""
     if weights is not None:
         path = Path(weights) / "scheduler" / "scheduler_config.json"
         if path.exists():
             return _config_kwargs(_read_json(path))
-    return dict(SAMPLER_CONFIG)
+    schnell = not config.get("guidance_embeds") and config["joint_attention_dim"] >= 4096
+    return dict(SCHNELL_SAMPLER_CONFIG if schnell else SAMPLER_CONFIG)
+
+
+def run_defaults(config: dict, sampler: dict) -> dict:
+    """Steps, warmup and interval for this model: schnell's for a model without guidance input whose
+    sampler has no resolution shift (FLUX.1-schnell), else dev's."""
+    schnell = not config.get("guidance_embeds") and not sampler.get("use_dynamic_shifting", True)
+    return dict(SCHNELL if schnell else DEV)
 
 
 def unpack(latents: torch.Tensor, shapes: FluxShapes) -> torch.Tensor:
@@ -529,8 +658,8 @@ def default_shapes(info: WeightsInfo) -> FluxShapes:
     # The model's own (bundled models say theirs); FLUX.1 at full width: 1024x1024 and 512 text tokens.
     if info.shapes:
         return FluxShapes(**info.shapes)
-    if info.config["joint_attention_dim"] >= 4096:
-        return FluxShapes(height=1024, width=1024, text_len=512)
+    if info.config["joint_attention_dim"] >= 4096:  # schnell's text encoder takes 256 tokens, dev's 512
+        return FluxShapes(height=1024, width=1024, text_len=512 if info.config.get("guidance_embeds") else 256)
     return FluxShapes()
 
 

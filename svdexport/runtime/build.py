@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from svdexport.export import GraphExport, backend, export_programs
 from svdexport.models import family
 from svdexport.models.base import parameter_count
 from svdexport.runtime import manifest as manifest_io
+from svdexport.runtime import memory
 from svdexport.runtime.calibrate import calibrate
 from svdexport.runtime.engine import BASES_FILE, TABLE_FILE
 from svdexport.runtime.files import atomic_dir, atomic_file, check_replaceable
@@ -30,24 +33,28 @@ class BuildOptions:
     model: str = "flux"  # DiT family
     weights: str | None = None  # local diffusers folder or .safetensors; None = the bundled model
     backend: str = "eager"  # how the graphs become engines
-    cache: CacheConfig = field(default_factory=CacheConfig)  # SVD-Cache settings
+    cache: CacheConfig = field(default_factory=CacheConfig)  # SVD-Cache settings; warmup/interval None = model's
     shapes: dict = field(default_factory=dict)  # overrides of the family's default build shapes
-    dtype: str = "fp32"  # weights and activations precision
+    dtype: str = "auto"  # weights and activations precision; "auto": bf16 on CUDA, fp32 on CPU
     device: str = "auto"  # "cpu", "cuda", or "auto" (cuda when a GPU is visible)
     calib_samples: int = 8  # calibration inputs
-    calib_steps: int = 50  # sampling steps per calibration input
+    calib_steps: int | None = None  # sampling steps per calibration input; None = the model's default steps
+    calibration_prompts: str | None = None  # prompt file for models with text encoders; None = built-in list
+    check_memory: bool = True  # refuse a build whose estimated peak memory exceeds what is available
 
     def validate(self) -> "BuildOptions":
         self.cache.validate()
-        if self.dtype not in DTYPES:
-            raise SvdExportError(f"unknown dtype {self.dtype!r} (choose from {', '.join(DTYPES)})")
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device not in ("cpu", "cuda"):
             raise SvdExportError(f"unknown device {self.device!r} (choose from cpu, cuda)")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise SvdExportError("--device cuda asked for, but no CUDA GPU is visible")
-        if self.calib_samples < 1 or self.calib_steps < 1:
+        if self.dtype == "auto":
+            self.dtype = "bf16" if self.device == "cuda" else "fp32"
+        if self.dtype not in DTYPES:
+            raise SvdExportError(f"unknown dtype {self.dtype!r} (choose from {', '.join(DTYPES)}, auto)")
+        if self.calib_samples < 1 or (self.calib_steps is not None and self.calib_steps < 1):
             raise SvdExportError("calibration needs at least one sample and one step")
         return self
 
@@ -64,7 +71,10 @@ class Prepared:
     cached: torch.nn.Module  # cached-step graph
     sites: list  # cache-site names
     sampler_config: dict  # flow-match scheduler config
-    table: dict | None  # class-conditioning table (bundled digits model), else None: synthetic conditioning
+    table: dict | None  # conditioning rows (class table, or encoded calibration prompts); None: synthetic
+    steps: int  # default steps per image (calibration and run)
+    memory: object  # runtime.memory.Estimate
+    prompts: list | None = None  # calibration prompts, when the model has text encoders
 
     def inputs(self, seed: int, opts: BuildOptions) -> dict[str, torch.Tensor]:
         x = self.fam.example_inputs(self.info.config, self.shapes, seed, dtype=DTYPES[opts.dtype], table=self.table)
@@ -72,10 +82,10 @@ class Prepared:
 
 
 def prepare(opts: BuildOptions) -> Prepared:
+    """Checks everything cheap first (config, shapes, memory, prompts), then loads the weights."""
     opts.validate()
     fam = family(opts.model)
-    model, info = fam.load(opts.weights, DTYPES[opts.dtype])
-    model = model.to(opts.device)
+    info = fam.inspect(opts.weights)
     dim = fam.hidden_size(info.config)
     if opts.cache.k_max > dim:
         raise SvdExportError(f"k_max={opts.cache.k_max} exceeds the model's hidden size {dim}")
@@ -84,15 +94,34 @@ def prepare(opts: BuildOptions) -> Prepared:
         shapes = fam.Shapes(**{**shapes.__dict__, **opts.shapes}).validate()
     except TypeError as e:
         raise SvdExportError(f"bad shape option: {e}") from None
-    table = None
+    sampler_config = fam.sampler_config(opts.weights, info.config)
+    defaults = fam.run_defaults(info.config, sampler_config)
+    opts.cache = dataclasses.replace(opts.cache, **{k: defaults[k] for k in ("warmup", "interval")
+                                                     if getattr(opts.cache, k) is None}).validate()
+    opts.calib_steps = opts.calib_steps or defaults["steps"]
+    itemsize = DTYPES[opts.dtype].itemsize
+    est = memory.estimate(fam.parameters(info.config), itemsize, fam.activation_bytes(info.config, shapes, itemsize),
+                          opts.backend, opts.device)
+    if opts.check_memory:
+        memory.check(est, f"building this model with the {opts.backend} backend in {opts.dtype}")
+    table, prompts = None, None
     if info.conditioning["kind"] == "class-table":
         table = fam.load_table(info.conditioning["file"])
         text_len = table["encoder_hidden_states"].shape[1]
         if shapes.text_len != text_len:
             raise SvdExportError(f"this model's class table has {text_len} text tokens; --text-len must be {text_len}")
+    elif fam.has_text_encoders(info):
+        # Real prompts through the pipeline's own text encoders, encoded before the transformer is loaded.
+        prompts = fam.read_prompts(opts.calibration_prompts)
+        table = fam.encode_prompts(info, prompts, shapes.text_len, DTYPES[opts.dtype], opts.device)
+    elif opts.calibration_prompts:
+        raise SvdExportError(f"--calibration-prompts needs text encoders; {info.source} has none "
+                             "(a FLUX pipeline folder with text_encoder, text_encoder_2 and tokenizers)")
+    model, info = fam.load(opts.weights, DTYPES[opts.dtype], info)
+    model = model.to(opts.device)
     full, cached = fam.graphs(model, opts.cache.granularity)
     return Prepared(fam, model, info, shapes, full, cached, fam.sites(info.config, opts.cache.granularity),
-                    fam.sampler_config(opts.weights), table)
+                    sampler_config, table, defaults["steps"], est, prompts)
 
 
 def run_calibration(p: Prepared, opts: BuildOptions, progress: bool) -> Bases:
@@ -129,7 +158,7 @@ def build_key(p: Prepared, opts: BuildOptions) -> str:
     """Digest of everything an engine depends on: same key, same engine."""
     parts = {"model": opts.model, "weights": p.info.digest(), "backend": opts.backend, "cache": opts.cache.to_dict(),
              "shapes": p.shapes.__dict__, "dtype": opts.dtype, "device": opts.device,
-             "calibration": [opts.calib_samples, opts.calib_steps], "sampler": p.sampler_config,
+             "calibration": [opts.calib_samples, opts.calib_steps, p.prompts], "sampler": p.sampler_config,
              "versions": manifest_io.library_versions()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -145,6 +174,13 @@ def existing(out: Path, key: str) -> dict | None:
     return data if data.get("build_key") == key else None
 
 
+def peak_rss() -> int:
+    """Peak resident memory of this process so far, in bytes (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _describe(graphs: dict[str, GraphExport]) -> dict:
     return {
         name: {"inputs": g.input_names, "outputs": g.output_names, "parameters": parameter_count(g.module),
@@ -158,6 +194,7 @@ def build(opts: BuildOptions, out: Path, graphs_dir: Path | None = None, progres
 
     An engine already at `out` with the same build key is reused (`manifest["reused"]` is then True).
     """
+    start = time.perf_counter()
     out = Path(out)
     graphs_dir = Path(graphs_dir) if graphs_dir else Path("graphs") / out.name
     be = backend(opts.backend)
@@ -176,7 +213,9 @@ def build(opts: BuildOptions, out: Path, graphs_dir: Path | None = None, progres
     with atomic_dir(out) as tmp, graphs_ctx as gtmp:
         bases.save(tmp / BASES_FILE)
         conditioning = {"kind": "synthetic"}  # seeded embeddings of the right shapes stand in for text encoders
-        if p.table is not None:
+        if p.prompts is not None:  # the pipeline's text encoders make the conditioning at run time
+            conditioning = {"kind": "pipeline", "calibration_prompts": p.prompts}
+        elif p.table is not None:
             save_file({k: v.contiguous() for k, v in p.table.items()}, str(tmp / TABLE_FILE))
             conditioning = {"kind": "class-table", "file": TABLE_FILE, "labels": p.info.conditioning["labels"]}
         if be.needs_export:
@@ -203,6 +242,9 @@ def build(opts: BuildOptions, out: Path, graphs_dir: Path | None = None, progres
             "shapes": {"build": dict(p.shapes.__dict__),
                        "inputs": {k: list(v.shape) for k, v in example.items()}},
             "dtype": str(DTYPES[opts.dtype]).removeprefix("torch."),
+            "steps": p.steps,
+            "memory": {**p.memory.to_dict(), "measured_peak_rss_bytes": peak_rss()},
+            "build_seconds": round(time.perf_counter() - start, 1),
             "sampler": p.sampler_config,
             "graphs": _describe(graphs),
         }

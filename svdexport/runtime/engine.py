@@ -30,6 +30,7 @@ class Engine:
         self.dtype = getattr(torch, manifest["dtype"])
         self.device = torch.device(manifest.get("device", "cpu"))
         self.cache = CacheConfig(**manifest["cache"])
+        self.steps = manifest.get("steps", 50)  # the model's default steps per image (dev 50, schnell 4)
         self.full, self.cached = full, cached
         cond = manifest["model"]["conditioning"]
         self.labels = cond.get("labels")  # class names when the model is class-conditioned, else None
@@ -57,7 +58,7 @@ class Engine:
                     f"input {name!r} has shape {tuple(got.shape)}; this engine was built for {tuple(want)}"
                 )
 
-    def generate(self, inputs: dict[str, torch.Tensor] | None = None, seed: int = 0, steps: int = 50,
+    def generate(self, inputs: dict[str, torch.Tensor] | None = None, seed: int = 0, steps: int | None = None,
                  progress: bool = False, labels: list[int] | None = None, **cache_overrides) -> Generation:
         """One request. `inputs` defaults to seeded synthetic ones; keyword overrides (interval, warmup,
         predictor, beta, order) change the step plan or forecast without rebuilding."""
@@ -65,7 +66,8 @@ class Engine:
             inputs = self.example_inputs(seed, labels)
         self.check_inputs(inputs)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        return self.sampler.generate(inputs, steps, cache=self.cache_config(**cache_overrides), progress=progress)
+        return self.sampler.generate(inputs, steps or self.steps, cache=self.cache_config(**cache_overrides),
+                                     progress=progress)
 
     def cache_config(self, **overrides) -> CacheConfig:
         """The engine's cache settings with run-time overrides of the step plan or the forecast."""

@@ -59,6 +59,11 @@ class EngineTransformer(torch.nn.Module):
         finally:
             self._context = previous
 
+    def plan_of_last_call(self) -> list[bool]:
+        """Which steps of the latest call ran the full graph."""
+        cache = self._caches.get("cond")
+        return list(cache.plan) if cache else []
+
     def _step(self) -> tuple[int, int]:
         """(index of the current step, steps of this call) from the pipeline's scheduler."""
         scheduler = self._pipe().scheduler
@@ -89,6 +94,11 @@ class EngineTransformer(torch.nn.Module):
         engine = self.engine
         inputs = engine.family.call_inputs(engine.config, {**kwargs, "hidden_states": hidden_states,
                                                            "timestep": timestep}, self._memo)
+        text_len = inputs["encoder_hidden_states"].shape[1]
+        if text_len != engine.shapes.text_len:
+            raise SvdExportError(f"the prompt embeddings have {text_len} tokens; this engine was built for "
+                                 f"{engine.shapes.text_len}: call the pipeline with "
+                                 f"max_sequence_length={engine.shapes.text_len}")
         batch = self._fit_batch(inputs)
         inputs = {k: v.to(engine.device, engine.dtype if k in ACTIVATIONS else v.dtype) for k, v in inputs.items()}
         engine.check_inputs(inputs)
@@ -124,3 +134,23 @@ def apply(pipe, engine: Engine | str | Path, **cache_overrides):
                                  f"{engine.config.get(differ[0])} vs {own.config[differ[0]]})")
     pipe.transformer = EngineTransformer(engine, pipe, **cache_overrides)
     return pipe
+
+
+def pipeline_for(engine: Engine, **cache_overrides):
+    """The FluxPipeline of the folder the engine was built from (its text encoders, VAE and scheduler),
+    with the engine as its transformer."""
+    from diffusers import FluxPipeline
+
+    source = engine.manifest["model"]["weights"]["source"]
+    have = engine.manifest["model"]["pipeline_parts"]
+    missing = [p for p in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae") if p not in have]
+    if missing:
+        raise SvdExportError(f"--prompt needs a FLUX pipeline folder with text encoders and a VAE; the engine's "
+                             f"weights {source} have no {missing[0]}")
+    try:
+        pipe = FluxPipeline.from_pretrained(source, transformer=None, torch_dtype=engine.dtype,
+                                            local_files_only=True)
+    except Exception as e:
+        raise SvdExportError(f"cannot load the pipeline at {source}: {str(e).splitlines()[0]}") from None
+    pipe.set_progress_bar_config(desc="sampling", leave=False)
+    return apply(pipe.to(engine.device), engine, **cache_overrides)
