@@ -139,6 +139,9 @@ def _run_prompt(a: argparse.Namespace, engine, steps: int, overrides: dict, out:
 
     from svdexport.runtime.pipeline import pipeline_for
 
+    if len(a.prompt) > engine.shapes.batch:
+        raise SvdExportError(f"{len(a.prompt)} prompts, but this engine was built for batch {engine.shapes.batch} "
+                             f"(rebuild with --batch {len(a.prompt)})")
     pipe = pipeline_for(engine, **overrides)
     start = time.perf_counter()
     images = pipe(prompt=a.prompt, height=engine.shapes.height, width=engine.shapes.width, num_inference_steps=steps,
@@ -256,9 +259,21 @@ def cmd_bench(a: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    import warnings
+
     from diffusers.utils import logging as diffusers_logging
 
+    # torch.export's pytree emits this FutureWarning through copyreg on every save; it is not the user's concern.
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()  # loading bars; svdexport shows its own for long work
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+    except ImportError:
+        pass
     try:
         args.func(args)
     except SvdExportError as e:

@@ -18,7 +18,10 @@ import torch
 from svdexport.errors import SvdExportError
 from svdexport.export import GRAPHS, Backend, GraphExport, compiled_pair
 
-_NP = {torch.float32: "float32", torch.float16: "float16", torch.float64: "float64", torch.int64: "int64"}
+# torch dtype <-> ONNX element type (onnx.TensorProto values; ORT binds bfloat16 only by this number).
+_ELEM = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.float64: 11, torch.int64: 7}
+_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16,
+          "tensor(double)": torch.float64, "tensor(int64)": torch.int64}
 
 
 def providers() -> list[str]:
@@ -55,31 +58,23 @@ class OrtGraph:
         position = {n: i for i, n in enumerate(input_names)}
         # The exporter may drop an input the graph does not read; bind only what the session declares.
         self.inputs = [(i.name, position[i.name]) for i in self.session.get_inputs()]
-        self.outputs = [(o.name, tuple(o.shape), _torch_dtype(o.type)) for o in self.session.get_outputs()]
+        self.outputs = [(o.name, tuple(o.shape), _TORCH[o.type]) for o in self.session.get_outputs()]
 
     def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
-        import numpy as np
-
         binding = self.session.io_binding()
         keep = []  # tensors whose memory the session reads: alive until the run ends
         for name, pos in self.inputs:
             t = args[pos].contiguous()
             keep.append(t)
-            binding.bind_input(name, t.device.type, t.device.index or 0, np.dtype(_NP[t.dtype]), tuple(t.shape),
-                               t.data_ptr())
+            binding.bind_input(name, t.device.type, t.device.index or 0, _ELEM[t.dtype], tuple(t.shape), t.data_ptr())
         outs = []
         for name, shape, dtype in self.outputs:
             # Fresh outputs each call: predictors keep earlier coefficients, so buffers must not be reused.
             o = torch.empty(shape, dtype=dtype)
-            binding.bind_output(name, "cpu", 0, np.dtype(_NP[dtype]), shape, o.data_ptr())
+            binding.bind_output(name, "cpu", 0, _ELEM[dtype], shape, o.data_ptr())
             outs.append(o)
         self.session.run_with_iobinding(binding)
         return outs
-
-
-def _torch_dtype(onnx_type: str) -> torch.dtype:
-    return {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64,
-            "tensor(int64)": torch.int64}[onnx_type]
 
 
 class OnnxBackend(Backend):
@@ -107,6 +102,7 @@ class OnnxBackend(Backend):
                                       optimize=True, verbose=False)
             except Exception as e:
                 raise SvdExportError(f"ONNX export failed on the {name} graph: {str(e).splitlines()[0]}") from e
+            _check(raw)  # the standard ONNX model; the optimized one has ORT's own ops, which ORT checks at load
             heads = heads or _heads(g.module)
             # num_heads/hidden_size 0 lets the optimizer read them from the graph where it can.
             optimized = optimize_model(str(raw), model_type="mmdit", num_heads=heads[0], hidden_size=heads[1],
@@ -115,11 +111,28 @@ class OnnxBackend(Backend):
                                          all_tensors_to_one_file=True)
         return {"models": {n: f"{n}.onnx" for n in GRAPHS}, "providers": providers(),
                 "optimizer": "onnxruntime.transformers mmdit, then ORT_ENABLE_ALL at load",
+                "checked": "exported model: onnx.checker and strict shape inference, both from the file path",
                 "intra_op_threads": "cores available to the process at load"}
 
     def load(self, engine_dir: Path, manifest: dict):
+        if manifest["dtype"] == "bfloat16" and "CUDAExecutionProvider" not in providers():
+            raise SvdExportError("this ONNX engine is bfloat16, which ONNX Runtime runs only on its CUDA and TensorRT "
+                                 "providers (the CPU provider has no bfloat16 kernels): run it where onnxruntime-gpu "
+                                 "sees a GPU, or build with --dtype fp32")
         g = manifest["graphs"]
         return compiled_pair(manifest, lambda n: OrtGraph(engine_dir / f"{n}.onnx", g[n]["inputs"]))
+
+
+def _check(path: Path) -> None:
+    """Validates the saved model and infers its shapes from the file path: the in-memory forms of both
+    stop at protobuf's 2 GB, which real FLUX graphs exceed (their weights are external data)."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+        onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=True, strict_mode=True)
+    except Exception as e:
+        raise SvdExportError(f"the exported ONNX model {path.name} is invalid: {str(e).splitlines()[0]}") from e
 
 
 def _heads(module: torch.nn.Module) -> tuple[int, int]:

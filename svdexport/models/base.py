@@ -11,6 +11,7 @@ A family adapter (one file per family, e.g. flux.py) provides:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -75,6 +76,14 @@ class SiteRecorder:
 def split_sites(features: torch.Tensor, bases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """C and R for stacked site features, in the features' dtype."""
     return split(features, bases.to(features))
+
+
+def from_pretrained(cls, path, dtype: torch.dtype, **kwargs):
+    """`cls.from_pretrained` offline in `dtype`. Newer diffusers renamed torch_dtype to dtype and warn about
+    the old name, which every supported version still takes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+        return cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **kwargs)
 
 
 def parameter_count(module: nn.Module) -> int:

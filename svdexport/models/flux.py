@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from svdexport.cache.svd import reconstruct
 from svdexport.errors import SvdExportError
-from svdexport.models.base import SiteRecorder, WeightsInfo, split_sites
+from svdexport.models.base import SiteRecorder, WeightsInfo, from_pretrained, split_sites
 from svdexport.runtime.files import sha256_state_dict
 
 if TYPE_CHECKING:
@@ -242,6 +242,11 @@ def inspect(weights: str | None) -> WeightsInfo:
     return _inspect_file(path)
 
 
+def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    # nn.Module.to itself: ModelMixin.to warns about float32-only modules, which FLUX does not have.
+    return nn.Module.to(model, dtype)
+
+
 def _generated(info: WeightsInfo, dtype: torch.dtype) -> FluxTransformer2DModel:
     # Random weights from a fixed seed: reproducible, so no binary is committed.
     spec = _spec(info.source.split(":", 1)[1])
@@ -249,14 +254,13 @@ def _generated(info: WeightsInfo, dtype: torch.dtype) -> FluxTransformer2DModel:
     model = _transformer_class()(**spec["config"])
     info.config = dict(model.config)
     info.sha256 = sha256_state_dict(model.state_dict())
-    return model.to(dtype) if dtype != torch.float32 else model  # .to(float32) would only print a warning
+    return _cast(model, dtype)
 
 
 def _load_folder(info: WeightsInfo, dtype: torch.dtype) -> FluxTransformer2DModel:
     folder = Path(info.files[0]).parent
     try:
-        model, report = _transformer_class().from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
-                                                               output_loading_info=True)
+        model, report = from_pretrained(_transformer_class(), folder, dtype, output_loading_info=True)
     except Exception as e:  # diffusers raises several types for bad or mismatched checkpoints
         raise SvdExportError(f"cannot load FLUX weights from {folder}: {str(e).splitlines()[0]}") from None
     # diffusers only warns about missing or extra tensors (and fills gaps randomly): refuse instead.
@@ -291,7 +295,7 @@ def _load_file(info: WeightsInfo, dtype: torch.dtype) -> FluxTransformer2DModel:
         model.load_state_dict(state, strict=True, assign=True)  # takes the loaded tensors, no second copy
     except (RuntimeError, TypeError) as e:
         raise SvdExportError(f"weights in {path} do not match their config: {str(e).splitlines()[0]}") from None
-    return model.to(dtype)
+    return _cast(model, dtype)
 
 
 def load(weights: str | None, dtype: torch.dtype = torch.float32,
@@ -578,8 +582,7 @@ def encode_prompts(info: WeightsInfo, prompts: list[str], text_len: int, dtype: 
     from diffusers import FluxPipeline
 
     try:
-        pipe = FluxPipeline.from_pretrained(info.source, transformer=None, vae=None, torch_dtype=dtype,
-                                            local_files_only=True).to(device)
+        pipe = from_pretrained(FluxPipeline, info.source, dtype, transformer=None, vae=None).to(device)
     except Exception as e:
         raise SvdExportError(f"cannot load the text encoders of {info.source}: {str(e).splitlines()[0]}") from None
     rows = [pipe.encode_prompt(prompt=p, prompt_2=None, device=device, max_sequence_length=text_len)[:2]

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from svdexport.errors import SvdExportError
+from svdexport.models.base import from_pretrained
 from svdexport.runtime.engine import Engine
 from svdexport.runtime.engine import load as load_engine
 
@@ -148,8 +149,7 @@ def pipeline_for(engine: Engine, **cache_overrides):
         raise SvdExportError(f"--prompt needs a FLUX pipeline folder with text encoders and a VAE; the engine's "
                              f"weights {source} have no {missing[0]}")
     try:
-        pipe = FluxPipeline.from_pretrained(source, transformer=None, torch_dtype=engine.dtype,
-                                            local_files_only=True)
+        pipe = from_pretrained(FluxPipeline, source, engine.dtype, transformer=None)
     except Exception as e:
         raise SvdExportError(f"cannot load the pipeline at {source}: {str(e).splitlines()[0]}") from None
     pipe.set_progress_bar_config(desc="sampling", leave=False)
