@@ -124,3 +124,13 @@ def test_exported_full_graph_has_no_float64(tmp_path):
     dtypes = {n.meta["val"].dtype for n in program.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)}
     assert torch.float64 not in dtypes and torch.float32 in dtypes
     assert TINY["axes_dims_rope"] and inputs["rotary_cos"].dtype == torch.float32
+
+
+def test_example_pipeline_script(text_folder, text_engine, tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "scripts/example_pipeline.py", str(text_folder), str(text_engine),
+                           "a red cat", "--steps", "5", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "3 full + 2 cached steps" in proc.stdout and Image.open(tmp_path / "0.png").size == (128, 128)
