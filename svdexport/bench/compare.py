@@ -54,7 +54,8 @@ def _methods(engine, eager, peers: list[str], steps: int) -> list[Method]:
     # on the full feature instead of its principal part.
     sites, dim = eager.bases.vectors.shape[:2]
     identity = torch.eye(dim).expand(sites, dim, dim).contiguous().to(eager.device)
-    whole = CachedSampler(eager.full, eager.cached, identity, cache, eager.sampler.sampler, eager.sampler.set_timesteps)
+    whole = CachedSampler(eager.full, eager.cached, identity, cache, eager.sampler.sampler, eager.sampler.set_timesteps,
+                          eager.sampler.model_timestep)
     for order in (1, 2):
         ms.append(Method(f"TaylorSeer whole feature o{order}", "eager",
                          lambda x, i, o=order: whole.generate(

@@ -11,7 +11,6 @@ Cache sites (see REFERENCE.md section 3):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +25,10 @@ from tqdm import tqdm
 
 from svdexport.cache.svd import reconstruct
 from svdexport.errors import SvdExportError
+from svdexport.models import loading
 from svdexport.models.base import SiteRecorder, WeightsInfo, from_pretrained, split_sites
-from svdexport.runtime.files import sha256_state_dict
+from svdexport.models.loading import read_prompts  # noqa: F401  (part of the family interface)
+from svdexport.runtime.scheduler import per_mille
 
 if TYPE_CHECKING:
     from diffusers import FluxTransformer2DModel
@@ -42,6 +43,7 @@ def _transformer_class():
     return FluxTransformer2DModel
 
 NAME = "flux"
+CLASS_NAME = "FluxTransformer2DModel"
 # Steps per image and schedule when the user gives none. dev: TaylorSeer's FLUX schedule, 9 full steps of
 # 50. schnell (timestep-distilled, no guidance input): 4 steps, full / cached / full / cached.
 DEV = {"steps": 50, "warmup": 3, "interval": 7}
@@ -97,51 +99,6 @@ class FluxShapes:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-
-
-def _config_kwargs(config: dict) -> dict:
-    return {k: v for k, v in config.items() if not k.startswith("_")}
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SvdExportError(f"malformed config {path}: {e}") from None
-
-
-def _check_class(config: dict, where: Path) -> None:
-    cls = config.get("_class_name", "FluxTransformer2DModel")
-    if cls != "FluxTransformer2DModel":
-        raise SvdExportError(f"{where} holds a {cls}, not a FluxTransformer2DModel")
-
-
-def _transformer_folder(root: Path) -> Path:
-    folder = root / "transformer" if (root / "transformer" / "config.json").exists() else root
-    if not (folder / "config.json").exists():
-        raise SvdExportError(f"{root} has no transformer (expected config.json or transformer/config.json)")
-    return folder
-
-
-def _inspect_folder(root: Path) -> WeightsInfo:
-    folder = _transformer_folder(root)
-    config = _read_json(folder / "config.json")
-    _check_class(config, folder / "config.json")
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise SvdExportError(f"{folder} has no .safetensors weights")
-    parts = [p for p in PIPELINE_PARTS if (root / p).is_dir()]
-    info = WeightsInfo(str(root.resolve()), _config_kwargs(config), [str(f.resolve()) for f in files], parts)
-    meta_path = root / "svdexport.json"  # written by scripts/train_reference_flux.py beside its model
-    if meta_path.exists():
-        meta = _read_json(meta_path)
-        cond = meta.get("conditioning", {})
-        if cond.get("kind") == "class-table":
-            table = root / cond["file"]
-            info.conditioning = {"kind": "class-table", "file": str(table.resolve()), "labels": cond["labels"]}
-            info.files.append(str(table.resolve()))  # the table is part of the model's identity
-        info.shapes = meta.get("shapes")
-    return info
 
 
 def _header_shapes(path: Path) -> dict[str, tuple]:
@@ -200,9 +157,9 @@ def _infer_config(shapes: dict[str, tuple]) -> dict:
 def _inspect_file(path: Path) -> WeightsInfo:
     beside = path.parent / "config.json"
     if beside.exists():
-        config = _read_json(beside)
-        _check_class(config, beside)
-        config = _config_kwargs(config)
+        config = loading.read_json(beside)
+        loading.check_class(config, beside, CLASS_NAME)
+        config = loading.config_kwargs(config)
     else:
         config = _infer_config(_header_shapes(path))
     try:
@@ -210,11 +167,7 @@ def _inspect_file(path: Path) -> WeightsInfo:
             config = dict(_transformer_class()(**config).config)
     except TypeError as e:
         raise SvdExportError(f"bad transformer config for {path}: {e}") from None
-    return WeightsInfo(str(path.resolve()), _config_kwargs(config), [str(path.resolve())])
-
-
-def _spec(name: str) -> dict:
-    return json.loads(BUNDLED[name].read_text())
+    return WeightsInfo(str(path.resolve()), loading.config_kwargs(config), [str(path.resolve())])
 
 
 def inspect(weights: str | None) -> WeightsInfo:
@@ -222,55 +175,15 @@ def inspect(weights: str | None) -> WeightsInfo:
     build checks shapes and memory against it before the long work."""
     weights = DEFAULT_WEIGHTS if weights in (None, "bundled") else weights
     if weights.startswith("bundled:"):
-        name = weights.split(":", 1)[1]
-        if name not in BUNDLED:
-            raise SvdExportError(f"unknown bundled model {name!r} (choose from {', '.join(BUNDLED)})")
-        if BUNDLED[name].is_dir():
-            info = _inspect_folder(BUNDLED[name])
-        else:
-            spec = _spec(name)
-            info = WeightsInfo(weights, spec["config"], shapes=spec.get("shapes"))
-        info.source = weights
-        return info
+        return loading.inspect_bundled(weights, BUNDLED, CLASS_NAME)
     path = Path(weights)
     if not path.exists():
         raise SvdExportError(f"weights not found: {path}")
     if path.is_dir():
-        return _inspect_folder(path)
+        return loading.inspect_folder(path, CLASS_NAME, PIPELINE_PARTS)
     if path.suffix != ".safetensors":
         raise SvdExportError(f"weights must be a diffusers folder or a .safetensors file, got {path}")
     return _inspect_file(path)
-
-
-def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    # nn.Module.to itself: ModelMixin.to warns about float32-only modules, which FLUX does not have.
-    return nn.Module.to(model, dtype)
-
-
-def _generated(info: WeightsInfo, dtype: torch.dtype) -> FluxTransformer2DModel:
-    # Random weights from a fixed seed: reproducible, so no binary is committed.
-    spec = _spec(info.source.split(":", 1)[1])
-    torch.manual_seed(spec["seed"])
-    model = _transformer_class()(**spec["config"])
-    info.config = dict(model.config)
-    info.sha256 = sha256_state_dict(model.state_dict())
-    return _cast(model, dtype)
-
-
-def _load_folder(info: WeightsInfo, dtype: torch.dtype) -> FluxTransformer2DModel:
-    folder = Path(info.files[0]).parent
-    try:
-        model, report = from_pretrained(_transformer_class(), folder, dtype, output_loading_info=True)
-    except Exception as e:  # diffusers raises several types for bad or mismatched checkpoints
-        raise SvdExportError(f"cannot load FLUX weights from {folder}: {str(e).splitlines()[0]}") from None
-    # diffusers only warns about missing or extra tensors (and fills gaps randomly): refuse instead.
-    problems = {k: v for k, v in report.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if problems:
-        kind, keys = next(iter(problems.items()))
-        raise SvdExportError(f"cannot load FLUX weights from {folder}: config and weights disagree "
-                             f"({len(keys)} {kind.replace('_', ' ')}, e.g. {keys[0]})")
-    info.config = dict(model.config)
-    return model
 
 
 def _load_file(info: WeightsInfo, dtype: torch.dtype) -> FluxTransformer2DModel:
@@ -295,7 +208,7 @@ def _load_file(info: WeightsInfo, dtype: torch.dtype) -> FluxTransformer2DModel:
         model.load_state_dict(state, strict=True, assign=True)  # takes the loaded tensors, no second copy
     except (RuntimeError, TypeError) as e:
         raise SvdExportError(f"weights in {path} do not match their config: {str(e).splitlines()[0]}") from None
-    return _cast(model, dtype)
+    return loading.cast(model, dtype)
 
 
 def load(weights: str | None, dtype: torch.dtype = torch.float32,
@@ -304,18 +217,16 @@ def load(weights: str | None, dtype: torch.dtype = torch.float32,
     .safetensors file. `info` is `inspect(weights)` when the caller already has it."""
     info = info or inspect(weights)
     if info.source.startswith("bundled:") and not info.files:
-        model = _generated(info, dtype)
+        model = loading.generated(_transformer_class(), BUNDLED[info.source.split(":", 1)[1]], info, dtype)
     elif Path(info.source).is_file():
         model = _load_file(info, dtype)
     else:
-        model = _load_folder(info, dtype)
+        model = loading.load_folder(_transformer_class(), info, dtype)
     return model.eval().requires_grad_(False), info
 
 
 def parameters(config: dict) -> int:
-    """Parameter count of the transformer a config describes, without allocating it."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in _transformer_class()(**_config_kwargs(config)).parameters())
+    return loading.count_parameters(_transformer_class(), config)
 
 
 def activation_bytes(config: dict, shapes: FluxShapes, itemsize: int) -> int:
@@ -553,21 +464,7 @@ def call_inputs(config: dict, kwargs: dict, memo: dict) -> dict[str, torch.Tenso
     return inputs
 
 
-CALIBRATION_PROMPTS = Path(__file__).parent / "prompts" / "calibration.txt"
 TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-
-
-def read_prompts(path: str | Path | None) -> list[str]:
-    """Prompts of a text file, one per line (blank lines and # comments skipped); the built-in list for None."""
-    path = Path(path) if path else CALIBRATION_PROMPTS
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SvdExportError(f"cannot read prompts from {path}: {e}") from None
-    prompts = [p.strip() for p in lines if p.strip() and not p.lstrip().startswith("#")]
-    if not prompts:
-        raise SvdExportError(f"{path} has no prompts (one per line)")
-    return prompts
 
 
 def has_text_encoders(info: WeightsInfo) -> bool:
@@ -622,7 +519,7 @@ def sampler_config(weights: str | None, config: dict) -> dict:
     if weights is not None:
         path = Path(weights) / "scheduler" / "scheduler_config.json"
         if path.exists():
-            return _config_kwargs(_read_json(path))
+            return loading.config_kwargs(loading.read_json(path))
     schnell = not config.get("guidance_embeds") and config["joint_attention_dim"] >= 4096
     return dict(SCHNELL_SAMPLER_CONFIG if schnell else SAMPLER_CONFIG)
 
@@ -632,6 +529,9 @@ def run_defaults(config: dict, sampler: dict) -> dict:
     sampler has no resolution shift (FLUX.1-schnell), else dev's."""
     schnell = not config.get("guidance_embeds") and not sampler.get("use_dynamic_shifting", True)
     return dict(SCHNELL if schnell else DEV)
+
+
+model_timestep = per_mille  # FluxPipeline passes t / 1000 in the latents' dtype
 
 
 def unpack(latents: torch.Tensor, shapes: FluxShapes) -> torch.Tensor:

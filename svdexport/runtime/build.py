@@ -129,6 +129,7 @@ def run_calibration(p: Prepared, opts: BuildOptions, progress: bool) -> Bases:
         p.full, p.cached, p.sites, p.fam.hidden_size(p.info.config), p.fam.make_sampler(p.sampler_config),
         lambda s, n: p.fam.set_timesteps(s, n, p.shapes), lambda seed: p.inputs(seed, opts),
         opts.cache.tau, opts.cache.k_max, opts.calib_samples, opts.calib_steps, progress=progress,
+        model_timestep=p.fam.model_timestep,
     )
 
 

@@ -17,14 +17,14 @@ CALIBRATION_SEED = 1_000_000
 
 def calibrate(full: Graph, cached: Graph, sites: list[str], dim: int, sampler, set_timesteps,
               make_inputs: Callable[[int], dict[str, torch.Tensor]], tau: float, k_max: int,
-              num_inputs: int, steps: int, progress: bool = True) -> Bases:
+              num_inputs: int, steps: int, progress: bool = True, model_timestep=None) -> Bases:
     """Bases for `sites` from `num_inputs` full-compute generations of `steps` steps.
 
     The full graph runs with all-zero bases, so its residual output is the site features themselves.
     """
     zero = torch.zeros(len(sites), dim, 1)
     every_step = CacheConfig(warmup=steps, interval=1)
-    loop = CachedSampler(full, cached, zero, every_step, sampler, set_timesteps)
+    loop = CachedSampler(full, cached, zero, every_step, sampler, set_timesteps, model_timestep)
     acc = GramAccumulator(len(sites), dim)
     with tqdm(total=num_inputs * steps, desc="calibrating", unit="step", disable=not progress) as bar:
         for i in range(num_inputs):

@@ -37,7 +37,8 @@ class Engine:
         self.table = self.family.load_table(folder / cond["file"]) if cond["kind"] == "class-table" else None
         sampler = self.family.make_sampler(manifest["sampler"])
         set_timesteps = lambda s, n: self.family.set_timesteps(s, n, self.shapes)  # noqa: E731
-        self.sampler = CachedSampler(full, cached, bases.vectors.to(self.device), self.cache, sampler, set_timesteps)
+        self.sampler = CachedSampler(full, cached, bases.vectors.to(self.device), self.cache, sampler, set_timesteps,
+                                     self.family.model_timestep)
 
     def example_inputs(self, seed: int = 0, labels: list[int] | None = None) -> dict[str, torch.Tensor]:
         """Seeded noise and conditioning (the classes `labels` for a class-conditioned model, else

@@ -33,6 +33,11 @@ class Generation:
 FullStepHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
+def per_mille(t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """FluxPipeline's convention: the timestep per batch row in the latents' dtype, divided by 1000."""
+    return t.expand(latents.shape[0]).to(latents.dtype) / 1000
+
+
 class StepCache:
     """The cache state of one request: which graph each step runs, the predictor and the last residuals.
 
@@ -69,10 +74,12 @@ class CachedSampler:
     """
 
     def __init__(self, full: Graph, cached: Graph, bases: torch.Tensor, cache: CacheConfig, sampler,
-                 set_timesteps: Callable[[object, int], torch.Tensor]):
+                 set_timesteps: Callable[[object, int], torch.Tensor],
+                 model_timestep: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = None):
         self.full, self.cached, self.bases, self.cache = full, cached, bases, cache
         self.sampler = sampler  # diffusers FlowMatchEulerDiscreteScheduler
         self.set_timesteps = set_timesteps  # family rule: (sampler, steps) -> timesteps, resets the sampler
+        self.model_timestep = model_timestep or per_mille  # family rule: (t, latents) -> the model's timestep
 
     @torch.inference_mode()
     def generate(self, inputs: dict[str, torch.Tensor], steps: int, cache: CacheConfig | None = None,
@@ -83,9 +90,7 @@ class CachedSampler:
         step.state.update(inputs)
         start = time.perf_counter()
         for i, t in enumerate(tqdm(timesteps, desc="sampling", unit="step", disable=not progress, leave=False)):
-            # As FluxPipeline: the timestep in the latents' dtype, divided by 1000 before the call.
-            timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-            out = step(i, {"hidden_states": latents, "timestep": timestep})
+            out = step(i, {"hidden_states": latents, "timestep": self.model_timestep(t, latents)})
             if on_full_step is not None and step.plan[i]:
                 on_full_step(i, *step.last)
             latents = self.sampler.step(out, t, latents, return_dict=False)[0]

@@ -1,0 +1,128 @@
+"""Weights handling every diffusers-transformer family shares: bundled models, diffusers folders,
+configs, loading that refuses mismatches, parameter counts and prompt files.
+
+A family module passes its transformer class and its own names; what differs between families
+(single-file checkpoints, key layouts, text encoders) stays in the family's file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from svdexport.errors import SvdExportError
+from svdexport.models.base import WeightsInfo, from_pretrained
+from svdexport.runtime.files import sha256_state_dict
+
+CALIBRATION_PROMPTS = Path(__file__).parent / "prompts" / "calibration.txt"
+
+
+def config_kwargs(config: dict) -> dict:
+    """A diffusers config without its bookkeeping keys (_class_name, _diffusers_version, ...)."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SvdExportError(f"malformed config {path}: {e}") from None
+
+
+def check_class(config: dict, where: Path, class_name: str) -> None:
+    cls = config.get("_class_name", class_name)
+    if cls != class_name:
+        raise SvdExportError(f"{where} holds a {cls}, not a {class_name}")
+
+
+def inspect_folder(root: Path, class_name: str, parts: tuple[str, ...]) -> WeightsInfo:
+    """A diffusers folder: the pipeline's root (with transformer/) or the transformer folder itself."""
+    folder = root / "transformer" if (root / "transformer" / "config.json").exists() else root
+    if not (folder / "config.json").exists():
+        raise SvdExportError(f"{root} has no transformer (expected config.json or transformer/config.json)")
+    config = read_json(folder / "config.json")
+    check_class(config, folder / "config.json", class_name)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise SvdExportError(f"{folder} has no .safetensors weights")
+    present = [p for p in parts if (root / p).is_dir()]
+    info = WeightsInfo(str(root.resolve()), config_kwargs(config), [str(f.resolve()) for f in files], present)
+    meta_path = root / "svdexport.json"  # written by the project's training scripts beside their models
+    if meta_path.exists():
+        meta = read_json(meta_path)
+        cond = meta.get("conditioning", {})
+        if cond.get("kind") == "class-table":
+            table = root / cond["file"]
+            info.conditioning = {"kind": "class-table", "file": str(table.resolve()), "labels": cond["labels"]}
+            info.files.append(str(table.resolve()))  # the table is part of the model's identity
+        info.shapes = meta.get("shapes")
+    return info
+
+
+def inspect_bundled(weights: str, bundled: dict[str, Path], class_name: str) -> WeightsInfo:
+    """`bundled:NAME`: a committed diffusers folder, or a JSON spec of seeded random weights."""
+    name = weights.split(":", 1)[1]
+    if name not in bundled:
+        raise SvdExportError(f"unknown bundled model {name!r} (choose from {', '.join(bundled)})")
+    if bundled[name].is_dir():
+        info = inspect_folder(bundled[name], class_name, ())
+    else:
+        spec = json.loads(bundled[name].read_text())
+        info = WeightsInfo(weights, spec["config"], shapes=spec.get("shapes"))
+        info.conditioning = spec.get("conditioning", info.conditioning)
+    info.source = weights
+    return info
+
+
+def cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    # nn.Module.to itself: ModelMixin.to warns about float32-only modules, which these models do not have.
+    return nn.Module.to(model, dtype)
+
+
+def generated(cls, spec_path: Path, info: WeightsInfo, dtype: torch.dtype) -> nn.Module:
+    """Seeded random weights from a bundled spec: reproducible, so no binary is committed."""
+    spec = json.loads(spec_path.read_text())
+    torch.manual_seed(spec["seed"])
+    model = cls(**spec["config"])
+    info.config = dict(model.config)
+    info.sha256 = sha256_state_dict(model.state_dict())
+    return cast(model, dtype)
+
+
+def load_folder(cls, info: WeightsInfo, dtype: torch.dtype) -> nn.Module:
+    folder = Path(info.files[0]).parent
+    what = cls.__name__
+    try:
+        model, report = from_pretrained(cls, folder, dtype, output_loading_info=True)
+    except Exception as e:  # diffusers raises several types for bad or mismatched checkpoints
+        raise SvdExportError(f"cannot load {what} weights from {folder}: {str(e).splitlines()[0]}") from None
+    # diffusers only warns about missing or extra tensors (and fills gaps randomly): refuse instead.
+    problems = {k: v for k, v in report.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        kind, keys = next(iter(problems.items()))
+        raise SvdExportError(f"cannot load {what} weights from {folder}: config and weights disagree "
+                             f"({len(keys)} {kind.replace('_', ' ')}, e.g. {keys[0]})")
+    info.config = dict(model.config)
+    return model
+
+
+def count_parameters(cls, config: dict) -> int:
+    """Parameters of the transformer a config describes, counted on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in cls(**config_kwargs(config)).parameters())
+
+
+def read_prompts(path: str | Path | None) -> list[str]:
+    """Prompts of a text file, one per line (blank lines and # comments skipped); the built-in list for None."""
+    path = Path(path) if path else CALIBRATION_PROMPTS
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SvdExportError(f"cannot read prompts from {path}: {e}") from None
+    prompts = [p.strip() for p in lines if p.strip() and not p.lstrip().startswith("#")]
+    if not prompts:
+        raise SvdExportError(f"{path} has no prompts (one per line)")
+    return prompts
