@@ -30,6 +30,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--height", type=int, help="image height in pixels (default 512; 1024 for FLUX.1)")
     s.add_argument("--width", type=int, help="image width in pixels (default 512; 1024 for FLUX.1)")
     s.add_argument("--text-len", type=int, help="text tokens (default 64; 512 for FLUX.1)")
+    s.add_argument("--frames", type=int, help="video frames, 4k + 1 (video models; default 9 for the bundled one)")
     c = p.add_argument_group("SVD-Cache")
     c.add_argument("--granularity", default=DEFAULTS.granularity, help=f"{' | '.join(GRANULARITIES)}")
     c.add_argument("--predictor", default=DEFAULTS.predictor, help=f"{' | '.join(PREDICTORS)}")
@@ -56,7 +57,7 @@ def _build_options(a: argparse.Namespace, backend: str = "eager"):
     cache = CacheConfig(granularity=a.granularity, predictor=a.predictor, beta=a.beta, order=a.order, tau=a.tau,
                         k_max=a.k_max, warmup=a.warmup, interval=a.interval)
     shapes = {k: v for k, v in (("batch", a.batch), ("height", a.height), ("width", a.width),
-                                ("text_len", a.text_len)) if v is not None}
+                                ("text_len", a.text_len), ("frames", a.frames)) if v is not None}
     return BuildOptions(model=a.model, weights=a.weights, backend=backend, cache=cache, shapes=shapes,
                         dtype=a.dtype, device=a.device, calib_samples=a.calib_samples, calib_steps=a.calib_steps,
                         calibration_prompts=a.calibration_prompts, check_memory=not a.no_memory_check)
@@ -118,6 +119,13 @@ def cmd_run(a: argparse.Namespace) -> None:
     with atomic_file(out) as tmp:
         engine.preview(result.latents).save(tmp, format="PNG")
     what = "image" if engine.labels else "preview of the latents"  # the digits model's latents are pixels
+    if hasattr(engine.family, "video_frames"):
+        what = "frame grid of the latents"
+        for k, frames in enumerate(engine.family.video_frames(result.latents, engine.shapes)):
+            gif = out.with_suffix(".gif") if k == 0 else out.with_name(f"{out.stem}-{k}.gif")
+            with atomic_file(gif) as tmp:
+                frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=150, loop=0)
+            print(f"wrote {gif} (video, {len(frames)} latent frames)")
     print(f"wrote {out} ({what}) and {latents_path} (final latents)")
     print(f"{steps} steps: {result.full_steps} full, {result.cached_steps} cached, {result.seconds:.2f} s")
 
@@ -197,6 +205,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--md", help="write the tables as markdown")
     c.add_argument("--grid", help="PNG of the reference and every method side by side")
     c.add_argument("--frontier", help="PNG of speed against PSNR across the intervals")
+    c.add_argument("--temporal", help="videos: PNG of the PSNR between consecutive frames, per method")
     c.add_argument("--docs", help="write a generated benchmarks page (e.g. docs/benchmarks.md) with its plots")
     c.set_defaults(func=cmd_compare)
     m = sub.add_parser("bench", help="step and end-to-end latency against eager PyTorch, as ratios")
@@ -240,6 +249,10 @@ def cmd_compare(a: argparse.Namespace) -> None:
         report.grid(result, Path(a.grid), 7 if 7 in intervals else intervals[0])
     if a.frontier:
         report.frontier_plot(result, Path(a.frontier))
+    if a.temporal:
+        if not result["temporal"]:
+            raise SvdExportError("--temporal is for video models; this engine makes images")
+        report.temporal_plot(result, Path(a.temporal), 7 if 7 in intervals else intervals[0])
     if a.docs:
         report.write_docs(result, Path(a.docs), "svdexport " + " ".join(sys.argv[1:]))
 

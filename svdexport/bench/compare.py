@@ -81,7 +81,10 @@ def compare(engine_dir: str, samples: int = 16, steps: int = 50, intervals: tupl
     engine = svdexport.load(engine_dir)
     m = engine.manifest
     eager = engine.eager_reference()
-    peers = [p for p in (peer_lib.PEERS if peers is None else peers) if peer_lib.available(p) is None]
+    unavailable = {p: peer_lib.available(p) for p in peer_lib.PEERS}
+    if engine.family.NAME != "flux":  # the peer runners drive a FLUX sampling loop
+        unavailable = {p: f"runs FLUX models only, not {engine.family.NAME}" for p in peer_lib.PEERS}
+    peers = [p for p in (peer_lib.PEERS if peers is None else peers) if unavailable[p] is None]
     methods = _methods(engine, eager, peers, steps)
     labels = [seed % len(engine.labels) for seed in range(samples)] if engine.labels else None
     inputs = [engine.example_inputs(seed, None if labels is None else [labels[seed]] * engine.shapes.batch)
@@ -97,6 +100,8 @@ def compare(engine_dir: str, samples: int = 16, steps: int = 50, intervals: tupl
     ref_images = _images(engine, [g.latents for g in reference])
     ref_latency = statistics.mean(g.seconds for g in reference)
     classifier = _classifier() if labels is not None else None
+    video = ref_images[0].dim() == 4  # [C, F, H, W] per sample
+    temporal = {"reference": _temporal(ref_images)} if video else {}
     rows = []
     for meth, iv in runs:
         gens = results[(meth.name, iv)]
@@ -107,18 +112,24 @@ def compare(engine_dir: str, samples: int = 16, steps: int = 50, intervals: tupl
             "full_steps": gens[0].full_steps, "total_steps": steps,
             "latency_s": latency, "speedup": ref_latency / latency,
             "psnr_db": statistics.mean(min(psnr(a, b), 99.0) for a, b in zip(images, ref_images)),
-            "ssim": ssim(torch.stack(images), torch.stack(ref_images)),
+            "ssim": ssim(_frames(images), _frames(ref_images)),
             "rel_l2": statistics.mean(rel_l2(g.latents, r.latents) for g, r in zip(gens, reference)),
             "class_acc": None if classifier is None else _accuracy(classifier, images, labels),
+            "temporal_psnr_db": None,
         })
+        if video:
+            temporal[f"{meth.name}@{iv}"] = curve = _temporal(images)
+            rows[-1]["temporal_psnr_db"] = statistics.mean(curve)
     return {
         "config": {"engine": str(engine_dir), "backend": m["backend"], "model": m["model"]["weights"]["source"],
                    "steps": steps, "samples": samples, "intervals": list(intervals), "cache": m["cache"],
                    "shapes": m["shapes"]["build"], "dtype": m["dtype"], "peers": peers,
-                   "peers_unavailable": {p: peer_lib.available(p) for p in peer_lib.PEERS if p not in peers}},
+                   "peers_unavailable": {p: unavailable[p] for p in peer_lib.PEERS if p not in peers},
+                   "video": video},
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "threads": torch.get_num_threads()},
         "rows": rows,
+        "temporal": temporal,  # videos: mean PSNR between consecutive frames, per frame pair, per method
         "images": {"reference": ref_images, **{f"{meth.name}@{iv}": _images(engine, [g.latents for g in
                    results[(meth.name, iv)]]) for meth, iv in runs}},
     }
@@ -127,6 +138,19 @@ def compare(engine_dir: str, samples: int = 16, steps: int = 50, intervals: tupl
 def _images(engine, latents: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per sample [C, H, W]: the unpacked latents (pixels for the bundled digits model)."""
     return [engine.family.unpack(x, engine.shapes)[0] for x in latents]
+
+
+def _frames(images: list[torch.Tensor]) -> torch.Tensor:
+    """Samples as a batch of images [N, C, H, W]; a video's frames count as images."""
+    x = torch.stack(images)
+    return x.transpose(1, 2).flatten(0, 1) if x.dim() == 5 else x
+
+
+def _temporal(videos: list[torch.Tensor]) -> list[float]:
+    """Temporal consistency: per consecutive frame pair, the PSNR between the two frames, averaged over
+    the videos [C, F, H, W]. A cached method that flickers scores lower than the reference."""
+    frames = videos[0].shape[1]
+    return [statistics.mean(min(psnr(v[:, f + 1], v[:, f]), 99.0) for v in videos) for f in range(frames - 1)]
 
 
 def _classifier():

@@ -99,7 +99,7 @@ class OnnxBackend(Backend):
                     warnings.simplefilter("ignore")
                     torch.onnx.export(g.program, g.args, str(raw), input_names=g.input_names,
                                       output_names=g.output_names, dynamo=True, external_data=True,
-                                      optimize=True, verbose=False)
+                                      optimize=True, verbose=False, custom_translation_table=_translations())
             except Exception as e:
                 raise SvdExportError(f"ONNX export failed on the {name} graph: {str(e).splitlines()[0]}") from e
             _check(raw)  # the standard ONNX model; the optimized one has ORT's own ops, which ORT checks at load
@@ -121,6 +121,24 @@ class OnnxBackend(Backend):
                                  "sees a GPU, or build with --dtype fp32")
         g = manifest["graphs"]
         return compiled_pair(manifest, lambda n: OrtGraph(engine_dir / f"{n}.onnx", g[n]["inputs"]))
+
+
+def _translations() -> dict:
+    """Exporter translations for ops whose default ONNX form ONNX Runtime's CPU provider cannot run.
+
+    masked_fill on a bool tensor (HunyuanVideo builds its attention masks that way) becomes a Where over
+    bool values, for which ORT's CPU provider has no kernel; through uint8 it runs everywhere.
+    """
+    import onnx_ir as ir
+    from onnxscript import opset18 as op
+
+    def masked_fill(self, mask, value):
+        if self.dtype == ir.DataType.BOOL:
+            u8 = ir.DataType.UINT8
+            return op.Cast(op.Where(mask, op.Cast(value, to=u8), op.Cast(self, to=u8)), to=ir.DataType.BOOL)
+        return op.Where(mask, op.CastLike(value, self), self)
+
+    return {torch.ops.aten.masked_fill.Scalar: masked_fill}
 
 
 def _check(path: Path) -> None:

@@ -6,7 +6,7 @@ from types import ModuleType
 
 from svdexport.errors import SvdExportError
 
-FAMILIES = ("flux",)
+FAMILIES = ("flux", "hunyuanvideo")
 
 
 def family(name: str) -> ModuleType:

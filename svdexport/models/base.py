@@ -117,3 +117,64 @@ class WeightsInfo:
             return
         if self.digest() != recorded.get("sha256"):
             raise SvdExportError(f"weights at {self.source} differ from the ones this engine was built from; rebuild it")
+
+
+# ------------------------------------------------------------------------ what the MMDiT families share
+# FLUX and HunyuanVideo (and SD3-style MMDiTs) have double-stream blocks with AdaLayerNormZero (`norm1`)
+# and single-stream blocks with AdaLayerNormZeroSingle (`norm`), image and text streams joined in the
+# single blocks. Their cache sites, and the cached step that rebuilds the image stream, are the same.
+
+
+def sites(config: dict, granularity: str) -> list[str]:
+    """Cache-site names in the order the graphs stack them."""
+    if granularity == "final":
+        return ["final"]
+    double = [f"double.{i}.{part}" for i in range(config["num_layers"]) for part in ("attn", "ff")]
+    return double + [f"single.{i}" for i in range(config["num_single_layers"])]
+
+
+def hidden_size(config: dict) -> int:
+    return config["num_attention_heads"] * config["attention_head_dim"]
+
+
+def site_hooks(transformer: nn.Module, granularity: str,
+               image_tokens: Callable[[torch.Tensor], torch.Tensor]) -> list[tuple[nn.Module, Extractor, bool]]:
+    """Hooks for SiteRecorder, in `sites` order. "final": the image tokens entering norm_out. "block":
+    per double-stream block the image attention and MLP outputs, per single-stream block the image
+    tokens of proj_out's output (`image_tokens` picks them from the joined sequence), all before gates."""
+    if granularity == "final":
+        return [(transformer.norm_out, lambda args, out: args[0], True)]
+    hooks = []
+    for block in transformer.transformer_blocks:
+        hooks.append((block.attn, lambda args, out: out[0], False))  # (image, context) outputs
+        hooks.append((block.ff, lambda args, out: out, False))
+    for block in transformer.single_transformer_blocks:
+        hooks.append((block.proj_out, lambda args, out: image_tokens(out), False))
+    return hooks
+
+
+class GatedRebuild(nn.Module):
+    """The image stream of a cached step at block granularity: embedded latents plus, per site, the
+    current step's gate times the reconstructed feature. Exact when the features are exact.
+
+    Holds only the blocks' modulation layers, none of the attention or MLP weights the step skips.
+    """
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.double_norms = nn.ModuleList(b.norm1 for b in transformer.transformer_blocks)
+        self.single_norms = nn.ModuleList(b.norm for b in transformer.single_transformer_blocks)
+
+    def forward(self, h: torch.Tensor, temb: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        site = 0
+        for norm in self.double_norms:
+            # AdaLayerNormZero chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
+            mod = norm.linear(norm.silu(temb)).chunk(6, dim=1)
+            h = h + mod[2].unsqueeze(1) * features[site]
+            h = h + mod[5].unsqueeze(1) * features[site + 1]
+            site += 2
+        for norm in self.single_norms:
+            gate = norm.linear(norm.silu(temb)).chunk(3, dim=1)[2]  # shift, scale, gate
+            h = h + gate.unsqueeze(1) * features[site]
+            site += 1
+        return h

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from svdexport.cache.svd import reconstruct
 from svdexport.errors import SvdExportError
-from svdexport.models import loading
+from svdexport.models import base, loading
 from svdexport.models.base import SiteRecorder, WeightsInfo, from_pretrained, split_sites
 from svdexport.models.loading import read_prompts  # noqa: F401  (part of the family interface)
 from svdexport.runtime.scheduler import per_mille
@@ -241,16 +241,7 @@ def activation_bytes(config: dict, shapes: FluxShapes, itemsize: int) -> int:
 # ----------------------------------------------------------------------------------------------- graphs
 
 
-def sites(config: dict, granularity: str) -> list[str]:
-    """Cache-site names in the order the graphs stack them."""
-    if granularity == "final":
-        return ["final"]
-    double = [f"double.{i}.{part}" for i in range(config["num_layers"]) for part in ("attn", "ff")]
-    return double + [f"single.{i}" for i in range(config["num_single_layers"])]
-
-
-def hidden_size(config: dict) -> int:
-    return config["num_attention_heads"] * config["attention_head_dim"]
+sites, hidden_size = base.sites, base.hidden_size
 
 
 def _time_embedding(embed: nn.Module, timestep, pooled, guidance, dtype) -> torch.Tensor:
@@ -287,16 +278,8 @@ class FluxFullGraph(nn.Module):
         super().__init__()
         self.transformer = transformer
         self.text_len = 0  # set per call; single-stream sites keep the image tokens after the text
-        if granularity == "final":
-            hooks = [(transformer.norm_out, lambda args, out: args[0], True)]
-        else:
-            hooks = []
-            for block in transformer.transformer_blocks:
-                hooks.append((block.attn, lambda args, out: out[0], False))  # (image, context) outputs
-                hooks.append((block.ff, lambda args, out: out, False))
-            for block in transformer.single_transformer_blocks:
-                hooks.append((block.proj_out, lambda args, out: out[:, self.text_len :], False))
-        self.recorder = SiteRecorder(hooks)
+        # Single-stream blocks join (text, image): the image tokens come after the text.
+        self.recorder = SiteRecorder(base.site_hooks(transformer, granularity, lambda out: out[:, self.text_len :]))
         self.given_rotary = _GivenRotary()
         guidance = ["guidance"] if transformer.config.guidance_embeds else []
         self.input_names = ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
@@ -329,18 +312,13 @@ class FluxFullGraph(nn.Module):
 
 
 class FluxBlockCachedGraph(nn.Module):
-    """Cached step at block granularity: embedded latents + gate x reconstructed feature, per site.
-
-    Holds only the embedders, the blocks' modulation layers (for the gates) and the output head: none of
-    the attention or MLP weights it skips.
-    """
+    """Cached step at block granularity: embedded latents + gate x reconstructed feature, per site."""
 
     def __init__(self, transformer: FluxTransformer2DModel):
         super().__init__()
         self.x_embedder = transformer.x_embedder
         self.time_text_embed = transformer.time_text_embed
-        self.double_norms = nn.ModuleList(b.norm1 for b in transformer.transformer_blocks)
-        self.single_norms = nn.ModuleList(b.norm for b in transformer.single_transformer_blocks)
+        self.rebuild = base.GatedRebuild(transformer)
         self.norm_out = transformer.norm_out
         self.proj_out = transformer.proj_out
         guidance = ["guidance"] if transformer.config.guidance_embeds else []
@@ -350,18 +328,7 @@ class FluxBlockCachedGraph(nn.Module):
     def forward(self, hidden_states, timestep, pooled_projections, bases, coeffs, residuals, guidance=None):
         h = self.x_embedder(hidden_states)
         temb = _time_embedding(self.time_text_embed, timestep, pooled_projections, guidance, h.dtype)
-        features = reconstruct(coeffs, residuals, bases.to(h.dtype))
-        site = 0
-        for norm in self.double_norms:
-            # AdaLayerNormZero chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
-            mod = norm.linear(norm.silu(temb)).chunk(6, dim=1)
-            h = h + mod[2].unsqueeze(1) * features[site]
-            h = h + mod[5].unsqueeze(1) * features[site + 1]
-            site += 2
-        for norm in self.single_norms:
-            gate = norm.linear(norm.silu(temb)).chunk(3, dim=1)[2]  # shift, scale, gate
-            h = h + gate.unsqueeze(1) * features[site]
-            site += 1
+        h = self.rebuild(h, temb, reconstruct(coeffs, residuals, bases.to(h.dtype)))
         return self.proj_out(self.norm_out(h, temb))
 
 

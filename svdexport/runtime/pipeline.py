@@ -125,6 +125,9 @@ def apply(pipe, engine: Engine | str | Path, **cache_overrides):
     """
     if not isinstance(engine, Engine):
         engine = load_engine(engine)
+    if not hasattr(engine.family, "call_inputs"):
+        raise SvdExportError(f"svdexport.apply drives FLUX pipelines; {engine.family.NAME} engines run with "
+                             "engine.generate(...) (svdexport run)")
     own = getattr(pipe, "transformer", None)
     if own is not None and hasattr(own, "config"):
         keys = ("in_channels", "num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim",

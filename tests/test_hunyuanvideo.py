@@ -1,0 +1,157 @@
+"""The HunyuanVideo family: both graphs against diffusers' transformer, the sampler, the backends, the CLI."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
+from PIL import Image
+
+import svdexport
+from svdexport.bench.metrics import psnr
+from svdexport.cache.config import CacheConfig, step_plan
+from svdexport.cli import main
+from svdexport.models import hunyuanvideo as hv
+from svdexport.runtime.scheduler import CachedSampler
+from test_cli import assert_one_line_error, run_cli
+
+TINY = dict(in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=16, num_layers=1,
+            num_single_layers=2, num_refiner_layers=1, text_embed_dim=16, pooled_projection_dim=8,
+            rope_axes_dim=(4, 6, 6), guidance_embeds=True)
+SHAPES = hv.VideoShapes(batch=1, frames=9, height=64, width=64, text_len=8)  # 3 x 4 x 4 = 48 tokens
+HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
+FAST = ["--model", "hunyuanvideo", "--calib-samples", "1", "--calib-steps", "4"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return HunyuanVideoTransformer3DModel(**TINY).eval().requires_grad_(False)
+
+
+def unmodified(model, x, t):
+    return model(hidden_states=x["hidden_states"], timestep=t, encoder_hidden_states=x["encoder_hidden_states"],
+                 encoder_attention_mask=x["encoder_attention_mask"], pooled_projections=x["pooled_projections"],
+                 guidance=x["guidance"], return_dict=False)[0]
+
+
+def bases(model, granularity, k=8):
+    n, d = len(hv.sites(dict(model.config), granularity)), hv.hidden_size(dict(model.config))
+    return torch.linalg.qr(torch.randn(n, d, d, generator=torch.Generator().manual_seed(1)))[0][..., :k]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("granularity", ["block", "final"])
+def test_full_graph_is_the_transformer_and_cached_step_with_exact_features_equals_it(model, granularity):
+    x = hv.example_inputs(dict(model.config), SHAPES, seed=2)
+    t = torch.tensor([620.0])
+    full, cached = hv.graphs(model, granularity)
+    state = {**x, "timestep": t, "bases": bases(model, granularity)}
+    out, coeffs, residuals = full(*[state[n] for n in full.input_names])
+    assert torch.equal(out, unmodified(model, x, t))
+    assert coeffs.shape == (len(hv.sites(dict(model.config), granularity)), 1, SHAPES.img_tokens, 8)
+    # With this step's own C and R the cached step rebuilds the image stream exactly: same output.
+    state.update(coeffs=coeffs, residuals=residuals)
+    again = cached(*[state[n] for n in cached.input_names])
+    assert again.shape == out.shape and (again - out).abs().max() <= 1e-5 * out.abs().max()
+
+
+def test_padded_text_tokens_are_masked(model):
+    """The attention mask reaches the transformer: changing masked-out text tokens changes nothing."""
+    x = hv.example_inputs(dict(model.config), SHAPES, seed=3)
+    y = {**x, "encoder_hidden_states": x["encoder_hidden_states"].clone()}
+    y["encoder_hidden_states"][:, -1] += 5.0  # the last quarter of the tokens is masked
+    with torch.no_grad():
+        a, b = unmodified(model, x, torch.tensor([300.0])), unmodified(model, y, torch.tensor([300.0]))
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_paper_schedule_and_interval_1_equals_the_pipelines_loop(model):
+    assert sum(step_plan(50, hv.DEFAULTS["warmup"], hv.DEFAULTS["interval"])) == 9  # the paper's 5.56x
+    full, cached = hv.graphs(model, "final")
+    loop = CachedSampler(full, cached, bases(model, "final"), CacheConfig(interval=1),
+                         hv.make_sampler(hv.SAMPLER_CONFIG), lambda s, n: hv.set_timesteps(s, n, SHAPES),
+                         hv.model_timestep)
+    x = hv.example_inputs(dict(model.config), SHAPES, seed=4)
+    got = loop.generate(x, steps=8).latents
+    # HunyuanVideoPipeline's loop, restated: sigmas linspace(1, 0, n + 1)[:-1], shift 7, raw timesteps.
+    sampler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    sampler.set_timesteps(sigmas=np.linspace(1.0, 0.0, 9)[:-1])
+    latents = x["hidden_states"]
+    with torch.no_grad():
+        for t in sampler.timesteps:
+            noise = unmodified(model, {**x, "hidden_states": latents}, t.expand(1).to(latents.dtype))
+            latents = sampler.step(noise, t, latents, return_dict=False)[0]
+    assert (got - latents).abs().max() <= 1e-5
+
+
+BACKENDS = ["aoti", pytest.param("onnx", marks=pytest.mark.skipif(not HAS_ONNX, reason="onnx extra not installed"))]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def built(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"hv-{request.param}") / "engine"
+    assert main(["build", "--backend", request.param, "--out", str(out), "--graphs", str(out.parent / "g"),
+                 *FAST]) == 0
+    engine = svdexport.load(out)
+    return out, engine, engine.eager_reference()
+
+
+def test_engine_matches_eager(built):
+    _, engine, eager = built
+    assert (engine.cache.warmup, engine.cache.interval, engine.steps) == (1, 6, 50)
+    state = {**engine.example_inputs(5), "bases": engine.sampler.bases, "timestep": torch.tensor([410.0])}
+    with torch.no_grad():
+        want = eager.full(*[state[n] for n in eager.full.input_names])
+    got = engine.full(*[state[n] for n in engine.full.input_names])
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    a, b = engine.generate(seed=6), eager.generate(seed=6)
+    assert (a.full_steps, a.cached_steps) == (9, 41)
+    assert psnr(a.latents, b.latents) >= 40
+
+
+def test_run_writes_the_video_and_a_frame_grid(built, tmp_path, capsys):
+    out, _, _ = built
+    code, stdout, err = run_cli(capsys, "run", out, "--steps", "10", "--out", tmp_path / "v.png")
+    assert code == 0, err
+    gif = Image.open(tmp_path / "v.gif")
+    assert gif.n_frames == 3  # 9 video frames -> 3 latent frames
+    grid = Image.open(tmp_path / "v.png")
+    assert grid.width == 3 * grid.height  # one row, three frames
+    assert "10 steps: 2 full, 8 cached" in stdout  # steps 0 and 6
+
+
+def test_compare_reports_temporal_consistency(tmp_path, capsys):
+    out = tmp_path / "engine"
+    assert main(["build", "--out", str(out), *FAST]) == 0
+    code, stdout, err = run_cli(capsys, "compare", out, "--samples", "2", "--steps", "12", "--intervals", "3",
+                                "--json", tmp_path / "c.json", "--temporal", tmp_path / "t.png")
+    assert code == 0, err
+    import json
+
+    result = json.loads((tmp_path / "c.json").read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["eager full compute"]["temporal_psnr_db"] == pytest.approx(np.mean(result["temporal"]["reference"]))
+    assert all(r["temporal_psnr_db"] is not None for r in rows.values())
+    assert result["config"]["peers"] == [] and "temporal_psnr_db" in stdout
+    assert Image.open(tmp_path / "t.png").size[0] > 0
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--frames", "8"], ["frames=8", "4k + 1"]),
+    (["--height", "72"], ["height=72"]),
+    (["--weights", "model.safetensors"], ["not found"]),
+    (["--label", "1"], []),
+])
+def test_bad_video_input(tmp_path, capsys, argv, words):
+    if argv[0] == "--label":  # run option on a built engine
+        out = tmp_path / "e"
+        assert run_cli(capsys, "build", "--out", out, *FAST)[0] == 0
+        code, _, err = run_cli(capsys, "run", out, "--label", "1", "--out", tmp_path / "x.png")
+        assert_one_line_error(code, err, "not class-conditioned")
+        return
+    code, _, err = run_cli(capsys, "build", "--out", tmp_path / "never", *FAST, *argv)
+    assert_one_line_error(code, err, *words)
+    assert not (tmp_path / "never").exists()
