@@ -208,6 +208,18 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--temporal", help="videos: PNG of the PSNR between consecutive frames, per method")
     c.add_argument("--docs", help="write a generated benchmarks page (e.g. docs/benchmarks.md) with its plots")
     c.set_defaults(func=cmd_compare)
+    t = sub.add_parser("batch", help="generate a prompt or class list across Ray workers (resumable)")
+    t.add_argument("engine", help="engine folder written by build (the same path on every node)")
+    t.add_argument("--prompts", required=True, metavar="FILE",
+                   help="one prompt per line (a class name per line for class-conditioned engines)")
+    t.add_argument("--out", required=True, help="output folder: NNNNNN.png + NNNNNN.json per item, metadata.jsonl")
+    t.add_argument("--workers", type=int, default=1, help="Ray actors, each loading the engine once (default 1)")
+    t.add_argument("--address", help="Ray cluster to join (e.g. auto, ray://head:10001); default: start a local one")
+    t.add_argument("--seed", type=int, default=0, help="item i uses seed + i")
+    t.add_argument("--steps", type=int, help="sampling steps (default: the engine's)")
+    t.add_argument("--guidance-scale", type=float, default=3.5, help="for engines with text encoders")
+    t.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs each actor reserves (1 on a GPU cluster)")
+    t.set_defaults(func=cmd_batch)
     m = sub.add_parser("bench", help="step and end-to-end latency against eager PyTorch, as ratios")
     m.add_argument("engine", help="engine folder written by build")
     m.add_argument("--steps", type=int, default=50)
@@ -255,6 +267,19 @@ def cmd_compare(a: argparse.Namespace) -> None:
         report.temporal_plot(result, Path(a.temporal), 7 if 7 in intervals else intervals[0])
     if a.docs:
         report.write_docs(result, Path(a.docs), "svdexport " + " ".join(sys.argv[1:]))
+
+
+def cmd_batch(a: argparse.Namespace) -> None:
+    from svdexport.batch.runner import BatchOptions, run
+
+    summary = run(BatchOptions(engine=a.engine, items=a.prompts, out=a.out, workers=a.workers, address=a.address,
+                               seed=a.seed, steps=a.steps, guidance_scale=a.guidance_scale,
+                               gpus_per_worker=a.gpus_per_worker))
+    print(f"{a.out}: {summary.line()}")
+    if summary.failed:
+        first = next(iter(summary.failed.items()))
+        raise SvdExportError(f"{len(summary.failed)} items failed (item {first[0]}: {first[1]}); rerun to retry "
+                             f"them, the finished ones are kept (see {a.out}/summary.json)")
 
 
 def cmd_bench(a: argparse.Namespace) -> None:

@@ -1,0 +1,1 @@
+"""`svdexport batch`: a prompt (or class) list sharded over Ray actors, resumable and lossless."""

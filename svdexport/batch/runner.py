@@ -1,0 +1,203 @@
+"""The driver of a batch job: Ray actors, a work queue, retries, atomic outputs, one progress bar.
+
+Scheduling is a queue, not fixed shards: each actor holds at most `IN_FLIGHT` items, and a finished one
+frees a slot, so a slow or lost worker never strands a shard. An actor that dies (killed, out of memory,
+node lost) fails its in-flight items with ActorDiedError: they go back to the front of the queue (counted
+as retried) and a replacement actor starts. An item whose generation raises is retried up to
+`max_retries` times, then reported as failed with its error; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from svdexport.batch import items as store
+from svdexport.batch.worker import Worker
+from svdexport.errors import SvdExportError
+from svdexport.runtime import manifest as manifest_io
+from svdexport.runtime.files import atomic_file
+
+IN_FLIGHT = 2  # items queued per actor: one running, one ready to start
+NAMESPACE = "svdexport-batch"  # Ray namespace of the workers ("svdexport-worker-K")
+
+
+@dataclass
+class BatchOptions:
+    engine: str  # engine folder (the same path on every node)
+    items: str  # prompt or class list, one per line
+    out: str  # output folder (the driver's filesystem)
+    workers: int = 1  # Ray actors
+    address: str | None = None  # Ray cluster to join ("auto", "ray://host:10001"); None starts a local one
+    seed: int = 0  # item i uses seed + i
+    steps: int | None = None  # sampling steps; None = the engine's
+    guidance_scale: float = 3.5  # for engines with text encoders (FLUX.1-dev)
+    gpus_per_worker: float = 0  # e.g. 1 on a GPU cluster
+    max_retries: int = 2  # extra attempts of an item whose generation raised
+
+
+@dataclass
+class Summary:
+    total: int  # items in the list
+    done: int = 0  # finished in this run
+    skipped: int = 0  # finished in an earlier run
+    retried: int = 0  # attempts repeated (lost worker or error)
+    failed: dict = field(default_factory=dict)  # item index -> last error
+    workers_lost: int = 0  # actors that died and were replaced
+    seconds: float = 0.0  # generation wall time, from all workers ready to the last item
+    startup_seconds: float = 0.0  # Ray start and engine loading in the workers
+    workers: int = 0  # actors started
+
+    @property
+    def images_per_minute(self) -> float:
+        return 60 * self.done / self.seconds if self.seconds else 0.0
+
+    def line(self) -> str:
+        return (f"{self.done} done, {self.skipped} skipped (done before), {self.retried} retried, "
+                f"{len(self.failed)} failed of {self.total}; {self.images_per_minute:.1f} images/min "
+                f"with {self.workers} workers")
+
+
+def _validate(opts: BatchOptions) -> tuple[dict, list[store.Item]]:
+    if opts.workers < 1:
+        raise SvdExportError(f"--workers must be >= 1, got {opts.workers}")
+    if opts.steps is not None and opts.steps < 1:
+        raise SvdExportError(f"--steps must be >= 1, got {opts.steps}")
+    manifest = manifest_io.read(Path(opts.engine))  # the workers verify the files; here a quick check
+    items = store.read_items(Path(opts.items), opts.seed)
+    labels = manifest["model"]["conditioning"].get("labels")
+    if labels:
+        unknown = [i.text for i in items if i.text not in labels]
+        if unknown:
+            raise SvdExportError(f"{opts.items}: {unknown[0]!r} is not a class of this engine "
+                                 f"({', '.join(labels)})")
+    return manifest, items
+
+
+def _start_ray(opts: BatchOptions) -> bool:
+    """Joins the cluster at --address, or starts a local runtime; True when this call started it."""
+    try:
+        import ray
+    except ImportError:
+        raise SvdExportError("svdexport batch needs Ray: pip install 'svdexport[ray]'") from None
+    if ray.is_initialized():
+        return False
+    kwargs = dict(namespace=NAMESPACE, logging_level=logging.ERROR, log_to_driver=False)
+    if opts.address is None:
+        kwargs.update(include_dashboard=False, num_cpus=len(os.sched_getaffinity(0)))
+    try:
+        ray.init(address=opts.address, **kwargs)
+    except Exception as e:  # ConnectionError and friends for a bad address
+        raise SvdExportError(f"cannot start or join Ray at {opts.address or 'a local runtime'}: "
+                             f"{str(e).splitlines()[0]}") from None
+    return True
+
+
+def run(opts: BatchOptions, progress: bool = True) -> Summary:
+    manifest, items = _validate(opts)
+    out = Path(opts.out)
+    store.open_job(out, manifest["build_key"], Path(opts.items), opts.seed)
+    todo = deque(i for i in items if not store.done(out, i))
+    summary = Summary(total=len(items), skipped=len(items) - len(todo))
+    if todo:
+        started = _start_ray(opts)
+        try:
+            _drive(opts, todo, out, summary, progress)
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+    store.collect(out, items)
+    with atomic_file(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps({**asdict(summary), "images_per_minute": summary.images_per_minute}, indent=2))
+    return summary
+
+
+def _drive(opts: BatchOptions, todo: deque, out: Path, summary: Summary, progress: bool) -> None:
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    t0 = time.perf_counter()
+    cpus = max(1, int(ray.available_resources().get("CPU", 1)) // opts.workers) if opts.address is None else 1
+    remote = ray.remote(Worker)
+    names = iter(f"svdexport-worker-{k}" for k in range(10**6))
+
+    def start_actor():
+        return remote.options(name=next(names), num_cpus=cpus, num_gpus=opts.gpus_per_worker,
+                              max_restarts=0).remote(str(Path(opts.engine).resolve()), cpus, opts.steps,
+                                                     opts.guidance_scale)
+
+    actors = [start_actor() for _ in range(opts.workers)]
+    summary.workers = len(actors)
+    try:
+        ray.get([a.ready.remote() for a in actors])
+    except RayActorError as e:
+        raise SvdExportError(f"the workers cannot load {opts.engine}: {_reason(e)}") from None
+    summary.startup_seconds = time.perf_counter() - t0
+    replacements = 2 * opts.workers  # actors may die; a job whose workers keep dying stops here
+    attempts: Counter = Counter()
+    pending: dict = {}  # ObjectRef -> (item, actor)
+    load = Counter()  # actor -> items in flight
+
+    def submit():
+        for actor in actors:
+            while todo and load[actor] < IN_FLIGHT:
+                item = todo.popleft()
+                pending[actor.generate.remote(item.index, item.text, item.seed)] = (item, actor)
+                load[actor] += 1
+
+    start = time.perf_counter()
+    bar = tqdm(total=summary.total, initial=summary.skipped, desc="batch", unit="img", disable=not progress)
+    submit()
+    while pending:
+        [ref], _ = ray.wait(list(pending), num_returns=1)
+        item, actor = pending.pop(ref)
+        load[actor] -= 1
+        try:
+            png, meta = ray.get(ref)
+        except RayActorError:  # the worker is gone: its items go back, a replacement takes its place
+            todo.appendleft(item)
+            summary.retried += 1
+            if actor in actors:
+                actors.remove(actor)
+                summary.workers_lost += 1
+                if replacements > 0:
+                    replacements -= 1
+                    actors.append(start_actor())
+                    summary.workers += 1
+            if not actors:
+                for lost in todo:
+                    summary.failed[lost.index] = "no worker left (every replacement died too)"
+                todo.clear()
+        except RayTaskError as e:
+            attempts[item.index] += 1
+            if attempts[item.index] > opts.max_retries:
+                summary.failed[item.index] = _reason(e)
+            else:
+                summary.retried += 1
+                todo.append(item)
+        else:
+            store.write(out, item, png, meta)
+            summary.done += 1
+            bar.update()
+            minutes = (time.perf_counter() - start) / 60
+            bar.set_postfix_str(f"{summary.done / minutes:.1f} img/min, {len(actors)} workers")
+        submit()
+    bar.close()
+    summary.seconds = time.perf_counter() - start
+    for actor in actors:
+        ray.kill(actor)
+
+
+def _reason(e: Exception) -> str:
+    cause = getattr(e, "cause", None) or e
+    text = str(cause).strip().splitlines()
+    return text[-1] if text else type(cause).__name__

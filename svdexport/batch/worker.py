@@ -1,0 +1,57 @@
+"""The Ray actor of a batch job: loads the engine once, turns items into PNG bytes and metadata.
+
+Workers return the image instead of writing it: the driver is the only writer, so an item is written
+exactly once whichever worker made it, and workers need no shared filesystem for the outputs.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+
+
+class Worker:
+    def __init__(self, engine_dir: str, threads: int, steps: int | None, guidance_scale: float):
+        import torch
+
+        import svdexport
+
+        torch.set_num_threads(max(1, threads))
+        self.engine = svdexport.load(engine_dir)  # verifies the manifest and hashes on this node
+        self.steps = steps or self.engine.steps
+        self.guidance_scale = guidance_scale
+        self.pipe = None
+        if self.engine.manifest["model"]["conditioning"]["kind"] == "pipeline":
+            from svdexport.runtime.pipeline import pipeline_for
+
+            self.pipe = pipeline_for(self.engine)
+
+    def ready(self) -> dict:
+        return {"pid": os.getpid(), "node": os.uname().nodename}
+
+    def generate(self, index: int, text: str, seed: int) -> tuple[bytes, dict]:
+        import torch
+
+        engine, start = self.engine, time.perf_counter()
+        if self.pipe is not None:
+            shapes = engine.shapes
+            image = self.pipe(prompt=text, height=shapes.height, width=shapes.width, num_inference_steps=self.steps,
+                              guidance_scale=self.guidance_scale, max_sequence_length=shapes.text_len,
+                              generator=torch.Generator().manual_seed(seed)).images[0]
+            plan = self.pipe.transformer.plan_of_last_call()
+            full, sampling = sum(plan), None
+        else:
+            labels = None
+            if engine.labels:
+                if text not in engine.labels:
+                    raise ValueError(f"class {text!r} is not one of this engine's ({', '.join(engine.labels)})")
+                labels = [engine.labels.index(text)] * engine.shapes.batch
+            result = engine.generate(seed=seed, steps=self.steps, labels=labels)
+            image, full, sampling = engine.preview(result.latents), result.full_steps, result.seconds
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        meta = {"steps": self.steps, "full_steps": full, "cached_steps": self.steps - full,
+                "sampling_seconds": sampling, "seconds": time.perf_counter() - start,
+                "worker": f"{os.uname().nodename}:{os.getpid()}"}
+        return buf.getvalue(), meta
