@@ -42,7 +42,8 @@ def test_cli_writes_json_markdown_grid_and_frontier(engine, tmp_path, capsys):
                  "--frontier", str(tmp_path / "f.png"), "--docs", str(tmp_path / "docs" / "benchmarks.md")])
     assert code == 0
     data = json.loads(paths["json"].read_text())
-    assert set(data) == {"config", "machine", "rows"} and {r["interval"] for r in data["rows"]} == {1, 2, 4}
+    assert set(data) == {"config", "machine", "rows", "temporal"} and {r["interval"] for r in data["rows"]} == {1, 2, 4}
+    assert data["temporal"] == {} and all(r["temporal_psnr_db"] is None for r in data["rows"])  # images
     assert "## interval 4" in paths["md"].read_text()
     for png in ("g.png", "f.png", "docs/benchmarks_frontier.png", "docs/benchmarks_grid.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

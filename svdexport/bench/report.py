@@ -96,18 +96,34 @@ def grid(result: dict, path: Path, interval: int, max_samples: int = 16) -> None
         canvas.save(tmp, format="PNG")
 
 
-def frontier_plot(result: dict, path: Path) -> None:
-    """Speed (x) against quality (PSNR, y) for every method across the swept intervals."""
+def _figure(size: tuple[float, float]):
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt.subplots(figsize=size)
+
+
+def _save(fig, ax, path: Path) -> None:
+    """Grid, legend, and an atomic PNG write."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def frontier_plot(result: dict, path: Path) -> None:
+    """Speed (x) against quality (PSNR, y) for every method across the swept intervals."""
     by = {}
     for r in result["rows"]:
         if r["interval"] != 1:
             by.setdefault(r["method"], []).append(r)
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, ax = _figure((9, 6))
     for name, rows in by.items():
         rows = sorted(rows, key=lambda r: r["interval"])
         style = "-o" if name.startswith("SVD-Cache") else "--s"
@@ -118,24 +134,14 @@ def frontier_plot(result: dict, path: Path) -> None:
     ax.set_xlabel("speedup vs eager full compute (wall time, same run)")
     ax.set_ylabel("PSNR vs full compute (dB)")
     ax.set_title(f"{c['model']}: {c['samples']} samples, {c['steps']} steps, intervals {c['intervals']}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    _save(fig, ax, path)
 
 
 def temporal_plot(result: dict, path: Path, interval: int) -> None:
     """Videos: PSNR between consecutive frames along the video, per method at `interval`, against the
     reference (eager full compute, black). Lower than the reference means flicker."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     curves = result["temporal"]
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig, ax = _figure((9, 5))
     ref = curves["reference"]
     ax.plot(range(1, len(ref) + 1), ref, "k-", linewidth=3, label="eager full compute (reference)")
     for key, curve in curves.items():
@@ -147,12 +153,7 @@ def temporal_plot(result: dict, path: Path, interval: int) -> None:
     ax.set_xlabel("latent frame pair (f, f + 1)")
     ax.set_ylabel("PSNR between consecutive frames (dB)")
     ax.set_title(f"{result['config']['model']}: temporal consistency at interval {interval}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    _save(fig, ax, path)
 
 
 def write_docs(result: dict, path: Path, command: str) -> None:

@@ -78,6 +78,17 @@ def split_sites(features: torch.Tensor, bases: torch.Tensor) -> tuple[torch.Tens
     return split(features, bases.to(features))
 
 
+def check_shapes(shapes, pixels_per_token: int) -> None:
+    """The checks every family's static build shapes share: pixel sizes on the token grid, batch and
+    text length positive."""
+    for name in ("height", "width"):
+        v = getattr(shapes, name)
+        if v < pixels_per_token or v % pixels_per_token:
+            raise SvdExportError(f"{name}={v} must be a positive multiple of {pixels_per_token}")
+    if shapes.batch < 1 or shapes.text_len < 1:
+        raise SvdExportError(f"batch and text_len must be >= 1, got {shapes.batch} and {shapes.text_len}")
+
+
 def from_pretrained(cls, path, dtype: torch.dtype, **kwargs):
     """`cls.from_pretrained` offline in `dtype`. Newer diffusers renamed torch_dtype to dtype and warn about
     the old name, which every supported version still takes."""

@@ -81,12 +81,7 @@ class FluxShapes:
     text_len: int = 64  # text tokens (512 for FLUX.1-dev, 256 for schnell; 64 for the bundled model)
 
     def validate(self) -> "FluxShapes":
-        for name in ("height", "width"):
-            v = getattr(self, name)
-            if v < PIXELS_PER_TOKEN or v % PIXELS_PER_TOKEN:
-                raise SvdExportError(f"{name}={v} must be a positive multiple of {PIXELS_PER_TOKEN}")
-        if self.batch < 1 or self.text_len < 1:
-            raise SvdExportError(f"batch and text_len must be >= 1, got {self.batch} and {self.text_len}")
+        base.check_shapes(self, PIXELS_PER_TOKEN)
         return self
 
     @property
@@ -173,14 +168,10 @@ def _inspect_file(path: Path) -> WeightsInfo:
 def inspect(weights: str | None) -> WeightsInfo:
     """What the weights are (config, files, pipeline parts, conditioning) without loading any tensor: a
     build checks shapes and memory against it before the long work."""
-    weights = DEFAULT_WEIGHTS if weights in (None, "bundled") else weights
-    if weights.startswith("bundled:"):
-        return loading.inspect_bundled(weights, BUNDLED, CLASS_NAME)
-    path = Path(weights)
-    if not path.exists():
-        raise SvdExportError(f"weights not found: {path}")
-    if path.is_dir():
-        return loading.inspect_folder(path, CLASS_NAME, PIPELINE_PARTS)
+    found = loading.inspect_weights(weights, DEFAULT_WEIGHTS, BUNDLED, CLASS_NAME, PIPELINE_PARTS)
+    if isinstance(found, WeightsInfo):
+        return found
+    path = found
     if path.suffix != ".safetensors":
         raise SvdExportError(f"weights must be a diffusers folder or a .safetensors file, got {path}")
     return _inspect_file(path)

@@ -57,12 +57,7 @@ class VideoShapes:
     def validate(self) -> "VideoShapes":
         if self.frames < 1 or (self.frames - 1) % TEMPORAL:
             raise SvdExportError(f"frames={self.frames} must be 4k + 1 (1, 5, 9, ...)")
-        for name in ("height", "width"):
-            v = getattr(self, name)
-            if v < PIXELS_PER_TOKEN or v % PIXELS_PER_TOKEN:
-                raise SvdExportError(f"{name}={v} must be a positive multiple of {PIXELS_PER_TOKEN}")
-        if self.batch < 1 or self.text_len < 1:
-            raise SvdExportError(f"batch and text_len must be >= 1, got {self.batch} and {self.text_len}")
+        base.check_shapes(self, PIXELS_PER_TOKEN)
         return self
 
     @property
@@ -84,15 +79,10 @@ Shapes = VideoShapes  # the name the family-agnostic code uses
 
 def inspect(weights: str | None) -> WeightsInfo:
     """What the weights are, without loading a tensor: bundled, or a local diffusers folder."""
-    weights = DEFAULT_WEIGHTS if weights in (None, "bundled") else weights
-    if weights.startswith("bundled:"):
-        return loading.inspect_bundled(weights, BUNDLED, CLASS_NAME)
-    path = Path(weights)
-    if not path.exists():
-        raise SvdExportError(f"weights not found: {path}")
-    if not path.is_dir():
-        raise SvdExportError(f"HunyuanVideo weights must be a diffusers folder (with transformer/), got {path}")
-    return loading.inspect_folder(path, CLASS_NAME, PIPELINE_PARTS)
+    found = loading.inspect_weights(weights, DEFAULT_WEIGHTS, BUNDLED, CLASS_NAME, PIPELINE_PARTS)
+    if not isinstance(found, WeightsInfo):
+        raise SvdExportError(f"HunyuanVideo weights must be a diffusers folder (with transformer/), got {found}")
+    return found
 
 
 def load(weights: str | None, dtype: torch.dtype = torch.float32, info: WeightsInfo | None = None):

@@ -77,6 +77,19 @@ def inspect_bundled(weights: str, bundled: dict[str, Path], class_name: str) -> 
     return info
 
 
+def inspect_weights(weights: str | None, default: str, bundled: dict[str, Path], class_name: str,
+                    parts: tuple[str, ...]) -> WeightsInfo | Path:
+    """`--weights` resolved: bundled and folder weights inspected; a single file returned as its Path for
+    the family to read (single-file layouts are family-specific)."""
+    weights = default if weights in (None, "bundled") else weights
+    if weights.startswith("bundled:"):
+        return inspect_bundled(weights, bundled, class_name)
+    path = Path(weights)
+    if not path.exists():
+        raise SvdExportError(f"weights not found: {path}")
+    return inspect_folder(path, class_name, parts) if path.is_dir() else path
+
+
 def cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     # nn.Module.to itself: ModelMixin.to warns about float32-only modules, which these models do not have.
     return nn.Module.to(model, dtype)
