@@ -184,3 +184,11 @@ def test_example_script_loads_and_generates_a_batch_of_seeds(built, tmp_path):
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["seed0.png", "seed1.png"]
+
+
+def test_check_parity_script(built):
+    backend, out, _, _ = built
+    proc = subprocess.run([sys.executable, "scripts/check_parity.py", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    diffs = [float(m) for m in re.findall(r"max\|d\|/scale ([0-9.e+-]+)", proc.stdout)]
+    assert len(diffs) == 4 and max(diffs) <= 1e-4  # noise_pred, coeffs, residuals, cached noise_pred
