@@ -159,7 +159,7 @@ def _inspect_file(path: Path) -> WeightsInfo:
         config = _infer_config(_header_shapes(path))
     try:
         with torch.device("meta"):  # fills in the class defaults (e.g. axes_dims_rope) without allocating
-            config = dict(_transformer_class()(**config).config)
+            config = dict(_transformer_class().from_config(config).config)
     except TypeError as e:
         raise SvdExportError(f"bad transformer config for {path}: {e}") from None
     return WeightsInfo(str(path.resolve()), loading.config_kwargs(config), [str(path.resolve())])
@@ -195,7 +195,7 @@ def _load_file(info: WeightsInfo, dtype: torch.dtype) -> FluxTransformer2DModel:
             raise SvdExportError(f"{path} is not a FLUX transformer checkpoint ({e})") from None
     try:
         with torch.device("meta"):
-            model = _transformer_class()(**info.config)
+            model = _transformer_class().from_config(info.config)
         model.load_state_dict(state, strict=True, assign=True)  # takes the loaded tensors, no second copy
     except (RuntimeError, TypeError) as e:
         raise SvdExportError(f"weights in {path} do not match their config: {str(e).splitlines()[0]}") from None

@@ -123,9 +123,10 @@ def load_folder(cls, info: WeightsInfo, dtype: torch.dtype) -> nn.Module:
 
 
 def count_parameters(cls, config: dict) -> int:
-    """Parameters of the transformer a config describes, counted on the meta device (nothing allocated)."""
+    """Parameters of the transformer a config describes, counted on the meta device (nothing allocated);
+    from_config, as from_pretrained, ignores keys the installed class does not know."""
     with torch.device("meta"):
-        return sum(p.numel() for p in cls(**config_kwargs(config)).parameters())
+        return sum(p.numel() for p in cls.from_config(config_kwargs(config)).parameters())
 
 
 def read_prompts(path: str | Path | None) -> list[str]:
