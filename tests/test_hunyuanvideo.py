@@ -155,3 +155,22 @@ def test_bad_video_input(tmp_path, capsys, argv, words):
     code, _, err = run_cli(capsys, "build", "--out", tmp_path / "never", *FAST, *argv)
     assert_one_line_error(code, err, *words)
     assert not (tmp_path / "never").exists()
+
+
+def test_local_folder_weights(model, tmp_path, capsys):
+    """--weights DIR: a diffusers folder with transformer/ (as the HunyuanVideo repository has) and its
+    scheduler config, which replaces the default sampler settings."""
+    model.save_pretrained(tmp_path / "hv" / "transformer")
+    FlowMatchEulerDiscreteScheduler(shift=5.0).save_pretrained(tmp_path / "hv" / "scheduler")
+    out = tmp_path / "e"
+    code, _, err = run_cli(capsys, "build", "--weights", tmp_path / "hv", "--out", out, "--frames", "5",
+                           "--height", "64", "--width", "64", "--text-len", "8", *FAST)
+    assert code == 0, err
+    engine = svdexport.load(out)
+    assert engine.manifest["sampler"]["shift"] == 5.0 and engine.config["num_single_layers"] == 2
+    eager = hv.load(str(tmp_path / "hv"))[0]
+    x = engine.example_inputs(1)
+    state = {**x, "bases": engine.sampler.bases, "timestep": torch.tensor([500.0])}
+    with torch.no_grad():
+        assert torch.equal(engine.full(*[state[n] for n in engine.full.input_names])[0],
+                           unmodified(eager, x, torch.tensor([500.0])))
