@@ -34,9 +34,10 @@ def one_step(engine, graphs, state):
 
 engine = svdexport.load(a.engine)
 eager = engine.eager_reference()
-timestep = {"flux": 0.37, "hunyuanvideo": 370.0}[engine.family.NAME]  # each family's model convention
-state = {**engine.example_inputs(a.seed), "bases": engine.sampler.bases,
-         "timestep": torch.tensor([timestep]).to(engine.dtype)}
+inputs = engine.example_inputs(a.seed)
+# Scheduler timestep 370 in the family's model convention (FLUX: / 1000; HunyuanVideo: as is).
+state = {**inputs, "bases": engine.sampler.bases,
+         "timestep": engine.family.model_timestep(torch.tensor(370.0), inputs["hidden_states"])}
 want, t_eager = one_step(eager, eager.full, state)
 got, t_engine = one_step(engine, engine.full, state)
 for name, x, ref in zip(engine.full.output_names, got, want):
@@ -48,8 +49,9 @@ got_c, _ = one_step(engine, engine.cached, state)
 print(f"cached step noise_pred: {agreement(got_c, want_c)}")
 if a.fp32:
     truth = svdexport.load(a.fp32).eager_reference()
-    s32 = {**truth.example_inputs(a.seed), "bases": engine.sampler.bases.float(),
-           "timestep": torch.tensor([timestep])}
+    x32 = truth.example_inputs(a.seed)
+    s32 = {**x32, "bases": engine.sampler.bases.float(),
+           "timestep": truth.family.model_timestep(torch.tensor(370.0), x32["hidden_states"])}
     ref32, _ = one_step(truth, truth.full, s32)
     print(f"against fp32 eager: engine {agreement(got[0], ref32[0])}; eager {engine.manifest['dtype']} "
           f"{agreement(want[0], ref32[0])}")

@@ -81,7 +81,7 @@ def _validate(opts: BatchOptions) -> tuple[dict, list[store.Item]]:
     return manifest, items
 
 
-def _start_ray(opts: BatchOptions) -> bool:
+def start_ray(opts: BatchOptions) -> bool:
     """Joins the cluster at --address, or starts a local runtime; True when this call started it."""
     try:
         import ray
@@ -107,7 +107,7 @@ def run(opts: BatchOptions, progress: bool = True) -> Summary:
     todo = deque(i for i in items if not store.done(out, i))
     summary = Summary(total=len(items), skipped=len(items) - len(todo))
     if todo:
-        started = _start_ray(opts)
+        started = start_ray(opts)
         try:
             _drive(opts, todo, out, summary, progress)
         finally:

@@ -32,7 +32,8 @@ def bench(engine_dir: str, steps: int = 50, repeats: int = 5, step_calls: int = 
 
     inputs = engine.example_inputs(0)
     state = {**inputs, "bases": engine.sampler.bases}
-    state["timestep"] = torch.full((inputs["hidden_states"].shape[0],), 0.5, dtype=engine.dtype, device=engine.device)
+    # Mid-schedule (scheduler timestep 500), in the family's model convention.
+    state["timestep"] = engine.family.model_timestep(torch.tensor(500.0, device=engine.device), inputs["hidden_states"])
     _, state["coeffs"], state["residuals"] = eager.full(*[state[n] for n in eager.full.input_names])
 
     def step(graph):

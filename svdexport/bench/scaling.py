@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from svdexport.batch.runner import BatchOptions, _start_ray, run
+from svdexport.batch.runner import BatchOptions, start_ray, run
 from svdexport.errors import SvdExportError
 
 
@@ -29,7 +29,7 @@ def measure(engine: str, items: int, workers: list[int], repeats: int, steps: in
         manifest = json.loads((Path(engine) / "manifest.json").read_text())
         labels = manifest["model"]["conditioning"].get("labels") or ["a photograph of a red fox in snow"]
         listing.write_text("".join(f"{labels[i % len(labels)]}\n" for i in range(items)))
-        _start_ray(BatchOptions(engine=engine, items=str(listing), out=tmp))
+        start_ray(BatchOptions(engine=engine, items=str(listing), out=tmp))
         runs: dict[int, list[dict]] = {w: [] for w in workers}
         try:
             for r in range(repeats):

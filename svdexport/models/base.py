@@ -189,3 +189,31 @@ class GatedRebuild(nn.Module):
             h = h + gate.unsqueeze(1) * features[site]
             site += 1
         return h
+
+
+class CachedStepGraph(nn.Module):
+    """What every cached-step graph holds: the time/text embedder and the output head, plus at block
+    granularity the latent embedder and the gated rebuild; and its positional input names.
+
+    `latents_input` makes `hidden_states` an input at final granularity too (a family whose output
+    head needs the latents' shape); at block granularity it always is.
+    """
+
+    def __init__(self, transformer: nn.Module, granularity: str, latents_input: bool = False):
+        super().__init__()
+        block = granularity == "block"
+        self.x_embedder = transformer.x_embedder if block else None
+        self.rebuild = GatedRebuild(transformer) if block else None
+        self.time_text_embed = transformer.time_text_embed
+        self.norm_out = transformer.norm_out
+        self.proj_out = transformer.proj_out
+        latents = ["hidden_states"] if block or latents_input else []
+        guidance = ["guidance"] if transformer.config.guidance_embeds else []
+        self.input_names = latents + ["timestep", "pooled_projections", "bases", "coeffs", "residuals"] + guidance
+        self.output_names = ["noise_pred"]
+
+    def image_stream(self, hidden_states, temb: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The image tokens entering norm_out: rebuilt per block, or the reconstructed final site."""
+        if self.rebuild is None:
+            return features[0]
+        return self.rebuild(self.x_embedder(hidden_states), temb, features)

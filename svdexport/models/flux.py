@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
 from typing import TYPE_CHECKING
 
+import numpy as np
+import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 from torch import nn
@@ -302,43 +302,29 @@ class FluxFullGraph(nn.Module):
         return out, coeffs, residuals
 
 
-class FluxBlockCachedGraph(nn.Module):
+class FluxBlockCachedGraph(base.CachedStepGraph):
     """Cached step at block granularity: embedded latents + gate x reconstructed feature, per site."""
 
     def __init__(self, transformer: FluxTransformer2DModel):
-        super().__init__()
-        self.x_embedder = transformer.x_embedder
-        self.time_text_embed = transformer.time_text_embed
-        self.rebuild = base.GatedRebuild(transformer)
-        self.norm_out = transformer.norm_out
-        self.proj_out = transformer.proj_out
-        guidance = ["guidance"] if transformer.config.guidance_embeds else []
-        self.input_names = ["hidden_states", "timestep", "pooled_projections", "bases", "coeffs", "residuals"] + guidance
-        self.output_names = ["noise_pred"]
+        super().__init__(transformer, "block")
 
     def forward(self, hidden_states, timestep, pooled_projections, bases, coeffs, residuals, guidance=None):
-        h = self.x_embedder(hidden_states)
-        temb = _time_embedding(self.time_text_embed, timestep, pooled_projections, guidance, h.dtype)
-        h = self.rebuild(h, temb, reconstruct(coeffs, residuals, bases.to(h.dtype)))
+        dtype = self.proj_out.weight.dtype
+        temb = _time_embedding(self.time_text_embed, timestep, pooled_projections, guidance, dtype)
+        h = self.image_stream(hidden_states, temb, reconstruct(coeffs, residuals, bases.to(dtype)))
         return self.proj_out(self.norm_out(h, temb))
 
 
-class FluxFinalCachedGraph(nn.Module):
+class FluxFinalCachedGraph(base.CachedStepGraph):
     """Cached step at final granularity: norm_out + proj_out of the reconstructed last hidden state."""
 
     def __init__(self, transformer: FluxTransformer2DModel):
-        super().__init__()
-        self.time_text_embed = transformer.time_text_embed
-        self.norm_out = transformer.norm_out
-        self.proj_out = transformer.proj_out
-        guidance = ["guidance"] if transformer.config.guidance_embeds else []
-        self.input_names = ["timestep", "pooled_projections", "bases", "coeffs", "residuals"] + guidance
-        self.output_names = ["noise_pred"]
+        super().__init__(transformer, "final")
 
     def forward(self, timestep, pooled_projections, bases, coeffs, residuals, guidance=None):
         dtype = self.proj_out.weight.dtype
         temb = _time_embedding(self.time_text_embed, timestep, pooled_projections, guidance, dtype)
-        h = reconstruct(coeffs, residuals, bases.to(dtype))[0]
+        h = self.image_stream(None, temb, reconstruct(coeffs, residuals, bases.to(dtype)))
         return self.proj_out(self.norm_out(h, temb))
 
 

@@ -157,7 +157,7 @@ class HunyuanVideoFullGraph(nn.Module):
         return out, coeffs, residuals
 
 
-class HunyuanVideoCachedGraph(nn.Module):
+class HunyuanVideoCachedGraph(base.CachedStepGraph):
     """Cached step: the image stream rebuilt from the reconstructed features (block granularity) or the
     reconstructed last hidden state (final), then norm_out, proj_out and unpatchify to the latents' shape.
 
@@ -166,27 +166,13 @@ class HunyuanVideoCachedGraph(nn.Module):
     """
 
     def __init__(self, transformer, granularity: str):
-        super().__init__()
-        self.granularity = granularity
-        self.x_embedder = transformer.x_embedder if granularity == "block" else None
-        self.rebuild = base.GatedRebuild(transformer) if granularity == "block" else None
-        self.time_text_embed = transformer.time_text_embed
-        self.norm_out = transformer.norm_out
-        self.proj_out = transformer.proj_out
-        guidance = ["guidance"] if transformer.config.guidance_embeds else []
-        self.input_names = ["hidden_states", "timestep", "pooled_projections", "bases", "coeffs", "residuals"] + guidance
-        self.output_names = ["noise_pred"]
+        super().__init__(transformer, granularity, latents_input=True)
 
     def forward(self, hidden_states, timestep, pooled_projections, bases, coeffs, residuals, guidance=None):
         dtype = self.proj_out.weight.dtype
         temb = self.time_text_embed(timestep, pooled_projections, guidance)[0]  # (conditioning, token_replace)
-        features = reconstruct(coeffs, residuals, bases.to(dtype))
-        if self.granularity == "block":
-            h = self.rebuild(self.x_embedder(hidden_states), temb, features)
-        else:
-            h = features[0]
-        out = self.proj_out(self.norm_out(h, temb))
-        return unpatchify(out, hidden_states.shape)
+        h = self.image_stream(hidden_states, temb, reconstruct(coeffs, residuals, bases.to(dtype)))
+        return unpatchify(self.proj_out(self.norm_out(h, temb)), hidden_states.shape)
 
 
 def unpatchify(tokens: torch.Tensor, latent_shape) -> torch.Tensor:

@@ -147,7 +147,7 @@ def pipeline_for(engine: Engine, **cache_overrides):
 
     source = engine.manifest["model"]["weights"]["source"]
     have = engine.manifest["model"]["pipeline_parts"]
-    missing = [p for p in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae") if p not in have]
+    missing = [p for p in engine.family.PIPELINE_PARTS if p not in have]
     if missing:
         raise SvdExportError(f"--prompt needs a FLUX pipeline folder with text encoders and a VAE; the engine's "
                              f"weights {source} have no {missing[0]}")
