@@ -37,7 +37,7 @@ eager = engine.eager_reference()
 inputs = engine.example_inputs(a.seed)
 # Scheduler timestep 370 in the family's model convention (FLUX: / 1000; HunyuanVideo: as is).
 state = {**inputs, "bases": engine.sampler.bases,
-         "timestep": engine.family.model_timestep(torch.tensor(370.0), inputs["hidden_states"])}
+         "timestep": engine.sampling.model_timestep(torch.tensor(370.0), inputs["hidden_states"])}
 want, t_eager = one_step(eager, eager.full, state)
 got, t_engine = one_step(engine, engine.full, state)
 for name, x, ref in zip(engine.full.output_names, got, want):
@@ -51,7 +51,7 @@ if a.fp32:
     truth = svdexport.load(a.fp32).eager_reference()
     x32 = truth.example_inputs(a.seed)
     s32 = {**x32, "bases": engine.sampler.bases.float(),
-           "timestep": truth.family.model_timestep(torch.tensor(370.0), x32["hidden_states"])}
+           "timestep": truth.sampling.model_timestep(torch.tensor(370.0), x32["hidden_states"])}
     ref32, _ = one_step(truth, truth.full, s32)
-    print(f"against fp32 eager: engine {agreement(got[0], ref32[0])}; eager {engine.manifest['dtype']} "
+    print(f"against fp32 eager: engine {agreement(got[0], ref32[0])}; eager {engine.manifest.dtype} "
           f"{agreement(want[0], ref32[0])}")

@@ -18,7 +18,7 @@ a = p.parse_args()
 engine = svdexport.load(a.engine)  # verifies the manifest and every file hash
 Path(a.out).mkdir(parents=True, exist_ok=True)
 for seed in a.seeds:
-    # Your own tensors can go in `inputs=`; names and shapes are in engine.manifest["shapes"]["inputs"].
+    # Your own tensors can go in `inputs=`; names and shapes are in engine.manifest.shapes.inputs.
     result = engine.generate(seed=seed, steps=a.steps)
     engine.preview(result.latents).save(f"{a.out}/seed{seed}.png")
     print(f"seed {seed}: {result.full_steps} full + {result.cached_steps} cached steps in {result.seconds:.2f} s")

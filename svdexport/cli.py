@@ -14,7 +14,7 @@ from svdexport.cache.config import GRANULARITIES, CacheConfig
 from svdexport.cache.predictors import PREDICTORS
 from svdexport.errors import SvdExportError
 from svdexport.export import BACKENDS
-from svdexport.runtime.files import atomic_file
+from svdexport.files import atomic_file
 
 DEFAULTS = CacheConfig()
 
@@ -51,7 +51,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _build_options(a: argparse.Namespace, backend: str = "eager"):
     from svdexport.models import family
-    from svdexport.runtime.build import BuildOptions
+    from svdexport.build.builder import BuildOptions
 
     family(a.model)  # an unknown family fails here, before any work
     cache = CacheConfig(granularity=a.granularity, predictor=a.predictor, beta=a.beta, order=a.order, tau=a.tau,
@@ -64,30 +64,30 @@ def _build_options(a: argparse.Namespace, backend: str = "eager"):
 
 
 def cmd_build(a: argparse.Namespace) -> None:
-    from svdexport.runtime.build import build
+    from svdexport.build.builder import build
 
     opts = _build_options(a, a.backend)
     out = Path(a.out or f"engines/{a.model}-{a.backend}")
-    m = build(opts, out, graphs_dir=a.graphs)
-    if m.get("reused"):
+    m, reused = build(opts, out, graphs_dir=a.graphs)
+    if reused:
         print(f"{out} is up to date (same model, weights, settings and library versions): reused")
         return
-    g = m["graphs"]
-    ranks = ", ".join(f"{s['name']}:{s['rank']}" for s in m["sites"])
-    print(f"built {out} ({m['backend']}, {m['device']}, {m['dtype']}, shapes {m['shapes']['build']})")
-    if m["graphs_dir"]:
-        print(f"exported graphs in {m['graphs_dir']}")
-    print(f"parameters: full graph {g['full']['parameters']:,}, cached-step graph {g['cached']['parameters']:,}")
-    print(f"ranks (tau {m['calibration']['tau']}, k_max {m['calibration']['k_max']}): {ranks}")
-    mem, gib = m["memory"], 2**30
+    g = m.graphs
+    ranks = ", ".join(f"{s.name}:{s.rank}" for s in m.sites)
+    print(f"built {out} ({m.backend}, {m.device}, {m.dtype}, shapes {m.shapes.build})")
+    if m.graphs_dir:
+        print(f"exported graphs in {m.graphs_dir}")
+    print(f"parameters: full graph {g['full'].parameters:,}, cached-step graph {g['cached'].parameters:,}")
+    print(f"ranks (tau {m.calibration.tau}, k_max {m.calibration.k_max}): {ranks}")
+    mem, gib = m.memory, 2**30
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"memory: estimated peak {mem['peak_bytes'] / gib:.1f} GiB, measured peak RSS "
           f"{mem['measured_peak_rss_bytes'] / gib:.1f} GiB ({mem['available_bytes'] / gib:.1f} GiB were available); "
-          f"engine files {size / gib:.2f} GiB; {m['build_seconds']:.0f} s")
+          f"engine files {size / gib:.2f} GiB; {m.build_seconds:.0f} s")
 
 
 def cmd_calibrate(a: argparse.Namespace) -> None:
-    from svdexport.runtime.build import calibrate_to_file
+    from svdexport.build.builder import calibrate_to_file
 
     bases = calibrate_to_file(_build_options(a), Path(a.out))
     print(f"wrote {a.out}: {len(bases.sites)} sites, ranks {bases.ranks}, "
@@ -96,6 +96,7 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
 
 def cmd_run(a: argparse.Namespace) -> None:
     import svdexport
+    from svdexport.runtime.manifest import ConditioningKind
 
     if a.steps is not None and a.steps < 1:
         raise SvdExportError(f"--steps must be >= 1, got {a.steps}")
@@ -110,7 +111,7 @@ def cmd_run(a: argparse.Namespace) -> None:
             raise SvdExportError("--label is for class-conditioned models; --prompt for text-conditioned ones")
         _run_prompt(a, engine, steps, overrides, out)
         return
-    if engine.manifest["model"]["conditioning"]["kind"] == "pipeline":
+    if engine.conditioning is ConditioningKind.PIPELINE:
         raise SvdExportError("this engine's model has text encoders: give --prompt \"...\"")
     labels = None if a.label is None else [a.label] * engine.shapes.batch
     result = engine.generate(seed=a.seed, steps=steps, progress=True, labels=labels, **overrides)
@@ -119,7 +120,7 @@ def cmd_run(a: argparse.Namespace) -> None:
     with atomic_file(out) as tmp:
         engine.preview(result.latents).save(tmp, format="PNG")
     what = "image" if engine.labels else "preview of the latents"  # the digits model's latents are pixels
-    if hasattr(engine.family, "video_frames"):
+    if engine.family.is_video:
         what = "frame grid of the latents"
         for k, frames in enumerate(engine.family.video_frames(result.latents, engine.shapes)):
             gif = out.with_suffix(".gif") if k == 0 else out.with_name(f"{out.stem}-{k}.gif")

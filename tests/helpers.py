@@ -1,16 +1,30 @@
-"""Shared test helpers: a plain diffusers sampling loop and a CachedSampler over a tiny model."""
+"""Shared test helpers (imported by test files; no test file imports another): tiny models, a plain
+diffusers sampling loop, a CachedSampler over a tiny model, and the CLI runners."""
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
 from svdexport.cache.config import CacheConfig
-from svdexport.models import flux
+from svdexport.cli import main
+from svdexport.models.flux import FLUX, SAMPLER_CONFIG, FluxShapes
 from svdexport.runtime.scheduler import CachedSampler
+
+TINY = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6))
+# 128x128 px -> 8x8 = 64 image tokens, 8 text tokens: small enough for many whole generations.
+TINY_SHAPES = FluxShapes(batch=1, height=128, width=128, text_len=8)
+# CLI options of a quick build of the bundled model.
+FAST = ["--calib-samples", "1", "--calib-steps", "4", "--height", "128", "--width", "128", "--text-len", "8"]
+
+
+def tiny_model(guidance: bool = False, seed: int = 0) -> FluxTransformer2DModel:
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(**TINY, guidance_embeds=guidance).eval().requires_grad_(False)
 
 
 def flux_mu(image_tokens: int) -> float:
-    # FLUX.1's resolution-dependent shift, restated from FluxPipeline's defaults.
+    # FLUX.1's resolution-dependent shift, restated from FluxPipeline's defaults (independent of svdexport).
     m = (1.15 - 0.5) / (4096 - 256)
     return image_tokens * m + 0.5 - m * 256
 
@@ -18,7 +32,7 @@ def flux_mu(image_tokens: int) -> float:
 @torch.no_grad()
 def plain_diffusers_loop(model, inputs, steps, shapes):
     """The FluxPipeline denoising loop, with the unmodified transformer."""
-    sampler = FlowMatchEulerDiscreteScheduler.from_config(flux.SAMPLER_CONFIG)
+    sampler = FlowMatchEulerDiscreteScheduler.from_config(SAMPLER_CONFIG)
     sampler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=flux_mu(shapes.img_tokens))
     latents = inputs["hidden_states"]
     for t in sampler.timesteps:
@@ -32,16 +46,29 @@ def plain_diffusers_loop(model, inputs, steps, shapes):
     return latents
 
 
-def random_bases(model, granularity, k, seed=0):
-    n = len(flux.sites(dict(model.config), granularity))
-    d = flux.hidden_size(dict(model.config))
+def random_bases(model, granularity, k, seed=0, family=FLUX):
+    config = dict(model.config)
+    n, d = len(family.sites(config, granularity)), family.hidden_size(config)
     g = torch.Generator().manual_seed(seed)
     return torch.linalg.qr(torch.randn(n, d, d, generator=g))[0][..., :k].contiguous()
 
 
 def cached_sampler(model, granularity, shapes, bases=None, **cache):
-    full, cached = flux.graphs(model, granularity)
+    full, cached = FLUX.graphs(model, granularity)
     bases = random_bases(model, granularity, 8) if bases is None else bases
     cfg = CacheConfig(granularity=granularity, **cache).validate()
-    sampler = flux.make_sampler(flux.SAMPLER_CONFIG)
-    return CachedSampler(full, cached, bases, cfg, sampler, lambda s, n: flux.set_timesteps(s, n, shapes))
+    return CachedSampler(full, cached, bases, cfg, FLUX.sampling(SAMPLER_CONFIG), shapes)
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *words):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("svdexport: error:"), err
+    for w in words:
+        assert w in lines[0], lines[0]

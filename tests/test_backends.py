@@ -11,12 +11,14 @@ import textwrap
 import pytest
 import torch
 
+from helpers import FAST
 import svdexport
 from svdexport.bench.metrics import psnr
 from svdexport.cli import main
 from svdexport.errors import SvdExportError
 
-FAST = ["--calib-samples", "1", "--calib-steps", "4", "--height", "128", "--width", "128", "--text-len", "8"]
+pytestmark = pytest.mark.slow  # engines of every backend or whole pipelines: the full suite only
+
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
 CPU_BACKENDS = [
     "aoti",
@@ -67,14 +69,14 @@ def test_50_step_svd_cache_generation_matches_eager(built):
 def test_engine_files_are_hashed_and_graphs_exported(built):
     backend, out, engine, _ = built
     m = engine.manifest
-    assert m["backend"] == backend and m["device"] == "cpu"
+    assert m.backend == backend and m.device == "cpu"
     engine_files = {p.name for p in out.iterdir()} - {"manifest.json"}
-    assert set(m["files"]) == engine_files and len(engine_files) >= 3
+    assert set(m.files) == engine_files and len(engine_files) >= 3
     graphs = out.parent / "graphs"
     assert (graphs / "full.pt2").exists() and (graphs / "cached.pt2").exists()
-    assert m["graphs"]["full"]["input_shapes"][0] == [1, 64, 4]
+    assert m.graphs["full"].input_shapes[0] == [1, 64, 4]
     # The cached-step engine carries far fewer weights than the full one.
-    assert m["graphs"]["cached"]["parameters"] < m["graphs"]["full"]["parameters"] / 2
+    assert m.graphs["cached"].parameters < m.graphs["full"].parameters / 2
 
 
 def test_corrupted_engine_file_is_refused(built, tmp_path):

@@ -11,7 +11,9 @@ ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install '
 from svdexport.batch.runner import NAMESPACE, BatchOptions, run  # noqa: E402
 from svdexport.cache.config import step_plan  # noqa: E402
 from svdexport.cli import main  # noqa: E402
-from test_cli import assert_one_line_error, run_cli  # noqa: E402
+from helpers import assert_one_line_error, run_cli  # noqa: E402
+
+pytestmark = pytest.mark.slow  # engines of every backend or whole pipelines: the full suite only
 
 FAST = ["--calib-samples", "1", "--calib-steps", "4"]
 

@@ -7,28 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_model
-from helpers import plain_diffusers_loop
+from helpers import FAST, assert_one_line_error, plain_diffusers_loop, run_cli, tiny_model
 from svdexport.cli import main
-from svdexport.models import flux
 
-FAST = ["--calib-samples", "1", "--calib-steps", "4", "--height", "128", "--width", "128", "--text-len", "8"]
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *words):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("svdexport: error:"), err
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +49,7 @@ def test_run_writes_image_latents_and_reports_steps(engine, tmp_path, capsys):
     png = tmp_path / "img.png"
     code, out, _ = run_cli(capsys, "run", engine, "--steps", 20, "--seed", 3, "--out", png)
     assert code == 0
-    assert png.stat().st_size > 0
+    assert Image.open(png).size == (256, 256)  # 16x16 pixels of the digits model, scaled x16
     latents = load_file(str(png.with_suffix(".safetensors")))["latents"]
     assert latents.shape == (1, 64, 4) and torch.isfinite(latents).all()
     assert "20 steps: 5 full, 15 cached" in out  # steps 0, 1, 2 (warmup), 9, 16 (interval 7)
@@ -79,7 +63,7 @@ def test_build_from_local_folder_matches_plain_loop_at_interval_one(tiny_folder,
     code, _, err = run_cli(capsys, "build", "--weights", folder, "--out", out, "--k-max", 16, *FAST)
     assert code == 0, err
     engine = svdexport.load(out)
-    assert engine.manifest["model"]["weights"]["source"] == str(folder.resolve())
+    assert engine.manifest.model.weights.source == str(folder.resolve())
     inputs = engine.example_inputs(seed=5)
     assert "guidance" in inputs
     got = engine.generate(inputs, steps=8, interval=1).latents
@@ -198,6 +182,34 @@ def test_run_refuses_other_library_versions(engine, tmp_path, capsys):
     assert_one_line_error(code, err, "torch 1.0.0")
 
 
+@pytest.mark.parametrize("edit,words", [
+    (lambda m: m["model"].pop("family"), "model.family is missing"),
+    (lambda m: m["model"]["conditioning"].update(kind="telepathy"), "conditioning.kind has unknown value"),
+    (lambda m: m.update(steps="fifty"), "steps must be int"),
+    (lambda m: m["graphs"]["full"].pop("inputs"), "graphs.full.inputs is missing"),
+])
+def test_run_refuses_a_consistent_manifest_of_the_wrong_form(engine, tmp_path, capsys, edit, words):
+    # The digest is recomputed, so only the typed read can catch these: one line naming the field.
+    from svdexport.runtime import manifest
+
+    eng = copy_engine(engine, tmp_path)
+    m = json.loads((eng / "manifest.json").read_text())
+    edit(m)
+    m["manifest_sha256"] = manifest._digest(m)
+    (eng / "manifest.json").write_text(json.dumps(m))
+    code, _, err = run_cli(capsys, "run", eng)
+    assert_one_line_error(code, err, words)
+
+
+def test_manifest_round_trips_through_the_typed_form(engine):
+    from svdexport.runtime import manifest
+
+    m = manifest.read(engine)
+    assert m.model.conditioning.kind is manifest.ConditioningKind.CLASS_TABLE
+    assert m.cache.interval == 7 and m.graphs["full"].inputs[0] == "hidden_states"
+    assert m.to_dict() == json.loads((engine / "manifest.json").read_text())  # nothing lost or added
+
+
 def test_wrong_input_shape_names_the_built_shape(engine):
     import svdexport
     from svdexport.errors import SvdExportError
@@ -273,12 +285,12 @@ def test_existing_foreign_folder_is_not_replaced(tmp_path, capsys):
 def test_failed_rebuild_keeps_the_previous_engine(engine, tmp_path, capsys, monkeypatch):
     eng = copy_engine(engine, tmp_path)
     before = (eng / "manifest.json").read_text()
-    from svdexport.runtime import build as build_mod
+    from svdexport.build import builder as build_mod
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(build_mod.manifest_io, "write", boom)
+    monkeypatch.setattr(build_mod.mf, "write", boom)
     with pytest.raises(RuntimeError):
         main(["build", "--out", str(eng), "--interval", "5", *FAST])  # other settings: a real rebuild
     assert (eng / "manifest.json").read_text() == before

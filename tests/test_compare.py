@@ -4,8 +4,10 @@ import json
 
 import pytest
 
-from svdexport.bench.compare import compare
+from svdexport.bench.compare import _accuracy, _classifier, compare
 from svdexport.cli import main
+
+pytestmark = pytest.mark.slow  # engines of every backend or whole pipelines: the full suite only
 
 FAST = ["--calib-samples", "2", "--calib-steps", "10"]
 KEYS = {"method", "backend", "full_steps", "total_steps", "latency_s", "speedup", "psnr_db", "ssim", "rel_l2",
@@ -27,9 +29,11 @@ def test_rows_cover_every_method_and_reference_is_exact(engine):
     assert ref["full_steps"] == 10 and ref["psnr_db"] == 99.0 and ref["rel_l2"] == 0 and ref["ssim"] == 1.0
     assert "SVD-Cache svd-taylor o1 (engine)" in rows and "TaylorSeer whole feature o2" in rows
     assert "SVD-Cache ema b0.9 (paper)" in rows and "diffusers-taylorseer" in rows
+    classifier, labels = _classifier(), [0, 1]  # samples 0 and 1 ask for digits 0 and 1
     for r in result["rows"]:
         assert KEYS <= set(r)
-        assert 0 <= r["class_acc"] <= 1
+        key = "reference" if r["interval"] == 1 else f"{r['method']}@{r['interval']}"
+        assert r["class_acc"] == _accuracy(classifier, result["images"][key], labels)  # of the method's own images
         if r["method"].startswith("SVD-Cache"):
             assert r["full_steps"] == 3 + 2 and r["psnr_db"] < 99  # warmup 3, then steps 5 and 8
     assert set(result["config"]) >= {"steps", "samples", "intervals", "cache"} and "platform" in result["machine"]

@@ -7,12 +7,15 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
-from conftest import TINY, tiny_model
+from helpers import TINY, tiny_model
 from svdexport.cli import main
 from svdexport.models import flux
-from svdexport.runtime import memory
-from test_cli import assert_one_line_error, run_cli
+from svdexport.models.flux import FLUX
+from svdexport.build import memory
+from helpers import assert_one_line_error, run_cli
 from tiny_pipeline import tiny_pipeline
+
+pytestmark = pytest.mark.slow  # engines of every backend or whole pipelines: the full suite only
 
 FAST = ["--calib-samples", "2", "--calib-steps", "4", "--height", "128", "--width", "128", "--text-len", "8"]
 # FLUX.1-dev's transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json).
@@ -109,16 +112,16 @@ def test_full_depth_flux1_is_refused_before_loading(tmp_path, capsys, monkeypatc
 
 
 def test_memory_estimate_counts_parameters_exactly():
-    assert flux.parameters(FLUX1_DEV) == 11_901_408_320  # FLUX.1-dev's published 12B
+    assert FLUX.parameters(FLUX1_DEV) == 11_901_408_320  # FLUX.1-dev's published 12B
     model = tiny_model()
-    assert flux.parameters(dict(model.config)) == sum(p.numel() for p in model.parameters())
+    assert FLUX.parameters(dict(model.config)) == sum(p.numel() for p in model.parameters())
 
 
 def test_exported_full_graph_has_no_float64(tmp_path):
     """diffusers computes FLUX's rotary table in float64; the engines get it as a float32 input instead."""
     model = tiny_model(guidance=True)
-    full, _ = flux.graphs(model, "final")
-    inputs = flux.example_inputs(dict(model.config), flux.FluxShapes(height=128, width=128, text_len=8), seed=0)
+    full, _ = FLUX.graphs(model, "final")
+    inputs = FLUX.example_inputs(dict(model.config), flux.FluxShapes(height=128, width=128, text_len=8), seed=0)
     state = {**inputs, "timestep": torch.tensor([0.5]), "bases": torch.zeros(1, 64, 8)}
     program = torch.export.export(full, tuple(state[n] for n in full.input_names), strict=False)
     dtypes = {n.meta["val"].dtype for n in program.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)}

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from helpers import random_bases
-from svdexport.models import flux
-from svdexport.models.base import parameter_count
+from svdexport.models.flux import FLUX
+from svdexport.build.builder import parameter_count
 
 
 def call_args(graph, inputs, t, bases, coeffs=None, residuals=None):
@@ -27,8 +27,8 @@ T = torch.tensor([0.6])
 
 def full_step(model, shapes, granularity, seed):
     """Inputs, both graphs, random bases and the full graph's (output, C, R) for one step."""
-    inputs = flux.example_inputs(dict(model.config), shapes, seed=seed)
-    full, cached = flux.graphs(model, granularity)
+    inputs = FLUX.example_inputs(dict(model.config), shapes, seed=seed)
+    full, cached = FLUX.graphs(model, granularity)
     bases = random_bases(model, granularity, 8)
     return inputs, full, cached, bases, full(*call_args(full, inputs, T, bases))
 
@@ -38,9 +38,9 @@ def full_step(model, shapes, granularity, seed):
 def test_full_graph_output_is_the_unmodified_transformers(model, shapes, granularity):
     inputs, _, _, _, (out, coeffs, residuals) = full_step(model, shapes, granularity, seed=1)
     assert torch.equal(out, reference(model, inputs, T))
-    n_sites = len(flux.sites(dict(model.config), granularity))
+    n_sites = len(FLUX.sites(dict(model.config), granularity))
     assert coeffs.shape == (n_sites, 1, shapes.img_tokens, 8)
-    assert residuals.shape == (n_sites, 1, shapes.img_tokens, flux.hidden_size(dict(model.config)))
+    assert residuals.shape == (n_sites, 1, shapes.img_tokens, FLUX.hidden_size(dict(model.config)))
 
 
 @torch.no_grad()
@@ -80,7 +80,7 @@ def test_block_sites_explain_each_blocks_image_update(model, shapes):
             gate = block.norm.linear(block.norm.silu(temb)).chunk(3, dim=1)[2]
             update = gate[:, None] * feats[site]
             site += 1
-        assert img_out.shape[1] == shapes.img_tokens and txt > 0
+        assert img_out.shape[1] == shapes.img_tokens and enc_out.shape[1] == txt
         assert torch.allclose(img_out - img_in, update, atol=1e-5)
     assert site == feats.shape[0]
 
@@ -95,7 +95,7 @@ def test_cached_graph_with_exact_features_equals_full_step(model, shapes, granul
 
 def test_cached_graph_holds_no_attention_or_mlp_weights(model):
     for granularity in ("block", "final"):
-        full, cached = flux.graphs(model, granularity)
+        full, cached = FLUX.graphs(model, granularity)
         names = [n for n, _ in cached.named_parameters()]
         assert not any(".attn." in n or ".ff." in n or "proj_mlp" in n or "context_embedder" in n for n in names)
         assert parameter_count(cached) < parameter_count(full) / 2
@@ -107,8 +107,8 @@ def test_cached_graph_holds_no_attention_or_mlp_weights(model):
 @torch.no_grad()
 @pytest.mark.parametrize("granularity", ["block", "final"])
 def test_both_graphs_export_with_torch_export(model, shapes, granularity):
-    inputs = flux.example_inputs(dict(model.config), shapes, seed=5)
-    full, cached = flux.graphs(model, granularity)
+    inputs = FLUX.example_inputs(dict(model.config), shapes, seed=5)
+    full, cached = FLUX.graphs(model, granularity)
     bases = random_bases(model, granularity, 8)
     full_args = call_args(full, inputs, T, bases)
     out, coeffs, residuals = full(*full_args)

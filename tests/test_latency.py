@@ -16,7 +16,7 @@ from svdexport.bench.latency import bench
 from svdexport.bench.metrics import psnr
 from svdexport.cli import main
 
-pytestmark = pytest.mark.latency
+pytestmark = [pytest.mark.latency, pytest.mark.slow]
 BASELINE = json.loads((Path(__file__).parent / "baselines" / "latency.json").read_text())
 
 

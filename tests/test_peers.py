@@ -1,18 +1,22 @@
 """Peer caching libraries on the tiny FLUX model: they skip work, stay close to the plain loop, and leave
 the model exactly as it was."""
 
+import dataclasses
 import sys
 
 import pytest
 import torch
 
-from conftest import TINY_SHAPES, tiny_model
+from helpers import TINY_SHAPES, tiny_model
 from helpers import plain_diffusers_loop
 from svdexport.bench import peers
 from svdexport.bench.metrics import rel_l2
 from svdexport.cache.config import step_plan
 from svdexport.errors import SvdExportError
 from svdexport.models import flux
+from svdexport.models.flux import FLUX
+
+LOOP = peers.PeerLoop(FLUX, FLUX.sampling(flux.SAMPLER_CONFIG), TINY_SHAPES, 0)
 
 STEPS, WARMUP, INTERVAL = 20, 3, 4
 # diffusers' TaylorSeer hook computes when i < warmup or (i - warmup - 1) % interval == 0
@@ -40,7 +44,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def setup():
     model = tiny_model(guidance=True)  # guidance embeds: the FLUX.1-dev layout
-    inputs = flux.example_inputs(dict(model.config), TINY_SHAPES, seed=0)
+    inputs = FLUX.example_inputs(dict(model.config), TINY_SHAPES, seed=0)
     return model, inputs, plain_diffusers_loop(model, inputs, STEPS, TINY_SHAPES)
 
 
@@ -64,10 +68,10 @@ def test_peer(setup, name, options):
         pytest.skip(reason)
     model, inputs, plain = setup
     before = _state(model, inputs)
-    r = peers.run_peer(name, model, inputs, STEPS, TINY_SHAPES, flux.SAMPLER_CONFIG, WARMUP, INTERVAL, **options)
+    r = peers.run_peer(name, model, dataclasses.replace(LOOP, steps=STEPS), inputs, WARMUP, INTERVAL, **options)
 
     assert r.latents.shape == inputs["hidden_states"].shape and torch.isfinite(r.latents).all()
-    assert 0 < r.full_steps < STEPS and r.seconds > 0
+    assert 0 < r.full_steps < STEPS
     if name == "diffusers-taylorseer":
         assert r.full_steps == TAYLORSEER_FULL
     if name.startswith("cachedit") and options.get("schedule", "plan") == "plan":
@@ -85,8 +89,8 @@ def test_model_restored_when_the_loop_fails(setup):
     model, inputs, _ = setup
     before = _state(model, inputs)
     bad = {**inputs, "img_ids": inputs["img_ids"][:3]}  # wrong token count: the forward raises
-    with pytest.raises(Exception):
-        peers.run_peer("diffusers-fbcache", model, bad, STEPS, TINY_SHAPES, flux.SAMPLER_CONFIG, WARMUP, INTERVAL)
+    with pytest.raises(RuntimeError, match="must match the size"):  # the rotary table against the tokens
+        peers.run_peer("diffusers-fbcache", model, dataclasses.replace(LOOP, steps=STEPS), bad, WARMUP, INTERVAL)
     after = _state(model, inputs)
     assert torch.equal(after[0], before[0]) and after[1] == before[1]
 
@@ -94,12 +98,12 @@ def test_model_restored_when_the_loop_fails(setup):
 def test_unknown_peer_and_option():
     model = tiny_model()
     with pytest.raises(SvdExportError, match="unknown peer 'nope'") as e:
-        peers.run_peer("nope", model, {}, STEPS, TINY_SHAPES, flux.SAMPLER_CONFIG, WARMUP, INTERVAL)
+        peers.run_peer("nope", model, dataclasses.replace(LOOP, steps=STEPS), {}, WARMUP, INTERVAL)
     assert "\n" not in str(e.value)
     with pytest.raises(SvdExportError, match="unknown peer"):
         peers.available("nope")
     with pytest.raises(SvdExportError, match="no option bogus"):
-        peers.run_peer("diffusers-fbcache", model, {}, STEPS, TINY_SHAPES, flux.SAMPLER_CONFIG, WARMUP, INTERVAL,
+        peers.run_peer("diffusers-fbcache", model, dataclasses.replace(LOOP, steps=STEPS), {}, WARMUP, INTERVAL,
                        bogus=1)
 
 
@@ -108,5 +112,5 @@ def test_missing_library_raises_the_reason(monkeypatch):
     reason = peers.available("cachedit-dbcache")
     assert reason == "cache-dit is not installed (pip install cache-dit)"
     with pytest.raises(SvdExportError, match="cache-dit is not installed"):
-        peers.run_peer("cachedit-dbcache", tiny_model(), {}, STEPS, TINY_SHAPES, flux.SAMPLER_CONFIG, WARMUP,
+        peers.run_peer("cachedit-dbcache", tiny_model(), dataclasses.replace(LOOP, steps=STEPS), {}, WARMUP,
                        INTERVAL)

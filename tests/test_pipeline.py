@@ -8,8 +8,10 @@ import torch
 import svdexport
 from svdexport.cache.config import step_plan
 from svdexport.errors import SvdExportError
-from svdexport.runtime.build import BuildOptions, build
+from svdexport.build.builder import BuildOptions, build
 from tiny_pipeline import prompt_embeds, tiny_pipeline
+
+pytestmark = pytest.mark.slow  # engines of every backend or whole pipelines: the full suite only
 
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
 SHAPES = dict(height=128, width=128, text_len=8)

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from svdexport.cache.predictors import make_predictor
+from svdexport.cache.predictors import PREDICTORS, make_predictor
+from svdexport.errors import SvdExportError
 
 
 def feed(predictor, steps, fn):
@@ -74,6 +75,17 @@ def test_fresh_predictor_has_no_state():
     assert torch.equal(p.predict(3), torch.tensor([5.0, 5.0]))
 
 
-def test_unknown_predictor():
-    with pytest.raises(ValueError):
+def test_unknown_predictor_is_the_users_error_naming_the_choices():
+    with pytest.raises(SvdExportError, match="unknown predictor 'nope' .*svd-taylor, ema-velocity, ema, reuse"):
         make_predictor("nope")
+
+
+def test_every_registered_predictor_is_a_fresh_object_exact_on_a_constant():
+    # One registry: every name builds, starts without state, and forecasts a constant trajectory exactly
+    # (a property every forecast rule must have; a predictor returning garbage or sharing state fails it).
+    for name in PREDICTORS:
+        a, b = make_predictor(name), make_predictor(name)
+        assert a is not b
+        for s in FULL:
+            a.update(s, torch.tensor([2.0, -1.0]))
+        assert torch.allclose(a.predict(20), torch.tensor([2.0, -1.0])), name

@@ -3,14 +3,17 @@
 import hashlib
 import json
 
+import pytest
 import torch
 
 from svdexport.bench.compare import _accuracy, _classifier
 from svdexport.models import flux
+from svdexport.models.flux import FLUX
+from svdexport.models.weights import load_table
 from svdexport.runtime.scheduler import CachedSampler
 from svdexport.cache.config import CacheConfig
 
-FOLDER = flux.BUNDLED["digits"]
+FOLDER = FLUX.bundled["digits"]
 
 
 def test_weights_are_small_documented_and_match_their_hashes():
@@ -25,16 +28,18 @@ def test_weights_are_small_documented_and_match_their_hashes():
     assert meta["conditioning"]["kind"] == "class-table" and len(meta["conditioning"]["labels"]) == 10
 
 
+@pytest.mark.slow
 def test_classifier_recognises_95_percent_of_class_conditioned_samples():
-    model, info = flux.load(None)
-    table = flux.load_table(info.conditioning["file"])
+    info = FLUX.inspect(None)
+    model = FLUX.load(info, torch.float32)
+    table = load_table(info.conditioning["file"])
     shapes = flux.FluxShapes(**{**info.shapes, "batch": 100})
     labels = [i % 10 for i in range(100)]
-    inputs = flux.example_inputs(dict(model.config), shapes, seed=2026, table=table, labels=labels)
-    full, cached = flux.graphs(model, "final")
+    inputs = FLUX.example_inputs(dict(model.config), shapes, seed=2026, table=table, labels=labels)
+    full, cached = FLUX.graphs(model, "final")
     loop = CachedSampler(full, cached, torch.zeros(1, 128, 1), CacheConfig(warmup=50, interval=1),
-                         flux.make_sampler(flux.SAMPLER_CONFIG), lambda s, n: flux.set_timesteps(s, n, shapes))
+                         FLUX.sampling(flux.SAMPLER_CONFIG), shapes)
     latents = loop.generate(inputs, steps=50).latents
-    images = list(flux.unpack(latents, shapes))
+    images = list(FLUX.unpack(latents, shapes))
     accuracy = _accuracy(_classifier(), images, labels)
     assert accuracy >= 0.95, accuracy

@@ -4,13 +4,15 @@ import pytest
 import torch
 
 from helpers import cached_sampler, plain_diffusers_loop
+from svdexport.bench.metrics import rel_l2
 from svdexport.models import flux
-from svdexport.runtime.calibrate import calibrate
+from svdexport.models.flux import FLUX
+from svdexport.build.calibrate import CalibrationSettings, calibrate
 
 
 @pytest.mark.parametrize("granularity", ["block", "final"])
 def test_interval_one_equals_plain_diffusers_loop(model, shapes, granularity):
-    inputs = flux.example_inputs(dict(model.config), shapes, seed=7)
+    inputs = FLUX.example_inputs(dict(model.config), shapes, seed=7)
     loop = cached_sampler(model, granularity, shapes, warmup=0, interval=1)
     result = loop.generate(inputs, steps=12)
     expected = plain_diffusers_loop(model, inputs, 12, shapes)
@@ -20,7 +22,7 @@ def test_interval_one_equals_plain_diffusers_loop(model, shapes, granularity):
 
 @pytest.mark.parametrize("granularity", ["block", "final"])
 def test_cached_generation_skips_blocks_and_stays_close(model, shapes, granularity):
-    inputs = flux.example_inputs(dict(model.config), shapes, seed=8)
+    inputs = FLUX.example_inputs(dict(model.config), shapes, seed=8)
     loop = cached_sampler(model, granularity, shapes, warmup=3, interval=4)
     calls = {"blocks": 0}
     handle = model.transformer_blocks[0].register_forward_hook(lambda *a: calls.__setitem__("blocks", calls["blocks"] + 1))
@@ -36,13 +38,13 @@ def test_cached_generation_skips_blocks_and_stays_close(model, shapes, granulari
 
 
 def test_state_resets_between_requests_with_different_step_counts(shapes):
-    from conftest import tiny_model
+    from helpers import tiny_model
 
     model = tiny_model()
     loop = cached_sampler(model, "block", shapes, warmup=2, interval=3, predictor="svd-taylor", order=2)
-    inputs = flux.example_inputs(dict(model.config), shapes, seed=9)
+    inputs = FLUX.example_inputs(dict(model.config), shapes, seed=9)
     first = loop.generate(inputs, steps=10).latents
-    other = loop.generate(flux.example_inputs(dict(model.config), shapes, seed=10), steps=17)
+    other = loop.generate(FLUX.example_inputs(dict(model.config), shapes, seed=10), steps=17)
     again = loop.generate(inputs, steps=10).latents
     assert other.full_steps == 2 + 5
     assert torch.equal(first, again)
@@ -50,33 +52,35 @@ def test_state_resets_between_requests_with_different_step_counts(shapes):
 
 @pytest.mark.parametrize("predictor", ["ema", "ema-velocity", "svd-taylor", "reuse"])
 def test_every_predictor_runs_and_reuse_differs_from_forecasts(shapes, predictor):
-    from conftest import tiny_model
+    from helpers import tiny_model
 
     model = tiny_model()
-    inputs = flux.example_inputs(dict(model.config), shapes, seed=11)
+    inputs = FLUX.example_inputs(dict(model.config), shapes, seed=11)
+    full = cached_sampler(model, "final", shapes, interval=1).generate(inputs, 15).latents
     reuse = cached_sampler(model, "final", shapes, predictor="reuse", warmup=2, interval=5).generate(inputs, 15)
     result = cached_sampler(model, "final", shapes, predictor=predictor, warmup=2, interval=5).generate(inputs, 15)
-    assert torch.isfinite(result.latents).all()
+    # 4 of 15 steps full: every forecast stays near full compute (measured 0.03-0.05 relative L2; the noise the
+    # loop starts from is at 0.49), so a predictor that drifts or returns another step's state fails.
+    assert rel_l2(result.latents, full) < 0.1 < rel_l2(inputs["hidden_states"], full)
     if predictor != "reuse":
         assert not torch.equal(result.latents, reuse.latents)
 
 
 def test_calibration_with_full_rank_reconstructs_and_counts(shapes):
-    from conftest import tiny_model
+    from helpers import tiny_model
 
     model = tiny_model()
     config = dict(model.config)
-    full, cached = flux.graphs(model, "block")
-    sites = flux.sites(config, "block")
-    dim = flux.hidden_size(config)
-    sampler = flux.make_sampler(flux.SAMPLER_CONFIG)
-    bases = calibrate(full, cached, sites, dim, sampler, lambda s, n: flux.set_timesteps(s, n, shapes),
-                      lambda seed: flux.example_inputs(config, shapes, seed), tau=0.85, k_max=32,
-                      num_inputs=2, steps=5, progress=False)
+    full, cached = FLUX.graphs(model, "block")
+    sites = FLUX.sites(config, "block")
+    dim = FLUX.hidden_size(config)
+    bases = calibrate(full, cached, FLUX.sampling(flux.SAMPLER_CONFIG), shapes, sites, dim,
+                      lambda seed: FLUX.example_inputs(config, shapes, seed),
+                      CalibrationSettings(num_inputs=2, steps=5, tau=0.85, k_max=32), progress=False)
     assert (bases.num_inputs, bases.num_timesteps, bases.sites) == (2, 5, sites)
     assert all(0 < k <= 32 for k in bases.ranks) and all(e >= 0.85 for e in bases.energy)
     # The calibrated principal part captures most of a new input's features.
-    inputs = flux.example_inputs(config, shapes, seed=123)
+    inputs = FLUX.example_inputs(config, shapes, seed=123)
     args = {**inputs, "timestep": torch.tensor([0.5]), "bases": bases.vectors}
     with torch.no_grad():
         _, c, r = full(*[args[n] for n in full.input_names])

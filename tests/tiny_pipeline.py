@@ -10,7 +10,7 @@ import string
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-from conftest import tiny_model
+from helpers import tiny_model
 from svdexport.models import flux
 
 CHARS = string.ascii_lowercase + string.digits

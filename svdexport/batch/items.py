@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from svdexport.errors import SvdExportError
-from svdexport.runtime.files import atomic_file
+from svdexport.files import atomic_file
 
 
 @dataclass

@@ -23,7 +23,7 @@ from svdexport.batch import items as store
 from svdexport.batch.worker import Worker
 from svdexport.errors import SvdExportError
 from svdexport.runtime import manifest as manifest_io
-from svdexport.runtime.files import atomic_file
+from svdexport.files import atomic_file
 
 IN_FLIGHT = 2  # items queued per actor: one running, one ready to start
 NAMESPACE = "svdexport-batch"  # Ray namespace of the workers ("svdexport-worker-K")
@@ -72,7 +72,7 @@ def _validate(opts: BatchOptions) -> tuple[dict, list[store.Item]]:
         raise SvdExportError(f"--steps must be >= 1, got {opts.steps}")
     manifest = manifest_io.read(Path(opts.engine))  # the workers verify the files; here a quick check
     items = store.read_items(Path(opts.items), opts.seed)
-    labels = manifest["model"]["conditioning"].get("labels")
+    labels = manifest.model.conditioning.labels
     if labels:
         unknown = [i.text for i in items if i.text not in labels]
         if unknown:
@@ -103,7 +103,7 @@ def start_ray(opts: BatchOptions) -> bool:
 def run(opts: BatchOptions, progress: bool = True) -> Summary:
     manifest, items = _validate(opts)
     out = Path(opts.out)
-    store.open_job(out, manifest["build_key"], Path(opts.items), opts.seed)
+    store.open_job(out, manifest.build_key, Path(opts.items), opts.seed)
     todo = deque(i for i in items if not store.done(out, i))
     summary = Summary(total=len(items), skipped=len(items) - len(todo))
     if todo:

@@ -22,7 +22,7 @@ class Worker:
         self.steps = steps or self.engine.steps
         self.guidance_scale = guidance_scale
         self.pipe = None
-        if self.engine.manifest["model"]["conditioning"]["kind"] == "pipeline":
+        if self.engine.conditioning.value == "pipeline":
             from svdexport.runtime.pipeline import pipeline_for
 
             self.pipe = pipeline_for(self.engine)

@@ -45,7 +45,7 @@ def _methods(engine, eager, peers: list[str], steps: int) -> list[Method]:
     cache = eager.cache
     label = {"svd-taylor": f"svd-taylor o{cache.order}"}.get(cache.predictor, f"{cache.predictor} b{cache.beta}")
     ms = [Method("eager full compute", "eager", lambda x, i: eager.generate(x, steps=steps, interval=1), True)]
-    ms.append(Method(f"SVD-Cache {label} (engine)", engine.manifest["backend"],
+    ms.append(Method(f"SVD-Cache {label} (engine)", engine.manifest.backend,
                      lambda x, i: engine.generate(x, steps=steps, interval=i)))
     for label, over in PREDICTOR_VARIANTS:
         ms.append(Method(f"SVD-Cache {label}", "eager",
@@ -54,8 +54,7 @@ def _methods(engine, eager, peers: list[str], steps: int) -> list[Method]:
     # on the full feature instead of its principal part.
     sites, dim = eager.bases.vectors.shape[:2]
     identity = torch.eye(dim).expand(sites, dim, dim).contiguous().to(eager.device)
-    whole = CachedSampler(eager.full, eager.cached, identity, cache, eager.sampler.sampler, eager.sampler.set_timesteps,
-                          eager.sampler.model_timestep)
+    whole = CachedSampler(eager.full, eager.cached, identity, cache, eager.sampling, eager.shapes)
     for order in (1, 2):
         ms.append(Method(f"TaylorSeer whole feature o{order}", "eager",
                          lambda x, i, o=order: whole.generate(
@@ -68,8 +67,8 @@ def _methods(engine, eager, peers: list[str], steps: int) -> list[Method]:
 
 
 def _peer(peer_lib, name, model, inputs, steps, eager, interval) -> Generation:
-    r = peer_lib.run_peer(name, model, inputs, steps, eager.shapes, eager.manifest["sampler"], eager.cache.warmup,
-                          interval)
+    loop = peer_lib.PeerLoop(eager.family, eager.sampling, eager.shapes, steps)
+    r = peer_lib.run_peer(name, model, loop, inputs, eager.cache.warmup, interval)
     return Generation(r.latents, r.full_steps, steps - r.full_steps, r.seconds)
 
 
@@ -81,9 +80,7 @@ def compare(engine_dir: str, samples: int = 16, steps: int = 50, intervals: tupl
     engine = svdexport.load(engine_dir)
     m = engine.manifest
     eager = engine.eager_reference()
-    unavailable = {p: peer_lib.available(p) for p in peer_lib.PEERS}
-    if engine.family.NAME != "flux":  # the peer runners drive a FLUX sampling loop
-        unavailable = {p: f"runs FLUX models only, not {engine.family.NAME}" for p in peer_lib.PEERS}
+    unavailable = {p: peer_lib.available(p, engine.family) for p in peer_lib.PEERS}
     peers = [p for p in (peer_lib.PEERS if peers is None else peers) if unavailable[p] is None]
     methods = _methods(engine, eager, peers, steps)
     labels = [seed % len(engine.labels) for seed in range(samples)] if engine.labels else None
@@ -121,9 +118,9 @@ def compare(engine_dir: str, samples: int = 16, steps: int = 50, intervals: tupl
             temporal[f"{meth.name}@{iv}"] = curve = _temporal(images)
             rows[-1]["temporal_psnr_db"] = statistics.mean(curve)
     return {
-        "config": {"engine": str(engine_dir), "backend": m["backend"], "model": m["model"]["weights"]["source"],
-                   "steps": steps, "samples": samples, "intervals": list(intervals), "cache": m["cache"],
-                   "shapes": m["shapes"]["build"], "dtype": m["dtype"], "peers": peers,
+        "config": {"engine": str(engine_dir), "backend": m.backend, "model": m.model.weights.source,
+                   "steps": steps, "samples": samples, "intervals": list(intervals), "cache": m.cache.to_dict(),
+                   "shapes": m.shapes.build, "dtype": m.dtype, "peers": peers,
                    "peers_unavailable": {p: unavailable[p] for p in peer_lib.PEERS if p not in peers},
                    "video": video},
         "machine": {"platform": platform.platform(), "python": platform.python_version(),

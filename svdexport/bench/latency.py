@@ -33,7 +33,8 @@ def bench(engine_dir: str, steps: int = 50, repeats: int = 5, step_calls: int = 
     inputs = engine.example_inputs(0)
     state = {**inputs, "bases": engine.sampler.bases}
     # Mid-schedule (scheduler timestep 500), in the family's model convention.
-    state["timestep"] = engine.family.model_timestep(torch.tensor(500.0, device=engine.device), inputs["hidden_states"])
+    state["timestep"] = engine.sampling.model_timestep(torch.tensor(500.0, device=engine.device),
+                                                        inputs["hidden_states"])
     _, state["coeffs"], state["residuals"] = eager.full(*[state[n] for n in eager.full.input_names])
 
     def step(graph):
@@ -72,8 +73,8 @@ def bench(engine_dir: str, steps: int = 50, repeats: int = 5, step_calls: int = 
     if engine.device.type == "cuda":
         memory["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return {
-        "engine": str(engine_dir), "backend": m["backend"], "device": str(engine.device), "dtype": m["dtype"],
-        "shapes": m["shapes"]["build"], "cache": m["cache"], "steps": steps,
+        "engine": str(engine_dir), "backend": m.backend, "device": str(engine.device), "dtype": m.dtype,
+        "shapes": m.shapes.build, "cache": m.cache.to_dict(), "steps": steps,
         "step_seconds": s, "e2e_seconds": e, "ratios": ratios, "memory": memory,
         "targets": {k: {"target": t, "measured": ratios[k],
                         "met": ratios[k] <= t if k != "e2e_speedup_vs_eager_uncached" else ratios[k] >= t}

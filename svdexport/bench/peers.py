@@ -1,8 +1,10 @@
-"""Peers: other caching libraries, run as real library calls on the same FLUX transformer and schedule.
+"""Peers: other caching libraries, run as real library calls on the same transformer and schedule.
 
-Each peer drives FluxPipeline's denoising loop (svdexport's sampler and timesteps; the transformer call
-wrapped in `cache_context("cond")` as the pipeline wraps it) with that library's cache switched on, and
-switches it off afterwards. Nothing here decides what to cache: the libraries do.
+Each peer drives the family's pipeline denoising loop (the family's sampling rule and its transformer
+call, wrapped in `cache_context("cond")` as the pipeline wraps it) with that library's cache switched on,
+and switches it off afterwards. Nothing here decides what to cache: the libraries do. A family lists the
+peers known to run on it (`Family.peer_libraries`; cache-dit's adapters and the hooks' block patterns are
+per model).
 
 Settings, against svdexport's plan (full if i < warmup or (i - warmup + 1) % interval == 0):
 - diffusers-taylorseer: TaylorSeerCacheConfig(disable_cache_before_step=max(warmup, 1), cache_interval=interval,
@@ -42,7 +44,7 @@ import torch
 
 from svdexport.cache.config import step_plan
 from svdexport.errors import SvdExportError
-from svdexport.models import flux
+from svdexport.models.family import Family, Sampling, Shapes
 
 PEERS: tuple[str, ...] = ("diffusers-taylorseer", "diffusers-fbcache", "diffusers-magcache", "cachedit-dbcache",
                           "cachedit-dbcache-taylorseer")
@@ -69,10 +71,22 @@ _SPECS: dict[str, tuple[str | None, tuple[str, ...]]] = {
 }
 
 
-def available(name: str) -> str | None:
-    """None if peer `name` can run here, else a one-line reason."""
+@dataclass
+class PeerLoop:
+    """The sampling loop a peer runs in."""
+
+    family: Family  # its pipeline's transformer call
+    sampling: Sampling  # scheduler, timesteps and the model's timestep convention
+    shapes: Shapes  # of the samples (the timesteps may depend on them)
+    steps: int
+
+
+def available(name: str, family: Family | None = None) -> str | None:
+    """None if peer `name` can run here (on `family`, when given), else a one-line reason."""
     if name not in _SPECS:
         raise SvdExportError(f"unknown peer {name!r} (choose from {', '.join(PEERS)})")
+    if family is not None and name not in family.peer_libraries:
+        return f"not wired for {family.name} models"
     config_class = _SPECS[name][0]
     if config_class is None:
         return None if importlib.util.find_spec("cache_dit") else "cache-dit is not installed (pip install cache-dit)"
@@ -86,26 +100,22 @@ def available(name: str) -> str | None:
 # ------------------------------------------------------------------------------------------ sampling loop
 
 
-def _sample(model, inputs: dict[str, torch.Tensor], steps: int, shapes, sampler_config: dict,
+def _sample(model, loop: PeerLoop, inputs: dict[str, torch.Tensor],
             latents: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-    """FluxPipeline's denoising loop (from `latents`, default the inputs' noise); (final latents, seconds)."""
-    sampler = flux.make_sampler(sampler_config)
-    timesteps = flux.set_timesteps(sampler, steps, shapes)
+    """The pipeline's denoising loop (from `latents`, default the inputs' noise); (final latents, seconds)."""
+    scheduler = loop.sampling.scheduler()
+    timesteps = loop.sampling.set_timesteps(scheduler, loop.steps, loop.shapes)
     latents = inputs["hidden_states"] if latents is None else latents
     start = time.perf_counter()
     with torch.inference_mode():
         for t in timesteps:
-            timestep = t.expand(latents.shape[0]).to(latents.dtype)
+            call = loop.family.forward_kwargs({**inputs, "hidden_states": latents},
+                                              loop.sampling.model_timestep(t, latents))
             # As the pipeline: diffusers' stateful cache hooks keep their state per context name. (FluxPipeline
             # also records `_current_timestep` on itself; only PyramidAttentionBroadcast's callback reads it.)
             with model.cache_context("cond"):
-                noise = model(
-                    hidden_states=latents, timestep=timestep / 1000, guidance=inputs.get("guidance"),
-                    pooled_projections=inputs["pooled_projections"],
-                    encoder_hidden_states=inputs["encoder_hidden_states"],
-                    txt_ids=inputs["txt_ids"], img_ids=inputs["img_ids"], return_dict=False,
-                )[0]
-            latents = sampler.step(noise, t, latents, return_dict=False)[0]
+                noise = model(**call)[0]
+            latents = scheduler.step(noise, t, latents, return_dict=False)[0]
     return latents, time.perf_counter() - start
 
 
@@ -237,10 +247,11 @@ _ENABLE = {
 }
 
 
-def run_peer(name: str, model, inputs: dict[str, torch.Tensor], steps: int, shapes, sampler_config: dict,
-             warmup: int, interval: int, **options) -> PeerResult:
+def run_peer(name: str, model, loop: PeerLoop, inputs: dict[str, torch.Tensor], warmup: int, interval: int,
+             **options) -> PeerResult:
     """One generation with peer `name`'s cache on `model`; the model is left as it was, also on errors."""
-    reason = available(name)
+    steps = loop.steps
+    reason = available(name, loop.family)
     if reason is not None:
         raise SvdExportError(reason)
     unknown = sorted(set(options) - set(_SPECS[name][1]))
@@ -253,7 +264,7 @@ def run_peer(name: str, model, inputs: dict[str, torch.Tensor], steps: int, shap
     def calibrate() -> None:  # one generation from other noise, for a library that calibrates first
         x = inputs["hidden_states"]
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(CALIBRATION_SEED))
-        _sample(model, inputs, steps, shapes, sampler_config, noise.to(x.device, x.dtype))
+        _sample(model, loop, inputs, noise.to(x.device, x.dtype))
 
     ran = [0]
     # Counted inside the attention (norm_q runs in FLUX's attention processor, fused QKV or not): a hook
@@ -264,7 +275,7 @@ def run_peer(name: str, model, inputs: dict[str, torch.Tensor], steps: int, shap
         disable = _ENABLE[name](model, steps, warmup, interval, calibrate, **options)
         handle = probe.register_forward_hook(lambda *_: ran.__setitem__(0, ran[0] + 1))
         try:
-            latents, seconds = _sample(model, inputs, steps, shapes, sampler_config)
+            latents, seconds = _sample(model, loop, inputs)
         finally:
             handle.remove()
             disable()

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from svdexport.runtime.files import atomic_file
+from svdexport.files import atomic_file
 
 COLUMNS = ["method", "backend", "full_steps", "total_steps", "latency_s", "speedup", "psnr_db", "ssim",
            "rel_l2", "class_acc", "temporal_psnr_db"]

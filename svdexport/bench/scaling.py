@@ -19,6 +19,7 @@ from pathlib import Path
 
 from svdexport.batch.runner import BatchOptions, start_ray, run
 from svdexport.errors import SvdExportError
+from svdexport.runtime.manifest import read as read_manifest
 
 
 def measure(engine: str, items: int, workers: list[int], repeats: int, steps: int | None) -> dict:
@@ -26,8 +27,7 @@ def measure(engine: str, items: int, workers: list[int], repeats: int, steps: in
 
     with tempfile.TemporaryDirectory() as tmp:
         listing = Path(tmp) / "items.txt"
-        manifest = json.loads((Path(engine) / "manifest.json").read_text())
-        labels = manifest["model"]["conditioning"].get("labels") or ["a photograph of a red fox in snow"]
+        labels = read_manifest(Path(engine)).model.conditioning.labels or ["a photograph of a red fox in snow"]
         listing.write_text("".join(f"{labels[i % len(labels)]}\n" for i in range(items)))
         start_ray(BatchOptions(engine=engine, items=str(listing), out=tmp))
         runs: dict[int, list[dict]] = {w: [] for w in workers}

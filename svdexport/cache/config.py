@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from svdexport.cache.predictors import PREDICTORS
 from svdexport.errors import SvdExportError
 
 GRANULARITIES = ("block", "final")
@@ -21,8 +22,6 @@ class CacheConfig:
     interval: int | None = 7  # after warmup, one full step every `interval` steps (None: the model's default)
 
     def validate(self) -> "CacheConfig":
-        from svdexport.cache.predictors import PREDICTORS
-
         if self.granularity not in GRANULARITIES:
             raise SvdExportError(f"unknown granularity {self.granularity!r} (choose from {', '.join(GRANULARITIES)})")
         if self.predictor not in PREDICTORS:

@@ -7,7 +7,11 @@ so forecasts are in step units and handle the uneven spacing between warmup and 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+
+from svdexport.errors import SvdExportError
 
 
 class Predictor:
@@ -106,19 +110,20 @@ class SvdTaylor(Predictor):
         return out
 
 
-PREDICTORS = ("svd-taylor", "ema-velocity", "ema", "reuse")
+# The one registry of predictors: name -> constructor from (beta, order). The CLI's choices, the config's
+# validation and the compare variants all read it.
+PREDICTORS: dict[str, Callable[[float, int], Predictor]] = {
+    "svd-taylor": lambda beta, order: SvdTaylor(order),
+    "ema-velocity": lambda beta, order: EmaVelocity(beta),
+    "ema": lambda beta, order: Ema(beta),
+    "reuse": lambda beta, order: Reuse(),
+}
 
 
 def make_predictor(name: str, beta: float = 0.9, order: int = 1) -> Predictor:
-    """A fresh predictor, already reset."""
-    table = {
-        "reuse": lambda: Reuse(),
-        "ema": lambda: Ema(beta),
-        "ema-velocity": lambda: EmaVelocity(beta),
-        "svd-taylor": lambda: SvdTaylor(order),
-    }
-    if name not in table:
-        raise ValueError(f"unknown predictor {name!r}")
-    predictor = table[name]()
+    """A fresh predictor, already reset; an unknown name is the user's one-line error."""
+    if name not in PREDICTORS:
+        raise SvdExportError(f"unknown predictor {name!r} (choose from {', '.join(PREDICTORS)})")
+    predictor = PREDICTORS[name](beta, order)
     predictor.reset()
     return predictor

@@ -2,7 +2,8 @@
 
 A build exports both graphs with torch.export (static shapes, positional tensors) into the graphs
 folder; a compiled backend makes its engine files from those programs; `load` gives back two callables
-with the eager graphs' calling convention, without constructing the diffusers model.
+with the eager graphs' calling convention, without constructing the diffusers model. This layer knows
+nothing of model families or manifests: what it needs of an engine comes in a `LoadSpec`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,27 @@ from svdexport.errors import SvdExportError
 
 BACKENDS = ("eager", "inductor", "aoti", "onnx", "tensorrt")
 GRAPHS = ("full", "cached")
+
+
+@dataclass
+class GraphSpec:
+    """One graph's calling convention as an engine manifest records it."""
+
+    inputs: list[str]  # positional input names
+    outputs: list[str]  # output names
+    parameters: int  # distinct parameters the graph holds
+    input_shapes: list[list[int]]  # build shapes of the inputs
+    input_dtypes: list[str]  # their dtypes ("float32", "bfloat16", "int64", ...)
+
+
+@dataclass
+class LoadSpec:
+    """What a backend needs to load an engine folder."""
+
+    graphs: dict[str, GraphSpec]  # "full" and "cached"
+    dtype: str  # the engine's precision ("float32", "bfloat16", ...)
+    device: str  # "cpu" or "cuda"
+    eager_graphs: Callable[[], tuple] | None = None  # builds the eager graphs from the weights (eager backend)
 
 
 @dataclass
@@ -52,6 +74,9 @@ class Backend:
     needs_export = True  # whether build must torch.export the graphs first
     requires: tuple[str, ...] = ()  # importable modules the backend needs
     extra = ""  # the pip extra that installs them
+    # Peak build memory / weight bytes: how many copies of the weights the build holds at once (measured for
+    # aoti and onnx on bundled:flux1-reduced, see build/memory.py; estimated from the steps elsewhere).
+    weight_copies = 1.3
 
     def check(self) -> None:
         """Raises SvdExportError in one line when the backend cannot run here."""
@@ -64,7 +89,7 @@ class Backend:
         """Writes this backend's files into engine_dir (and exports into graphs_dir); returns manifest notes."""
         raise NotImplementedError
 
-    def load(self, engine_dir: Path, manifest: dict):
+    def load(self, engine_dir: Path, spec: LoadSpec):
         """(full graph, cached graph) ready to call."""
         raise NotImplementedError
 
@@ -77,10 +102,9 @@ def backend(name: str) -> Backend:
     return import_module(f"svdexport.export.{name}").BACKEND
 
 
-def compiled_pair(manifest: dict, load_one: Callable[[str], Callable]) -> tuple[CompiledGraph, CompiledGraph]:
-    """(full, cached) from a per-graph loader, with names from the manifest."""
-    g = manifest["graphs"]
-    return tuple(CompiledGraph(load_one(n), g[n]["inputs"], g[n]["outputs"]) for n in GRAPHS)
+def compiled_pair(spec: LoadSpec, load_one: Callable[[str], Callable]) -> tuple[CompiledGraph, CompiledGraph]:
+    """(full, cached) from a per-graph loader, with names from the engine's graph specs."""
+    return tuple(CompiledGraph(load_one(n), spec.graphs[n].inputs, spec.graphs[n].outputs) for n in GRAPHS)
 
 
 def export_programs(graphs: dict[str, GraphExport], graphs_dir: Path) -> None:

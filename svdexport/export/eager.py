@@ -1,28 +1,22 @@
-"""Eager PyTorch: the reference backend. Writes no engine file; loads the diffusers transformer."""
+"""Eager PyTorch: the reference backend. Writes no engine file; the graphs are rebuilt from the weights."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from svdexport.export import Backend, GraphExport
-from svdexport.models import family
+from svdexport.export import Backend, GraphExport, LoadSpec
 
 
 class EagerBackend(Backend):
     name = "eager"
     needs_export = False
+    weight_copies = 1.3  # the weights once, and the calibration activations
 
     def build(self, graphs: dict[str, GraphExport], engine_dir: Path, graphs_dir: Path) -> dict:
         return {}
 
-    def load(self, engine_dir: Path, manifest: dict):
-        fam = family(manifest["model"]["family"])
-        weights = manifest["model"]["weights"]
-        model, info = fam.load(weights["source"], getattr(torch, manifest["dtype"]))
-        info.verify(weights)
-        return fam.graphs(model.to(manifest.get("device", "cpu")), manifest["cache"]["granularity"])
+    def load(self, engine_dir: Path, spec: LoadSpec):
+        return spec.eager_graphs()
 
 
 BACKEND = EagerBackend()

@@ -11,30 +11,30 @@ from pathlib import Path
 
 import torch
 
-from svdexport.export import GRAPHS, Backend, GraphExport, compiled_pair, link_or_copy
+from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, compiled_pair, link_or_copy
 
 
 class InductorBackend(Backend):
     name = "inductor"
+    weight_copies = 2.5  # export and save: estimated from the steps, not measured
 
     def build(self, graphs: dict[str, GraphExport], engine_dir: Path, graphs_dir: Path) -> dict:
         for name in GRAPHS:
             link_or_copy(graphs[name].program_path, engine_dir / f"{name}.pt2")
         return {"programs": {n: f"{n}.pt2" for n in GRAPHS}, "compiled": "at load"}
 
-    def load(self, engine_dir: Path, manifest: dict):
+    def load(self, engine_dir: Path, spec: LoadSpec):
         def compile_one(name: str):
             program = torch.export.load(str(engine_dir / f"{name}.pt2"))
             compiled = torch.compile(program.module(), dynamic=False, fullgraph=True)
             # Compile now, at load, so that the first generation is not charged with it.
-            g = manifest["graphs"][name]
-            device = manifest.get("device", "cpu")
+            g = spec.graphs[name]
             with torch.no_grad():
-                compiled(*(torch.zeros(s, dtype=getattr(torch, d), device=device)
-                           for s, d in zip(g["input_shapes"], g["input_dtypes"])))
+                compiled(*(torch.zeros(s, dtype=getattr(torch, d), device=spec.device)
+                           for s, d in zip(g.input_shapes, g.input_dtypes)))
             return compiled
 
-        return compiled_pair(manifest, compile_one)
+        return compiled_pair(spec, compile_one)
 
 
 BACKEND = InductorBackend()

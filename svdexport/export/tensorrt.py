@@ -8,13 +8,14 @@ from pathlib import Path
 import torch
 
 from svdexport.errors import SvdExportError
-from svdexport.export import GRAPHS, Backend, GraphExport, compiled_pair
+from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, compiled_pair
 
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
     requires = ("torch_tensorrt",)
     extra = "tensorrt"
+    weight_copies = 3.5  # export and engine: estimated from the steps, not measured
 
     def check(self) -> None:
         super().check()
@@ -40,14 +41,14 @@ class TensorRTBackend(Backend):
                 raise SvdExportError(f"TensorRT failed on the {name} graph: {str(e).splitlines()[0]}") from e
         return {"programs": {n: f"{n}.trt.pt2" for n in GRAPHS}, "device": "cuda"}
 
-    def load(self, engine_dir: Path, manifest: dict):
+    def load(self, engine_dir: Path, spec: LoadSpec):
         import torch_tensorrt  # noqa: F401  (registers the TensorRT runtime ops the programs call)
 
         def one(name: str):
             module = torch.export.load(str(engine_dir / f"{name}.trt.pt2")).module()
             return lambda *args: module(*(a.cuda() for a in args))
 
-        return compiled_pair(manifest, one)
+        return compiled_pair(spec, one)
 
 
 BACKEND = TensorRTBackend()

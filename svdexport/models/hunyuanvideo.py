@@ -1,8 +1,8 @@
-"""HunyuanVideo adapter: diffusers' HunyuanVideoTransformer3DModel split into the two graphs.
+"""HunyuanVideo: diffusers' HunyuanVideoTransformer3DModel split into the two graphs.
 
 The architecture is FLUX's MMDiT over frames x height x width tokens: double-stream blocks, then
 single-stream blocks over (image, text), a token refiner for the text, and a guidance embedder. The cache
-sites and the block-granularity cached step are therefore the shared ones of models/base.py; what is
+sites and the block-granularity cached step are therefore the shared ones of models/mmdit.py; what is
 HunyuanVideo's own is here: 5-D latents and their patchify / unpatchify, the text attention mask, the raw
 timestep convention (no division by 1000), the sampler (static shift 7) and the schedule (warmup 1,
 interval 6, the paper's).
@@ -15,49 +15,35 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
-from PIL import Image
 from torch import nn
 
 from svdexport.cache.svd import reconstruct
 from svdexport.errors import SvdExportError
-from svdexport.models import base, loading
-from svdexport.models.base import SiteRecorder, WeightsInfo, split_sites
-from svdexport.models.loading import read_prompts  # noqa: F401  (part of the family interface)
+from svdexport.models import mmdit, preview
+from svdexport.models.family import RunDefaults, Sampling, Shapes
+from svdexport.models.mmdit import SiteRecorder, split_sites
+from svdexport.models.weights import WeightsInfo
 
-NAME = "hunyuanvideo"
-CLASS_NAME = "HunyuanVideoTransformer3DModel"
 BUNDLED_DIR = Path(__file__).parent / "bundled"
-# "random": the architecture at hidden 128, 2 + 2 blocks, seeded random weights (9 frames of 128x128).
-BUNDLED = {"random": BUNDLED_DIR / "hunyuanvideo_tiny.json"}
-DEFAULT_WEIGHTS = "bundled:random"
-PIPELINE_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
 # The paper's HunyuanVideo schedule: 50 steps, warmup 1, interval 6 -> 9 full steps.
-DEFAULTS = {"steps": 50, "warmup": 1, "interval": 6}
+DEFAULTS = RunDefaults(steps=50, warmup=1, interval=6)
 # hunyuanvideo-community/HunyuanVideo's scheduler/scheduler_config.json.
 SAMPLER_CONFIG = {"num_train_timesteps": 1000, "shift": 7.0, "use_dynamic_shifting": False}
 TEMPORAL, SPATIAL = 4, 8  # the causal 3-D VAE: 4 frames and 8x8 pixels per latent
-PIXELS_PER_TOKEN = SPATIAL * 2  # and 2x2 latent patches per token (patch_size 2)
-
-
-def _transformer_class():
-    from diffusers import HunyuanVideoTransformer3DModel  # imported only where a model is built
-
-    return HunyuanVideoTransformer3DModel
 
 
 @dataclass
-class VideoShapes:
+class VideoShapes(Shapes):
     batch: int = 1  # videos per call
-    frames: int = 33  # video frames, 4k + 1 (the VAE keeps the first frame and packs 4 per latent after it)
-    height: int = 480  # frame height in pixels, a multiple of 16
+    height: int = 480  # frame height in pixels, a multiple of 16 (8x8 pixels per latent, 2x2 latents per token)
     width: int = 848  # frame width in pixels, a multiple of 16
     text_len: int = 256  # text tokens (HunyuanVideo's Llama prompt length)
+    frames: int = 33  # video frames, 4k + 1 (the VAE keeps the first frame and packs 4 per latent after it)
 
     def validate(self) -> "VideoShapes":
         if self.frames < 1 or (self.frames - 1) % TEMPORAL:
             raise SvdExportError(f"frames={self.frames} must be 4k + 1 (1, 5, 9, ...)")
-        base.check_shapes(self, PIXELS_PER_TOKEN)
+        super().validate()
         return self
 
     @property
@@ -71,58 +57,19 @@ class VideoShapes:
         return f * (h // 2) * (w // 2)
 
 
-Shapes = VideoShapes  # the name the family-agnostic code uses
+class HunyuanVideoSampling(Sampling):
+    """HunyuanVideoPipeline's rule: sigmas linspace(1, 0, steps + 1) without the last, shifted by the
+    config; the scheduler's timestep passed as is (0..1000)."""
 
+    def set_timesteps(self, scheduler, steps: int, shapes: Shapes) -> torch.Tensor:
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1])
+        return scheduler.timesteps
 
-# --------------------------------------------------------------------------------------------- weights
-
-
-def inspect(weights: str | None) -> WeightsInfo:
-    """What the weights are, without loading a tensor: bundled, or a local diffusers folder."""
-    found = loading.inspect_weights(weights, DEFAULT_WEIGHTS, BUNDLED, CLASS_NAME, PIPELINE_PARTS)
-    if not isinstance(found, WeightsInfo):
-        raise SvdExportError(f"HunyuanVideo weights must be a diffusers folder (with transformer/), got {found}")
-    return found
-
-
-def load(weights: str | None, dtype: torch.dtype = torch.float32, info: WeightsInfo | None = None):
-    info = info or inspect(weights)
-    if info.source.startswith("bundled:") and not info.files:
-        model = loading.generated(_transformer_class(), BUNDLED[info.source.split(":", 1)[1]], info, dtype)
-    else:
-        model = loading.load_folder(_transformer_class(), info, dtype)
-    if (model.config.patch_size, model.config.patch_size_t) != (2, 1):
-        raise SvdExportError(f"patch sizes {model.config.patch_size_t}x{model.config.patch_size}^2 are not "
-                             "HunyuanVideo's 1x2x2")
-    return model.eval().requires_grad_(False), info
-
-
-def parameters(config: dict) -> int:
-    return loading.count_parameters(_transformer_class(), config)
-
-
-def activation_bytes(config: dict, shapes: VideoShapes, itemsize: int) -> int:
-    """Attention scores of one layer (float32) and a few hidden-state buffers."""
-    tokens = shapes.img_tokens + shapes.text_len
-    scores = shapes.batch * config["num_attention_heads"] * tokens * tokens * 4 * 2
-    return scores + shapes.batch * tokens * hidden_size(config) * itemsize * 16
-
-
-def default_shapes(info: WeightsInfo) -> VideoShapes:
-    return VideoShapes(**info.shapes) if info.shapes else VideoShapes()
-
-
-def has_text_encoders(info: WeightsInfo) -> bool:
-    return False  # HunyuanVideo's Llama prompt encoding is not wired in yet: synthetic conditioning
-
-
-def load_table(path):
-    raise SvdExportError("HunyuanVideo models have no class-conditioning table")
+    def model_timestep(self, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        return t.expand(latents.shape[0]).to(latents.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- graphs
-
-sites, hidden_size = base.sites, base.hidden_size
 
 
 class HunyuanVideoFullGraph(nn.Module):
@@ -138,7 +85,7 @@ class HunyuanVideoFullGraph(nn.Module):
         self.output_names = ["noise_pred", "coeffs", "residuals"]
 
     def bind(self, granularity: str) -> "HunyuanVideoFullGraph":
-        self.recorder = SiteRecorder(base.site_hooks(self.transformer, granularity,
+        self.recorder = SiteRecorder(mmdit.site_hooks(self.transformer, granularity,
                                                      lambda out: out[:, : out.shape[1] - self.text_len]))
         return self
 
@@ -157,7 +104,7 @@ class HunyuanVideoFullGraph(nn.Module):
         return out, coeffs, residuals
 
 
-class HunyuanVideoCachedGraph(base.CachedStepGraph):
+class HunyuanVideoCachedGraph(mmdit.CachedStepGraph):
     """Cached step: the image stream rebuilt from the reconstructed features (block granularity) or the
     reconstructed last hidden state (final), then norm_out, proj_out and unpatchify to the latents' shape.
 
@@ -182,14 +129,10 @@ def unpatchify(tokens: torch.Tensor, latent_shape) -> torch.Tensor:
     return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
 
-def graphs(transformer, granularity: str) -> tuple[nn.Module, nn.Module]:
-    return HunyuanVideoFullGraph(transformer).bind(granularity), HunyuanVideoCachedGraph(transformer, granularity)
+# ---------------------------------------------------------------------------------------------- inputs
 
 
-# ----------------------------------------------------------------------------------- inputs and sampler
-
-
-def example_inputs(config: dict, shapes: VideoShapes, seed: int, guidance_scale: float = 6.0,
+def example_inputs(config: dict, shapes: Shapes, seed: int, guidance_scale: float = 6.0,
                    dtype: torch.dtype = torch.float32, table: dict | None = None,
                    labels: list[int] | None = None) -> dict[str, torch.Tensor]:
     """Seeded noise latents and synthetic conditioning of the model's widths. The text mask marks the
@@ -214,56 +157,59 @@ def example_inputs(config: dict, shapes: VideoShapes, seed: int, guidance_scale:
     return inputs
 
 
-def model_timestep(t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-    # HunyuanVideoPipeline passes the scheduler's timestep as is (0..1000), in the latents' dtype.
-    return t.expand(latents.shape[0]).to(latents.dtype)
+# ---------------------------------------------------------------------------------------------- family
 
 
-def make_sampler(sampler_config: dict) -> FlowMatchEulerDiscreteScheduler:
-    return FlowMatchEulerDiscreteScheduler.from_config(sampler_config)
+class HunyuanVideoFamily(mmdit.MMDiTFamily):
+    name = "hunyuanvideo"
+    class_name = "HunyuanVideoTransformer3DModel"
+    shapes_type = VideoShapes
+    # "random": the architecture at hidden 128, 2 + 2 blocks, seeded random weights (9 frames of 128x128).
+    bundled = {"random": BUNDLED_DIR / "hunyuanvideo_tiny.json"}
+    default_weights = "bundled:random"
+    pipeline_parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
+    default_sampler = SAMPLER_CONFIG
+    is_video = True
+    # prompts: None. Its Llama prompt encoding is not wired in yet: synthetic conditioning.
+
+    def load(self, info: WeightsInfo, dtype: torch.dtype) -> nn.Module:
+        model = super().load(info, dtype)
+        if (model.config.patch_size, model.config.patch_size_t) != (2, 1):
+            raise SvdExportError(f"patch sizes {model.config.patch_size_t}x{model.config.patch_size}^2 are not "
+                                 "HunyuanVideo's 1x2x2")
+        return model
+
+    def graphs(self, transformer: nn.Module, granularity: str) -> tuple[nn.Module, nn.Module]:
+        return HunyuanVideoFullGraph(transformer).bind(granularity), HunyuanVideoCachedGraph(transformer, granularity)
+
+    def sampling(self, sampler_config: dict) -> HunyuanVideoSampling:
+        return HunyuanVideoSampling(sampler_config)
+
+    def run_defaults(self, config: dict, sampler_config: dict) -> RunDefaults:
+        return DEFAULTS
+
+    def example_inputs(self, config: dict, shapes: Shapes, seed: int, dtype: torch.dtype = torch.float32,
+                       table: dict | None = None, labels: list[int] | None = None) -> dict[str, torch.Tensor]:
+        return example_inputs(config, shapes, seed, dtype=dtype, table=table, labels=labels)
+
+    def forward_kwargs(self, inputs: dict[str, torch.Tensor], timestep: torch.Tensor) -> dict:
+        return {"hidden_states": inputs["hidden_states"], "timestep": timestep,
+                "encoder_hidden_states": inputs["encoder_hidden_states"],
+                "encoder_attention_mask": inputs["encoder_attention_mask"],
+                "pooled_projections": inputs["pooled_projections"], "guidance": inputs.get("guidance"),
+                "return_dict": False}
+
+    def unpack(self, latents: torch.Tensor, shapes: Shapes) -> torch.Tensor:
+        """Latents [B, C, F, H, W] as they are (already unpatchified), in float32."""
+        return latents.detach().float()
+
+    def video_frames(self, latents: torch.Tensor, shapes: Shapes) -> list[list]:
+        """Per video, its frames: the first three latent channels, contrast-stretched per video."""
+        return preview.video_frames(self.unpack(latents, shapes))
+
+    def preview(self, latents: torch.Tensor, shapes: Shapes):
+        """A frame grid: one row per video, one column per latent frame."""
+        return preview.frame_grid(self.video_frames(latents, shapes))
 
 
-def set_timesteps(sampler: FlowMatchEulerDiscreteScheduler, steps: int, shapes: VideoShapes) -> torch.Tensor:
-    """As HunyuanVideoPipeline: sigmas linspace(1, 0, steps + 1) without the last, shifted by the config."""
-    sampler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1])
-    return sampler.timesteps
-
-
-def sampler_config(weights: str | None, config: dict) -> dict:
-    if weights is not None:
-        path = Path(weights) / "scheduler" / "scheduler_config.json"
-        if path.exists():
-            return loading.config_kwargs(loading.read_json(path))
-    return dict(SAMPLER_CONFIG)
-
-
-def run_defaults(config: dict, sampler: dict) -> dict:
-    return dict(DEFAULTS)
-
-
-def unpack(latents: torch.Tensor, shapes: VideoShapes) -> torch.Tensor:
-    """Latents [B, C, F, H, W] as they are (already unpatchified), in float32."""
-    return latents.detach().float()
-
-
-def video_frames(latents: torch.Tensor, shapes: VideoShapes) -> list[list[Image.Image]]:
-    """Per video, its frames as images: the first three latent channels, contrast-stretched per video."""
-    x = unpack(latents, shapes)[:, :3]
-    lo = x.flatten(1).quantile(0.01, dim=1)[:, None, None, None, None]
-    hi = x.flatten(1).quantile(0.99, dim=1)[:, None, None, None, None]
-    x = ((x - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
-    x = (x * 255).round().byte().permute(0, 2, 3, 4, 1).numpy()  # [B, F, H, W, 3]
-    scale = max(1, 128 // max(x.shape[2], x.shape[3]))
-    return [[Image.fromarray(frame).resize((frame.shape[1] * scale, frame.shape[0] * scale), Image.NEAREST)
-             for frame in video] for video in x]
-
-
-def preview(latents: torch.Tensor, shapes: VideoShapes) -> Image.Image:
-    """A frame grid: one row per video, one column per latent frame."""
-    videos = video_frames(latents, shapes)
-    w, h = videos[0][0].size
-    grid = Image.new("RGB", (w * len(videos[0]), h * len(videos)))
-    for r, video in enumerate(videos):
-        for c, frame in enumerate(video):
-            grid.paste(frame, (c * w, r * h))
-    return grid
+HUNYUANVIDEO = HunyuanVideoFamily()

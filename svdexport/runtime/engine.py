@@ -12,33 +12,32 @@ from svdexport.cache.svd import Bases
 from svdexport.errors import SvdExportError
 from svdexport.export import backend
 from svdexport.models import family
+from svdexport.models.weights import load_table
 from svdexport.runtime import manifest as manifest_io
+from svdexport.runtime.manifest import BASES_FILE, ConditioningKind, Manifest
 from svdexport.runtime.scheduler import CachedSampler, Generation, StepCache
-
-BASES_FILE = "bases.safetensors"
-TABLE_FILE = "conditioning.safetensors"  # class-conditioning table, for models that have one
 
 
 class Engine:
     """Runs SVD-Cache generation over the engine's graphs with the shapes it was built for."""
 
-    def __init__(self, folder: Path, manifest: dict, full, cached, bases: Bases):
+    def __init__(self, folder: Path, manifest: Manifest, full, cached, bases: Bases):
         self.folder, self.manifest, self.bases = folder, manifest, bases
-        self.family = family(manifest["model"]["family"])
-        self.config = manifest["model"]["config"]
-        self.shapes = self.family.Shapes(**manifest["shapes"]["build"])
-        self.dtype = getattr(torch, manifest["dtype"])
-        self.device = torch.device(manifest.get("device", "cpu"))
-        self.cache = CacheConfig(**manifest["cache"])
-        self.steps = manifest.get("steps", 50)  # the model's default steps per image (dev 50, schnell 4)
+        self.family = family(manifest.model.family)
+        self.config = manifest.model.config
+        self.shapes = self.family.shapes(manifest.shapes.build)
+        self.dtype = getattr(torch, manifest.dtype)
+        self.device = torch.device(manifest.device)
+        self.cache = manifest.cache
+        self.steps = manifest.steps  # the model's default steps per sample (dev 50, schnell 4)
         self.full, self.cached = full, cached
-        cond = manifest["model"]["conditioning"]
-        self.labels = cond.get("labels")  # class names when the model is class-conditioned, else None
-        self.table = self.family.load_table(folder / cond["file"]) if cond["kind"] == "class-table" else None
-        sampler = self.family.make_sampler(manifest["sampler"])
-        set_timesteps = lambda s, n: self.family.set_timesteps(s, n, self.shapes)  # noqa: E731
-        self.sampler = CachedSampler(full, cached, bases.vectors.to(self.device), self.cache, sampler, set_timesteps,
-                                     self.family.model_timestep)
+        cond = manifest.model.conditioning
+        self.conditioning = cond.kind
+        self.labels = cond.labels  # class names when the model is class-conditioned, else None
+        self.table = load_table(folder / cond.file) if cond.kind is ConditioningKind.CLASS_TABLE else None
+        self.sampling = self.family.sampling(manifest.sampler)
+        self.sampler = CachedSampler(full, cached, bases.vectors.to(self.device), self.cache, self.sampling,
+                                     self.shapes)
 
     def example_inputs(self, seed: int = 0, labels: list[int] | None = None) -> dict[str, torch.Tensor]:
         """Seeded noise and conditioning (the classes `labels` for a class-conditioned model, else
@@ -50,7 +49,7 @@ class Engine:
         return {k: v.to(self.device) for k, v in inputs.items()}
 
     def check_inputs(self, inputs: dict[str, torch.Tensor]) -> None:
-        for name, want in self.manifest["shapes"]["inputs"].items():
+        for name, want in self.manifest.shapes.inputs.items():
             got = inputs.get(name)
             if got is None:
                 raise SvdExportError(f"input {name!r} is missing")
@@ -84,19 +83,29 @@ class Engine:
 
     def eager_reference(self) -> "Engine":
         """The same weights, bases and settings run by eager PyTorch: what every backend is measured against."""
-        if self.manifest["backend"] == "eager":
+        if self.manifest.backend == "eager":
             return self
-        full, cached = backend("eager").load(self.folder, self.manifest)
+        full, cached = backend("eager").load(self.folder, self.manifest.load_spec(lambda: eager_graphs(self.manifest)))
         return Engine(self.folder, self.manifest, full, cached, self.bases)
 
     def preview(self, latents: torch.Tensor):
         return self.family.preview(latents, self.shapes)
 
 
+def eager_graphs(manifest: Manifest) -> tuple:
+    """The engine's two graphs in eager PyTorch, from the weights it was built from (checked unchanged)."""
+    fam = family(manifest.model.family)
+    recorded = dataclasses.asdict(manifest.model.weights)
+    info = fam.inspect(recorded["source"])
+    model = fam.load(info, getattr(torch, manifest.dtype))
+    info.verify(recorded)
+    return fam.graphs(model.to(manifest.device), manifest.cache.granularity)
+
+
 def load(folder) -> Engine:
     folder = Path(folder)
     manifest = manifest_io.read(folder)
-    be = backend(manifest["backend"])
+    be = backend(manifest.backend)
     be.check()
-    full, cached = be.load(folder, manifest)
+    full, cached = be.load(folder, manifest.load_spec(lambda: eager_graphs(manifest)))
     return Engine(folder, manifest, full, cached, Bases.load(folder / BASES_FILE))

@@ -1,21 +1,163 @@
-"""Engine manifests: what was built, from what, with which libraries; hashes refuse corrupted engines.
+"""The engine manifest: the one place that knows the on-disk format of an engine folder.
 
-The manifest lists the sha256 of every file in the engine folder and a digest of its own content
-(`manifest_sha256`), so an edited manifest is refused as surely as an edited engine file.
+`manifest.json` records what was built, from what, with which libraries, and the sha256 of every file in
+the folder plus a digest of its own content (`manifest_sha256`), so an edited manifest is refused as
+surely as an edited engine file. On read it is verified, then parsed into typed dataclasses; a missing
+or mistyped field is refused in one line naming it. Engines of svdexport 0.2 have the same layout.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import platform
+import types
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
+from svdexport.cache.config import CacheConfig
 from svdexport.errors import SvdExportError
-from svdexport.runtime.files import sha256_file
+from svdexport.export import GraphSpec, LoadSpec
+from svdexport.files import sha256_file
 
 FORMAT = "svdexport.engine/1"
 MANIFEST = "manifest.json"
+BASES_FILE = "bases.safetensors"
+TABLE_FILE = "conditioning.safetensors"  # class-conditioning table, for models that have one
+
+
+class ConditioningKind(str, Enum):
+    SYNTHETIC = "synthetic"  # seeded embeddings of the right shapes stand in for text encoders
+    CLASS_TABLE = "class-table"  # rows of a table in the engine folder (the bundled digits model)
+    PIPELINE = "pipeline"  # the weights folder's text encoders make it at run time
+
+
+@dataclass
+class Conditioning:
+    kind: ConditioningKind
+    file: str | None = None  # class-table: the table's file name inside the engine folder
+    labels: list[str] | None = None  # class-table: class names, in table order
+    calibration_prompts: list[str] | None = None  # pipeline: the prompts the bases were calibrated on
+
+
+@dataclass
+class WeightsRecord:
+    source: str  # "bundled:NAME" or the absolute path the engine was built from
+    sha256: str  # digest of the weight files (or of the generated state dict)
+    files: list  # [name, size, mtime_ns] per file: unchanged files are not re-hashed at load
+
+
+@dataclass
+class ModelRecord:
+    family: str  # registry name of the DiT family
+    config: dict  # the transformer's diffusers config
+    weights: WeightsRecord
+    pipeline_parts: list[str]  # pipeline folders found beside the transformer
+    conditioning: Conditioning
+
+
+@dataclass
+class SiteRecord:
+    name: str
+    rank: int  # k chosen by the energy rule
+    energy: float  # fraction of the calibration energy the kept directions capture
+
+
+@dataclass
+class CalibrationRecord:
+    num_inputs: int
+    num_timesteps: int
+    tau: float
+    k_max: int
+
+
+@dataclass
+class ShapesRecord:
+    build: dict  # the family's build shapes (batch, height, width, text_len, ...)
+    inputs: dict[str, list[int]]  # graph input shapes a request must match
+
+
+@dataclass
+class Manifest:
+    build_key: str  # digest of everything the engine depends on: same key, same engine
+    backend: str
+    backend_options: dict  # what the backend recorded about its files
+    device: str
+    graphs_dir: str | None  # where the exported programs went (None for eager)
+    model: ModelRecord
+    cache: CacheConfig
+    sites: list[SiteRecord]
+    calibration: CalibrationRecord
+    shapes: ShapesRecord
+    dtype: str  # "float32", "bfloat16", ...
+    steps: int  # the model's default steps per sample
+    memory: dict  # estimated and measured build memory
+    build_seconds: float
+    sampler: dict  # the scheduler config
+    graphs: dict[str, GraphSpec]
+    format: str = FORMAT
+    versions: dict = field(default_factory=dict)  # library versions at build time
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256, every file but this one
+    manifest_sha256: str = ""
+
+    def load_spec(self, eager_graphs=None) -> LoadSpec:
+        return LoadSpec(self.graphs, self.dtype, self.device, eager_graphs)
+
+    def to_dict(self) -> dict:
+        data = _plain(dataclasses.asdict(self))
+        cond = data["model"]["conditioning"]  # only the fields of its kind, as 0.2 wrote them
+        data["model"]["conditioning"] = {k: v for k, v in cond.items() if v is not None}
+        return data
+
+
+def _plain(x):
+    if isinstance(x, Enum):
+        return x.value
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _parse(tp, value, where: str):
+    """`value` (parsed JSON) as type `tp`, recursively; a mismatch raises naming the field."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _parse(next(a for a in args if a is not type(None)), value, where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise SvdExportError(f"manifest field {where} must be an object")
+        hints = typing.get_type_hints(tp)
+        out = {}
+        for f in dataclasses.fields(tp):
+            if f.name in value:
+                out[f.name] = _parse(hints[f.name], value[f.name], f"{where}.{f.name}".lstrip("."))
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise SvdExportError(f"manifest field {where}.{f.name} is missing".replace(" .", " "))
+        return tp(**out)
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise SvdExportError(f"manifest field {where} has unknown value {value!r}") from None
+    if origin is list:
+        if not isinstance(value, list):
+            raise SvdExportError(f"manifest field {where} must be a list")
+        return [_parse(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SvdExportError(f"manifest field {where} must be an object")
+        return {k: _parse(args[1], v, f"{where}.{k}") for k, v in value.items()} if args else value
+    want = {float: (int, float), int: (int,), str: (str,), bool: (bool,), dict: (dict,), list: (list,)}.get(tp)
+    if want is not None and (not isinstance(value, want) or (tp is not bool and isinstance(value, bool))):
+        raise SvdExportError(f"manifest field {where} must be {tp.__name__}, got {type(value).__name__}")
+    return value
 
 
 def library_versions() -> dict[str, str]:
@@ -33,17 +175,18 @@ def _digest(data: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def write(folder: Path, data: dict) -> dict:
-    """Writes folder/manifest.json over `data`, adding the format, versions and every file's sha256."""
+def write(folder: Path, manifest: Manifest) -> Manifest:
+    """Writes folder/manifest.json, adding the format, versions and every file's sha256."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    data = {"format": FORMAT, **data, "versions": library_versions(),
-            "files": {str(p.relative_to(folder)): sha256_file(p) for p in files}}
-    data["manifest_sha256"] = _digest(data)
+    manifest.format, manifest.versions = FORMAT, library_versions()
+    manifest.files = {str(p.relative_to(folder)): sha256_file(p) for p in files}
+    data = manifest.to_dict()
+    manifest.manifest_sha256 = data["manifest_sha256"] = _digest(data)
     (folder / MANIFEST).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    return data
+    return manifest
 
 
-def read(folder: Path, check_versions: bool = True) -> dict:
+def read(folder: Path, check_versions: bool = True) -> Manifest:
     """The verified manifest of an engine folder; any mismatch raises SvdExportError naming it."""
     folder = Path(folder)
     path = folder / MANIFEST
@@ -59,7 +202,8 @@ def read(folder: Path, check_versions: bool = True) -> dict:
         raise SvdExportError(f"{path} is not an {FORMAT} manifest")
     if data.get("manifest_sha256") != _digest(data):
         raise SvdExportError(f"{path} was edited after the build (its digest does not match); rebuild the engine")
-    for name, digest in data["files"].items():
+    manifest = _parse(Manifest, data, "")
+    for name, digest in manifest.files.items():
         f = folder / name
         if not f.is_file():
             raise SvdExportError(f"engine file {f} is missing")
@@ -67,10 +211,8 @@ def read(folder: Path, check_versions: bool = True) -> dict:
             raise SvdExportError(f"engine file {f} is corrupted (sha256 does not match the manifest)")
     if check_versions:
         now = library_versions()
-        built = data.get("versions", {})
         for lib in ("torch", "diffusers", "svdexport"):
-            if built.get(lib) != now[lib]:
-                raise SvdExportError(
-                    f"engine {folder} was built with {lib} {built.get(lib)}, this environment has {now[lib]}; rebuild it"
-                )
-    return data
+            if manifest.versions.get(lib) != now[lib]:
+                raise SvdExportError(f"engine {folder} was built with {lib} {manifest.versions.get(lib)}, this "
+                                     f"environment has {now[lib]}; rebuild it")
+    return manifest

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from svdexport.errors import SvdExportError
-from svdexport.models.base import from_pretrained
+from svdexport.models.weights import from_pretrained
 from svdexport.runtime.engine import Engine
 from svdexport.runtime.engine import load as load_engine
 
@@ -93,7 +93,7 @@ class EngineTransformer(torch.nn.Module):
         if used:
             raise SvdExportError(f"an engine takes no {used[0]} (ControlNet residuals are not engine inputs)")
         engine = self.engine
-        inputs = engine.family.call_inputs(engine.config, {**kwargs, "hidden_states": hidden_states,
+        inputs = engine.family.prompts.call_inputs(engine.config, {**kwargs, "hidden_states": hidden_states,
                                                            "timestep": timestep}, self._memo)
         text_len = inputs["encoder_hidden_states"].shape[1]
         if text_len != engine.shapes.text_len:
@@ -125,9 +125,9 @@ def apply(pipe, engine: Engine | str | Path, **cache_overrides):
     """
     if not isinstance(engine, Engine):
         engine = load_engine(engine)
-    if not hasattr(engine.family, "call_inputs"):
-        raise SvdExportError(f"svdexport.apply drives FLUX pipelines; {engine.family.NAME} engines run with "
-                             "engine.generate(...) (svdexport run)")
+    if engine.family.prompts is None:
+        raise SvdExportError(f"svdexport.apply drives pipelines of families with text encoders; {engine.family.name} "
+                             "engines run with engine.generate(...) (svdexport run)")
     own = getattr(pipe, "transformer", None)
     if own is not None and hasattr(own, "config"):
         keys = ("in_channels", "num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim",
@@ -141,18 +141,19 @@ def apply(pipe, engine: Engine | str | Path, **cache_overrides):
 
 
 def pipeline_for(engine: Engine, **cache_overrides):
-    """The FluxPipeline of the folder the engine was built from (its text encoders, VAE and scheduler),
-    with the engine as its transformer."""
-    from diffusers import FluxPipeline
+    """The diffusers pipeline of the folder the engine was built from (its text encoders, VAE and
+    scheduler), with the engine as its transformer."""
+    import diffusers
 
-    source = engine.manifest["model"]["weights"]["source"]
-    have = engine.manifest["model"]["pipeline_parts"]
-    missing = [p for p in engine.family.PIPELINE_PARTS if p not in have]
-    if missing:
-        raise SvdExportError(f"--prompt needs a FLUX pipeline folder with text encoders and a VAE; the engine's "
-                             f"weights {source} have no {missing[0]}")
+    fam = engine.family
+    source = engine.manifest.model.weights.source
+    have = engine.manifest.model.pipeline_parts
+    missing = [p for p in fam.pipeline_parts if p not in have]
+    if fam.prompts is None or missing:
+        raise SvdExportError(f"--prompt needs a {fam.name} pipeline folder with text encoders and a VAE; the "
+                             f"engine's weights {source} have no {missing[0] if missing else 'prompt encoder'}")
     try:
-        pipe = from_pretrained(FluxPipeline, source, engine.dtype, transformer=None)
+        pipe = from_pretrained(getattr(diffusers, fam.prompts.pipeline_class), source, engine.dtype, transformer=None)
     except Exception as e:
         raise SvdExportError(f"cannot load the pipeline at {source}: {str(e).splitlines()[0]}") from None
     pipe.set_progress_bar_config(desc="sampling", leave=False)

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from svdexport.cache.config import CacheConfig, step_plan
 from svdexport.cache.predictors import make_predictor
+from svdexport.models.family import Sampling, Shapes
 
 
 class Graph(Protocol):
@@ -33,16 +34,11 @@ class Generation:
 FullStepHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
-def per_mille(t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-    """FluxPipeline's convention: the timestep per batch row in the latents' dtype, divided by 1000."""
-    return t.expand(latents.shape[0]).to(latents.dtype) / 1000
-
-
 class StepCache:
     """The cache state of one request: which graph each step runs, the predictor and the last residuals.
 
-    `CachedSampler` drives it over its own sampler; `runtime.pipeline.EngineTransformer` drives it from
-    inside diffusers' FluxPipeline, one transformer call per step.
+    `CachedSampler` drives it over its own scheduler; `runtime.pipeline.EngineTransformer` drives it from
+    inside a diffusers pipeline, one transformer call per step.
     """
 
     def __init__(self, full: Graph, cached: Graph, bases: torch.Tensor, cache: CacheConfig, steps: int):
@@ -67,33 +63,32 @@ class StepCache:
 
 
 class CachedSampler:
-    """Drives a full-compute and a cached-step graph over a diffusers flow-match sampler.
+    """Drives a full-compute and a cached-step graph over a diffusers flow-match scheduler, with the family's
+    sampling rule for samples of `shapes`.
 
     All cache state lives in a fresh StepCache per `generate`, so every request starts clean whatever
     its number of steps.
     """
 
-    def __init__(self, full: Graph, cached: Graph, bases: torch.Tensor, cache: CacheConfig, sampler,
-                 set_timesteps: Callable[[object, int], torch.Tensor],
-                 model_timestep: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = None):
+    def __init__(self, full: Graph, cached: Graph, bases: torch.Tensor, cache: CacheConfig, sampling: Sampling,
+                 shapes: Shapes):
         self.full, self.cached, self.bases, self.cache = full, cached, bases, cache
-        self.sampler = sampler  # diffusers FlowMatchEulerDiscreteScheduler
-        self.set_timesteps = set_timesteps  # family rule: (sampler, steps) -> timesteps, resets the sampler
-        self.model_timestep = model_timestep or per_mille  # family rule: (t, latents) -> the model's timestep
+        self.sampling, self.shapes = sampling, shapes
+        self.scheduler = sampling.scheduler()
 
     @torch.inference_mode()
     def generate(self, inputs: dict[str, torch.Tensor], steps: int, cache: CacheConfig | None = None,
                  progress: bool = False, on_full_step: FullStepHook | None = None) -> Generation:
         step = StepCache(self.full, self.cached, self.bases, cache or self.cache, steps)
-        timesteps = self.set_timesteps(self.sampler, steps)
+        timesteps = self.sampling.set_timesteps(self.scheduler, steps, self.shapes)
         latents = inputs["hidden_states"]
         step.state.update(inputs)
         start = time.perf_counter()
         for i, t in enumerate(tqdm(timesteps, desc="sampling", unit="step", disable=not progress, leave=False)):
-            out = step(i, {"hidden_states": latents, "timestep": self.model_timestep(t, latents)})
+            out = step(i, {"hidden_states": latents, "timestep": self.sampling.model_timestep(t, latents)})
             if on_full_step is not None and step.plan[i]:
                 on_full_step(i, *step.last)
-            latents = self.sampler.step(out, t, latents, return_dict=False)[0]
+            latents = self.scheduler.step(out, t, latents, return_dict=False)[0]
         seconds = time.perf_counter() - start
         full = sum(step.plan)
         return Generation(latents, full, steps - full, seconds)

@@ -1,23 +1,73 @@
-"""Weights handling every diffusers-transformer family shares: bundled models, diffusers folders,
-configs, loading that refuses mismatches, parameter counts and prompt files.
+"""Weights handling every diffusers-transformer family shares: what the weights are (`WeightsInfo`),
+bundled models, diffusers folders, configs, loading that refuses mismatches, parameter counts, class
+tables and prompt files.
 
-A family module passes its transformer class and its own names; what differs between families
-(single-file checkpoints, key layouts, text encoders) stays in the family's file.
+A family passes its transformer class and its own names; what differs between families (single-file
+checkpoints and their key layouts, text encoders) stays with the family.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from svdexport.errors import SvdExportError
-from svdexport.models.base import WeightsInfo, from_pretrained
-from svdexport.runtime.files import sha256_state_dict
+from svdexport.files import fingerprint, sha256_files, sha256_state_dict
 
 CALIBRATION_PROMPTS = Path(__file__).parent / "prompts" / "calibration.txt"
+
+
+@dataclass
+class WeightsInfo:
+    """What a build knows of the weights before loading a tensor, and how a manifest identifies them."""
+
+    source: str  # "bundled:NAME" or the absolute path given with --weights
+    config: dict  # the transformer's diffusers config
+    files: list[str] = field(default_factory=list)  # weight files read, absolute paths, in hashing order
+    pipeline_parts: list[str] = field(default_factory=list)  # text encoders / VAE found beside the transformer
+    sha256: str = ""  # digest of the weights; set at load for the generated bundled model, else on demand
+    conditioning: dict = field(default_factory=lambda: {"kind": "synthetic"})  # or a class table (file, labels)
+    shapes: dict | None = None  # default build shapes the model declares (bundled models)
+
+    def digest(self) -> str:
+        if not self.sha256:
+            self.sha256 = sha256_files([Path(f) for f in self.files], progress=True)
+        return self.sha256
+
+    def record(self) -> dict:
+        """What a manifest keeps to check later that the same weights are loaded."""
+        return {"source": self.source, "sha256": self.digest(),
+                "files": fingerprint([Path(f) for f in self.files])}
+
+    def verify(self, recorded: dict) -> None:
+        """Refuses weights that differ from the build's; re-hashes only files whose size or mtime changed."""
+        if self.files and fingerprint([Path(f) for f in self.files]) == recorded.get("files"):
+            return
+        if self.digest() != recorded.get("sha256"):
+            raise SvdExportError(f"weights at {self.source} differ from the ones this engine was built from; rebuild it")
+
+
+def from_pretrained(cls, path, dtype: torch.dtype, **kwargs):
+    """`cls.from_pretrained` offline in `dtype`. Newer diffusers renamed torch_dtype to dtype and warn about
+    the old name, which every supported version still takes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+        return cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **kwargs)
+
+
+def load_table(path: str | Path) -> dict[str, torch.Tensor]:
+    """A class-conditioning table: per class, the conditioning tensors the transformer takes."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for damaged files
+        raise SvdExportError(f"cannot read the class table {path}: {str(e).splitlines()[0]}") from None
 
 
 def config_kwargs(config: dict) -> dict:

@@ -1,27 +1,21 @@
-"""What every DiT family shares: capturing cache-site features with hooks, and the split into C and R.
-
-A family adapter (one file per family, e.g. flux.py) provides:
-- `load(weights, dtype)`: the real diffusers transformer, from the bundled config or a local path;
-- `sites(granularity)`: the names of the cache sites, in graph order;
-- `full_graph(granularity)` / `cached_graph(granularity)`: two nn.Modules with positional tensor I/O and
-  an `input_names` list, the full one returning (output, C, R) for all sites stacked;
-- `example_inputs(...)`, `sampler(...)`, `preview(...)`: conditioning, noise, the flow-match sampler
-  and a PNG preview of the final latents.
+"""What the MMDiT families (FLUX, HunyuanVideo, SD3-style) share: the cache sites of their double- and
+single-stream blocks, the hooks that capture them, the gated rebuild of the image stream on cached
+steps, and `MMDiTFamily`, the family base with weights handling, sites and the memory estimate.
 """
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 
 from svdexport.cache.svd import split
 from svdexport.errors import SvdExportError
-from svdexport.runtime.files import fingerprint, sha256_files
+from svdexport.models import weights as wt
+from svdexport.models.family import Family, Shapes
+from svdexport.models.weights import WeightsInfo
 
 # Turns a hooked module's (args, output) into the site feature [B, N, D].
 Extractor = Callable[[tuple, object], torch.Tensor]
@@ -78,74 +72,9 @@ def split_sites(features: torch.Tensor, bases: torch.Tensor) -> tuple[torch.Tens
     return split(features, bases.to(features))
 
 
-def check_shapes(shapes, pixels_per_token: int) -> None:
-    """The checks every family's static build shapes share: pixel sizes on the token grid, batch and
-    text length positive."""
-    for name in ("height", "width"):
-        v = getattr(shapes, name)
-        if v < pixels_per_token or v % pixels_per_token:
-            raise SvdExportError(f"{name}={v} must be a positive multiple of {pixels_per_token}")
-    if shapes.batch < 1 or shapes.text_len < 1:
-        raise SvdExportError(f"batch and text_len must be >= 1, got {shapes.batch} and {shapes.text_len}")
-
-
-def from_pretrained(cls, path, dtype: torch.dtype, **kwargs):
-    """`cls.from_pretrained` offline in `dtype`. Newer diffusers renamed torch_dtype to dtype and warn about
-    the old name, which every supported version still takes."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
-        return cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **kwargs)
-
-
-def parameter_count(module: nn.Module) -> int:
-    """Distinct parameters a graph holds (shared submodules counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
-
-
-@dataclass
-class WeightsInfo:
-    source: str  # "bundled" or the absolute path given with --weights
-    config: dict  # the transformer's diffusers config
-    files: list[str] = field(default_factory=list)  # weight files read, absolute paths, in hashing order
-    pipeline_parts: list[str] = field(default_factory=list)  # text encoders / VAE found beside the transformer
-    sha256: str = ""  # digest of the weights; set at load for the generated bundled model, else on demand
-    conditioning: dict = field(default_factory=lambda: {"kind": "synthetic"})  # or a class table (file, labels)
-    shapes: dict | None = None  # default build shapes the model declares (bundled models)
-
-    def digest(self) -> str:
-        if not self.sha256:
-            self.sha256 = sha256_files([Path(f) for f in self.files], progress=True)
-        return self.sha256
-
-    def record(self) -> dict:
-        """What a manifest keeps to check later that the same weights are loaded."""
-        return {"source": self.source, "sha256": self.digest(),
-                "files": fingerprint([Path(f) for f in self.files])}
-
-    def verify(self, recorded: dict) -> None:
-        """Refuses weights that differ from the build's; re-hashes only files whose size or mtime changed."""
-        if self.files and fingerprint([Path(f) for f in self.files]) == recorded.get("files"):
-            return
-        if self.digest() != recorded.get("sha256"):
-            raise SvdExportError(f"weights at {self.source} differ from the ones this engine was built from; rebuild it")
-
-
-# ------------------------------------------------------------------------ what the MMDiT families share
 # FLUX and HunyuanVideo (and SD3-style MMDiTs) have double-stream blocks with AdaLayerNormZero (`norm1`)
 # and single-stream blocks with AdaLayerNormZeroSingle (`norm`), image and text streams joined in the
 # single blocks. Their cache sites, and the cached step that rebuilds the image stream, are the same.
-
-
-def sites(config: dict, granularity: str) -> list[str]:
-    """Cache-site names in the order the graphs stack them."""
-    if granularity == "final":
-        return ["final"]
-    double = [f"double.{i}.{part}" for i in range(config["num_layers"]) for part in ("attn", "ff")]
-    return double + [f"single.{i}" for i in range(config["num_single_layers"])]
-
-
-def hidden_size(config: dict) -> int:
-    return config["num_attention_heads"] * config["attention_head_dim"]
 
 
 def site_hooks(transformer: nn.Module, granularity: str,
@@ -217,3 +146,72 @@ class CachedStepGraph(nn.Module):
         if self.rebuild is None:
             return features[0]
         return self.rebuild(self.x_embedder(hidden_states), temb, features)
+
+
+class MMDiTFamily(Family):
+    """A family over a diffusers MMDiT transformer: sites, hidden size, memory estimate, bundled and folder
+    weights, and the scheduler config beside the weights. Subclasses add graphs, inputs and sampling."""
+
+    bundled: ClassVar[dict[str, Path]] = {}  # bundled:NAME -> a committed folder or a JSON spec of random weights
+    default_sampler: ClassVar[dict] = {}  # the scheduler config when the weights folder has none
+
+    def transformer_class(self):
+        """The diffusers class, imported only where a model is built: compiled engines run without it."""
+        import diffusers
+
+        return getattr(diffusers, self.class_name)
+
+    def inspect(self, weights: str | None) -> WeightsInfo:
+        found = wt.inspect_weights(weights, self.default_weights, self.bundled, self.class_name, self.pipeline_parts)
+        if isinstance(found, WeightsInfo):
+            return found
+        return self.inspect_file(found)
+
+    def inspect_file(self, path: Path) -> WeightsInfo:
+        """A single checkpoint file; families that read them override this."""
+        raise SvdExportError(f"{self.name} weights must be a diffusers folder (with transformer/), got {path}")
+
+    def load(self, info: WeightsInfo, dtype: torch.dtype) -> nn.Module:
+        if info.source.startswith("bundled:") and not info.files:
+            model = wt.generated(self.transformer_class(), self.bundled[info.source.split(":", 1)[1]], info, dtype)
+        elif Path(info.source).is_file():
+            model = self.load_file(info, dtype)
+        else:
+            model = wt.load_folder(self.transformer_class(), info, dtype)
+        return model.eval().requires_grad_(False)
+
+    def load_file(self, info: WeightsInfo, dtype: torch.dtype) -> nn.Module:
+        raise SvdExportError(f"{self.name} cannot load single checkpoint files")
+
+    def parameters(self, config: dict) -> int:
+        return wt.count_parameters(self.transformer_class(), config)
+
+    def activation_bytes(self, config: dict, shapes: Shapes, itemsize: int) -> int:
+        """The attention scores of one layer (float32 softmax, as the math fallback of CPU attention keeps
+        them) and a few hidden-state buffers."""
+        tokens = shapes.img_tokens + shapes.text_len
+        scores = shapes.batch * config["num_attention_heads"] * tokens * tokens * 4 * 2
+        return scores + shapes.batch * tokens * self.hidden_size(config) * itemsize * 16
+
+    def default_shapes(self, info: WeightsInfo) -> Shapes:
+        return self.shapes_type(**info.shapes) if info.shapes else self.shapes_type()
+
+    def hidden_size(self, config: dict) -> int:
+        return config["num_attention_heads"] * config["attention_head_dim"]
+
+    def sites(self, config: dict, granularity: str) -> list[str]:
+        if granularity == "final":
+            return ["final"]
+        double = [f"double.{i}.{part}" for i in range(config["num_layers"]) for part in ("attn", "ff")]
+        return double + [f"single.{i}" for i in range(config["num_single_layers"])]
+
+    def sampler_config(self, weights: str | None, config: dict) -> dict:
+        if weights is not None and not weights.startswith("bundled"):
+            path = Path(weights) / "scheduler" / "scheduler_config.json"
+            if path.exists():
+                return wt.config_kwargs(wt.read_json(path))
+        return self.family_sampler(config)
+
+    def family_sampler(self, config: dict) -> dict:
+        """The family's own scheduler config for a transformer config (override for variants)."""
+        return dict(self.default_sampler)

@@ -1,8 +1,9 @@
 """Peak-memory estimate of a build, checked before any weight is loaded.
 
 A build holds the weights while it calibrates, exports and compiles; the backends copy them to different
-degrees. The factors below are peak resident memory over weight bytes, measured on the full-width
-depth-reduced FLUX.1 variant (bundled:flux1-reduced, 1.03B parameters) on CPU; see the README.
+degrees. Each backend states its factor (`Backend.weight_copies`, peak resident memory over weight bytes),
+measured for aoti and onnx on the full-width depth-reduced FLUX.1 variant (bundled:flux1-reduced, 1.03B
+parameters) on CPU; see the README.
 """
 
 from __future__ import annotations
@@ -14,10 +15,6 @@ import torch
 
 from svdexport.errors import SvdExportError
 
-# Peak memory / weight bytes, per backend. aoti and onnx measured on bundled:flux1-reduced (fp32 and bf16:
-# aoti 3.1 and 3.3, onnx 4.1), rounded up; eager holds one copy; inductor (export + save) and tensorrt
-# (export + engine) are estimated from their steps, not measured here.
-WEIGHT_COPIES = {"eager": 1.3, "inductor": 2.5, "aoti": 3.5, "onnx": 4.3, "tensorrt": 3.5}
 GiB = 2**30
 
 
@@ -60,9 +57,9 @@ def available_bytes(device: str) -> int:
     return free
 
 
-def estimate(parameters: int, itemsize: int, activations: int, backend: str, device: str) -> Estimate:
+def estimate(parameters: int, itemsize: int, activations: int, weight_copies: float, device: str) -> Estimate:
     weights = parameters * itemsize
-    peak = int(weights * WEIGHT_COPIES[backend]) + activations
+    peak = int(weights * weight_copies) + activations
     return Estimate(parameters, weights, activations, peak, available_bytes(device), device)
 
 

@@ -1,4 +1,5 @@
-"""`svdexport build` and `svdexport calibrate`: weights -> graphs -> bases -> exported programs -> engine."""
+"""`svdexport build` and `svdexport calibrate`: weights -> family graphs -> bases -> exported programs ->
+engine folder with its typed manifest."""
 
 from __future__ import annotations
 
@@ -13,17 +14,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from svdexport.build import memory
+from svdexport.build.calibrate import CalibrationSettings, calibrate
 from svdexport.cache.config import CacheConfig
 from svdexport.cache.svd import Bases
 from svdexport.errors import SvdExportError
-from svdexport.export import GraphExport, backend, export_programs
+from svdexport.export import GraphExport, GraphSpec, backend, export_programs
+from svdexport.files import atomic_dir, atomic_file, check_replaceable
 from svdexport.models import family
-from svdexport.models.base import parameter_count
-from svdexport.runtime import manifest as manifest_io
-from svdexport.runtime import memory
-from svdexport.runtime.calibrate import calibrate
-from svdexport.runtime.engine import BASES_FILE, TABLE_FILE
-from svdexport.runtime.files import atomic_dir, atomic_file, check_replaceable
+from svdexport.models.family import Family, Sampling, Shapes
+from svdexport.models.weights import WeightsInfo, load_table, read_prompts
+from svdexport.runtime import manifest as mf
+from svdexport.runtime.manifest import BASES_FILE, TABLE_FILE, ConditioningKind
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -63,17 +65,17 @@ class BuildOptions:
 class Prepared:
     """Everything a build derives before writing: the model, its graphs and the build shapes."""
 
-    fam: object  # family module
+    fam: Family
     model: torch.nn.Module  # the diffusers transformer, on the build device
-    info: object  # WeightsInfo
-    shapes: object  # the family's Shapes
+    info: WeightsInfo
+    shapes: Shapes  # the build shapes
     full: torch.nn.Module  # full-compute graph
     cached: torch.nn.Module  # cached-step graph
-    sites: list  # cache-site names
-    sampler_config: dict  # flow-match scheduler config
+    sites: list[str]  # cache-site names
+    sampling: Sampling  # the family's sampling rule over the scheduler config
     table: dict | None  # conditioning rows (class table, or encoded calibration prompts); None: synthetic
     steps: int  # default steps per image (calibration and run)
-    memory: object  # runtime.memory.Estimate
+    memory: memory.Estimate
     prompts: list | None = None  # calibration prompts, when the model has text encoders
 
     def inputs(self, seed: int, opts: BuildOptions) -> dict[str, torch.Tensor]:
@@ -89,48 +91,40 @@ def prepare(opts: BuildOptions) -> Prepared:
     dim = fam.hidden_size(info.config)
     if opts.cache.k_max > dim:
         raise SvdExportError(f"k_max={opts.cache.k_max} exceeds the model's hidden size {dim}")
-    shapes = fam.default_shapes(info)
-    try:
-        shapes = fam.Shapes(**{**shapes.__dict__, **opts.shapes}).validate()
-    except TypeError as e:
-        raise SvdExportError(f"bad shape option: {e}") from None
-    sampler_config = fam.sampler_config(opts.weights, info.config)
-    defaults = fam.run_defaults(info.config, sampler_config)
-    opts.cache = dataclasses.replace(opts.cache, **{k: defaults[k] for k in ("warmup", "interval")
+    shapes = fam.shapes({**fam.default_shapes(info).to_dict(), **opts.shapes})
+    sampling = fam.sampling(fam.sampler_config(opts.weights, info.config))
+    defaults = fam.run_defaults(info.config, sampling.config)
+    opts.cache = dataclasses.replace(opts.cache, **{k: getattr(defaults, k) for k in ("warmup", "interval")
                                                      if getattr(opts.cache, k) is None}).validate()
-    opts.calib_steps = opts.calib_steps or defaults["steps"]
+    opts.calib_steps = opts.calib_steps or defaults.steps
     itemsize = DTYPES[opts.dtype].itemsize
     est = memory.estimate(fam.parameters(info.config), itemsize, fam.activation_bytes(info.config, shapes, itemsize),
-                          opts.backend, opts.device)
+                          backend(opts.backend).weight_copies, opts.device)
     if opts.check_memory:
         memory.check(est, f"building this model with the {opts.backend} backend in {opts.dtype}")
     table, prompts = None, None
-    if info.conditioning["kind"] == "class-table":
-        table = fam.load_table(info.conditioning["file"])
+    if info.conditioning["kind"] == ConditioningKind.CLASS_TABLE.value:
+        table = load_table(info.conditioning["file"])
         text_len = table["encoder_hidden_states"].shape[1]
         if shapes.text_len != text_len:
             raise SvdExportError(f"this model's class table has {text_len} text tokens; --text-len must be {text_len}")
-    elif fam.has_text_encoders(info):
+    elif fam.prompts is not None and fam.prompts.available(info):
         # Real prompts through the pipeline's own text encoders, encoded before the transformer is loaded.
-        prompts = fam.read_prompts(opts.calibration_prompts)
-        table = fam.encode_prompts(info, prompts, shapes.text_len, DTYPES[opts.dtype], opts.device)
-    elif opts.calibration_prompts:
+        prompts = read_prompts(opts.calibration_prompts)
+        table = fam.prompts.encode(info, prompts, shapes.text_len, DTYPES[opts.dtype], opts.device)
+    if opts.calibration_prompts and prompts is None:
         raise SvdExportError(f"--calibration-prompts needs text encoders; {info.source} has none "
-                             "(a FLUX pipeline folder with text_encoder, text_encoder_2 and tokenizers)")
-    model, info = fam.load(opts.weights, DTYPES[opts.dtype], info)
-    model = model.to(opts.device)
+                             f"(a {fam.name} pipeline folder with its text encoders and tokenizers)")
+    model = fam.load(info, DTYPES[opts.dtype]).to(opts.device)
     full, cached = fam.graphs(model, opts.cache.granularity)
     return Prepared(fam, model, info, shapes, full, cached, fam.sites(info.config, opts.cache.granularity),
-                    sampler_config, table, defaults["steps"], est, prompts)
+                    sampling, table, defaults.steps, est, prompts)
 
 
 def run_calibration(p: Prepared, opts: BuildOptions, progress: bool) -> Bases:
-    return calibrate(
-        p.full, p.cached, p.sites, p.fam.hidden_size(p.info.config), p.fam.make_sampler(p.sampler_config),
-        lambda s, n: p.fam.set_timesteps(s, n, p.shapes), lambda seed: p.inputs(seed, opts),
-        opts.cache.tau, opts.cache.k_max, opts.calib_samples, opts.calib_steps, progress=progress,
-        model_timestep=p.fam.model_timestep,
-    )
+    settings = CalibrationSettings(opts.calib_samples, opts.calib_steps, opts.cache.tau, opts.cache.k_max)
+    return calibrate(p.full, p.cached, p.sampling, p.shapes, p.sites, p.fam.hidden_size(p.info.config),
+                     lambda seed: p.inputs(seed, opts), settings, progress=progress)
 
 
 def calibrate_to_file(opts: BuildOptions, out: Path, progress: bool = True) -> Bases:
@@ -158,21 +152,21 @@ def graph_exports(p: Prepared, bases: Bases, example: dict, opts: BuildOptions) 
 def build_key(p: Prepared, opts: BuildOptions) -> str:
     """Digest of everything an engine depends on: same key, same engine."""
     parts = {"model": opts.model, "weights": p.info.digest(), "backend": opts.backend, "cache": opts.cache.to_dict(),
-             "shapes": p.shapes.__dict__, "dtype": opts.dtype, "device": opts.device,
-             "calibration": [opts.calib_samples, opts.calib_steps, p.prompts], "sampler": p.sampler_config,
-             "versions": manifest_io.library_versions()}
+             "shapes": p.shapes.to_dict(), "dtype": opts.dtype, "device": opts.device,
+             "calibration": [opts.calib_samples, opts.calib_steps, p.prompts], "sampler": p.sampling.config,
+             "versions": mf.library_versions()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def existing(out: Path, key: str) -> dict | None:
+def existing(out: Path, key: str) -> mf.Manifest | None:
     """The manifest of a valid engine at `out` built with the same key, else None."""
-    if not (out / manifest_io.MANIFEST).exists():
+    if not (out / mf.MANIFEST).exists():
         return None
     try:
-        data = manifest_io.read(out)
+        manifest = mf.read(out)
     except SvdExportError:
         return None  # damaged or outdated: rebuild it
-    return data if data.get("build_key") == key else None
+    return manifest if manifest.build_key == key else None
 
 
 def peak_rss() -> int:
@@ -182,19 +176,21 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _describe(graphs: dict[str, GraphExport]) -> dict:
-    return {
-        name: {"inputs": g.input_names, "outputs": g.output_names, "parameters": parameter_count(g.module),
-               "input_shapes": [list(a.shape) for a in g.args], "input_dtypes": [str(a.dtype)[6:] for a in g.args]}
-        for name, g in graphs.items()
-    }
+def parameter_count(module: torch.nn.Module) -> int:
+    """Distinct parameters a graph holds (shared submodules counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
 
 
-def build(opts: BuildOptions, out: Path, graphs_dir: Path | None = None, progress: bool = True) -> dict:
-    """Builds an engine folder at `out` (replaced only when the whole build succeeded); returns its manifest.
+def _describe(graphs: dict[str, GraphExport]) -> dict[str, GraphSpec]:
+    return {name: GraphSpec(g.input_names, g.output_names, parameter_count(g.module),
+                            [list(a.shape) for a in g.args], [str(a.dtype).removeprefix("torch.") for a in g.args])
+            for name, g in graphs.items()}
 
-    An engine already at `out` with the same build key is reused (`manifest["reused"]` is then True).
-    """
+
+def build(opts: BuildOptions, out: Path, graphs_dir: Path | None = None,
+          progress: bool = True) -> tuple[mf.Manifest, bool]:
+    """Builds an engine folder at `out` (replaced only when the whole build succeeded); returns its manifest
+    and whether an engine already at `out` with the same build key was reused instead."""
     start = time.perf_counter()
     out = Path(out)
     graphs_dir = Path(graphs_dir) if graphs_dir else Path("graphs") / out.name
@@ -203,8 +199,8 @@ def build(opts: BuildOptions, out: Path, graphs_dir: Path | None = None, progres
     check_replaceable(out)  # before the long work, not after it
     p = prepare(opts)
     key = build_key(p, opts)
-    if (data := existing(out, key)) is not None:
-        return {**data, "reused": True}
+    if (manifest := existing(out, key)) is not None:
+        return manifest, True
     if be.needs_export:
         check_replaceable(graphs_dir)
     bases = run_calibration(p, opts, progress)
@@ -213,40 +209,36 @@ def build(opts: BuildOptions, out: Path, graphs_dir: Path | None = None, progres
     graphs_ctx = atomic_dir(graphs_dir) if be.needs_export else contextlib.nullcontext(None)
     with atomic_dir(out) as tmp, graphs_ctx as gtmp:
         bases.save(tmp / BASES_FILE)
-        conditioning = {"kind": "synthetic"}  # seeded embeddings of the right shapes stand in for text encoders
+        conditioning = mf.Conditioning(ConditioningKind.SYNTHETIC)
         if p.prompts is not None:  # the pipeline's text encoders make the conditioning at run time
-            conditioning = {"kind": "pipeline", "calibration_prompts": p.prompts}
+            conditioning = mf.Conditioning(ConditioningKind.PIPELINE, calibration_prompts=p.prompts)
         elif p.table is not None:
             save_file({k: v.contiguous() for k, v in p.table.items()}, str(tmp / TABLE_FILE))
-            conditioning = {"kind": "class-table", "file": TABLE_FILE, "labels": p.info.conditioning["labels"]}
+            conditioning = mf.Conditioning(ConditioningKind.CLASS_TABLE, file=TABLE_FILE,
+                                           labels=p.info.conditioning["labels"])
         if be.needs_export:
             export_programs(graphs, gtmp)
             (gtmp / "manifest.json").write_text(json.dumps({"engine": str(out), "build_key": key}, indent=2))
         backend_record = be.build(graphs, tmp, gtmp)
-        data = {
-            "build_key": key,
-            "backend": be.name,
-            "backend_options": backend_record,
-            "device": opts.device,
-            "graphs_dir": str(graphs_dir) if be.needs_export else None,
-            "model": {
-                "family": opts.model,
-                "config": {k: v for k, v in p.info.config.items() if not k.startswith("_")},
-                "weights": p.info.record(),
-                "pipeline_parts": p.info.pipeline_parts,
-                "conditioning": conditioning,
-            },
-            "cache": opts.cache.to_dict(),
-            "sites": [{"name": n, "rank": k, "energy": e} for n, k, e in zip(bases.sites, bases.ranks, bases.energy)],
-            "calibration": {"num_inputs": bases.num_inputs, "num_timesteps": bases.num_timesteps,
-                            "tau": bases.tau, "k_max": bases.k_max},
-            "shapes": {"build": dict(p.shapes.__dict__),
-                       "inputs": {k: list(v.shape) for k, v in example.items()}},
-            "dtype": str(DTYPES[opts.dtype]).removeprefix("torch."),
-            "steps": p.steps,
-            "memory": {**p.memory.to_dict(), "measured_peak_rss_bytes": peak_rss()},
-            "build_seconds": round(time.perf_counter() - start, 1),
-            "sampler": p.sampler_config,
-            "graphs": _describe(graphs),
-        }
-        return manifest_io.write(tmp, data)
+        weights = p.info.record()
+        manifest = mf.Manifest(
+            build_key=key,
+            backend=be.name,
+            backend_options=backend_record,
+            device=opts.device,
+            graphs_dir=str(graphs_dir) if be.needs_export else None,
+            model=mf.ModelRecord(family=opts.model, config={k: v for k, v in p.info.config.items() if not k.startswith("_")},
+                                 weights=mf.WeightsRecord(weights["source"], weights["sha256"], weights["files"]),
+                                 pipeline_parts=p.info.pipeline_parts, conditioning=conditioning),
+            cache=opts.cache,
+            sites=[mf.SiteRecord(n, k, e) for n, k, e in zip(bases.sites, bases.ranks, bases.energy)],
+            calibration=mf.CalibrationRecord(bases.num_inputs, bases.num_timesteps, bases.tau, bases.k_max),
+            shapes=mf.ShapesRecord(build=p.shapes.to_dict(), inputs={k: list(v.shape) for k, v in example.items()}),
+            dtype=str(DTYPES[opts.dtype]).removeprefix("torch."),
+            steps=p.steps,
+            memory={**p.memory.to_dict(), "measured_peak_rss_bytes": peak_rss()},
+            build_seconds=round(time.perf_counter() - start, 1),
+            sampler=p.sampling.config,
+            graphs=_describe(graphs),
+        )
+        return mf.write(tmp, manifest), False

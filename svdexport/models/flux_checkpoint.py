@@ -1,0 +1,117 @@
+"""FLUX single-file checkpoints: the config from the tensor shapes (diffusers or Black Forest Labs names),
+and loading with diffusers' own BFL converter. Read without building the model twice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from svdexport.errors import SvdExportError
+from svdexport.models import weights as wt
+from svdexport.models.weights import WeightsInfo
+
+CLASS_NAME = "FluxTransformer2DModel"
+
+
+def _transformer_class():
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel
+
+
+def header_shapes(path: Path) -> dict[str, tuple]:
+    """Tensor names and shapes of a .safetensors file, from its header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise SvdExportError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+
+
+def is_bfl(names) -> bool:
+    return any(k.startswith(("double_blocks.", "model.diffusion_model.")) for k in names)
+
+
+def infer_config(shapes: dict[str, tuple]) -> dict:
+    """A diffusers config from the tensor shapes of a FLUX checkpoint (diffusers or BFL names)."""
+
+    def count(prefix: str) -> int:
+        return len({k[len(prefix) + 1:].split(".")[0] for k in shapes if k.startswith(prefix + ".")})
+
+    pre = "model.diffusion_model." if any(k.startswith("model.diffusion_model.") for k in shapes) else ""
+    n = ({"x": "img_in.weight", "head": "double_blocks.0.img_attn.norm.query_norm.scale", "txt": "txt_in.weight",
+          "pooled": "vector_in.in_layer.weight", "double": "double_blocks", "single": "single_blocks",
+          "guidance": "guidance_in."} if is_bfl(shapes) else
+         {"x": "x_embedder.weight", "head": "transformer_blocks.0.attn.norm_q.weight",
+          "txt": "context_embedder.weight", "pooled": "time_text_embed.text_embedder.linear_1.weight",
+          "double": "transformer_blocks", "single": "single_transformer_blocks",
+          "guidance": "time_text_embed.guidance_embedder."})
+    n = {k: pre + v for k, v in n.items()}
+    try:
+        inner, in_channels = shapes[n["x"]]
+        head_dim = shapes[n["head"]][0]
+        config = {
+            "in_channels": in_channels,
+            "num_layers": count(n["double"]),
+            "num_single_layers": count(n["single"]),
+            "attention_head_dim": head_dim,
+            "num_attention_heads": inner // head_dim,
+            "joint_attention_dim": shapes[n["txt"]][1],
+            "pooled_projection_dim": shapes[n["pooled"]][1],
+            "guidance_embeds": any(k.startswith(n["guidance"]) for k in shapes),
+        }
+    except KeyError as e:
+        raise SvdExportError(f"not a FLUX transformer checkpoint (missing {e.args[0]})") from None
+    if head_dim != 128:
+        raise SvdExportError(
+            f"cannot infer axes_dims_rope for head dim {head_dim}; put the transformer's config.json beside the file"
+        )
+    return config
+
+
+def inspect_file(path: Path) -> WeightsInfo:
+    """A .safetensors transformer: its config from config.json beside it, else from its tensor shapes."""
+    if path.suffix != ".safetensors":
+        raise SvdExportError(f"weights must be a diffusers folder or a .safetensors file, got {path}")
+    beside = path.parent / "config.json"
+    if beside.exists():
+        config = wt.read_json(beside)
+        wt.check_class(config, beside, CLASS_NAME)
+        config = wt.config_kwargs(config)
+    else:
+        config = infer_config(header_shapes(path))
+    try:
+        with torch.device("meta"):  # fills in the class defaults (e.g. axes_dims_rope) without allocating
+            config = dict(_transformer_class().from_config(config).config)
+    except TypeError as e:
+        raise SvdExportError(f"bad transformer config for {path}: {e}") from None
+    return WeightsInfo(str(path.resolve()), wt.config_kwargs(config), [str(path.resolve())])
+
+
+def load_file(info: WeightsInfo, dtype: torch.dtype) -> nn.Module:
+    from safetensors.torch import load_file as read
+
+    path = Path(info.source)
+    try:
+        state = read(str(path))
+    except Exception as e:
+        raise SvdExportError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    if is_bfl(state):
+        # Black Forest Labs' original layout: diffusers' own converter maps it to diffusers names.
+        from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+        try:
+            state = convert_flux_transformer_checkpoint_to_diffusers(state)
+        except (KeyError, IndexError) as e:
+            raise SvdExportError(f"{path} is not a FLUX transformer checkpoint ({e})") from None
+    try:
+        with torch.device("meta"):
+            model = _transformer_class().from_config(info.config)
+        model.load_state_dict(state, strict=True, assign=True)  # takes the loaded tensors, no second copy
+    except (RuntimeError, TypeError) as e:
+        raise SvdExportError(f"weights in {path} do not match their config: {str(e).splitlines()[0]}") from None
+    return wt.cast(model, dtype)
