@@ -1,9 +1,11 @@
 """Engines inside diffusers pipelines: `apply(pipe, engine_dir)` swaps the pipeline's transformer for an
 engine-backed stand-in, so `pipe(prompt, ...)` keeps its text encoders, VAE, scheduler and prompts and
-runs the full-compute and cached-step engines with the engine's step plan.
+runs the full-compute and cached-step engines with the engine's step plan. Text-to-image, img2img and
+inpainting pipelines of the family share the transformer call, so all of them work.
 
 The stand-in knows the step from the pipeline's scheduler (`step_index`, None before the first step of a
-call), so its cache state starts fresh at step 0 of every call, whatever the number of steps. True CFG
+call; `begin_index` where img2img starts partway through), so its cache state starts fresh at the first
+step of every call, and the step plan covers the steps the call actually runs. True CFG
 calls the transformer twice per step under `cache_context("cond")` / `("uncond")`: each context keeps
 its own cache state.
 """
@@ -66,10 +68,13 @@ class EngineTransformer(torch.nn.Module):
         return list(cache.plan) if cache else []
 
     def _step(self) -> tuple[int, int]:
-        """(index of the current step, steps of this call) from the pipeline's scheduler."""
+        """(index of the current step among the steps this call runs, how many it runs) from the pipeline's
+        scheduler. img2img and inpainting (strength < 1) start partway through the schedule: the scheduler's
+        `begin_index` marks the first step that runs, so warmup and interval count from there."""
         scheduler = self._pipe().scheduler
-        index = scheduler.step_index
-        return (0 if index is None else index), len(scheduler.timesteps)
+        begin = scheduler.begin_index or 0
+        index = begin if scheduler.step_index is None else scheduler.step_index
+        return index - begin, len(scheduler.timesteps) - begin
 
     def _fit_batch(self, inputs: dict[str, torch.Tensor]) -> int:
         want = self.engine.shapes.batch
