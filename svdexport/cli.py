@@ -140,31 +140,13 @@ def _write_latents(latents, path: Path, metadata: dict) -> None:
 
 
 def _run_prompt(a: argparse.Namespace, engine, steps: int, overrides: dict, out: Path) -> None:
-    """The whole FluxPipeline (text encoders, engine, VAE) from the folder the engine was built from."""
-    import time
+    """The family's whole pipeline (text encoders, engine, VAE) from the folder the engine was built from."""
+    from svdexport.runtime.pipeline import run_prompts, save_outputs
 
-    import torch
-    from PIL import Image
-
-    from svdexport.runtime.pipeline import pipeline_for
-
-    if len(a.prompt) > engine.shapes.batch:
-        raise SvdExportError(f"{len(a.prompt)} prompts, but this engine was built for batch {engine.shapes.batch} "
-                             f"(rebuild with --batch {len(a.prompt)})")
-    pipe = pipeline_for(engine, **overrides)
-    start = time.perf_counter()
-    images = pipe(prompt=a.prompt, height=engine.shapes.height, width=engine.shapes.width, num_inference_steps=steps,
-                  guidance_scale=a.guidance_scale, max_sequence_length=engine.shapes.text_len,
-                  generator=torch.Generator().manual_seed(a.seed)).images
-    seconds = time.perf_counter() - start
-    strip = Image.new("RGB", (sum(i.width for i in images), images[0].height))
-    for k, image in enumerate(images):
-        strip.paste(image, (k * images[0].width, 0))
-    with atomic_file(out) as tmp:
-        strip.save(tmp, format="PNG")
-    plan = pipe.transformer.plan_of_last_call()
-    print(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, {engine.shapes.width}x{engine.shapes.height})")
-    print(f"{steps} steps: {sum(plan)} full, {steps - sum(plan)} cached, {seconds:.2f} s with text encoders and VAE")
+    run = run_prompts(engine, a.prompt, steps, a.seed, a.guidance_scale, **overrides)
+    print("\n".join(save_outputs(engine, run, out)))
+    full = sum(run.plan)
+    print(f"{steps} steps: {full} full, {steps - full} cached, {run.seconds:.2f} s with text encoders and VAE")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -187,9 +169,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("engine", help="engine folder written by build")
     r.add_argument("--steps", type=int, help="sampling steps (default: the model's, FLUX.1-dev 50, schnell 4)")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--prompt", action="append", help="text prompt, through the whole FluxPipeline of the engine's "
-                   "weights folder; repeat for a batch (at most the engine's --batch)")
-    r.add_argument("--guidance-scale", type=float, default=3.5, help="FLUX.1-dev's distilled guidance (default 3.5)")
+    r.add_argument("--prompt", action="append", help="text prompt, through the whole pipeline (FluxPipeline, "
+                   "HunyuanVideoPipeline) of the engine's weights folder; repeat for a batch (at most the engine's --batch)")
+    r.add_argument("--guidance-scale", type=float, help="embedded guidance (default: the model's; FLUX.1-dev 3.5, "
+                   "HunyuanVideo 6.0)")
     r.add_argument("--out", help="PNG path (default out/ENGINE-seedS.png); latents go beside as .safetensors")
     r.add_argument("--interval", type=int, help="override the engine's interval")
     r.add_argument("--warmup", type=int, help="override the engine's warmup")

@@ -99,6 +99,8 @@ class PromptEncoder(ABC):
     """Ability: text encoders in the weights folder (calibration on prompts, `run --prompt`, `apply`)."""
 
     pipeline_class: ClassVar[str]  # the diffusers pipeline class name that owns the encoders
+    batched: ClassVar[tuple[str, ...]]  # graph inputs with a leading batch axis (padded to the engine's batch)
+    default_guidance: ClassVar[float]  # the pipeline's guidance_scale when the user gives none
 
     @abstractmethod
     def available(self, info: "WeightsInfo") -> bool:
@@ -113,6 +115,12 @@ class PromptEncoder(ABC):
     def call_inputs(self, config: dict, kwargs: dict, memo: dict) -> dict[str, torch.Tensor]:
         """Graph inputs from the keyword arguments the pipeline passes its transformer (`memo` persists
         across the steps of one call)."""
+
+    @abstractmethod
+    def generate(self, pipe, prompts: list[str], shapes: Shapes, steps: int, guidance_scale: float,
+                 generator: torch.Generator) -> list:
+        """Calls the pipeline on `prompts` at the build shapes: per prompt a PIL image, or a video's PIL frames
+        (families with `is_video`)."""
 
 
 class Family(ABC):

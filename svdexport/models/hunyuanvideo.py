@@ -21,6 +21,7 @@ from svdexport.cache.svd import reconstruct
 from svdexport.errors import SvdExportError
 from svdexport.models import mmdit, preview
 from svdexport.models.family import RunDefaults, Sampling, Shapes
+from svdexport.models.hunyuanvideo_prompts import HunyuanVideoPrompts
 from svdexport.models.mmdit import SiteRecorder, split_sites
 from svdexport.models.weights import WeightsInfo
 
@@ -135,21 +136,29 @@ def unpatchify(tokens: torch.Tensor, latent_shape) -> torch.Tensor:
 def example_inputs(config: dict, shapes: Shapes, seed: int, guidance_scale: float = 6.0,
                    dtype: torch.dtype = torch.float32, table: dict | None = None,
                    labels: list[int] | None = None) -> dict[str, torch.Tensor]:
-    """Seeded noise latents and synthetic conditioning of the model's widths. The text mask marks the
-    first three quarters of the tokens valid, so the padded-prompt path of the real model is exercised."""
+    """Seeded noise latents and conditioning of the model's widths.
+
+    With a table (prompts encoded by the pipeline's text encoders, `HunyuanVideoPrompts.encode`) the
+    conditioning is its rows seed, seed+1, ... modulo the number of rows, masks included. Otherwise it is
+    synthetic, with a text mask that marks the first three quarters of the tokens valid, so the
+    padded-prompt path of the real model is exercised.
+    """
     if labels is not None:
         raise SvdExportError("HunyuanVideo models are not class-conditioned; they take no labels")
     g = torch.Generator().manual_seed(seed)
     b, (f, h, w) = shapes.batch, shapes.latent
-    valid = max(1, (3 * shapes.text_len) // 4)
-    inputs = {
-        "hidden_states": torch.randn(b, config["in_channels"], f, h, w, generator=g),
-        "encoder_hidden_states": torch.randn(b, shapes.text_len, config["text_embed_dim"], generator=g),
-        "pooled_projections": torch.randn(b, config["pooled_projection_dim"], generator=g),
-    }
+    inputs = {"hidden_states": torch.randn(b, config["in_channels"], f, h, w, generator=g)}
+    if table is None:
+        inputs["encoder_hidden_states"] = torch.randn(b, shapes.text_len, config["text_embed_dim"], generator=g)
+        inputs["pooled_projections"] = torch.randn(b, config["pooled_projection_dim"], generator=g)
+        mask = torch.zeros(b, shapes.text_len, dtype=torch.int64)
+        mask[:, : max(1, (3 * shapes.text_len) // 4)] = 1
+    else:
+        rows = [(seed + i) % table["pooled_projections"].shape[0] for i in range(b)]
+        inputs["encoder_hidden_states"] = table["encoder_hidden_states"][rows]
+        inputs["pooled_projections"] = table["pooled_projections"][rows]
+        mask = table["encoder_attention_mask"][rows].to(torch.int64)
     inputs = {k: v.to(dtype) for k, v in inputs.items()}
-    mask = torch.zeros(b, shapes.text_len, dtype=torch.int64)
-    mask[:, :valid] = 1
     inputs["encoder_attention_mask"] = mask
     if config.get("guidance_embeds"):
         # HunyuanVideoPipeline passes the guidance scale times 1000.
@@ -170,7 +179,7 @@ class HunyuanVideoFamily(mmdit.MMDiTFamily):
     pipeline_parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
     default_sampler = SAMPLER_CONFIG
     is_video = True
-    # prompts: None. Its Llama prompt encoding is not wired in yet: synthetic conditioning.
+    prompts = HunyuanVideoPrompts()  # Llama + CLIP through HunyuanVideoPipeline (hunyuanvideo_prompts.py)
 
     def load(self, info: WeightsInfo, dtype: torch.dtype) -> nn.Module:
         model = super().load(info, dtype)
