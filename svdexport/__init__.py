@@ -12,8 +12,9 @@ def load(engine_dir):
 
 
 def apply(pipe, engine, **cache_overrides):
-    """Puts an engine (an Engine or its folder) into a diffusers pipeline of its family (FluxPipeline) in place
-    of its transformer; returns the pipeline. Keyword overrides (interval, warmup, predictor, beta, order) change the step plan."""
+    """Puts an engine (an Engine or its folder) into a diffusers pipeline of its family (FluxPipeline and its
+    img2img / inpainting variants, HunyuanVideoPipeline) in place of its transformer; returns the pipeline.
+    Keyword overrides (interval, warmup, predictor, beta, order) change the step plan."""
     from svdexport.runtime.pipeline import apply as _apply
 
     return _apply(pipe, engine, **cache_overrides)

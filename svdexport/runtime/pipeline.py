@@ -215,7 +215,8 @@ def save_outputs(engine: Engine, run: PromptRun, out: Path) -> list[str]:
             with atomic_file(gif) as tmp:
                 frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
             lines.append(f"wrote {gif} (video, {len(frames)} frames of {shapes.width}x{shapes.height})")
-        picture, what = frame_grid(run.samples), f"frame grid, {len(run.samples)} row{'s' * (len(run.samples) > 1)}"
+        n = len(run.samples)
+        picture, what = frame_grid(run.samples), f"frame grid: {n} video{'s' * (n > 1)} x {len(run.samples[0])} frames"
     else:
         images = run.samples
         picture = Image.new("RGB", (sum(i.width for i in images), images[0].height))
