@@ -40,6 +40,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--k-max", type=int, default=DEFAULTS.k_max, help="rank cap per site (bases padded to it)")
     c.add_argument("--warmup", type=int, help="first full steps (default: the model's; FLUX.1-dev 3, schnell 1)")
     c.add_argument("--interval", type=int, help="one full step every N after warmup (default: dev 7, schnell 2)")
+    c.add_argument("--plan", default=DEFAULTS.plan, help="calibrated | uniform: which steps run in full "
+                   f"(default {DEFAULTS.plan}: chosen on the calibration inputs; uniform: warmup, then every interval)")
+    c.add_argument("--full-steps", type=int, help="full steps of a calibrated plan (default: as many as warmup and "
+                   "interval give, 9 of 50 for FLUX.1-dev)")
+    c.add_argument("--gamma", type=float, default=DEFAULTS.gamma, help="residual forecast: damped Taylor step of the "
+                   f"residual, 0 = reuse it (default {DEFAULTS.gamma})")
     k = p.add_argument_group("calibration")
     k.add_argument("--calib-samples", type=int, default=8, help="reference inputs (default 8)")
     k.add_argument("--calib-steps", type=int, help="sampling steps per input (default: the model's, dev 50, schnell 4)")
@@ -55,7 +61,8 @@ def _build_options(a: argparse.Namespace, backend: str = "eager"):
 
     family(a.model)  # an unknown family fails here, before any work
     cache = CacheConfig(granularity=a.granularity, predictor=a.predictor, beta=a.beta, order=a.order, tau=a.tau,
-                        k_max=a.k_max, warmup=a.warmup, interval=a.interval)
+                        k_max=a.k_max, warmup=a.warmup, interval=a.interval, plan=a.plan, full_steps=a.full_steps,
+                        gamma=a.gamma)
     shapes = {k: v for k, v in (("batch", a.batch), ("height", a.height), ("width", a.width),
                                 ("text_len", a.text_len), ("frames", a.frames)) if v is not None}
     return BuildOptions(model=a.model, weights=a.weights, backend=backend, cache=cache, shapes=shapes,
@@ -79,6 +86,10 @@ def cmd_build(a: argparse.Namespace) -> None:
         print(f"exported graphs in {m.graphs_dir}")
     print(f"parameters: full graph {g['full'].parameters:,}, cached-step graph {g['cached'].parameters:,}")
     print(f"ranks (tau {m.calibration.tau}, k_max {m.calibration.k_max}): {ranks}")
+    for plan in m.plans:
+        than = f"; {plan.cost / plan.uniform_cost:.2f}x the uniform plan's" if plan.uniform_cost else ""
+        print(f"calibrated plan of {plan.steps} steps: full steps {' '.join(map(str, plan.full_steps))} "
+              f"(forecast error on the calibration inputs{than})")
     mem, gib = m.memory, 2**30
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"memory: estimated peak {mem['peak_bytes'] / gib:.1f} GiB, measured peak RSS "
@@ -105,7 +116,10 @@ def cmd_run(a: argparse.Namespace) -> None:
         raise SvdExportError(f"--out must end in .png, got {out}")
     engine = svdexport.load(a.engine)
     steps = a.steps or engine.steps
-    overrides = {k: v for k, v in (("interval", a.interval), ("warmup", a.warmup)) if v is not None}
+    overrides = {k: v for k, v in (("interval", a.interval), ("warmup", a.warmup), ("plan", a.plan),
+                                   ("full_steps", a.full_steps)) if v is not None}
+    plan = engine.plan(steps, engine.cache_config(**overrides))
+    print(plan.describe())
     if a.prompt:
         if a.label is not None:
             raise SvdExportError("--label is for class-conditioned models; --prompt for text-conditioned ones")
@@ -176,6 +190,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="PNG path (default out/ENGINE-seedS.png); latents go beside as .safetensors")
     r.add_argument("--interval", type=int, help="override the engine's interval")
     r.add_argument("--warmup", type=int, help="override the engine's warmup")
+    r.add_argument("--plan", help="calibrated | uniform (default: the engine's; --interval/--warmup imply uniform)")
+    r.add_argument("--full-steps", type=int, help="full steps of the calibrated plan (default: the engine's)")
     r.add_argument("--label", type=int, help="class to generate, for class-conditioned models (bundled digits)")
     r.set_defaults(func=cmd_run)
 

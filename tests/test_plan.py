@@ -142,3 +142,14 @@ def test_calibrated_gamma_is_no_worse_than_reuse_or_whole_feature():
 def test_uniform_plan_equals_step_plan(steps, warmup, interval):
     mask = step_plan(steps, warmup, interval)
     assert uniform_plan(steps, warmup, interval) == [i for i, full in enumerate(mask) if full]
+
+
+def test_rescale_keeps_step_zero_the_budget_and_the_schedule_fractions():
+    from svdexport.cache.plan import rescale
+
+    plan = [0, 2, 4, 10, 18, 26, 35, 42, 47]
+    for steps in (4, 9, 20, 30, 50, 100):
+        got = rescale(plan, 50, steps, budget=min(9, steps))
+        assert got[0] == 0 and got == sorted(set(got)) and got[-1] < steps and len(got) == min(9, steps)
+    assert rescale(plan, 50, 100) == [2 * f for f in plan]  # a multiple of the steps: exact fractions
+    assert rescale(plan, 50, 50) == plan

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 from svdexport.build import memory
-from svdexport.build.calibrate import CalibrationSettings, calibrate
+from svdexport.build.calibrate import CalibrationSettings, calibrate, plan_statistics
+from svdexport.cache import plan as plans
 from svdexport.cache.config import CacheConfig
 from svdexport.cache.svd import Bases
 from svdexport.errors import SvdExportError
@@ -25,7 +26,8 @@ from svdexport.models import family
 from svdexport.models.family import Family, Sampling, Shapes
 from svdexport.models.weights import WeightsInfo, load_table, read_prompts
 from svdexport.runtime import manifest as mf
-from svdexport.runtime.manifest import BASES_FILE, TABLE_FILE, ConditioningKind
+from svdexport.runtime.manifest import BASES_FILE, PLAN_STATS_FILE, TABLE_FILE, ConditioningKind
+from svdexport.runtime.plans import SEARCH_ORDER, schedule_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -127,6 +129,22 @@ def run_calibration(p: Prepared, opts: BuildOptions, progress: bool) -> Bases:
                      lambda seed: p.inputs(seed, opts), settings, progress=progress)
 
 
+def calibrate_plan(p: Prepared, opts: BuildOptions, bases: Bases,
+                   progress: bool) -> tuple[plans.PlanStats, mf.PlanRecord]:
+    """The plan statistics of the calibration trajectories and the calibrated plan of the build's step
+    count, with as many full steps as `--full-steps` or the uniform plan of warmup and interval."""
+    settings = CalibrationSettings(opts.calib_samples, opts.calib_steps, opts.cache.tau, opts.cache.k_max)
+    stats = plan_statistics(p.full, p.cached, p.sampling, p.shapes, bases.vectors.to(opts.device),
+                            lambda seed: p.inputs(seed, opts), settings, progress=progress)
+    c, steps = opts.cache, opts.calib_steps
+    uniform = plans.uniform_plan(steps, c.warmup, c.interval)
+    budget = min(c.full_steps or len(uniform), steps)
+    weights, order = schedule_weights(p.sampling, p.shapes, steps), SEARCH_ORDER[c.predictor]
+    found = plans.search(stats, budget, order, c.gamma, weights)
+    uniform_cost = plans.plan_cost(stats, uniform, order, c.gamma, weights) if len(uniform) == budget else None
+    return stats, mf.PlanRecord(steps, found.full_steps, found.cost, uniform_cost, c.gamma)
+
+
 def calibrate_to_file(opts: BuildOptions, out: Path, progress: bool = True) -> Bases:
     """`svdexport calibrate`: only the bases file, written atomically."""
     out = Path(out)
@@ -204,11 +222,14 @@ def build(opts: BuildOptions, out: Path, graphs_dir: Path | None = None,
     if be.needs_export:
         check_replaceable(graphs_dir)
     bases = run_calibration(p, opts, progress)
+    stats, plan = calibrate_plan(p, opts, bases, progress) if opts.cache.plan == "calibrated" else (None, None)
     example = p.inputs(0, opts)
     graphs = graph_exports(p, bases, example, opts)
     graphs_ctx = atomic_dir(graphs_dir) if be.needs_export else contextlib.nullcontext(None)
     with atomic_dir(out) as tmp, graphs_ctx as gtmp:
         bases.save(tmp / BASES_FILE)
+        if stats is not None:
+            plans.save_stats(stats, tmp / PLAN_STATS_FILE)
         conditioning = mf.Conditioning(ConditioningKind.SYNTHETIC)
         if p.prompts is not None:  # the pipeline's text encoders make the conditioning at run time
             conditioning = mf.Conditioning(ConditioningKind.PIPELINE, calibration_prompts=p.prompts)
@@ -240,5 +261,6 @@ def build(opts: BuildOptions, out: Path, graphs_dir: Path | None = None,
             build_seconds=round(time.perf_counter() - start, 1),
             sampler=p.sampling.config,
             graphs=_describe(graphs),
+            plans=[plan] if plan is not None else [],
         )
         return mf.write(tmp, manifest), False

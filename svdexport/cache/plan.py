@@ -244,3 +244,37 @@ def plan_mask(full_steps: list[int], steps: int) -> list[bool]:
     """The list-of-bools form StepCache uses."""
     full = set(full_steps)
     return [i in full for i in range(steps)]
+
+
+def save_stats(stats: PlanStats, path) -> None:
+    """The plan statistics as safetensors (float64), so an engine can plan other budgets at run time."""
+    from safetensors.torch import save_file
+
+    tensors = {k: torch.from_numpy(getattr(stats, k)).contiguous() for k in ("gram", "cross", "proj")}
+    save_file(tensors, str(path), metadata={"format": "svdexport.plan_stats/1", "trajectories": str(stats.trajectories)})
+
+
+def load_stats(path) -> PlanStats:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "svdexport.plan_stats/1":
+                raise ValueError("not an svdexport plan statistics file")
+            arrays = {k: f.get_tensor(k).numpy() for k in ("gram", "cross", "proj")}
+        return PlanStats(arrays["gram"], arrays["cross"], arrays["proj"], int(meta["trajectories"]))
+    except Exception as e:  # safetensors raises its own error type for damaged files
+        raise SvdExportError(f"cannot read plan statistics {path}: {e}") from None
+
+
+def rescale(full_steps: list[int], steps_from: int, steps_to: int, budget: int | None = None) -> list[int]:
+    """A plan of `steps_from` steps mapped onto `steps_to` (each full step at the same fraction of the
+    schedule), topped up with the earliest free steps to `budget` full steps (default: as many as it has):
+    the stated rule when a request's step count is not the calibrated one."""
+    budget = min(len(full_steps) if budget is None else budget, steps_to)
+    out = sorted({min(round(f * steps_to / steps_from), steps_to - 1) for f in full_steps} | {0})
+    free = [i for i in range(steps_to) if i not in out]
+    while len(out) < budget:
+        out = sorted(out + [free.pop(0)])
+    return out[:budget] if len(out) > budget else out

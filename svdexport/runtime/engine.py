@@ -14,8 +14,13 @@ from svdexport.export import backend
 from svdexport.models import family
 from svdexport.models.weights import load_table
 from svdexport.runtime import manifest as manifest_io
-from svdexport.runtime.manifest import BASES_FILE, ConditioningKind, Manifest
+from svdexport.cache.plan import load_stats
+from svdexport.runtime.manifest import BASES_FILE, PLAN_STATS_FILE, ConditioningKind, Manifest
+from svdexport.runtime.plans import RequestPlan, plan_for, schedule_weights
 from svdexport.runtime.scheduler import CachedSampler, Generation, StepCache
+
+# Run-time overrides of the engine's cache settings: the plan and the forecast, never the bases.
+OVERRIDES = {"interval", "warmup", "predictor", "beta", "order", "plan", "full_steps", "gamma"}
 
 
 class Engine:
@@ -38,6 +43,9 @@ class Engine:
         self.sampling = self.family.sampling(manifest.sampler)
         self.sampler = CachedSampler(full, cached, bases.vectors.to(self.device), self.cache, self.sampling,
                                      self.shapes)
+        stats_file = folder / PLAN_STATS_FILE
+        self.plan_stats = load_stats(stats_file) if PLAN_STATS_FILE in manifest.files else None
+        self._weights: dict[int, object] = {}
 
     def example_inputs(self, seed: int = 0, labels: list[int] | None = None) -> dict[str, torch.Tensor]:
         """Seeded noise and conditioning (the classes `labels` for a class-conditioned model, else
@@ -66,20 +74,35 @@ class Engine:
             inputs = self.example_inputs(seed, labels)
         self.check_inputs(inputs)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        return self.sampler.generate(inputs, steps or self.steps, cache=self.cache_config(**cache_overrides),
-                                     progress=progress)
+        steps = steps or self.steps
+        cache = self.cache_config(**cache_overrides)
+        return self.sampler.generate(inputs, steps, cache=cache, progress=progress,
+                                     plan=self.plan(steps, cache).mask)
 
     def cache_config(self, **overrides) -> CacheConfig:
-        """The engine's cache settings with run-time overrides of the step plan or the forecast."""
-        allowed = {"interval", "warmup", "predictor", "beta", "order"}
-        if set(overrides) - allowed:
-            raise SvdExportError(f"cannot override {sorted(set(overrides) - allowed)} at run time "
-                                 f"(allowed: {', '.join(sorted(allowed))})")
+        """The engine's cache settings with run-time overrides of the step plan or the forecast. Giving
+        warmup or interval (and no plan) asks for the uniform plan they describe."""
+        if set(overrides) - OVERRIDES:
+            raise SvdExportError(f"cannot override {sorted(set(overrides) - OVERRIDES)} at run time "
+                                 f"(allowed: {', '.join(sorted(OVERRIDES))})")
+        if {"interval", "warmup"} & set(overrides) and "plan" not in overrides and "full_steps" not in overrides:
+            overrides = {**overrides, "plan": "uniform"}
         return dataclasses.replace(self.cache, **overrides).validate()
+
+    def plan(self, steps: int | None = None, cache: CacheConfig | None = None) -> RequestPlan:
+        """Which of `steps` steps run the full graph under `cache` (default: the engine's settings)."""
+        return plan_for(steps or self.steps, cache or self.cache, self.manifest.plans, self.plan_stats,
+                        self._schedule_weights)
+
+    def _schedule_weights(self, steps: int):
+        if steps not in self._weights:
+            self._weights[steps] = schedule_weights(self.sampling, self.shapes, steps)
+        return self._weights[steps]
 
     def step_cache(self, steps: int, cache: CacheConfig | None = None) -> StepCache:
         """Fresh cache state for one request of `steps` steps (used when something else owns the loop)."""
-        return StepCache(self.full, self.cached, self.sampler.bases, cache or self.cache, steps)
+        cache = cache or self.cache
+        return StepCache(self.full, self.cached, self.sampler.bases, cache, steps, self.plan(steps, cache).mask)
 
     def eager_reference(self) -> "Engine":
         """The same weights, bases and settings run by eager PyTorch: what every backend is measured against."""

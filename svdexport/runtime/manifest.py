@@ -27,6 +27,7 @@ FORMAT = "svdexport.engine/1"
 MANIFEST = "manifest.json"
 BASES_FILE = "bases.safetensors"
 TABLE_FILE = "conditioning.safetensors"  # class-conditioning table, for models that have one
+PLAN_STATS_FILE = "plan_stats.safetensors"  # cross-step feature inner products: plans for other budgets at run time
 
 
 class ConditioningKind(str, Enum):
@@ -75,6 +76,17 @@ class CalibrationRecord:
 
 
 @dataclass
+class PlanRecord:
+    """A calibrated step plan: the full steps of `steps` sampling steps, chosen on the calibration inputs."""
+
+    steps: int  # sampling steps the plan is for
+    full_steps: list[int]  # indices of the steps that run the full graph, sorted, starting with 0
+    cost: float  # weighted forecast error of its cached steps on the calibration trajectories
+    uniform_cost: float | None  # the same for the uniform plan, when it has as many full steps
+    gamma: float  # residual damping the plan was searched with
+
+
+@dataclass
 class ShapesRecord:
     build: dict  # the family's build shapes (batch, height, width, text_len, ...)
     inputs: dict[str, list[int]]  # graph input shapes a request must match
@@ -98,6 +110,7 @@ class Manifest:
     build_seconds: float
     sampler: dict  # the scheduler config
     graphs: dict[str, GraphSpec]
+    plans: list[PlanRecord] = field(default_factory=list)  # calibrated plans (none for uniform builds and 0.2)
     format: str = FORMAT
     versions: dict = field(default_factory=dict)  # library versions at build time
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256, every file but this one
