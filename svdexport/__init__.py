@@ -1,6 +1,6 @@
 """svdexport: SVD-Cache feature caching for Diffusion Transformers, as static compiled engines."""
 
-__version__ = "0.2.0"  # 0.2: rotary table as a graph input; engines of 0.1 are refused, rebuild them
+__version__ = "0.3.0"  # 0.3: calibrated step plans in the manifest; engines of 0.2 are refused, rebuild them
 
 
 def load(engine_dir):
