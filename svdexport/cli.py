@@ -7,6 +7,7 @@ so a bug still shows its traceback. Every command checks its options and output 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from svdexport.commands import Parser, add_force, add_trust_args, apply_trust_ar
 from svdexport.commands import model_help
 from svdexport.errors import SvdExportError
 from svdexport.outputs import check_files
+from svdexport import quiet
+from svdexport.runtime import trust
 
 DEFAULTS = CacheConfig()
 
@@ -285,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         transformers_logging.disable_progress_bar()
     except ImportError:
         pass
+    # Options that commands pass on through the environment (to their workers) end with the command.
+    saved = {k: os.environ.get(k) for k in (trust.ENV, quiet.ENV)}
     try:
         args.func(args)
     except SvdExportError as e:
@@ -293,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("svdexport: interrupted", file=sys.stderr)
         return 130
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     return 0
 
 

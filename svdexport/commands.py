@@ -94,7 +94,8 @@ def cmd_keygen(a: argparse.Namespace) -> None:
 def cmd_sign(a: argparse.Namespace) -> None:
     from svdexport.runtime import manifest, trust
 
-    manifest.read(Path(a.engine), check_versions=False)  # never sign an engine whose files fail their hashes
+    # Never sign an engine whose files fail their hashes; signing needs no earlier signature.
+    manifest.read(Path(a.engine), check_versions=False, trusted_keys=[])
     record = trust.sign(Path(a.engine), Path(a.key))
     print(f"signed {a.engine} with key {record['key_id']} ({trust.SIGNATURE}, manifest sha256 "
           f"{record['manifest_sha256'][:16]}...)")

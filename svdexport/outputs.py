@@ -80,9 +80,22 @@ def check_files(paths: list[tuple[str, Path | str | None]], force: bool = False)
     return out
 
 
-def check_dir(path: str | Path, option: str, force: bool = False) -> Path:
-    """An output folder that replaces an earlier svdexport folder (one with manifest.json) or an empty one."""
+def is_engine(folder: Path) -> bool:
+    """A folder whose manifest.json is an engine's (an exported-graphs folder has one of another form)."""
+    import json
+
+    try:
+        return str(json.loads((Path(folder) / MANIFEST).read_text()).get("format", "")).startswith("svdexport.engine")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_dir(path: str | Path, option: str, force: bool = False, engine_ok: bool = True) -> Path:
+    """An output folder that replaces an earlier svdexport folder (one with manifest.json) or an empty one;
+    `engine_ok=False` (the exported graphs) refuses to replace an engine."""
     path = Path(path)
+    if not engine_ok and is_engine(path):
+        raise SvdExportError(f"{option} {path} is an engine folder; exported graphs go to a folder of their own")
     if path.exists() and not path.is_dir():
         raise SvdExportError(f"{option} {path} is a file, not a folder")
     writable_parent(path, option)

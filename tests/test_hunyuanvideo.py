@@ -116,7 +116,9 @@ def test_engine_matches_eager(built):
 @pytest.mark.slow
 def test_run_writes_the_video_and_a_frame_grid(built, tmp_path, capsys):
     out, _, _ = built
-    code, stdout, err = run_cli(capsys, "run", out, "--steps", "10", "--out", tmp_path / "v.png")
+    code, _, err = run_cli(capsys, "run", out, "--out", tmp_path / "v.png")
+    assert_one_line_error(code, err, ".gif or .mp4", "video engine")  # a video is not a PNG
+    code, stdout, err = run_cli(capsys, "run", out, "--steps", "10", "--out", tmp_path / "v.gif")
     assert code == 0, err
     gif = Image.open(tmp_path / "v.gif")
     assert gif.n_frames == 3  # 9 video frames -> 3 latent frames

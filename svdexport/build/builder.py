@@ -205,7 +205,7 @@ def build(opts: BuildOptions, out: Path, graphs_dir: Path | None = None,
     be.check()
     check_dir(out, "--out", opts.force)  # before the long work, not after it
     if be.needs_export:
-        check_dir(graphs_dir, "--graphs", opts.force)
+        check_dir(graphs_dir, "--graphs", opts.force, engine_ok=False)
         if Path(os.path.abspath(graphs_dir)) == Path(os.path.abspath(out)):
             raise SvdExportError(f"--graphs and --out are the same folder {out}")
     with output_lock(out), (output_lock(graphs_dir) if be.needs_export else contextlib.nullcontext()):

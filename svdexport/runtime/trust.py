@@ -93,8 +93,9 @@ def load_public(path: Path):
 
 
 def trusted_keys(given: list | None = None) -> list[Path]:
-    """The public key files to trust: `given` (the API's or --trusted-key), else SVDEXPORT_TRUSTED_KEYS."""
-    if given:
+    """The public key files to trust: `given` (the API's or --trusted-key; [] trusts no key and requires no
+    signature), else (None) SVDEXPORT_TRUSTED_KEYS."""
+    if given is not None:
         return [Path(p) for p in given]
     env = os.environ.get(ENV, "")
     return [Path(p) for p in env.split(os.pathsep) if p]
