@@ -3,7 +3,6 @@ up after killed builds; every error is one line; the same seed writes the same b
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -301,3 +300,35 @@ def test_latents_bytes_do_not_depend_on_the_metadata_order(tmp_path):
     loaded = load_file(str(tmp_path / "t.safetensors"))
     assert torch.equal(loaded["latents"], x["latents"]) and torch.equal(loaded["b"], x["b"])
 
+
+
+# ------------------------------------------------------------------------------------------------ videos
+
+
+@pytest.fixture(scope="module")
+def video_engine(tmp_path_factory):
+    out = tmp_path_factory.mktemp("video") / "engine"
+    assert main(["build", "--model", "hunyuanvideo", "--out", str(out), "--calib-samples", "1",
+                 "--calib-steps", "2"]) == 0
+    return out
+
+
+def test_video_run_writes_an_mp4_or_gif_with_its_grid_and_latents(video_engine, tmp_path, capsys):
+    import av
+
+    code, _, err = run_cli(capsys, "run", video_engine, "--steps", 3, "--out", tmp_path / "v.png")
+    assert_one_line_error(code, err, ".gif or .mp4", "video engine")
+    code, out, err = run_cli(capsys, "run", video_engine, "--steps", 3, "--out", tmp_path / "v.mp4")
+    assert code == 0, err
+    with av.open(str(tmp_path / "v.mp4")) as box:
+        frames = [f.to_ndarray(format="rgb24") for f in box.decode(video=0)]
+    assert len(frames) == 3  # 9 video frames -> 3 latent frames
+    grid = Image.open(tmp_path / "v.png")
+    assert grid.width == 3 * grid.height and frames[0].shape[:2] == (grid.height, grid.height)
+    assert load_file(str(tmp_path / "v.safetensors"))["latents"].shape[0] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4", "v.png", "v.safetensors"]
+
+    assert run_cli(capsys, "run", video_engine, "--steps", 3, "--out", tmp_path / "w.mp4")[0] == 0
+    assert (tmp_path / "w.mp4").read_bytes() == (tmp_path / "v.mp4").read_bytes()  # no time stamps inside
+    assert run_cli(capsys, "run", video_engine, "--steps", 3, "--out", tmp_path / "g.gif")[0] == 0
+    assert Image.open(tmp_path / "g.gif").n_frames == 3

@@ -24,31 +24,37 @@ def _alive(pid: int) -> bool:
 
 
 def main(argv: list[str]) -> int:
+    import threading
+
     import psutil  # a dependency of Ray
 
     driver, pids = int(argv[0]), [int(p) for p in argv[1:]]
-    procs = []
-    for pid in pids:  # remembered with their start times, so a reused pid is never hit
+    known: dict[int, psutil.Process] = {}  # pid -> process, with its start time, so a reused pid is never hit
+    for pid in pids:
         try:
-            procs.append(psutil.Process(pid))
+            known[pid] = psutil.Process(pid)
         except psutil.Error:
             pass
-    sys.stdin.buffer.read()  # returns when the driver closes the pipe or dies
+    ended = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.buffer.read(), ended.set()), daemon=True).start()
+    # Ray's processes start more (workers, agents) and, once the driver is gone, exit in an order that leaves
+    # some orphaned: their tree is recorded while the job runs.
+    while not ended.wait(0.5):
+        for p in list(known.values()):
+            try:
+                known.update({c.pid: c for c in p.children(recursive=True) if c.pid not in known})
+            except psutil.Error:
+                pass
     time.sleep(0.2)
     if _alive(driver) and os.getppid() == driver:
         return 0  # a normal end: the driver stops Ray itself
-    tree = []
+    procs = [p for p in known.values() if p.pid != os.getpid()]
     for p in procs:
-        try:
-            tree += [p, *p.children(recursive=True)]
-        except psutil.Error:
-            pass
-    for p in tree:
         try:
             p.terminate()
         except psutil.Error:
             pass
-    _, left = psutil.wait_procs(tree, timeout=5)
+    _, left = psutil.wait_procs(procs, timeout=5)
     for p in left:
         try:
             p.kill()
