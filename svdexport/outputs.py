@@ -109,7 +109,7 @@ def check_dir(path: str | Path, option: str, force: bool = False, engine_ok: boo
 
 
 @contextmanager
-def output_lock(target: Path, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+def output_lock(target: Path, wait_s: float | None = None) -> Iterator[None]:
     """Holds `.NAME.lock` beside `target` for the duration: a second writer waits `wait_s`, then is refused.
 
     Parents this creates are removed again when nothing was written into them."""
@@ -123,7 +123,7 @@ def output_lock(target: Path, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
         p = p.parent
     target.parent.mkdir(parents=True, exist_ok=True)
     path = target.parent / f".{target.name}.lock"
-    lock = FileLock(str(path), timeout=wait_s)
+    lock = FileLock(str(path), timeout=LOCK_WAIT_S if wait_s is None else wait_s)
     try:
         lock.acquire()
     except Timeout:

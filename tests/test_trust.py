@@ -16,6 +16,8 @@ from svdexport.errors import SvdExportError
 from svdexport.runtime import manifest as mf
 from svdexport.runtime import trust
 
+FAST = [*FAST, "--calib-steps", "1"]  # one calibration step: these tests need an engine, not good bases
+
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
