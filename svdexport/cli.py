@@ -70,9 +70,7 @@ def _build_options(a: argparse.Namespace, backend: str = "eager"):
                         k_max=a.k_max, warmup=a.warmup, interval=a.interval)
     shapes = {k: v for k, v in (("batch", a.batch), ("height", a.height), ("width", a.width),
                                 ("text_len", a.text_len), ("frames", a.frames)) if v is not None}
-    from svdexport.quiet import set_verbose
-
-    set_verbose(a.verbose)
+    quiet.set_verbose(a.verbose)  # read by the backends' quiet() and inherited by subprocesses
     return BuildOptions(model=a.model, weights=a.weights, backend=backend, cache=cache, shapes=shapes,
                         dtype=a.dtype, device=a.device, calib_samples=a.calib_samples, calib_steps=a.calib_steps,
                         calibration_prompts=a.calibration_prompts, check_memory=not a.no_memory_check, force=a.force)

@@ -155,7 +155,7 @@ def test_bad_video_input(tmp_path, capsys, argv, words):
     if argv[0] == "--label":  # run option on a built engine
         out = tmp_path / "e"
         assert run_cli(capsys, "build", "--out", out, *FAST)[0] == 0
-        code, _, err = run_cli(capsys, "run", out, "--label", "1", "--out", tmp_path / "x.png")
+        code, _, err = run_cli(capsys, "run", out, "--label", "1", "--out", tmp_path / "x.gif")
         assert_one_line_error(code, err, "not class-conditioned")
         return
     code, _, err = run_cli(capsys, "build", "--out", tmp_path / "never", *FAST, *argv)
