@@ -106,15 +106,15 @@ def test_default_build_uses_the_builtin_prompts(folder, tmp_path):
 @pytest.mark.slow
 def test_run_prompt_writes_the_video(engine_dir, tmp_path, capsys):
     code, stdout, err = run_cli(capsys, "run", engine_dir, "--prompt", PROMPTS[0], "--steps", "10",
-                                "--out", tmp_path / "fox.png")
+                                "--out", tmp_path / "fox.gif")
     assert code == 0, err
     gif = Image.open(tmp_path / "fox.gif")
     assert gif.n_frames == SHAPES["frames"] and gif.size == (64, 64)  # decoded by the folder's VAE: 9 frames
     assert Image.open(tmp_path / "fox.png").size == (9 * 64, 64)  # the frame grid: one row of 9 frames
     assert "10 steps: 2 full, 8 cached" in stdout  # warmup 1, interval 6: steps 0 and 6
-    code, _, err = run_cli(capsys, "run", engine_dir, "--prompt", "a", "--prompt", "b", "--out", tmp_path / "x.png")
+    code, _, err = run_cli(capsys, "run", engine_dir, "--prompt", "a", "--prompt", "b", "--out", tmp_path / "x.gif")
     assert_one_line_error(code, err, "built for batch 1")
-    code, _, err = run_cli(capsys, "run", engine_dir, "--out", tmp_path / "x.png")
+    code, _, err = run_cli(capsys, "run", engine_dir, "--out", tmp_path / "x.gif")
     assert_one_line_error(code, err, "give --prompt")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +9,14 @@ import torch
 from PIL import Image, ImageDraw
 
 from svdexport.files import atomic_file
+from svdexport.media import MARK, json_text, png_info
 
 COLUMNS = ["method", "backend", "full_steps", "total_steps", "latency_s", "speedup", "psnr_db", "ssim",
            "rel_l2", "class_acc", "temporal_psnr_db"]
 
 
 def to_json(result: dict) -> str:
-    return json.dumps({k: v for k, v in result.items() if k != "images"}, indent=2) + "\n"
+    return json_text({k: v for k, v in result.items() if k != "images"})
 
 
 def _fmt(v) -> str:
@@ -93,7 +93,7 @@ def grid(result: dict, path: Path, interval: int, max_samples: int = 16) -> None
         for col, img in enumerate(result["images"][key][:n]):
             canvas.paste(Image.fromarray(_tile(img, scale)), (label_w + col * (tile_w + pad), y))
     with atomic_file(path) as tmp:
-        canvas.save(tmp, format="PNG")
+        canvas.save(tmp, format="PNG", pnginfo=png_info())
 
 
 def _figure(size: tuple[float, float]):
@@ -113,7 +113,7 @@ def _save(fig, ax, path: Path) -> None:
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": MARK})  # marks the file as svdexport's
     plt.close(fig)
 
 

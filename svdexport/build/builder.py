@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,9 @@ from svdexport.cache.config import CacheConfig
 from svdexport.cache.svd import Bases
 from svdexport.errors import SvdExportError
 from svdexport.export import GraphExport, GraphSpec, backend, export_programs
-from svdexport.files import atomic_dir, atomic_file, check_replaceable
+from svdexport.files import atomic_dir, atomic_file
 from svdexport.models import family
+from svdexport.outputs import check_dir, check_file, output_lock
 from svdexport.models.family import Family, Sampling, Shapes
 from svdexport.models.weights import WeightsInfo, load_table, read_prompts
 from svdexport.runtime import manifest as mf
@@ -45,6 +47,7 @@ class BuildOptions:
     calib_steps: int | None = None  # sampling steps per calibration input; None = the model's default steps
     calibration_prompts: str | None = None  # prompt file for models with text encoders; None = built-in list
     check_memory: bool = True  # refuse a build whose estimated peak memory exceeds what is available
+    force: bool = False  # replace an output that svdexport did not write
 
     def validate(self) -> "BuildOptions":
         self.cache.validate()
@@ -150,9 +153,11 @@ def calibrate_to_file(opts: BuildOptions, out: Path, progress: bool = True) -> B
     out = Path(out)
     if out.suffix != ".safetensors":
         raise SvdExportError(f"--out must end in .safetensors, got {out}")
-    bases = run_calibration(prepare(opts), opts, progress)
-    with atomic_file(out) as tmp:
-        bases.save(tmp)
+    check_file(out, "--out", opts.force)  # before the work, not after it
+    with output_lock(out):
+        bases = run_calibration(prepare(opts), opts, progress)
+        with atomic_file(out) as tmp:
+            bases.save(tmp)
     return bases
 
 
@@ -208,25 +213,35 @@ def _describe(graphs: dict[str, GraphExport]) -> dict[str, GraphSpec]:
 def build(opts: BuildOptions, out: Path, graphs_dir: Path | None = None,
           progress: bool = True) -> tuple[mf.Manifest, bool]:
     """Builds an engine folder at `out` (replaced only when the whole build succeeded); returns its manifest
-    and whether an engine already at `out` with the same build key was reused instead."""
-    start = time.perf_counter()
+    and whether an engine already at `out` with the same build key was reused instead.
+
+    Both output folders are checked before the work and locked during it (a second build into the same
+    folder is refused), and what killed builds left beside them is removed."""
     out = Path(out)
     graphs_dir = Path(graphs_dir) if graphs_dir else Path("graphs") / out.name
     be = backend(opts.backend)
     be.check()
-    check_replaceable(out)  # before the long work, not after it
+    check_dir(out, "--out", opts.force)  # before the long work, not after it
+    if be.needs_export:
+        check_dir(graphs_dir, "--graphs", opts.force, engine_ok=False)
+        if Path(os.path.abspath(graphs_dir)) == Path(os.path.abspath(out)):
+            raise SvdExportError(f"--graphs and --out are the same folder {out}")
+    with output_lock(out), (output_lock(graphs_dir) if be.needs_export else contextlib.nullcontext()):
+        return _build(opts, out, graphs_dir, progress, be)
+
+
+def _build(opts: BuildOptions, out: Path, graphs_dir: Path, progress: bool, be) -> tuple[mf.Manifest, bool]:
+    start = time.perf_counter()
     p = prepare(opts)
     key = build_key(p, opts)
     if (manifest := existing(out, key)) is not None:
         return manifest, True
-    if be.needs_export:
-        check_replaceable(graphs_dir)
     bases = run_calibration(p, opts, progress)
     stats, plan = calibrate_plan(p, opts, bases, progress) if opts.cache.plan == "calibrated" else (None, None)
     example = p.inputs(0, opts)
     graphs = graph_exports(p, bases, example, opts)
-    graphs_ctx = atomic_dir(graphs_dir) if be.needs_export else contextlib.nullcontext(None)
-    with atomic_dir(out) as tmp, graphs_ctx as gtmp:
+    graphs_ctx = atomic_dir(graphs_dir, opts.force) if be.needs_export else contextlib.nullcontext(None)
+    with atomic_dir(out, opts.force) as tmp, graphs_ctx as gtmp:
         bases.save(tmp / BASES_FILE)
         if stats is not None:
             plans.save_stats(stats, tmp / PLAN_STATS_FILE)

@@ -130,6 +130,7 @@ class Family(ABC):
     class_name: ClassVar[str]  # the diffusers transformer class
     shapes_type: ClassVar[type[Shapes]] = Shapes  # build-shape dataclass
     default_weights: ClassVar[str]  # what --weights means when not given ("bundled:NAME")
+    bundled: ClassVar[dict] = {}  # bundled:NAME -> what the package ships for it (listed by --help)
     pipeline_parts: ClassVar[tuple[str, ...]] = ()  # pipeline folders recorded beside the transformer
     prompts: PromptEncoder | None = None  # ability: text encoders (None: synthetic or class conditioning)
     is_video: ClassVar[bool] = False  # ability: outputs are videos (`video_frames`)

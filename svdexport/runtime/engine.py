@@ -39,7 +39,7 @@ class Engine:
         cond = manifest.model.conditioning
         self.conditioning = cond.kind
         self.labels = cond.labels  # class names when the model is class-conditioned, else None
-        self.table = load_table(folder / cond.file) if cond.kind is ConditioningKind.CLASS_TABLE else None
+        self.table = load_table(manifest.path(folder, cond.file)) if cond.kind is ConditioningKind.CLASS_TABLE else None
         self.sampling = self.family.sampling(manifest.sampler)
         self.sampler = CachedSampler(full, cached, bases.vectors.to(self.device), self.cache, self.sampling,
                                      self.shapes)
@@ -108,11 +108,25 @@ class Engine:
         """The same weights, bases and settings run by eager PyTorch: what every backend is measured against."""
         if self.manifest.backend == "eager":
             return self
-        full, cached = backend("eager").load(self.folder, self.manifest.load_spec(lambda: eager_graphs(self.manifest)))
+        full, cached = backend("eager").load(self.folder, self.manifest.load_spec(lambda: eager_graphs(self.manifest),
+                                                                                    self.folder))
         return Engine(self.folder, self.manifest, full, cached, self.bases)
 
     def preview(self, latents: torch.Tensor):
         return self.family.preview(latents, self.shapes)
+
+    def close(self) -> None:
+        """Releases what loading extracted (AOTInductor's shared libraries); the engine is unusable after."""
+        for graph in (self.full, self.cached):
+            close = getattr(graph, "close", None)  # compiled graphs have it; eager modules do not
+            if close is not None:
+                close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def eager_graphs(manifest: Manifest) -> tuple:
@@ -120,15 +134,18 @@ def eager_graphs(manifest: Manifest) -> tuple:
     fam = family(manifest.model.family)
     recorded = dataclasses.asdict(manifest.model.weights)
     info = fam.inspect(recorded["source"])
+    if info.files:  # weight files are checked before they are opened; generated ones once they exist
+        info.verify(recorded)
     model = fam.load(info, getattr(torch, manifest.dtype))
     info.verify(recorded)
     return fam.graphs(model.to(manifest.device), manifest.cache.granularity)
 
 
-def load(folder) -> Engine:
+def load(folder, trusted_keys: list | None = None) -> Engine:
     folder = Path(folder)
-    manifest = manifest_io.read(folder)
+    manifest = manifest_io.read(folder, trusted_keys=trusted_keys)
     be = backend(manifest.backend)
     be.check()
-    full, cached = be.load(folder, manifest.load_spec(lambda: eager_graphs(manifest)))
-    return Engine(folder, manifest, full, cached, Bases.load(folder / BASES_FILE))
+    bases = Bases.load(manifest.path(folder, BASES_FILE))
+    full, cached = be.load(folder, manifest.load_spec(lambda: eager_graphs(manifest), folder))
+    return Engine(folder, manifest, full, cached, bases)

@@ -2,7 +2,7 @@
 engine-backed stand-in, so `pipe(prompt, ...)` keeps its text encoders, VAE, scheduler and prompts and
 runs the full-compute and cached-step engines with the engine's step plan. The family's `PromptEncoder`
 turns the pipeline's transformer call into graph inputs (FluxPipeline and its img2img and inpainting
-variants, which share the transformer call; HunyuanVideoPipeline). `run_prompts` / `save_outputs` are
+variants, which share the transformer call; HunyuanVideoPipeline). `run_prompts` is
 `svdexport run --prompt`: the whole pipeline of the folder the engine was built from.
 
 The stand-in knows the step from the pipeline's scheduler (`step_index`, None before the first step of a
@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from svdexport.errors import SvdExportError
-from svdexport.files import atomic_file
 from svdexport.models.weights import from_pretrained
 from svdexport.runtime.engine import Engine
 from svdexport.runtime.engine import load as load_engine
@@ -199,30 +198,3 @@ def run_prompts(engine: Engine, prompts: list[str], steps: int, seed: int, guida
     start = time.perf_counter()
     samples = encoder.generate(pipe, list(prompts), engine.shapes, steps, guidance, torch.Generator().manual_seed(seed))
     return PromptRun(list(samples), pipe.transformer.plan_of_last_call(), time.perf_counter() - start)
-
-
-def save_outputs(engine: Engine, run: PromptRun, out: Path) -> list[str]:
-    """Writes a PromptRun at `out` (a .png): images side by side; for videos one GIF per video (out.gif,
-    out-1.gif, ...) and the frame grid (one row per video) at `out`. Returns one line per file written."""
-    from PIL import Image
-
-    from svdexport.models.preview import frame_grid
-
-    out, shapes, lines = Path(out), engine.shapes, []
-    if engine.family.is_video:
-        for k, frames in enumerate(run.samples):
-            gif = out.with_suffix(".gif") if k == 0 else out.with_name(f"{out.stem}-{k}.gif")
-            with atomic_file(gif) as tmp:
-                frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
-            lines.append(f"wrote {gif} (video, {len(frames)} frames of {shapes.width}x{shapes.height})")
-        n = len(run.samples)
-        picture, what = frame_grid(run.samples), f"frame grid: {n} video{'s' * (n > 1)} x {len(run.samples[0])} frames"
-    else:
-        images = run.samples
-        picture = Image.new("RGB", (sum(i.width for i in images), images[0].height))
-        for k, image in enumerate(images):
-            picture.paste(image, (k * images[0].width, 0))
-        what = f"{len(images)} image{'s' * (len(images) > 1)}, {shapes.width}x{shapes.height}"
-    with atomic_file(out) as tmp:
-        picture.save(tmp, format="PNG")
-    return lines + [f"wrote {out} ({what})"]
