@@ -12,7 +12,6 @@ from PIL import Image
 
 import svdexport
 from helpers import assert_one_line_error, run_cli
-from svdexport.cache.config import step_plan
 from svdexport.cli import main
 from svdexport.errors import SvdExportError
 from svdexport.models.hunyuanvideo import HUNYUANVIDEO as HV
@@ -166,7 +165,7 @@ def test_cached_pipeline_equals_the_engines_own_step_cache(folder, engine):
     finally:
         del engine.step_cache
     assert [i for i, _, _ in recording.steps] == list(range(12))
-    assert pipe.transformer.plan_of_last_call() == step_plan(12, 1, 6)  # full at 0 and 6
+    assert pipe.transformer.plan_of_last_call() == engine.plan(12).mask  # the engine's plan for 12 steps
     _, inputs, _ = recording.steps[0]
     assert inputs["encoder_attention_mask"].dtype == torch.int64 and inputs["guidance"].tolist() == [6000.0]
     own = engine.step_cache(12)
