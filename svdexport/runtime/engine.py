@@ -81,12 +81,16 @@ class Engine:
         """Fresh cache state for one request of `steps` steps (used when something else owns the loop)."""
         return StepCache(self.full, self.cached, self.sampler.bases, cache or self.cache, steps)
 
-    def eager_reference(self) -> "Engine":
-        """The same weights, bases and settings run by eager PyTorch: what every backend is measured against."""
-        if self.manifest.backend == "eager":
+    def eager_reference(self, dtype: torch.dtype | None = None) -> "Engine":
+        """The same weights, bases and settings run by eager PyTorch: what every backend is measured against.
+        With `dtype`, an eager twin in that precision (bench and compare set a bf16 engine against float32)."""
+        manifest = self.manifest
+        if dtype is not None and dtype != self.dtype:
+            manifest = dataclasses.replace(manifest, dtype=str(dtype).removeprefix("torch."), backend="eager")
+        elif manifest.backend == "eager":
             return self
-        full, cached = backend("eager").load(self.folder, self.manifest.load_spec(lambda: eager_graphs(self.manifest)))
-        return Engine(self.folder, self.manifest, full, cached, self.bases)
+        full, cached = backend("eager").load(self.folder, manifest.load_spec(lambda: eager_graphs(manifest)))
+        return Engine(self.folder, manifest, full, cached, self.bases)
 
     def preview(self, latents: torch.Tensor):
         return self.family.preview(latents, self.shapes)
