@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,6 +221,9 @@ def build(opts: BuildOptions, out: Path, graphs_dir: Path | None = None,
         if be.needs_export:
             export_programs(graphs, gtmp)
             (gtmp / "manifest.json").write_text(json.dumps({"engine": str(out), "build_key": key}, indent=2))
+        for name in be.carried:  # caches of the engine this build replaces (TensorRT's timing cache)
+            if (out / name).is_file():
+                shutil.copy2(out / name, tmp / name)
         backend_record = be.build(graphs, tmp, gtmp)
         weights = p.info.record()
         manifest = mf.Manifest(

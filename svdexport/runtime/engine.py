@@ -14,6 +14,7 @@ from svdexport.export import backend
 from svdexport.models import family
 from svdexport.models.weights import load_table
 from svdexport.runtime import manifest as manifest_io
+from svdexport.runtime import static
 from svdexport.runtime.manifest import BASES_FILE, ConditioningKind, Manifest
 from svdexport.runtime.scheduler import CachedSampler, Generation, StepCache
 
@@ -112,4 +113,6 @@ def load(folder) -> Engine:
     be = backend(manifest.backend)
     be.check()
     full, cached = be.load(folder, manifest.load_spec(lambda: eager_graphs(manifest)))
+    if static.enabled(manifest.backend, manifest.device):  # the GPU hot path: CUDA graphs over static buffers
+        full, cached = static.static_pair(full, cached)
     return Engine(folder, manifest, full, cached, Bases.load(folder / BASES_FILE))
