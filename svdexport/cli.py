@@ -28,7 +28,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="flux", help=h["model"])
     g.add_argument("--weights", help=h["weights"])
-    g.add_argument("--dtype", default="auto", help="fp32 | bf16 | fp16 | auto (default: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--dtype", default="auto", help="fp32 | bf16 | fp16 | auto (default: bf16 on CUDA and on CPUs with bf16 "
+                   "matrix units, fp32 elsewhere and for onnx on CPU; build prints why)")
     g.add_argument("--device", default="auto", help="cpu | cuda | auto (default: cuda when a GPU is visible)")
     s = p.add_argument_group("build shapes (fixed per engine)")
     s.add_argument("--batch", type=int, help=h["batch"])
@@ -89,6 +90,7 @@ def cmd_build(a: argparse.Namespace) -> None:
     opts = _build_options(a, a.backend)
     out = Path(a.out or f"engines/{a.model}-{a.backend}")
     m, reused = build(opts, out, graphs_dir=a.graphs)
+    print(f"dtype {opts.dtype}: {opts.dtype_reason}")
     if reused:
         print(f"{out} is up to date (same model, weights, settings and library versions): reused")
         return

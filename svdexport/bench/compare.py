@@ -66,6 +66,22 @@ def _methods(engine, eager, peers: list[str], steps: int) -> list[Method]:
     return ms
 
 
+def _precision_reference(engine, methods: list[Method], steps: int) -> list[Method]:
+    """An engine not in float32 is compared with float32 full compute (the reference, first row); its own
+    dtype's full compute stays as a row, so the precision loss alone is visible beside the cache's."""
+    if engine.dtype == torch.float32:
+        return methods
+    twin = engine.eager_reference(torch.float32)
+    dtype = {"bfloat16": "bf16", "float16": "fp16"}.get(engine.manifest.dtype, engine.manifest.dtype)
+
+    def fp32(x: dict) -> dict:  # the same (rounded) inputs, so only the compute's precision differs
+        return {k: v.float() if v.is_floating_point() else v for k, v in x.items()}
+
+    reference = Method("eager fp32 full compute", "eager",
+                       lambda x, i: twin.generate(fp32(x), steps=steps, interval=1), True)
+    return [reference, dataclasses.replace(methods[0], name=f"eager {dtype} full compute")] + methods[1:]
+
+
 def _peer(peer_lib, name, model, inputs, steps, eager, interval) -> Generation:
     loop = peer_lib.PeerLoop(eager.family, eager.sampling, eager.shapes, steps)
     r = peer_lib.run_peer(name, model, loop, inputs, eager.cache.warmup, interval)
@@ -82,7 +98,7 @@ def compare(engine_dir: str, samples: int = 16, steps: int = 50, intervals: tupl
     eager = engine.eager_reference()
     unavailable = {p: peer_lib.available(p, engine.family) for p in peer_lib.PEERS}
     peers = [p for p in (peer_lib.PEERS if peers is None else peers) if unavailable[p] is None]
-    methods = _methods(engine, eager, peers, steps)
+    methods = _precision_reference(engine, _methods(engine, eager, peers, steps), steps)
     labels = [seed % len(engine.labels) for seed in range(samples)] if engine.labels else None
     inputs = [engine.example_inputs(seed, None if labels is None else [labels[seed]] * engine.shapes.batch)
               for seed in range(samples)]
@@ -120,7 +136,7 @@ def compare(engine_dir: str, samples: int = 16, steps: int = 50, intervals: tupl
     return {
         "config": {"engine": str(engine_dir), "backend": m.backend, "model": m.model.weights.source,
                    "steps": steps, "samples": samples, "intervals": list(intervals), "cache": m.cache.to_dict(),
-                   "shapes": m.shapes.build, "dtype": m.dtype, "peers": peers,
+                   "shapes": m.shapes.build, "dtype": m.dtype, "reference": methods[0].name, "peers": peers,
                    "peers_unavailable": {p: unavailable[p] for p in peer_lib.PEERS if p not in peers},
                    "video": video},
         "machine": {"platform": platform.platform(), "python": platform.python_version(),

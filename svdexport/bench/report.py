@@ -39,12 +39,13 @@ def table(rows: list[dict], interval: int | None = None) -> str:
 
 def markdown(result: dict) -> str:
     c = result["config"]
+    ref = c.get("reference", "eager full compute")
     out = [f"# svdexport compare: {c['model']} ({c['backend']} engine)", "",
            f"{c['samples']} samples, {c['steps']} steps, warmup {c['cache']['warmup']}, granularity "
            f"{c['cache']['granularity']}, tau {c['cache']['tau']}, k_max {c['cache']['k_max']}; machine: "
            f"{result['machine']['platform']}, torch {result['machine']['torch']}, "
-           f"{result['machine']['threads']} threads. Speedup: eager full compute latency / method latency, "
-           "measured interleaved in one run. PSNR, SSIM: decoded samples against eager full compute.", ""]
+           f"{result['machine']['threads']} threads. Speedup: {ref} latency / method latency, "
+           f"measured interleaved in one run. PSNR, SSIM: decoded samples against {ref}.", ""]
     if c.get("peers_unavailable"):
         out += ["Peers not run: " + "; ".join(f"{k} ({v})" for k, v in c["peers_unavailable"].items()), ""]
     for iv in c["intervals"]:
@@ -78,8 +79,8 @@ def _tile(img: torch.Tensor, scale: int) -> np.ndarray:
 def grid(result: dict, path: Path, interval: int, max_samples: int = 16) -> None:
     """Reference and every method at `interval`, one row each, the same samples in the columns."""
     keys = ["reference"] + [f"{r['method']}@{r['interval']}" for r in result["rows"]
-                            if r["interval"] == interval and r["method"] != "eager full compute"]
-    names = ["eager full compute (reference)"] + [k.rsplit("@", 1)[0] for k in keys[1:]]
+                            if r["interval"] == interval and r["method"] != result["rows"][0]["method"]]
+    names = [f"{result['rows'][0]['method']} (reference)"] + [k.rsplit("@", 1)[0] for k in keys[1:]]
     first = result["images"]["reference"][0]
     scale = max(1, 48 // first.shape[-1])
     tile_h, tile_w = first.shape[-2] * scale, first.shape[-1] * scale

@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from svdexport.build import memory
+from svdexport.build import memory, precision
 from svdexport.build.calibrate import CalibrationSettings, calibrate, plan_statistics
 from svdexport.cache import plan as plans
 from svdexport.cache.config import CacheConfig
@@ -41,13 +42,14 @@ class BuildOptions:
     backend: str = "eager"  # how the graphs become engines
     cache: CacheConfig = field(default_factory=CacheConfig)  # SVD-Cache settings; warmup/interval None = model's
     shapes: dict = field(default_factory=dict)  # overrides of the family's default build shapes
-    dtype: str = "auto"  # weights and activations precision; "auto": bf16 on CUDA, fp32 on CPU
+    dtype: str = "auto"  # weights and activations precision; "auto": build/precision.py's rule
     device: str = "auto"  # "cpu", "cuda", or "auto" (cuda when a GPU is visible)
     calib_samples: int = 8  # calibration inputs
     calib_steps: int | None = None  # sampling steps per calibration input; None = the model's default steps
     calibration_prompts: str | None = None  # prompt file for models with text encoders; None = built-in list
     check_memory: bool = True  # refuse a build whose estimated peak memory exceeds what is available
     force: bool = False  # replace an output that svdexport did not write
+    dtype_reason: str = ""  # why this dtype (set by prepare: "auto: this CPU has AVX512-BF16 ...")
 
     def validate(self) -> "BuildOptions":
         self.cache.validate()
@@ -57,9 +59,7 @@ class BuildOptions:
             raise SvdExportError(f"unknown device {self.device!r} (choose from cpu, cuda)")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise SvdExportError("--device cuda asked for, but no CUDA GPU is visible")
-        if self.dtype == "auto":
-            self.dtype = "bf16" if self.device == "cuda" else "fp32"
-        if self.dtype not in DTYPES:
+        if self.dtype not in (*DTYPES, "auto"):  # "auto" is resolved by prepare, which knows the model
             raise SvdExportError(f"unknown dtype {self.dtype!r} (choose from {', '.join(DTYPES)}, auto)")
         if self.calib_samples < 1 or (self.calib_steps is not None and self.calib_steps < 1):
             raise SvdExportError("calibration needs at least one sample and one step")
@@ -93,6 +93,8 @@ def prepare(opts: BuildOptions) -> Prepared:
     opts.validate()
     fam = family(opts.model)
     info = fam.inspect(opts.weights)
+    if opts.dtype == "auto" or not opts.dtype_reason:
+        opts.dtype, opts.dtype_reason = precision.resolve(opts.dtype, opts.device, opts.backend, info.precision)
     dim = fam.hidden_size(info.config)
     if opts.cache.k_max > dim:
         raise SvdExportError(f"k_max={opts.cache.k_max} exceeds the model's hidden size {dim}")
@@ -255,6 +257,9 @@ def _build(opts: BuildOptions, out: Path, graphs_dir: Path, progress: bool, be) 
         if be.needs_export:
             export_programs(graphs, gtmp)
             (gtmp / "manifest.json").write_text(json.dumps({"engine": str(out), "build_key": key}, indent=2))
+        for name in be.carried:  # caches of the engine this build replaces (TensorRT's timing cache)
+            if (out / name).is_file():
+                shutil.copy2(out / name, tmp / name)
         backend_record = be.build(graphs, tmp, gtmp)
         weights = p.info.record()
         manifest = mf.Manifest(

@@ -97,6 +97,7 @@ class Backend:
     # Peak build memory / weight bytes: how many copies of the weights the build holds at once (measured for
     # aoti and onnx on bundled:flux1-reduced, see build/memory.py; estimated from the steps elsewhere).
     weight_copies = 1.3
+    carried: tuple[str, ...] = ()  # files of an engine folder that its rebuild starts from (caches), if present
 
     def check(self) -> None:
         """Raises SvdExportError in one line when the backend cannot run here."""

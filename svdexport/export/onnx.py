@@ -34,6 +34,12 @@ def providers() -> list[str]:
     return [p for p in wanted if p in available]
 
 
+def session_device(session_providers: list[str]) -> torch.device:
+    """Where a session's inputs and outputs live: the GPU when its first provider runs there, else the CPU."""
+    on_gpu = session_providers and session_providers[0] in ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+    return torch.device("cuda", 0) if on_gpu else torch.device("cpu")
+
+
 def cpu_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -56,6 +62,7 @@ class OrtGraph:
             self.session = ort.InferenceSession(str(path), so, providers=providers())
         except Exception as e:
             raise SvdExportError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from None
+        self.device = session_device(self.session.get_providers())
         position = {n: i for i, n in enumerate(input_names)}
         # The exporter may drop an input the graph does not read; bind only what the session declares.
         self.inputs = [(i.name, position[i.name]) for i in self.session.get_inputs()]
@@ -65,14 +72,15 @@ class OrtGraph:
         binding = self.session.io_binding()
         keep = []  # tensors whose memory the session reads: alive until the run ends
         for name, pos in self.inputs:
-            t = args[pos].contiguous()
+            t = args[pos].to(self.device).contiguous()  # in place where the tensor is already on the device
             keep.append(t)
             binding.bind_input(name, t.device.type, t.device.index or 0, _ELEM[t.dtype], tuple(t.shape), t.data_ptr())
         outs = []
         for name, shape, dtype in self.outputs:
-            # Fresh outputs each call: predictors keep earlier coefficients, so buffers must not be reused.
-            o = torch.empty(shape, dtype=dtype)
-            binding.bind_output(name, "cpu", 0, _ELEM[dtype], shape, o.data_ptr())
+            # Fresh outputs each call, on the session's device (no round trip through host memory on a GPU):
+            # predictors keep earlier coefficients, so buffers must not be reused.
+            o = torch.empty(shape, dtype=dtype, device=self.device)
+            binding.bind_output(name, o.device.type, o.device.index or 0, _ELEM[dtype], shape, o.data_ptr())
             outs.append(o)
         self.session.run_with_iobinding(binding)
         return outs

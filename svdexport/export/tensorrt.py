@@ -11,11 +11,23 @@ from svdexport.errors import SvdExportError
 from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, compiled_pair, open_engine_file
 
 
+# TensorRT's timing cache (the measured speed of each kernel tactic) lives in the engine folder, is listed in
+# its manifest, and seeds a rebuild of the same folder (`carried`): a rebuild skips most tactic timing.
+TIMING_CACHE = "timing_cache.bin"
+
+
+def compile_options(engine_dir: Path, dtype: torch.dtype) -> dict:
+    """torch_tensorrt.dynamo.compile's settings for one graph: its precision and the folder's timing cache."""
+    return {"enabled_precisions": {dtype}, "use_explicit_typing": False,
+            "timing_cache_path": str(engine_dir / TIMING_CACHE)}
+
+
 class TensorRTBackend(Backend):
     name = "tensorrt"
     requires = ("torch_tensorrt",)
     extra = "tensorrt"
     weight_copies = 3.5  # export and engine: estimated from the steps, not measured
+    carried = (TIMING_CACHE,)
 
     def check(self) -> None:
         super().check()
@@ -26,20 +38,18 @@ class TensorRTBackend(Backend):
         import torch_tensorrt
         from torch.export.passes import move_to_device_pass
 
-        precision = {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
         for name in GRAPHS:
             g = graphs[name]
             args = tuple(a.cuda() for a in g.args)
             program = move_to_device_pass(g.program, "cuda")
             dtype = next(a.dtype for a in args if a.is_floating_point())
             try:
-                trt = torch_tensorrt.dynamo.compile(program, arg_inputs=args, enabled_precisions={precision[dtype]},
-                                                    use_explicit_typing=False)
+                trt = torch_tensorrt.dynamo.compile(program, arg_inputs=args, **compile_options(engine_dir, dtype))
                 torch_tensorrt.save(trt, str(engine_dir / f"{name}.trt.pt2"), output_format="exported_program",
                                     arg_inputs=args)
             except Exception as e:
                 raise SvdExportError(f"TensorRT failed on the {name} graph: {str(e).splitlines()[0]}") from e
-        return {"programs": {n: f"{n}.trt.pt2" for n in GRAPHS}, "device": "cuda"}
+        return {"programs": {n: f"{n}.trt.pt2" for n in GRAPHS}, "device": "cuda", "timing_cache": TIMING_CACHE}
 
     def load(self, engine_dir: Path, spec: LoadSpec):
         import torch_tensorrt  # noqa: F401  (registers the TensorRT runtime ops the programs call)

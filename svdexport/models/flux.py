@@ -20,12 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from svdexport.cache.svd import reconstruct
 from svdexport.errors import SvdExportError
 from svdexport.models import flux_checkpoint, mmdit, preview
 from svdexport.models.family import RunDefaults, Sampling, Shapes
 from svdexport.models.flux_prompts import FluxPrompts
-from svdexport.models.mmdit import SiteRecorder, split_sites
+from svdexport.models.mmdit import SiteRecorder, rebuilt, split_sites
 from svdexport.models.weights import WeightsInfo
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
@@ -149,7 +148,7 @@ class FluxBlockCachedGraph(mmdit.CachedStepGraph):
     def forward(self, hidden_states, timestep, pooled_projections, bases, coeffs, residuals, guidance=None):
         dtype = self.proj_out.weight.dtype
         temb = _time_embedding(self.time_text_embed, timestep, pooled_projections, guidance, dtype)
-        h = self.image_stream(hidden_states, temb, reconstruct(coeffs, residuals, bases.to(dtype)))
+        h = self.image_stream(hidden_states, temb, rebuilt(coeffs, residuals, bases, dtype))
         return self.proj_out(self.norm_out(h, temb))
 
 
@@ -162,7 +161,7 @@ class FluxFinalCachedGraph(mmdit.CachedStepGraph):
     def forward(self, timestep, pooled_projections, bases, coeffs, residuals, guidance=None):
         dtype = self.proj_out.weight.dtype
         temb = _time_embedding(self.time_text_embed, timestep, pooled_projections, guidance, dtype)
-        h = self.image_stream(None, temb, reconstruct(coeffs, residuals, bases.to(dtype)))
+        h = self.image_stream(None, temb, rebuilt(coeffs, residuals, bases, dtype))
         return self.proj_out(self.norm_out(h, temb))
 
 

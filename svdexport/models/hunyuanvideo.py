@@ -17,12 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from svdexport.cache.svd import reconstruct
 from svdexport.errors import SvdExportError
 from svdexport.models import mmdit, preview
 from svdexport.models.family import RunDefaults, Sampling, Shapes
 from svdexport.models.hunyuanvideo_prompts import HunyuanVideoPrompts
-from svdexport.models.mmdit import SiteRecorder, split_sites
+from svdexport.models.mmdit import SiteRecorder, rebuilt, split_sites
 from svdexport.models.weights import WeightsInfo
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
@@ -119,7 +118,7 @@ class HunyuanVideoCachedGraph(mmdit.CachedStepGraph):
     def forward(self, hidden_states, timestep, pooled_projections, bases, coeffs, residuals, guidance=None):
         dtype = self.proj_out.weight.dtype
         temb = self.time_text_embed(timestep, pooled_projections, guidance)[0]  # (conditioning, token_replace)
-        h = self.image_stream(hidden_states, temb, reconstruct(coeffs, residuals, bases.to(dtype)))
+        h = self.image_stream(hidden_states, temb, rebuilt(coeffs, residuals, bases, dtype))
         return unpatchify(self.proj_out(self.norm_out(h, temb)), hidden_states.shape)
 
 

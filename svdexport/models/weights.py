@@ -33,6 +33,7 @@ class WeightsInfo:
     sha256: str = ""  # digest of the weights; set at load for the generated bundled model, else on demand
     conditioning: dict = field(default_factory=lambda: {"kind": "synthetic"})  # or a class table (file, labels)
     shapes: dict | None = None  # default build shapes the model declares (bundled models)
+    precision: dict | None = None  # {"dtype", "why"}: the precision the model declares for --dtype auto
 
     def digest(self) -> str:
         if not self.sha256:
@@ -109,6 +110,7 @@ def inspect_folder(root: Path, class_name: str, parts: tuple[str, ...]) -> Weigh
             info.conditioning = {"kind": "class-table", "file": str(table.resolve()), "labels": cond["labels"]}
             info.files.append(str(table.resolve()))  # the table is part of the model's identity
         info.shapes = meta.get("shapes")
+        info.precision = meta.get("precision")
     return info
 
 
@@ -121,7 +123,7 @@ def inspect_bundled(weights: str, bundled: dict[str, Path], class_name: str) -> 
         info = inspect_folder(bundled[name], class_name, ())
     else:
         spec = json.loads(bundled[name].read_text())
-        info = WeightsInfo(weights, spec["config"], shapes=spec.get("shapes"))
+        info = WeightsInfo(weights, spec["config"], shapes=spec.get("shapes"), precision=spec.get("precision"))
         info.conditioning = spec.get("conditioning", info.conditioning)
     info.source = weights
     return info

@@ -15,6 +15,7 @@ from svdexport.models import family
 from svdexport.models.weights import load_table
 from svdexport.runtime import manifest as manifest_io
 from svdexport.cache.plan import load_stats
+from svdexport.runtime import static
 from svdexport.runtime.manifest import BASES_FILE, PLAN_STATS_FILE, ConditioningKind, Manifest
 from svdexport.runtime.plans import RequestPlan, plan_for, schedule_weights
 from svdexport.runtime.scheduler import CachedSampler, Generation, StepCache
@@ -104,13 +105,16 @@ class Engine:
         cache = cache or self.cache
         return StepCache(self.full, self.cached, self.sampler.bases, cache, steps, self.plan(steps, cache).mask)
 
-    def eager_reference(self) -> "Engine":
-        """The same weights, bases and settings run by eager PyTorch: what every backend is measured against."""
-        if self.manifest.backend == "eager":
+    def eager_reference(self, dtype: torch.dtype | None = None) -> "Engine":
+        """The same weights, bases and settings run by eager PyTorch: what every backend is measured against.
+        With `dtype`, an eager twin in that precision (bench and compare set a bf16 engine against float32)."""
+        manifest = self.manifest
+        if dtype is not None and dtype != self.dtype:
+            manifest = dataclasses.replace(manifest, dtype=str(dtype).removeprefix("torch."), backend="eager")
+        elif manifest.backend == "eager":
             return self
-        full, cached = backend("eager").load(self.folder, self.manifest.load_spec(lambda: eager_graphs(self.manifest),
-                                                                                    self.folder))
-        return Engine(self.folder, self.manifest, full, cached, self.bases)
+        full, cached = backend("eager").load(self.folder, manifest.load_spec(lambda: eager_graphs(manifest), self.folder))
+        return Engine(self.folder, manifest, full, cached, self.bases)
 
     def preview(self, latents: torch.Tensor):
         return self.family.preview(latents, self.shapes)
@@ -148,4 +152,6 @@ def load(folder, trusted_keys: list | None = None) -> Engine:
     be.check()
     bases = Bases.load(manifest.path(folder, BASES_FILE))
     full, cached = be.load(folder, manifest.load_spec(lambda: eager_graphs(manifest), folder))
+    if static.enabled(manifest.backend, manifest.device):  # the GPU hot path: CUDA graphs over static buffers
+        full, cached = static.static_pair(full, cached)
     return Engine(folder, manifest, full, cached, bases)

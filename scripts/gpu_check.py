@@ -1,0 +1,290 @@
+"""The check to run on a lent GPU (scripts/gpu_check.sh sets up its packages, then runs this).
+
+Builds FLUX.1's full width (bundled:flux1-reduced) at 1024x1024 in bf16 with each backend (aoti, tensorrt,
+onnx on the CUDA / TensorRT providers), checks one full and one cached step of each against eager bf16, and
+prints one markdown table: full and cached step, 50 steps with SVD-Cache against eager without cache,
+achieved TFLOP/s and fraction of this GPU's bf16 matmul peak (measured in the same run), peak GPU memory,
+build time. A backend that cannot run (package missing, no time left in the budget) is a row with its reason.
+
+`--tiny` runs the same logic on a CPU with the bundled digits model and the CPU backends (aoti, onnx), in
+the dtype `--dtype auto` picks for each, so the first GPU run is not the first run of this code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import svdexport  # noqa: E402
+from svdexport import hardware  # noqa: E402
+from svdexport.bench import roofline  # noqa: E402
+from svdexport.bench.metrics import rel_l2  # noqa: E402
+from svdexport.build.builder import BuildOptions, build  # noqa: E402
+from svdexport.errors import SvdExportError  # noqa: E402
+from svdexport.export import backend  # noqa: E402
+
+# Parity bound per dtype (rel. L2 of one step's output against eager in the same dtype): bf16 kernels fused
+# differently round differently; float32 engines agree to about 1e-6 (REFERENCE.md section 5).
+TOLERANCE = {"bfloat16": 2e-2, "float16": 2e-2, "float32": 1e-3}
+
+
+@dataclass
+class Plan:
+    weights: str
+    shapes: dict
+    device: str
+    backends: tuple[str, ...]
+    dtype: str
+    calib_samples: int = 1
+    calib_steps: int = 2
+    steps: int = 50
+    step_calls: int = 5  # timed calls per step measurement (median)
+    budget_s: float = 480.0  # the whole check, builds included; a backend that would not fit is skipped
+    reserve_s: float = 90.0  # time a backend needs at least (build and measurement) to be started
+
+
+GPU = Plan("bundled:flux1-reduced", {"height": 1024, "width": 1024}, "cuda", ("aoti", "tensorrt", "onnx"), "bf16")
+TINY = Plan("bundled:digits", {}, "cpu", ("aoti", "onnx"), "auto", budget_s=300.0, reserve_s=5.0)
+
+
+@dataclass
+class Row:
+    backend: str
+    dtype: str = ""
+    skipped: str | None = None  # why the backend was not run
+    parity: dict = field(default_factory=dict)  # rel. L2 of the full and cached step against eager
+    parity_ok: bool | None = None
+    full_ms: float | None = None
+    cached_ms: float | None = None
+    cached_50_s: float | None = None  # SVD-Cache, plan steps
+    eager_uncached_50_s: float | None = None  # eager in the same dtype, every step full
+    speedup: float | None = None
+    tflops: float | None = None
+    fraction_of_peak: float | None = None
+    peak_memory_gib: float | None = None
+    build_s: float | None = None
+
+
+def unavailable(name: str, device: str) -> str | None:
+    """Why a backend cannot run here, in one line; None when it can."""
+    try:
+        backend(name).check()
+    except SvdExportError as e:
+        return str(e)
+    if name == "onnx" and device == "cuda":
+        from svdexport.export.onnx import providers
+
+        if "CUDAExecutionProvider" not in providers():
+            return "onnxruntime has no CUDA provider here (pip install onnxruntime-gpu)"
+    return None
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn, device: str, calls: int) -> float:
+    times = []
+    for _ in range(calls):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def step_state(engine, reference) -> dict:
+    """One mid-schedule step's inputs, C and R from the reference's full step."""
+    state = {**engine.example_inputs(0), "bases": engine.sampler.bases}
+    state["timestep"] = engine.sampling.model_timestep(torch.tensor(500.0, device=engine.device),
+                                                        state["hidden_states"])
+    with torch.inference_mode():
+        _, state["coeffs"], state["residuals"] = reference.full(*[state[n] for n in reference.full.input_names])
+    return state
+
+
+class Memory:
+    """Peak memory of what runs after it is made. GPU: the larger of PyTorch's peak allocation and the growth
+    of the device's used memory (ONNX Runtime's arena is not PyTorch's), over what was held at the start.
+    CPU: the process's peak resident memory, builds included (the kernel keeps no resettable peak)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        if device == "cuda":
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.allocated, self.used = torch.cuda.memory_allocated(), self._used()
+
+    @staticmethod
+    def _used() -> int:
+        free, total = torch.cuda.mem_get_info()
+        return total - free
+
+    def peak_gib(self) -> float:
+        if self.device != "cuda":
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
+        return max(torch.cuda.max_memory_allocated() - self.allocated, self._used() - self.used) / 2**30
+
+
+class Check:
+    """Runs the plan: per backend a build, a parity check and the timings; eager references per dtype."""
+
+    def __init__(self, plan: Plan, out: Path, log=print):
+        self.plan, self.out, self.log = plan, out, log
+        self.start = time.perf_counter()
+        self.refs: dict[str, dict] = {}  # dtype -> eager engine, its timings, FLOPs and the matmul peak
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def reference(self, engine) -> dict:
+        """Eager in the engine's dtype: its uncached generation, the step FLOPs and the peak, once per dtype."""
+        key = engine.manifest.dtype
+        if key not in self.refs:
+            eager = engine.eager_reference()
+            state = step_state(eager, eager)
+            inputs = eager.example_inputs(0)
+            with torch.inference_mode():
+                eager.generate(inputs, steps=2, interval=1)  # warm-up
+                uncached = median_seconds(lambda: eager.generate(inputs, steps=self.plan.steps, interval=1),
+                                          self.plan.device, 1)
+                full_ms = median_seconds(lambda: eager.full(*[state[n] for n in eager.full.input_names]),
+                                         self.plan.device, self.plan.step_calls) * 1e3
+            flops = roofline.count_flops(eager.full, [state[n] for n in eager.full.input_names])
+            peak = roofline.engine_peak(engine)
+            self.refs[key] = {"eager": eager, "state": state, "uncached_s": uncached, "flops": flops,
+                              "peak": peak, "full_ms": full_ms}
+            self.log(f"eager {key}: {self.plan.steps} steps uncached {uncached:.3f} s, full step {full_ms:.2f} ms, "
+                     f"{flops / 1e9:.1f} GFLOP; {peak.dtype} matmul peak {peak.flops_per_s / 1e12:.2f} TFLOP/s")
+        return self.refs[key]
+
+    def run_backend(self, name: str) -> Row:
+        p = self.plan
+        reason = unavailable(name, p.device)
+        if reason is None and self.elapsed() + p.reserve_s > p.budget_s:
+            reason = f"time budget: {self.elapsed():.0f} s of {p.budget_s:.0f} s spent before it could start"
+        if reason is not None:
+            return Row(name, skipped=reason)
+        opts = BuildOptions(weights=p.weights, backend=name, dtype=p.dtype, device=p.device, shapes=dict(p.shapes),
+                            calib_samples=p.calib_samples, calib_steps=p.calib_steps)
+        start = time.perf_counter()
+        build(opts, self.out / name, graphs_dir=self.out / f"{name}-graphs", progress=False)
+        row = Row(name, dtype=opts.dtype, build_s=time.perf_counter() - start)
+        self.log(f"{name}: built in {row.build_s:.0f} s ({opts.dtype}: {opts.dtype_reason})")
+        ref = self.reference(svdexport.load(self.out / name))
+        eager, state = ref["eager"], ref["state"]
+        memory = Memory(p.device)  # from here on: the engine's own memory, the eager reference's excluded
+        engine = svdexport.load(self.out / name)
+        with torch.inference_mode():
+            full_args = [state[n] for n in engine.full.input_names]
+            cached_args = [state[n] for n in engine.cached.input_names]
+            got, want = engine.full(*full_args), eager.full(*[state[n] for n in eager.full.input_names])
+            got_c, want_c = engine.cached(*cached_args), eager.cached(*[state[n] for n in eager.cached.input_names])
+            row.parity = {"full": rel_l2(got[0], want[0]), "cached": rel_l2(got_c, want_c)}
+            row.parity_ok = max(row.parity.values()) <= TOLERANCE[engine.manifest.dtype]
+            engine.full(*full_args), engine.cached(*cached_args)  # warm-up (CUDA-graph capture, lazy init)
+            full_s = median_seconds(lambda: engine.full(*full_args), p.device, p.step_calls)
+            cached_s = median_seconds(lambda: engine.cached(*cached_args), p.device, p.step_calls)
+            inputs = engine.example_inputs(0)
+            engine.generate(inputs, steps=p.steps)  # warm-up of the whole loop
+            row.cached_50_s = median_seconds(lambda: engine.generate(inputs, steps=p.steps), p.device, 2)
+        row.full_ms, row.cached_ms = full_s * 1e3, cached_s * 1e3
+        row.eager_uncached_50_s = ref["uncached_s"]
+        row.speedup = ref["uncached_s"] / row.cached_50_s
+        row.tflops = ref["flops"] / full_s / 1e12
+        row.fraction_of_peak = ref["flops"] / full_s / ref["peak"].flops_per_s
+        row.peak_memory_gib = memory.peak_gib()
+        self.log(f"{name}: parity {row.parity} ({'ok' if row.parity_ok else 'FAILED'}), full {row.full_ms:.2f} ms, "
+                 f"cached {row.cached_ms:.2f} ms, {p.steps} steps {row.cached_50_s:.3f} s")
+        return row
+
+    def run(self) -> list[Row]:
+        rows = []
+        for name in self.plan.backends:
+            try:
+                rows.append(self.run_backend(name))
+            except SvdExportError as e:  # a build or load refused in one line: the others still run
+                rows.append(Row(name, skipped=f"failed: {e}"))
+        return rows
+
+
+def _f(x, fmt: str) -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def table(rows: list[Row], plan: Plan, device_name: str, peaks: dict) -> str:
+    """The one markdown table the check prints (docs/gpu.md shows its layout)."""
+    mem = "peak GPU memory GiB" if plan.device == "cuda" else "peak RSS GiB"
+    lines = [f"{plan.weights} {plan.shapes or 'default shapes'} on {device_name}; {plan.steps} steps; "
+             + "; ".join(f"{d} matmul peak {p.flops_per_s / 1e12:.2f} TFLOP/s at {'x'.join(map(str, p.shape))}"
+                         for d, p in peaks.items()),
+             "",
+             f"| backend | dtype | parity vs eager (full / cached rel. L2) | full step ms | cached step ms "
+             f"| {plan.steps} steps SVD-Cache s | eager uncached s | speedup | TFLOP/s | % of peak | {mem} | build s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.skipped:
+            lines.append(f"| {r.backend} | skipped: {r.skipped} |" + " |" * 10)
+            continue
+        ok = "ok" if r.parity_ok else "FAILED"
+        lines.append(
+            f"| {r.backend} | {r.dtype} | {r.parity['full']:.1e} / {r.parity['cached']:.1e} ({ok}) "
+            f"| {_f(r.full_ms, '{:.2f}')} | {_f(r.cached_ms, '{:.2f}')} | {_f(r.cached_50_s, '{:.3f}')} "
+            f"| {_f(r.eager_uncached_50_s, '{:.3f}')} | {_f(r.speedup, '{:.2f}x')} | {_f(r.tflops, '{:.3f}')} "
+            f"| {_f(r.fraction_of_peak and r.fraction_of_peak * 100, '{:.0f}%')} | {_f(r.peak_memory_gib, '{:.2f}')} "
+            f"| {_f(r.build_s, '{:.0f}')} |")
+    return "\n".join(lines)
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    native, why = hardware.cpu_bf16()
+    return f"CPU, {torch.get_num_threads()} threads ({why})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="the same logic on a CPU: bundled digits, aoti and onnx")
+    ap.add_argument("--out", default="/tmp/svdexport-gpu-check", help="folder for the engines it builds")
+    ap.add_argument("--backends", help="comma list (default: aoti,tensorrt,onnx; --tiny: aoti,onnx)")
+    ap.add_argument("--budget-s", type=float, help="seconds the whole check may take (default 480; --tiny 300)")
+    ap.add_argument("--json", help="also write the rows as JSON")
+    a = ap.parse_args(argv)
+    plan = TINY if a.tiny else GPU
+    if a.backends:
+        plan = dataclasses.replace(plan, backends=tuple(a.backends.split(",")))
+    if a.budget_s:
+        plan = dataclasses.replace(plan, budget_s=a.budget_s)
+    if plan.device == "cuda" and not torch.cuda.is_available():
+        print("svdexport: error: no CUDA GPU is visible (use --tiny to run this check on a CPU)", file=sys.stderr)
+        return 2
+    check = Check(plan, Path(a.out), log=lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True))
+    rows = check.run()
+    peaks = {k: v["peak"] for k, v in check.refs.items()}
+    print()
+    print(table(rows, plan, device_name(plan.device), peaks))
+    print(f"\ntotal {check.elapsed():.0f} s")
+    if a.json:
+        Path(a.json).write_text(json.dumps([r.__dict__ for r in rows], indent=2) + "\n")
+    return 0 if all(r.skipped or r.parity_ok for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""scripts/gpu_check.sh: its logic on a CPU (--tiny), its table, and its refusals, so that the first run on a
+lent GPU is not its first run."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+gpu_check = importlib.util.module_from_spec(spec)
+sys.modules["gpu_check"] = gpu_check  # dataclasses look their module up while the script loads
+spec.loader.exec_module(gpu_check)
+
+
+def test_table_has_one_row_per_backend_and_names_skips():
+    from svdexport.hardware import Peak
+
+    rows = [gpu_check.Row("aoti", "bf16", parity={"full": 3e-3, "cached": 1e-3}, parity_ok=True, full_ms=8.25,
+                          cached_ms=0.41, cached_50_s=0.112, eager_uncached_50_s=0.62, speedup=5.54, tflops=640.0,
+                          fraction_of_peak=0.81, peak_memory_gib=3.5, build_s=95.0),
+            gpu_check.Row("tensorrt", skipped="backend 'tensorrt' needs torch_tensorrt, which is not installed")]
+    peaks = {"bfloat16": Peak(790e12, (4096, 3072, 3072), "bfloat16", "cuda")}
+    text = gpu_check.table(rows, gpu_check.GPU, "NVIDIA H100 80GB HBM3", peaks)
+    lines = text.splitlines()
+    assert "on NVIDIA H100 80GB HBM3" in lines[0] and "bfloat16 matmul peak 790.00 TFLOP/s at 4096x3072x3072" in lines[0]
+    header, aoti, trt = lines[2], lines[4], lines[5]
+    assert header.count("|") == aoti.count("|") == trt.count("|") == 13
+    assert "| aoti | bf16 | 3.0e-03 / 1.0e-03 (ok) | 8.25 | 0.41 | 0.112 | 0.620 | 5.54x | 640.000 | 81% | 3.50 | 95 |" == aoti
+    assert "skipped: backend 'tensorrt' needs torch_tensorrt" in trt and "peak GPU memory GiB" in header
+
+
+def test_a_backend_that_cannot_run_is_skipped_with_its_reason(tmp_path):
+    reason = gpu_check.unavailable("tensorrt", "cpu")
+    assert reason and ("CUDA GPU" in reason or "torch_tensorrt" in reason)
+    plan = gpu_check.dataclasses.replace(gpu_check.TINY, budget_s=0.0)
+    row = gpu_check.Check(plan, tmp_path, log=lambda s: None).run_backend("aoti")
+    assert row.skipped.startswith("time budget") and not list(tmp_path.iterdir())  # nothing was built
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_gpu_mode_without_a_gpu_is_one_line(capsys):
+    assert gpu_check.main(["--out", "/nonexistent"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("svdexport: error: no CUDA GPU is visible")
+
+
+@pytest.mark.slow
+def test_tiny_mode_runs_the_whole_check_on_this_cpu(tmp_path):
+    """The script end to end on a CPU: both CPU backends built in the dtype --dtype auto picks here (aoti bf16 on
+    a CPU with bf16 units, onnx fp32 always), each step within tolerance of eager, one table."""
+    from svdexport.build import precision
+
+    env = {k: v for k, v in os.environ.items() if k != "SVDEXPORT_CPU_BF16"}  # this machine's real rule
+    env["PYTHON"] = sys.executable
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--tiny", "--out", str(tmp_path / "e"),
+                           "--json", str(tmp_path / "rows.json")], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {r["backend"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
+    assert set(rows) == {"aoti", "onnx"} and not any(r["skipped"] for r in rows.values())
+    os.environ.pop("SVDEXPORT_CPU_BF16", None)
+    try:
+        want = precision.auto_dtype("cpu", "aoti")[0]
+    finally:
+        os.environ["SVDEXPORT_CPU_BF16"] = "0"
+    assert rows["aoti"]["dtype"] == want and rows["onnx"]["dtype"] == "fp32"
+    for r in rows.values():
+        assert r["parity_ok"] and r["full_ms"] > r["cached_ms"] and r["build_s"] is not None
+        assert r["speedup"] == pytest.approx(r["eager_uncached_50_s"] / r["cached_50_s"])
+    table = proc.stdout[proc.stdout.index("| backend |"):]
+    assert table.count("\n| aoti |") + table.count("\n| onnx |") == 2

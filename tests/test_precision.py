@@ -1,0 +1,185 @@
+"""Precision: which dtype `--dtype auto` picks and why, what stays float32 in a bf16 engine, the FLOP count
+bench uses, bf16 engines against eager bf16, and compare's float32 reference for a bf16 engine."""
+
+import json
+
+import pytest
+import torch
+
+from helpers import FAST, TINY, TINY_SHAPES, random_bases, run_cli, tiny_model
+from svdexport import hardware
+from svdexport.bench.roofline import count_flops
+from svdexport.build import precision
+from svdexport.build.builder import BuildOptions, prepare
+from svdexport.errors import SvdExportError
+from svdexport.models.flux import FLUX
+
+
+# ---------------------------------------------------------------------------------------------- detection
+
+
+def test_cpuinfo_flags_are_read_from_the_flags_line(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu sse avx512f amx_bf16 amx_tile\n\nprocessor\t: 1\n")
+    assert hardware.cpu_flags(info) == {"fpu", "sse", "avx512f", "amx_bf16", "amx_tile"}
+    assert hardware.cpu_flags(tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize("flags, capability, native, words", [
+    ({"avx512f", "amx_bf16", "amx_tile", "avx512_bf16"}, "AVX512", True, "AMX-BF16"),  # Sapphire Rapids
+    ({"avx512f", "avx512_bf16"}, "AVX512", True, "AVX512-BF16"),  # Zen 4, Cooper Lake
+    ({"avx512f", "avx512_vnni"}, "AVX512", False, "no native bf16"),  # Skylake, Ice Lake
+    ({"avx2", "fma"}, "AVX2", False, "no native bf16"),
+    ({"avx512_bf16"}, "AVX2", False, "capability AVX2"),  # ATEN_CPU_CAPABILITY lowered by the user
+])
+def test_mocked_cpu_flags_give_bf16_or_fp32(flags, capability, native, words, monkeypatch):
+    got, why = hardware.cpu_bf16(flags, capability)
+    assert got is native and words in why
+    monkeypatch.delenv(hardware.OVERRIDE, raising=False)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(hardware, "cpu_capability", lambda: capability)
+    dtype, reason = precision.auto_dtype("cpu", "aoti")
+    assert dtype == ("bf16" if native else "fp32") and words in reason
+
+
+def test_override_turns_detection_off_and_on(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"amx_bf16"})
+    monkeypatch.setattr(hardware, "cpu_capability", lambda: "AVX512")
+    monkeypatch.setenv(hardware.OVERRIDE, "0")
+    assert precision.auto_dtype("cpu", "eager")[0] == "fp32"
+    monkeypatch.setenv(hardware.OVERRIDE, "1")
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: set())
+    assert precision.auto_dtype("cpu", "eager")[0] == "bf16"
+
+
+def test_auto_rule_order():
+    bf16_cpu = lambda: (True, "this CPU has AMX-BF16")  # noqa: E731
+    assert precision.auto_dtype("cuda", "aoti", cpu_bf16=lambda: (False, "")) == \
+        ("bf16", "bf16 on CUDA, FLUX.1's released precision")
+    dtype, why = precision.auto_dtype("cpu", "onnx", cpu_bf16=bf16_cpu)
+    assert dtype == "fp32" and "ONNX Runtime's CPU provider has no bf16 kernels" in why
+    assert precision.auto_dtype("cpu", "inductor", cpu_bf16=bf16_cpu)[0] == "bf16"
+    declared = {"dtype": "fp32", "why": "bf16 costs 3 dB on it"}
+    assert precision.auto_dtype("cuda", "aoti", declared) == ("fp32", "the model declares fp32: bf16 costs 3 dB on it")
+    with pytest.raises(SvdExportError, match="declares precision 'int4'"):
+        precision.auto_dtype("cpu", "aoti", {"dtype": "int4"})
+    assert precision.resolve("fp32", "cpu", "aoti") == ("fp32", "--dtype fp32")
+
+
+def test_onnx_with_auto_dtype_on_a_bf16_cpu_builds_fp32(monkeypatch):
+    monkeypatch.setenv(hardware.OVERRIDE, "1")
+    p = BuildOptions(backend="onnx", shapes={"height": 128, "width": 128, "text_len": 8})
+    prepare(p)
+    assert (p.dtype, p.dtype_reason) == ("fp32", "auto: ONNX Runtime's CPU provider has no bf16 kernels")
+    q = BuildOptions(backend="aoti")
+    prepared = prepare(q)
+    assert q.dtype == "bf16" and q.dtype_reason.startswith("auto: SVDEXPORT_CPU_BF16=1")
+    assert next(prepared.model.parameters()).dtype == torch.bfloat16
+
+
+def test_a_model_declaring_its_precision_keeps_it(tmp_path, monkeypatch):
+    spec = json.loads((FLUX.bundled["random"]).read_text())
+    spec["precision"] = {"dtype": "fp32", "why": "measured: bf16 loses 2 dB here"}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    monkeypatch.setitem(FLUX.bundled, "declared", path)
+    monkeypatch.setenv(hardware.OVERRIDE, "1")
+    opts = BuildOptions(weights="bundled:declared", shapes={"height": 128, "width": 128, "text_len": 8})
+    prepare(opts)
+    assert (opts.dtype, opts.dtype_reason) == ("fp32", "auto: the model declares fp32: measured: bf16 loses 2 dB here")
+
+
+# ------------------------------------------------------------------------------------- what stays float32
+
+
+def test_bf16_graphs_keep_the_cache_math_in_float32():
+    model = tiny_model(guidance=True).to(torch.bfloat16)
+    full, cached = FLUX.graphs(model, "block")
+    bases = random_bases(model, "block", 8)
+    x = FLUX.example_inputs(dict(model.config), TINY_SHAPES, seed=0, dtype=torch.bfloat16)
+    state = {**x, "timestep": torch.tensor([0.4], dtype=torch.bfloat16), "bases": bases}
+    assert x["rotary_cos"].dtype == torch.float32  # the rotary table stays float32, as diffusers keeps it
+    with torch.no_grad():
+        out, coeffs, residuals = full(*[state[n] for n in full.input_names])
+        _, _, features = full(*[{**state, "bases": torch.zeros_like(bases)}[n] for n in full.input_names])
+    assert out.dtype == torch.bfloat16 and coeffs.dtype == residuals.dtype == features.dtype == torch.float32
+    # F = C V^T + R holds to float32 rounding (zero bases make R the features themselves, upcast from bf16).
+    rebuilt = coeffs @ bases.unsqueeze(1).transpose(-1, -2) + residuals
+    assert (rebuilt - features).abs().max() <= 1e-6 * features.abs().max() * 16
+    # Residuals keep what a bf16 round trip would lose: not representable in bf16.
+    assert (residuals.to(torch.bfloat16).float() != residuals).any()
+    state["coeffs"], state["residuals"] = coeffs, residuals
+    with torch.no_grad():
+        step = cached(*[state[n] for n in cached.input_names])
+    assert step.dtype == torch.bfloat16 and torch.isfinite(step.float()).all()
+
+
+# -------------------------------------------------------------------------------------------- FLOP count
+
+
+def _linear(rows, n_in, n_out):
+    return 2 * rows * n_in * n_out
+
+
+def hand_count_full(cfg: dict, img: int, txt: int, k: int) -> int:
+    """FLOPs of FluxTransformer2DModel's forward (matmuls and attention), written from the architecture."""
+    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    s = img + txt
+    embed = _linear(1, 256, d) + _linear(1, d, d) + _linear(1, cfg["pooled_projection_dim"], d) + _linear(1, d, d)
+    inputs = _linear(img, cfg["in_channels"], d) + _linear(txt, cfg["joint_attention_dim"], d)
+    attention = 4 * s * s * d  # QK^T and PV over the joint sequence
+    double = (2 * _linear(1, d, 6 * d)  # the two AdaLayerNormZero modulations
+              + 4 * _linear(img, d, d) + 4 * _linear(txt, d, d)  # q, k, v, out per stream
+              + attention + 2 * _linear(img, d, 4 * d) + 2 * _linear(txt, d, 4 * d))  # the two MLPs
+    single = _linear(1, d, 3 * d) + 3 * _linear(s, d, d) + attention + _linear(s, d, 4 * d) + _linear(s, 5 * d, d)
+    head = _linear(1, d, 2 * d) + _linear(img, d, cfg["in_channels"])
+    split = 2 * _linear(img, d, k)  # C = F V and C V^T at the final site
+    return embed + inputs + cfg["num_layers"] * double + cfg["num_single_layers"] * single + head + split
+
+
+def test_flop_count_of_a_tiny_model_equals_the_hand_count():
+    model = tiny_model(guidance=False)
+    full, cached = FLUX.graphs(model, "final")
+    k = 8
+    x = FLUX.example_inputs(dict(model.config), TINY_SHAPES, seed=0)
+    state = {**x, "timestep": torch.tensor([0.4]), "bases": random_bases(model, "final", k)}
+    with torch.no_grad():
+        _, state["coeffs"], state["residuals"] = full(*[state[n] for n in full.input_names])
+    img, txt, d = TINY_SHAPES.img_tokens, TINY_SHAPES.text_len, TINY["num_attention_heads"] * TINY["attention_head_dim"]
+    assert count_flops(full, [state[n] for n in full.input_names]) == hand_count_full(TINY, img, txt, k)
+    cached_hand = (_linear(1, 256, d) + _linear(1, d, d) + _linear(1, TINY["pooled_projection_dim"], d)
+                   + _linear(1, d, d) + _linear(img, k, d) + _linear(1, d, 2 * d) + _linear(img, d, TINY["in_channels"]))
+    assert count_flops(cached, [state[n] for n in cached.input_names]) == cached_hand
+
+
+# ---------------------------------------------------------------------------------- engines (slow tier)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["aoti", "inductor"])
+def test_bf16_engine_matches_eager_bf16(backend, tmp_path, capsys):
+    """One full and one cached step of a bf16 engine against eager bf16: rel. L2 <= 1e-2 (bf16 rounding of
+    differently fused kernels), C and R float32 alike; 50 steps of SVD-Cache within 35 dB of eager."""
+    import svdexport
+    from svdexport.bench.metrics import psnr, rel_l2
+
+    out = tmp_path / "e"
+    code, stdout, err = run_cli(capsys, "build", "--backend", backend, "--dtype", "bf16", "--out", out,
+                                "--graphs", tmp_path / "g", *FAST)
+    assert code == 0, err
+    assert "dtype bf16: --dtype bf16" in stdout
+    engine = svdexport.load(out)
+    eager = engine.eager_reference()
+    assert engine.dtype == eager.dtype == torch.bfloat16
+    state = {**engine.example_inputs(3), "bases": engine.sampler.bases,
+             "timestep": torch.tensor([0.37], dtype=torch.bfloat16)}
+    want = eager.full(*[state[n] for n in eager.full.input_names])
+    got = engine.full(*[state[n] for n in engine.full.input_names])
+    assert [t.dtype for t in got] == [torch.bfloat16, torch.float32, torch.float32]
+    for a, b in zip(got, want):
+        assert rel_l2(a, b) <= 1e-2
+    state["coeffs"], state["residuals"] = want[1], want[2]
+    assert rel_l2(engine.cached(*[state[n] for n in engine.cached.input_names]),
+                  eager.cached(*[state[n] for n in eager.cached.input_names])) <= 1e-2
+    x = engine.example_inputs(4)
+    assert psnr(engine.generate(x, steps=50).latents, eager.generate(x, steps=50).latents) >= 35
