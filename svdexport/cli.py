@@ -156,16 +156,23 @@ def parser() -> argparse.ArgumentParser:
     add_trust_args(r)
     r.set_defaults(func=cmd_run)
 
-    c = sub.add_parser("compare", help="quality and speed against eager, every predictor and the peer libraries")
+    c = sub.add_parser("compare", help="quality and speed against eager, every predictor and the peer libraries, "
+                       "at matched full steps")
     c.add_argument("engine", help="engine folder written by build")
-    c.add_argument("--samples", type=int, default=16)
+    c.add_argument("--samples", type=int, default=16, help="samples of seeds 0..N-1 (default 16)")
+    c.add_argument("--seeds", help="the samples' seeds instead, e.g. 1000-1015 (held out: not the ones the "
+                   "defaults were chosen on) or 1,5,9")
     c.add_argument("--steps", type=int, default=50)
-    c.add_argument("--intervals", default=None, help="comma list, e.g. 3,5,7,9 (default: the engine's)")
+    c.add_argument("--full-steps", help="comma list of budgets: every method runs with that many full steps, "
+                   "e.g. 7,9,12 (default: as many as the engine's plan has)")
+    c.add_argument("--intervals", default=None, help="comma list: also the budgets of the uniform plans of these "
+                   "intervals (with the engine's warmup), e.g. 7 -> 9 of 50")
     c.add_argument("--peers", default="all", help="'all', 'none' or a comma list of peer names")
     c.add_argument("--json", help="write rows and settings as JSON")
     c.add_argument("--md", help="write the tables as markdown")
     c.add_argument("--grid", help="PNG of the reference and every method side by side")
-    c.add_argument("--frontier", help="PNG of speed against PSNR across the intervals")
+    c.add_argument("--frontier", help="PNG of PSNR against measured speedup across the budgets")
+    c.add_argument("--compute", help="PNG of PSNR against full steps across the budgets")
     c.add_argument("--temporal", help="videos: PNG of the PSNR between consecutive frames, per method")
     c.add_argument("--docs", help="write a generated benchmarks page (e.g. docs/benchmarks.md) with its plots")
     add_force(c)
@@ -209,13 +216,25 @@ def cmd_compare(a: argparse.Namespace) -> None:
     from svdexport.bench import report
     from svdexport.bench.compare import compare
     from svdexport.media import markdown_text, write_text
+    from svdexport.bench.stats import parse_seeds
 
+    def _int_list(text: str | None, option: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(i) for i in text.split(",")) if text else ()
+        except ValueError:
+            raise SvdExportError(f"{option} must be a comma list of integers, got {text!r}") from None
+
+    budgets, intervals = _int_list(a.full_steps, "--full-steps"), _int_list(a.intervals, "--intervals")
+    if min((*budgets, *intervals, a.samples, a.steps)) < 1:
+        raise SvdExportError("--full-steps, --intervals, --samples and --steps must be >= 1")
+    if max(budgets, default=1) > a.steps:
+        raise SvdExportError(f"--full-steps can be at most --steps ({a.steps}), got {max(budgets)}")
     try:
-        intervals = tuple(int(i) for i in a.intervals.split(",")) if a.intervals else None
+        seeds = parse_seeds(a.seeds) if a.seeds else None
     except ValueError:
-        raise SvdExportError(f"--intervals must be a comma list of integers, got {a.intervals!r}") from None
-    if intervals is not None and min(intervals) < 1 or a.samples < 1 or a.steps < 1:
-        raise SvdExportError("--intervals, --samples and --steps must be >= 1")
+        raise SvdExportError(f"--seeds must be a range A-B or a comma list of integers, got {a.seeds!r}") from None
+    if seeds is not None and min(seeds) < 0:
+        raise SvdExportError(f"--seeds must be >= 0, got {a.seeds!r}")
     peers = {"all": None, "none": []}.get(a.peers)
     if peers is None and a.peers != "all":
         peers = a.peers.split(",")
@@ -232,22 +251,24 @@ def cmd_compare(a: argparse.Namespace) -> None:
         raise SvdExportError("--temporal is for video models; this engine makes images")
     docs = Path(a.docs) if a.docs else None
     plots = [] if docs is None else [("--docs plot", docs.with_name(f"{docs.stem}_{k}.png"))
-                                     for k in ("frontier", "grid") + (("temporal",) if video else ())]
+                                     for k in ("frontier", "compute", "grid") + (("temporal",) if video else ())]
     check_files([("--json", a.json), ("--md", a.md), ("--grid", a.grid), ("--frontier", a.frontier),
-                 ("--temporal", a.temporal), ("--docs", docs), *plots], a.force)
-    intervals = intervals or (peek.cache.interval,)
-    result = compare(a.engine, samples=a.samples, steps=a.steps, intervals=intervals, peers=peers)
+                 ("--compute", a.compute), ("--temporal", a.temporal), ("--docs", docs), *plots], a.force)
+    result = compare(a.engine, samples=a.samples, steps=a.steps, budgets=budgets, peers=peers, seeds=seeds,
+                     intervals=intervals)
     print(report.markdown(result))
     for path, text in ((a.json, report.to_json(result)), (a.md, markdown_text(report.markdown(result)))):
         if path:
             write_text(text, Path(path))
-    iv = 7 if 7 in intervals else intervals[0]
+    budget = report.main_budget(result)
     if a.grid:
-        report.grid(result, Path(a.grid), iv)
+        report.grid(result, Path(a.grid), budget)
     if a.frontier:
-        report.frontier_plot(result, Path(a.frontier))
+        report.frontier_plot(result, Path(a.frontier), "speedup")
+    if a.compute:
+        report.frontier_plot(result, Path(a.compute), "full_steps")
     if a.temporal:
-        report.temporal_plot(result, Path(a.temporal), iv)
+        report.temporal_plot(result, Path(a.temporal), budget)
     if docs:
         report.write_docs(result, docs, "svdexport " + " ".join(sys.argv[1:]))
 
