@@ -3,12 +3,12 @@
     .venv/bin/python scripts/train_reference_video.py --out svdexport/models/bundled/hunyuanvideo_digits
 
 - Data: the 1,797 8x8 handwritten digits that ship inside scikit-learn (their own 8x8 pixels, scaled to
-  [-1, 1]), pasted into 16x16 frames of background -1 and moved across the frame: 3 frames, 4 pixels per
+  [-1, 1]), pasted into 12x12 frames of background -1 and moved across the frame: 3 frames, 2 pixels per
   frame, right / left / down / up, at a random offset across the motion. One digit and one direction per
-  clip. There is no VAE: the clip [1, 3, 16, 16] *is* the latent tensor [C, F, H, W], which the family's
-  VideoShapes reaches as 9 video frames of 128x128 ((9 - 1) // 4 + 1 = 3 latent frames, 128 / 8 = 16).
+  clip. There is no VAE: the clip [1, 3, 12, 12] *is* the latent tensor [C, F, H, W], which the family's
+  VideoShapes reaches as 9 video frames of 96x96 ((9 - 1) // 4 + 1 = 3 latent frames, 96 / 8 = 12).
 - Model: diffusers' HunyuanVideoTransformer3DModel (2 double + 2 single blocks, 1 token-refiner block,
-  hidden 128 = 4 heads x 32, patch 1x2x2, 1 channel: 3 x 8 x 8 = 192 image tokens, no guidance embedder),
+  hidden 128 = 4 heads x 32, patch 1x2x2, 1 channel: 3 x 6 x 6 = 108 image tokens, no guidance embedder),
   conditioned on (digit, direction) through a learned prompt-embedding table that stands in for the text
   encoders: per row 8 "text tokens" (encoder_hidden_states, the last 2 masked out by
   encoder_attention_mask, so the padded-prompt path is trained) and a pooled vector (pooled_projections).
@@ -39,7 +39,7 @@ CONFIG = dict(in_channels=1, out_channels=1, num_attention_heads=4, attention_he
               num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=False,
               text_embed_dim=64, pooled_projection_dim=32, rope_axes_dim=(8, 12, 12))
 TEXT_LEN, VALID = 8, 6  # learned "text tokens" per row; the first VALID are unmasked
-SIDE, FRAMES, STEP = 16, 3, 4  # frame side, frames per clip, pixels moved per frame
+SIDE, FRAMES, STEP = 12, 3, 2  # frame side, frames per clip, pixels moved per frame
 DIRECTIONS = ("right", "left", "down", "up")  # row = digit * 4 + direction
 LABELS = [f"{d} {name}" for d in range(10) for name in DIRECTIONS]
 
@@ -68,15 +68,19 @@ def clips(digits: torch.Tensor, direction: torch.Tensor, offset: torch.Tensor) -
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="svdexport/models/bundled/hunyuanvideo_digits")
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--ema", type=float, default=0.998, help="decay of the weight EMA that is saved (warmed up)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--side", type=int, default=SIDE, help="frame side in pixels (even, >= 8)")
+    p.add_argument("--step", type=int, default=STEP, help="pixels the digit moves per frame")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a shared 2-core machine two threads spin-wait on each other, 5x slower)")
     p.add_argument("--snapshot", help="also write the EMA model here every 500 steps (to look at it early)")
     a = p.parse_args()
+    globals().update(SIDE=a.side, STEP=a.step)
+    assert a.side % 2 == 0 and (FRAMES - 1) * STEP <= SIDE - 8, "the digit must stay inside the frame"
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
