@@ -147,7 +147,7 @@ def calibrate_plan(p: Prepared, opts: BuildOptions, bases: Bases,
     weights, order = schedule_weights(p.sampling, p.shapes, steps), SEARCH_ORDER[c.predictor]
     found = plans.search(stats, budget, order, c.gamma, weights)
     uniform_cost = plans.plan_cost(stats, uniform, order, c.gamma, weights) if len(uniform) == budget else None
-    return stats, mf.PlanRecord(steps, found.full_steps, found.cost, uniform_cost, c.gamma)
+    return stats, mf.PlanRecord(steps, found.full_steps, found.cost, uniform_cost, c.gamma, order)
 
 
 def calibrate_to_file(opts: BuildOptions, out: Path, progress: bool = True) -> Bases:

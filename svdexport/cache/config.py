@@ -25,7 +25,7 @@ class CacheConfig:
     # trajectories, see cache/plan.py) or "uniform" (warmup, then every `interval`). Either way a static list.
     plan: str = "calibrated"
     full_steps: int | None = None  # full steps of a calibrated plan (None: as many as the uniform plan has)
-    gamma: float = 0.0  # residual forecast: damped Taylor step of the residual (0: reuse it, as the paper)
+    gamma: float = 1.0  # residual forecast: Taylor step of the residual damped by gamma (0: reuse it, as the paper)
 
     def validate(self) -> "CacheConfig":
         if self.granularity not in GRANULARITIES:

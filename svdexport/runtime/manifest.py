@@ -90,6 +90,7 @@ class PlanRecord:
     cost: float  # weighted forecast error of its cached steps on the calibration trajectories
     uniform_cost: float | None  # the same for the uniform plan, when it has as many full steps
     gamma: float  # residual damping the plan was searched with
+    order: int = 1  # forecast order of the error model it was searched with (1: Taylor, 0: reuse)
 
 
 @dataclass

@@ -40,7 +40,8 @@ def plan_for(steps: int, cache: CacheConfig, records: list[PlanRecord], stats: p
         return RequestPlan(uniform, steps, "uniform")
     budget = min(cache.full_steps or len(uniform), steps)
     for r in records:
-        if r.steps == steps and len(r.full_steps) == budget and r.gamma == cache.gamma:
+        if (r.steps == steps and len(r.full_steps) == budget and r.gamma == cache.gamma
+                and r.order == SEARCH_ORDER[cache.predictor]):  # a plan searched for this very forecast
             return RequestPlan(list(r.full_steps), steps, "calibrated")
     if stats is None:  # only the recorded plan: map it onto this request
         r = records[0]
