@@ -43,11 +43,10 @@ class PlanStats:
 class PlanAccumulator:
     """Fed one step's stacked site features [sites, B, N, D] at a time, steps 0..S-1 in order per trajectory.
 
-    Only the current trajectory is held: exactly when `sketch` is None (2 x S x B x N x D floats per site,
-    fine for small models), or as a count sketch of `sketch` buckets per batch row (2 x S x B x sketch
-    floats per site). A sketch keeps each forecast error's norm to a relative error of about
-    sqrt(2 / sketch) because every error is a linear combination of sketched vectors (the sketch is applied
-    before the differences, so no cancellation of large Gram entries is involved).
+    Only the current trajectory is held: exactly when `sketch` is None (2 x S x B x N x D float64 per site,
+    fine for small models), or as a count sketch of `sketch` buckets per batch row (2 x S x B x sketch per
+    site: FLUX-sized features on a GPU). A sketch keeps each forecast error's norm to about sqrt(2 / sketch)
+    relative: errors are linear combinations of sketched vectors, so no large Gram entries cancel.
     """
 
     def __init__(self, steps: int, bases: torch.Tensor, sketch: int | None = None, seed: int = 0):
@@ -58,8 +57,8 @@ class PlanAccumulator:
         self.trajectories = 0
         self.buckets: torch.Tensor | None = None  # sketch hash per coordinate, made at the first add
         self.signs: torch.Tensor | None = None
-        self.s: list[torch.Tensor] = []  # embeddings of the current trajectory's steps
-        self.t: list[torch.Tensor] = []
+        self.buf: torch.Tensor | None = None  # [2, sites, S, B, L]: embeddings of s and t, current trajectory
+        self.next = 0  # the step expected next
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """[sites, B, N, D] -> [sites, B, L] (L = N*D exact, else the sketch size)."""
@@ -76,16 +75,18 @@ class PlanAccumulator:
 
     @torch.no_grad()
     def add(self, step: int, features: torch.Tensor) -> None:
-        if step == 0:
-            self.s, self.t = [], []
-            self.trajectories += features.shape[1]
-        if step != len(self.s):
-            raise ValueError(f"steps must arrive in order 0..{self.steps - 1}; got {step} after {len(self.s) - 1}")
+        if step != (0 if step == 0 else self.next):
+            raise ValueError(f"steps must arrive in order 0..{self.steps - 1}; got {step} after {self.next - 1}")
         f = features.detach().double()
         v = self.bases.to(f.device).unsqueeze(1)  # [sites, 1, D, k]
-        self.s.append(self._embed(f))
-        self.t.append(self._embed(f @ v @ v.transpose(-1, -2)))
-        s_all, t_all, sq, tq = torch.stack(self.s, 1), torch.stack(self.t, 1), self.s[-1], self.t[-1]
+        sq, tq = self._embed(f), self._embed(f @ v @ v.transpose(-1, -2))
+        if step == 0:
+            self.trajectories += f.shape[1]
+            if self.buf is None or self.buf.shape[-2:] != sq.shape[-2:]:  # preallocated: no copies per step
+                self.buf = sq.new_empty(2, sq.shape[0], self.steps, *sq.shape[1:])
+        self.buf[0, :, step], self.buf[1, :, step] = sq, tq
+        s_all, t_all = self.buf[0, :, : step + 1], self.buf[1, :, : step + 1]
+        self.next = step + 1
         # Row and column `step` against every earlier step of this trajectory, summed over batch rows.
         g = torch.einsum("spbl,sbl->sp", s_all, sq).cpu()
         x_pq = torch.einsum("spbl,sbl->sp", s_all, tq).cpu()  # <s_p, t_q>
@@ -148,34 +149,34 @@ class Plan:
     gamma: float = 0.0
     costs: dict = field(default_factory=dict)  # gamma -> cost of its best plan, when gamma was calibrated
 
-    def mask(self, steps: int) -> list[bool]:
-        return plan_mask(self.full_steps, steps)
-
 
 def _segment_costs(err: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """seg[k, j, n]: cost of the cached steps j+1..n-1 from state (k, j); n = S means to the end.
 
     err[k, j, i] is zero for i <= j, so a prefix sum over i is the segment's sum.
     """
-    S = err.shape[1]
-    seg = np.zeros((S + 1, S, S + 1))
+    seg = np.zeros((err.shape[0], err.shape[1], err.shape[2] + 1))
     seg[:, :, 1:] = np.cumsum(err * weights[None, None, :], axis=2)
     return seg
 
 
 def search(stats: PlanStats, budget: int, order: int = 1, gamma: float = 0.0, weights=None,
            sites: np.ndarray | None = None) -> Plan:
-    """The plan of exactly `budget` full steps (step 0 included) with the least weighted forecast error.
+    """The plan of exactly `budget` full steps (step 0 included) with the least weighted forecast error."""
+    plan = search_table(forecast_errors(stats, order, gamma, sites), budget, weights)
+    return Plan(plan.full_steps, plan.cost, order, gamma)
 
-    DP over (previous full step k, last full step j, full steps used): O(budget x S^3), exact.
+
+def search_table(err: np.ndarray, budget: int, weights=None) -> Plan:
+    """The DP on any error table err[k, j, i] (as `forecast_errors` lays it out), e.g. one measured
+    through the output head. Over (previous full k, last full j, full steps used): O(budget x S^3), exact.
     """
-    S = stats.steps
+    S = err.shape[1]
     if not 1 <= budget <= S:
         raise ValueError(f"budget must be in [1, {S}], got {budget}")
     w = np.ones(S) if weights is None else np.asarray(weights, dtype=np.float64)[:S]
-    seg = _segment_costs(forecast_errors(stats, order, gamma, sites), w)
-    js = np.arange(S)[None, :]
-    ns = np.arange(S + 1)
+    seg = _segment_costs(err, w)
+    js, ns = np.arange(S)[None, :], np.arange(S + 1)
     best = np.full((S + 1, S), np.inf)
     best[S, 0] = 0.0  # step 0 full, nothing before it
     back = []
@@ -184,10 +185,9 @@ def search(stats: PlanStats, budget: int, order: int = 1, gamma: float = 0.0, we
         total = best[:, :, None] + seg  # [k, j, n]
         total = np.where((ns[None, None, :] > js[:, :, None]) & (ns[None, None, :] < S), total, np.inf)
         arg = total.argmin(axis=0)  # [j, n]
-        new = np.full((S + 1, S), np.inf)
-        new[:S, :] = np.take_along_axis(total, arg[None], axis=0)[0][:, :S]
+        best = np.full((S + 1, S), np.inf)
+        best[:S, :] = np.take_along_axis(total, arg[None], axis=0)[0][:, :S]  # new state (k, j) = (j, n)
         back.append(arg)
-        best = new
     final = best + seg[:, :, S]
     k, j = np.unravel_index(np.argmin(final), final.shape)
     cost = float(final[k, j])
@@ -197,7 +197,7 @@ def search(stats: PlanStats, budget: int, order: int = 1, gamma: float = 0.0, we
     for arg in reversed(back):  # state (k, j) came from (arg[k, j], k)
         k, j = int(arg[k, j]), int(k)
         plan.append(j)
-    return Plan(sorted(plan), cost, order, gamma)
+    return Plan(sorted(plan), cost)
 
 
 def calibrate_gamma(stats: PlanStats, budget: int, order: int = 1, grid=GAMMA_GRID, weights=None,
@@ -217,9 +217,13 @@ def calibrate_gamma(stats: PlanStats, budget: int, order: int = 1, grid=GAMMA_GR
 def plan_cost(stats: PlanStats, plan: list[int], order: int = 1, gamma: float = 0.0, weights=None,
               sites: np.ndarray | None = None) -> float:
     """The weighted forecast error of a given plan (the DP's objective)."""
-    S = stats.steps
+    return table_cost(forecast_errors(stats, order, gamma, sites), plan, weights)
+
+
+def table_cost(err: np.ndarray, plan: list[int], weights=None) -> float:
+    """The weighted cost of a plan on an error table (what `search_table` minimises)."""
+    S = err.shape[1]
     w = np.ones(S) if weights is None else np.asarray(weights, dtype=np.float64)[:S]
-    err = forecast_errors(stats, order, gamma, sites)
     if 0 not in plan:
         raise ValueError("step 0 must be full: a cached step needs something cached")
     full = set(plan)
