@@ -227,6 +227,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("engine", help="engine folder written by build")
     m.add_argument("--steps", type=int, default=50)
     m.add_argument("--repeats", type=int, default=5, help="interleaved repeats of the step timings")
+    m.add_argument("--step-calls", type=int, default=10, help="calls per step timing (default 10)")
     m.add_argument("--e2e-repeats", type=int, default=3, help="interleaved repeats of whole generations")
     m.add_argument("--json", help="also write the measurements to this JSON file")
     m.set_defaults(func=cmd_bench)
@@ -290,9 +291,9 @@ def cmd_bench(a: argparse.Namespace) -> None:
 
     from svdexport.bench.latency import bench, format_report
 
-    if min(a.steps, a.repeats, a.e2e_repeats) < 1:
-        raise SvdExportError("--steps, --repeats and --e2e-repeats must be >= 1")
-    report = bench(a.engine, steps=a.steps, repeats=a.repeats, e2e_repeats=a.e2e_repeats)
+    if min(a.steps, a.repeats, a.e2e_repeats, a.step_calls) < 1:
+        raise SvdExportError("--steps, --repeats, --step-calls and --e2e-repeats must be >= 1")
+    report = bench(a.engine, steps=a.steps, repeats=a.repeats, step_calls=a.step_calls, e2e_repeats=a.e2e_repeats)
     print(format_report(report))
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -58,8 +58,12 @@ def _state(engine, reference) -> dict:
     return state
 
 
-def _call(graph, state: dict) -> Callable[[], object]:
+def _call(graph, state: dict, dtypes: list[str] | None = None) -> Callable[[], object]:
+    """A call of `graph` on the state; `dtypes`: the engine's recorded input dtypes, which a compiled graph
+    requires exactly (the eager reference's C and R may be in another dtype than an older engine's)."""
     args = [state[n] for n in graph.input_names]
+    if dtypes is not None:
+        args = [a.to(getattr(torch, d)) for a, d in zip(args, dtypes)]
     return lambda: graph(*args)
 
 
@@ -77,13 +81,14 @@ def bench(engine_dir: str, steps: int = 50, repeats: int = 5, step_calls: int = 
     state = _state(engine, eager)
     inputs = engine.example_inputs(0)
     graphs = {"engine_full": engine.full, "engine_cached": engine.cached}
+    dtypes = {"engine_full": m.graphs["full"].input_dtypes, "engine_cached": m.graphs["cached"].input_dtypes}
     e2e_fns = {"engine_uncached": lambda: engine.generate(inputs, steps=steps, interval=1),
                "engine_cached": lambda: engine.generate(inputs, steps=steps)}
     if not same:
         graphs |= {"eager_full": eager.full, "eager_cached": eager.cached}
         e2e_fns |= {"eager_uncached": lambda: eager.generate(inputs, steps=steps, interval=1),
                     "eager_cached": lambda: eager.generate(inputs, steps=steps)}
-    steps_fns = {k: _call(g, state) for k, g in graphs.items()}
+    steps_fns = {k: _call(g, state, dtypes.get(k)) for k, g in graphs.items()}
     if twin is not None:
         state32 = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         inputs32 = {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}
