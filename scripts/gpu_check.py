@@ -168,7 +168,7 @@ class Check:
                 full_ms = median_seconds(lambda: eager.full(*[state[n] for n in eager.full.input_names]),
                                          self.plan.device, self.plan.step_calls) * 1e3
             flops = roofline.count_flops(eager.full, [state[n] for n in eager.full.input_names])
-            peak = roofline.engine_peak(engine)
+            peak = roofline.engine_peak(engine, 3)
             self.refs[key] = {"eager": eager, "state": state, "uncached_s": uncached, "flops": flops,
                               "peak": peak, "full_ms": full_ms}
             self.log(f"eager {key}: {self.plan.steps} steps uncached {uncached:.3f} s, full step {full_ms:.2f} ms, "
