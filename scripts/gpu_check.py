@@ -19,6 +19,7 @@ import resource
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,7 +168,7 @@ class Check:
                 full_ms = median_seconds(lambda: eager.full(*[state[n] for n in eager.full.input_names]),
                                          self.plan.device, self.plan.step_calls) * 1e3
             flops = roofline.count_flops(eager.full, [state[n] for n in eager.full.input_names])
-            peak = roofline.engine_peak(engine)
+            peak = roofline.engine_peak(engine, 3)
             self.refs[key] = {"eager": eager, "state": state, "uncached_s": uncached, "flops": flops,
                               "peak": peak, "full_ms": full_ms}
             self.log(f"eager {key}: {self.plan.steps} steps uncached {uncached:.3f} s, full step {full_ms:.2f} ms, "
@@ -221,6 +222,9 @@ class Check:
                 rows.append(self.run_backend(name))
             except SvdExportError as e:  # a build or load refused in one line: the others still run
                 rows.append(Row(name, skipped=f"failed: {e}"))
+            except Exception as e:  # a first run on a new machine: record it, keep the other backends
+                traceback.print_exc()
+                rows.append(Row(name, skipped=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"))
         return rows
 
 
@@ -283,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntotal {check.elapsed():.0f} s")
     if a.json:
         Path(a.json).write_text(json.dumps([r.__dict__ for r in rows], indent=2) + "\n")
-    return 0 if all(r.skipped or r.parity_ok for r in rows) else 1
+    failed = [r for r in rows if (r.skipped or "").startswith("failed") or (not r.skipped and not r.parity_ok)]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ start=$(date +%s)
 py=${PYTHON:-python3}
 torch_version=$("$py" -c 'import torch; print(torch.__version__.split("+")[0])') || {
     echo "svdexport: error: $py has no PyTorch" >&2; exit 2; }
+"$py" -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null || {  # before installing anything
+    echo "svdexport: error: no CUDA GPU is visible to $py (use --tiny to run this check on a CPU)" >&2; exit 2; }
 echo "torch==$torch_version" > /tmp/svdexport-constraints.txt
 sources=()
 if compgen -G ".whl/*.whl" > /dev/null; then

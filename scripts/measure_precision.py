@@ -4,8 +4,9 @@
 
 Builds two eager engines of the same weights (float32 and bf16, same calibration settings), runs the same
 seeds and classes through every variant and prints the mean image PSNR of each against float32 full compute
-(the reference compare uses) and against full compute in the variant's own dtype. The cache-math variant
-flips `svdexport.models.mmdit.CACHE_DTYPE`, which the graphs read at call time (eager graphs only).
+(the reference compare uses) and against full compute in the variant's own dtype. The cache-math variants
+set `svdexport.models.mmdit.CACHE_DTYPE` and `RESIDUAL_DTYPE`, which the graphs read at call time (eager
+graphs only).
 """
 
 from __future__ import annotations
@@ -50,12 +51,12 @@ def main() -> None:
         fam, shapes = e["fp32"].family, e["fp32"].shapes
         labels = e["fp32"].labels
 
-        def images(engine, x, interval, cache_dtype=torch.float32):
-            mmdit.CACHE_DTYPE = cache_dtype
+        def images(engine, x, interval, cache_dtype=torch.float32, residual_dtype=None):
+            mmdit.CACHE_DTYPE, mmdit.RESIDUAL_DTYPE = cache_dtype, residual_dtype
             try:
                 g = engine.generate(x, steps=a.steps, **({} if interval is None else {"interval": interval}))
             finally:
-                mmdit.CACHE_DTYPE = torch.float32
+                mmdit.CACHE_DTYPE, mmdit.RESIDUAL_DTYPE = torch.float32, None
             return fam.unpack(g.latents, shapes)[0]
 
         rows: dict[str, list[tuple[float, float]]] = {}
@@ -67,7 +68,9 @@ def main() -> None:
             variants = {
                 "fp32 SVD-Cache": (images(e["fp32"], xs["fp32"], None), ref32),
                 "bf16 full compute": (ref16, ref32),
-                "bf16 SVD-Cache, cache math fp32": (images(e["bf16"], xs["bf16"], None), ref16),
+                "bf16 SVD-Cache, cache math fp32, R bf16 (default)": (images(e["bf16"], xs["bf16"], None), ref16),
+                "bf16 SVD-Cache, cache math fp32, R fp32": (images(e["bf16"], xs["bf16"], None, torch.float32,
+                                                                  torch.float32), ref16),
                 "bf16 SVD-Cache, cache math bf16": (images(e["bf16"], xs["bf16"], None, torch.bfloat16), ref16),
             }
             for name, (img, own) in variants.items():

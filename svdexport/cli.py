@@ -195,6 +195,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("engine", help="engine folder written by build")
     m.add_argument("--steps", type=int, default=50)
     m.add_argument("--repeats", type=int, default=5, help="interleaved repeats of the step timings")
+    m.add_argument("--step-calls", type=int, default=10, help="calls per step timing (default 10)")
     m.add_argument("--e2e-repeats", type=int, default=3, help="interleaved repeats of whole generations")
     m.add_argument("--json", help="also write the measurements to this JSON file")
     add_force(m)
@@ -292,12 +293,12 @@ def cmd_bench(a: argparse.Namespace) -> None:
     from svdexport.media import json_text, write_text
     from svdexport.runtime import manifest as manifest_io
 
-    if min(a.steps, a.repeats, a.e2e_repeats) < 1:
-        raise SvdExportError("--steps, --repeats and --e2e-repeats must be >= 1")
+    if min(a.steps, a.repeats, a.e2e_repeats, a.step_calls) < 1:
+        raise SvdExportError("--steps, --repeats, --step-calls and --e2e-repeats must be >= 1")
     apply_trust_args(a)
     manifest_io.read(Path(a.engine), check_versions=False, hash_files=False)  # a missing engine fails first
     check_files([("--json", a.json)], a.force)
-    report = bench(a.engine, steps=a.steps, repeats=a.repeats, e2e_repeats=a.e2e_repeats)
+    report = bench(a.engine, steps=a.steps, repeats=a.repeats, step_calls=a.step_calls, e2e_repeats=a.e2e_repeats)
     print(format_report(report))
     if a.json:
         write_text(json_text(report), Path(a.json))

@@ -50,6 +50,14 @@ def test_gpu_mode_without_a_gpu_is_one_line(capsys):
     assert len(err) == 1 and err[0].startswith("svdexport: error: no CUDA GPU is visible")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_the_script_refuses_a_machine_without_a_gpu_before_installing_anything():
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable}, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().startswith("svdexport: error: no CUDA GPU is visible") and "\n" not in proc.stderr.strip()
+
+
 @pytest.mark.slow
 def test_tiny_mode_runs_the_whole_check_on_this_cpu(tmp_path):
     """The script end to end on a CPU: both CPU backends built in the dtype --dtype auto picks here (aoti bf16 on

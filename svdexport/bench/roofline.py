@@ -32,7 +32,7 @@ def count_flops(graph, args) -> int:
     return int(counter.get_total_flops())
 
 
-def engine_peak(engine, repeats: int = 3) -> hardware.Peak:
+def engine_peak(engine, repeats: int = 1) -> hardware.Peak:
     """The matmul peak in the engine's dtype on its device, at the shapes of its model (tokens x width)."""
     tokens = engine.shapes.img_tokens + engine.shapes.text_len
     hidden = engine.family.hidden_size(engine.config)

@@ -67,17 +67,22 @@ class SiteRecorder:
             h.remove()
 
 
-# The cache math (C = F V, R = F - C V^T, the forecast of C, F^ = P V^T + R) runs in float32 whatever the
-# model's dtype: a bf16 engine casts its site features up before the split and the rebuilt features down
-# after the reconstruction. Measured on the bundled digits model (scripts/measure_precision.py, docs/gpu.md):
-# bf16 cache math costs 0.8 dB of SVD-Cache PSNR against float32 cache math at the same bf16 weights, for
-# no measurable time (the split and the rebuild are a few small matmuls beside the step).
+# Precision of the cache math in a bf16 (or fp16) engine. The split (C = F V, R = F - C V^T), the forecast of
+# C and the reconstruction (F^ = P V^T + R) run in float32: the features are cast up before the split, the
+# rebuilt features down after it. The coefficients (k columns) stay float32 between steps, since the forecast
+# takes differences of nearly equal values; the residuals are stored in the model's dtype (their rounding is
+# the bf16 model's own rounding of the feature), which halves the largest cache state (all sites x tokens x
+# hidden at block granularity: 1.9 GB instead of 3.8 GB for FLUX.1 at 1024x1024). Measured on the bundled
+# digits model (scripts/measure_precision.py, docs/precision.md): every choice here is within 0.1 dB of
+# another; bf16 itself costs SVD-Cache about 0.6 dB at final granularity and nothing at block granularity.
 CACHE_DTYPE = torch.float32
+RESIDUAL_DTYPE: torch.dtype | None = None  # None: the model's dtype
 
 
 def split_sites(features: torch.Tensor, bases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """C and R for stacked site features, in the cache dtype (float32)."""
-    return split(features.to(CACHE_DTYPE), bases.to(features.device, CACHE_DTYPE))
+    """C (cache dtype, float32) and R (the model's dtype) for stacked site features."""
+    coeffs, residuals = split(features.to(CACHE_DTYPE), bases.to(features.device, CACHE_DTYPE))
+    return coeffs, residuals.to(RESIDUAL_DTYPE or features.dtype)
 
 
 def rebuilt(coeffs: torch.Tensor, residuals: torch.Tensor, bases: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
