@@ -115,7 +115,7 @@ def test_onnx_build_prints_only_svdexports_lines(tmp_path):
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "onnxruntime-gpu" not in proc.stdout + proc.stderr
-    prefixes = ("built ", "exported graphs", "parameters:", "ranks ", "calibrated plan of ", "memory:")
+    prefixes = ("dtype ", "built ", "exported graphs", "parameters:", "ranks ", "calibrated plan of ", "memory:")
     assert [line for line in proc.stdout.splitlines() if not line.startswith(prefixes)] == []
     # stderr holds only svdexport's own progress bars (carriage-return updates of "calibrating", "planning")
     assert [s for s in proc.stderr.replace("\r", "\n").splitlines()

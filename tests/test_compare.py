@@ -97,7 +97,7 @@ def test_cli_writes_json_markdown_and_both_frontiers(engine, tmp_path):
                  "--compute", str(tmp_path / "c.png"), "--docs", str(docs)])
     assert code == 0
     data = json.loads(paths["json"].read_text())
-    assert set(data) == {"config", "machine", "rows", "temporal"}
+    assert set(data) == {"config", "machine", "rows", "temporal", "written_by"}
     assert data["config"]["seeds"] == [3, 4] and data["config"]["budgets"] == [3, 5]  # interval 3: 0 1 2 5 8
     assert {r["budget"] for r in data["rows"]} == {3, 5, STEPS}
     assert data["temporal"] == {} and all(r["temporal_psnr_db"] is None for r in data["rows"])  # images
