@@ -72,3 +72,24 @@ def assert_one_line_error(code, err, *words):
     assert len(lines) == 1 and lines[0].startswith("svdexport: error:"), err
     for w in words:
         assert w in lines[0], lines[0]
+
+
+class Recording:
+    """Wraps an engine's StepCache factory (set it as `engine.step_cache`): records each step's index,
+    inputs and output, so a test can replay them through the engine's own step cache."""
+
+    def __init__(self, engine):
+        self.steps, self.step_cache = [], engine.step_cache
+
+    def __call__(self, steps, cache=None):
+        inner, record = self.step_cache(steps, cache), self.steps
+
+        class Recorded:
+            plan = inner.plan
+
+            def __call__(self, i, inputs):
+                out = inner(i, inputs)
+                record.append((i, {k: v.clone() for k, v in inputs.items()}, out.clone()))
+                return out
+
+        return Recorded()

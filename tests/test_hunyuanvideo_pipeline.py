@@ -11,7 +11,7 @@ from diffusers import HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
 from PIL import Image
 
 import svdexport
-from helpers import assert_one_line_error, run_cli
+from helpers import Recording, assert_one_line_error, run_cli
 from svdexport.cli import main
 from svdexport.errors import SvdExportError
 from svdexport.models.hunyuanvideo import HUNYUANVIDEO as HV
@@ -133,26 +133,6 @@ def test_interval_1_matches_the_uncached_pipeline(folder, engine, tmp_path, back
     # int64 it was built with; everything else is the same computation (eager) or its ONNX Runtime form.
     assert got.shape == reference.shape == (1, 9, 3, 64, 64)
     assert (got - reference).abs().max() <= 1e-4
-
-
-class Recording:
-    """Wraps an engine's StepCache factory: records each step's index, inputs and output."""
-
-    def __init__(self, engine):
-        self.steps, self.step_cache = [], engine.step_cache
-
-    def __call__(self, steps, cache=None):
-        inner, record = self.step_cache(steps, cache), self.steps
-
-        class Recorded:
-            plan = inner.plan
-
-            def __call__(self, i, inputs):
-                out = inner(i, inputs)
-                record.append((i, {k: v.clone() for k, v in inputs.items()}, out.clone()))
-                return out
-
-        return Recorded()
 
 
 @pytest.mark.slow

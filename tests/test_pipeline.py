@@ -9,6 +9,7 @@ import svdexport
 from svdexport.cache.config import step_plan
 from svdexport.errors import SvdExportError
 from svdexport.build.builder import BuildOptions, build
+from helpers import Recording
 from tiny_pipeline import prompt_embeds, tiny_pipeline
 
 pytestmark = pytest.mark.slow  # engines of every backend or whole pipelines: the full suite only
@@ -142,28 +143,6 @@ def _image_to_image(kind: str):
     mask = torch.zeros(1, 1, 128, 128)
     mask[..., 32:96, 32:96] = 1.0  # repaint the centre
     return FluxInpaintPipeline(**tiny_pipeline().components), {"image": image, "mask_image": mask}
-
-
-class Recording:
-    """Wraps a StepCache factory: records the inputs and output of every step the pipeline runs."""
-
-    def __init__(self, engine):
-        self.engine, self.steps = engine, []
-        self.step_cache = engine.step_cache
-
-    def __call__(self, steps, cache=None):
-        inner = self.step_cache(steps, cache)
-        record = self.steps
-
-        class Recorded:
-            plan = inner.plan
-
-            def __call__(self, i, inputs):
-                out = inner(i, inputs)
-                record.append((i, {k: v.clone() for k, v in inputs.items()}, out.clone()))
-                return out
-
-        return Recorded()
 
 
 @pytest.mark.parametrize("kind", ["img2img", "inpaint"])
