@@ -93,3 +93,11 @@ class Recording:
                 return out
 
         return Recorded()
+
+
+def quick_engine(tmp_path_factory, name: str):
+    """An eager engine of the bundled model with one calibration step: for tests that need an engine
+    folder, not good bases."""
+    out = tmp_path_factory.mktemp(name) / "engine"
+    assert main(["build", "--out", str(out), *FAST, "--calib-steps", "1"]) == 0
+    return out

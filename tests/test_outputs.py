@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from helpers import FAST, assert_one_line_error, run_cli
+from helpers import quick_engine, FAST, assert_one_line_error, run_cli
 from svdexport.cli import main
 from svdexport.files import remove_stale
 
@@ -23,9 +23,7 @@ FAST = [*FAST, "--calib-steps", "1"]  # one calibration step: these tests need a
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    out = tmp_path_factory.mktemp("outputs") / "engine"
-    assert main(["build", "--out", str(out), *FAST]) == 0
-    return out
+    return quick_engine(tmp_path_factory, "outputs")
 
 
 @pytest.fixture

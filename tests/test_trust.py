@@ -10,7 +10,7 @@ import stat
 import pytest
 
 import svdexport
-from helpers import FAST, assert_one_line_error, run_cli
+from helpers import quick_engine, FAST, assert_one_line_error, run_cli
 from svdexport.cli import main
 from svdexport.errors import SvdExportError
 from svdexport.runtime import manifest as mf
@@ -21,9 +21,7 @@ FAST = [*FAST, "--calib-steps", "1"]  # one calibration step: these tests need a
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    out = tmp_path_factory.mktemp("trust") / "engine"
-    assert main(["build", "--out", str(out), *FAST]) == 0
-    return out
+    return quick_engine(tmp_path_factory, "trust")
 
 
 @pytest.fixture

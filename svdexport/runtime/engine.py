@@ -44,8 +44,9 @@ class Engine:
         self.sampling = self.family.sampling(manifest.sampler)
         self.sampler = CachedSampler(full, cached, bases.vectors.to(self.device), self.cache, self.sampling,
                                      self.shapes)
-        stats_file = folder / PLAN_STATS_FILE
-        self.plan_stats = load_stats(stats_file) if PLAN_STATS_FILE in manifest.files else None
+        # Through the manifest's resolver, as every file an engine opens: listed, hashed, inside the folder.
+        has_stats = PLAN_STATS_FILE in manifest.files
+        self.plan_stats = load_stats(manifest.path(folder, PLAN_STATS_FILE)) if has_stats else None
         self._weights: dict[int, object] = {}
 
     def example_inputs(self, seed: int = 0, labels: list[int] | None = None) -> dict[str, torch.Tensor]:
