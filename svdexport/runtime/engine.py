@@ -70,8 +70,9 @@ class Engine:
 
     def generate(self, inputs: dict[str, torch.Tensor] | None = None, seed: int = 0, steps: int | None = None,
                  progress: bool = False, labels: list[int] | None = None, **cache_overrides) -> Generation:
-        """One request. `inputs` defaults to seeded synthetic ones; keyword overrides (interval, warmup,
-        predictor, beta, order) change the step plan or forecast without rebuilding."""
+        """One request. `inputs` defaults to seeded synthetic ones; keyword overrides (`OVERRIDES`: plan,
+        full_steps, interval, warmup, predictor, beta, order, gamma) change the plan or forecast without
+        rebuilding."""
         if inputs is None:
             inputs = self.example_inputs(seed, labels)
         self.check_inputs(inputs)
