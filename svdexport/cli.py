@@ -1,53 +1,71 @@
-"""Command line: `svdexport build | calibrate | run | bench`.
+"""Command line: `svdexport build | calibrate | run | compare | batch | bench | keygen | sign`.
 
 User errors (SvdExportError, bad arguments) print one line and exit with status 2; nothing else is caught,
-so a bug still shows its traceback.
+so a bug still shows its traceback. Every command checks its options and output paths before its work.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from svdexport.cache.config import GRANULARITIES, CacheConfig
 from svdexport.cache.predictors import PREDICTORS
+from svdexport.commands import Parser, add_force, add_trust_args, apply_trust_args, cmd_keygen, cmd_run, cmd_sign
+from svdexport.commands import model_help
 from svdexport.errors import SvdExportError
-from svdexport.export import BACKENDS
-from svdexport.files import atomic_file
+from svdexport.outputs import check_files
+from svdexport import quiet
+from svdexport.runtime import trust
 
 DEFAULTS = CacheConfig()
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
+    h = model_help()
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="flux", help="DiT family (default: flux)")
-    g.add_argument("--weights", help="local diffusers folder or transformer .safetensors (default: bundled model)")
+    g.add_argument("--model", default="flux", help=h["model"])
+    g.add_argument("--weights", help=h["weights"])
     g.add_argument("--dtype", default="auto", help="fp32 | bf16 | fp16 | auto (default: bf16 on CUDA and on CPUs with bf16 "
                    "matrix units, fp32 elsewhere and for onnx on CPU; build prints why)")
     g.add_argument("--device", default="auto", help="cpu | cuda | auto (default: cuda when a GPU is visible)")
     s = p.add_argument_group("build shapes (fixed per engine)")
-    s.add_argument("--batch", type=int, help="images per call (default 1)")
-    s.add_argument("--height", type=int, help="image height in pixels (default 512; 1024 for FLUX.1)")
-    s.add_argument("--width", type=int, help="image width in pixels (default 512; 1024 for FLUX.1)")
-    s.add_argument("--text-len", type=int, help="text tokens (default 64; 512 for FLUX.1)")
-    s.add_argument("--frames", type=int, help="video frames, 4k + 1 (video models; default 9 for the bundled one)")
+    s.add_argument("--batch", type=int, help=h["batch"])
+    s.add_argument("--height", type=int, help=h["height"])
+    s.add_argument("--width", type=int, help=h["width"])
+    s.add_argument("--text-len", type=int, help=h["text_len"])
+    s.add_argument("--frames", type=int, help=h["frames"])
     c = p.add_argument_group("SVD-Cache")
-    c.add_argument("--granularity", default=DEFAULTS.granularity, help=f"{' | '.join(GRANULARITIES)}")
-    c.add_argument("--predictor", default=DEFAULTS.predictor, help=f"{' | '.join(PREDICTORS)}")
-    c.add_argument("--beta", type=float, default=DEFAULTS.beta, help="EMA weight on the old value")
-    c.add_argument("--order", type=int, default=DEFAULTS.order, help="svd-taylor order, 1 or 2")
-    c.add_argument("--tau", type=float, default=DEFAULTS.tau, help="energy kept by the principal subspace")
-    c.add_argument("--k-max", type=int, default=DEFAULTS.k_max, help="rank cap per site (bases padded to it)")
-    c.add_argument("--warmup", type=int, help="first full steps (default: the model's; FLUX.1-dev 3, schnell 1)")
-    c.add_argument("--interval", type=int, help="one full step every N after warmup (default: dev 7, schnell 2)")
+    c.add_argument("--granularity", default=DEFAULTS.granularity,
+                   help=f"{' | '.join(GRANULARITIES)} (default: {DEFAULTS.granularity})")
+    c.add_argument("--predictor", default=DEFAULTS.predictor, help=f"{' | '.join(PREDICTORS)} (default: %(default)s)")
+    c.add_argument("--beta", type=float, default=DEFAULTS.beta, help="EMA weight on the old value (default: %(default)s)")
+    c.add_argument("--order", type=int, default=DEFAULTS.order, help="svd-taylor order, 1 or 2 (default: %(default)s)")
+    c.add_argument("--tau", type=float, default=DEFAULTS.tau,
+                   help="energy kept by the principal subspace (default: %(default)s)")
+    c.add_argument("--k-max", type=int, default=DEFAULTS.k_max,
+                   help="rank cap per site, bases padded to it (default: %(default)s)")
+    c.add_argument("--warmup", type=int, help="first full steps (default: the model's, below)")
+    c.add_argument("--interval", type=int, help=f"one full step every N after warmup (default: the model's: {h['plan']})")
+    c.add_argument("--plan", default=DEFAULTS.plan, help="calibrated | uniform: which steps run in full "
+                   f"(default: {DEFAULTS.plan}, chosen on the calibration inputs; uniform: warmup, then every interval)")
+    c.add_argument("--full-steps", type=int, help="full steps of a calibrated plan (default: as many as warmup and "
+                   "interval give, 9 of 50 for FLUX.1-dev)")
+    c.add_argument("--gamma", type=float, default=DEFAULTS.gamma, help="residual forecast: damped Taylor step of the "
+                   "residual, 0 = reuse it (default: %(default)s)")
     k = p.add_argument_group("calibration")
-    k.add_argument("--calib-samples", type=int, default=8, help="reference inputs (default 8)")
-    k.add_argument("--calib-steps", type=int, help="sampling steps per input (default: the model's, dev 50, schnell 4)")
+    k.add_argument("--calib-samples", type=int, default=8, help="reference inputs (default: %(default)s)")
+    k.add_argument("--calib-steps", type=int, help="sampling steps per input (default: the model's steps, as for "
+                   "--interval)")
     k.add_argument("--calibration-prompts", metavar="FILE",
                    help="prompts, one per line, for models with text encoders (default: a built-in list of 16)")
     k.add_argument("--no-memory-check", action="store_true",
                    help="build even when the estimated peak memory exceeds what is available")
+    k.add_argument("--verbose", action="store_true",
+                   help="show the exporters', optimizers' and compilers' own output and warnings (captured otherwise)")
+    add_force(p, "outputs")
 
 
 def _build_options(a: argparse.Namespace, backend: str = "eager"):
@@ -56,12 +74,14 @@ def _build_options(a: argparse.Namespace, backend: str = "eager"):
 
     family(a.model)  # an unknown family fails here, before any work
     cache = CacheConfig(granularity=a.granularity, predictor=a.predictor, beta=a.beta, order=a.order, tau=a.tau,
-                        k_max=a.k_max, warmup=a.warmup, interval=a.interval)
+                        k_max=a.k_max, warmup=a.warmup, interval=a.interval, plan=a.plan, full_steps=a.full_steps,
+                        gamma=a.gamma)
     shapes = {k: v for k, v in (("batch", a.batch), ("height", a.height), ("width", a.width),
                                 ("text_len", a.text_len), ("frames", a.frames)) if v is not None}
+    quiet.set_verbose(a.verbose)  # read by the backends' quiet() and inherited by subprocesses
     return BuildOptions(model=a.model, weights=a.weights, backend=backend, cache=cache, shapes=shapes,
                         dtype=a.dtype, device=a.device, calib_samples=a.calib_samples, calib_steps=a.calib_steps,
-                        calibration_prompts=a.calibration_prompts, check_memory=not a.no_memory_check)
+                        calibration_prompts=a.calibration_prompts, check_memory=not a.no_memory_check, force=a.force)
 
 
 def cmd_build(a: argparse.Namespace) -> None:
@@ -81,6 +101,10 @@ def cmd_build(a: argparse.Namespace) -> None:
         print(f"exported graphs in {m.graphs_dir}")
     print(f"parameters: full graph {g['full'].parameters:,}, cached-step graph {g['cached'].parameters:,}")
     print(f"ranks (tau {m.calibration.tau}, k_max {m.calibration.k_max}): {ranks}")
+    for plan in m.plans:
+        than = f"; {plan.cost / plan.uniform_cost:.2f}x the uniform plan's" if plan.uniform_cost else ""
+        print(f"calibrated plan of {plan.steps} steps: full steps {' '.join(map(str, plan.full_steps))} "
+              f"(forecast error on the calibration inputs{than})")
     mem, gib = m.memory, 2**30
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"memory: estimated peak {mem['peak_bytes'] / gib:.1f} GiB, measured peak RSS "
@@ -96,86 +120,14 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
           f"{bases.num_inputs} inputs x {bases.num_timesteps} timesteps")
 
 
-def cmd_run(a: argparse.Namespace) -> None:
-    import svdexport
-    from svdexport.runtime.manifest import ConditioningKind
-
-    if a.steps is not None and a.steps < 1:
-        raise SvdExportError(f"--steps must be >= 1, got {a.steps}")
-    out = Path(a.out or f"out/{Path(a.engine).name}-seed{a.seed}.png")
-    if out.suffix.lower() != ".png":
-        raise SvdExportError(f"--out must end in .png, got {out}")
-    engine = svdexport.load(a.engine)
-    steps = a.steps or engine.steps
-    overrides = {k: v for k, v in (("interval", a.interval), ("warmup", a.warmup)) if v is not None}
-    if a.prompt:
-        if a.label is not None:
-            raise SvdExportError("--label is for class-conditioned models; --prompt for text-conditioned ones")
-        _run_prompt(a, engine, steps, overrides, out)
-        return
-    if engine.conditioning is ConditioningKind.PIPELINE:
-        raise SvdExportError("this engine's model has text encoders: give --prompt \"...\"")
-    labels = None if a.label is None else [a.label] * engine.shapes.batch
-    result = engine.generate(seed=a.seed, steps=steps, progress=True, labels=labels, **overrides)
-    latents_path = out.with_suffix(".safetensors")
-    _write_latents(result.latents, latents_path, {"seed": str(a.seed), "steps": str(steps), "engine": str(a.engine)})
-    with atomic_file(out) as tmp:
-        engine.preview(result.latents).save(tmp, format="PNG")
-    what = "image" if engine.labels else "preview of the latents"  # the digits model's latents are pixels
-    if engine.family.is_video:
-        what = "frame grid of the latents"
-        for k, frames in enumerate(engine.family.video_frames(result.latents, engine.shapes)):
-            gif = out.with_suffix(".gif") if k == 0 else out.with_name(f"{out.stem}-{k}.gif")
-            with atomic_file(gif) as tmp:
-                frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=150, loop=0)
-            print(f"wrote {gif} (video, {len(frames)} latent frames)")
-    print(f"wrote {out} ({what}) and {latents_path} (final latents)")
-    print(f"{steps} steps: {result.full_steps} full, {result.cached_steps} cached, {result.seconds:.2f} s")
-
-
-def _write_latents(latents, path: Path, metadata: dict) -> None:
-    from safetensors.torch import save_file
-
-    # Written beside, then renamed: an interrupted run leaves no half-written file.
-    with atomic_file(path) as tmp:
-        save_file({"latents": latents.contiguous()}, str(tmp), metadata=metadata)
-
-
-def _run_prompt(a: argparse.Namespace, engine, steps: int, overrides: dict, out: Path) -> None:
-    """The whole FluxPipeline (text encoders, engine, VAE) from the folder the engine was built from."""
-    import time
-
-    import torch
-    from PIL import Image
-
-    from svdexport.runtime.pipeline import pipeline_for
-
-    if len(a.prompt) > engine.shapes.batch:
-        raise SvdExportError(f"{len(a.prompt)} prompts, but this engine was built for batch {engine.shapes.batch} "
-                             f"(rebuild with --batch {len(a.prompt)})")
-    pipe = pipeline_for(engine, **overrides)
-    start = time.perf_counter()
-    images = pipe(prompt=a.prompt, height=engine.shapes.height, width=engine.shapes.width, num_inference_steps=steps,
-                  guidance_scale=a.guidance_scale, max_sequence_length=engine.shapes.text_len,
-                  generator=torch.Generator().manual_seed(a.seed)).images
-    seconds = time.perf_counter() - start
-    strip = Image.new("RGB", (sum(i.width for i in images), images[0].height))
-    for k, image in enumerate(images):
-        strip.paste(image, (k * images[0].width, 0))
-    with atomic_file(out) as tmp:
-        strip.save(tmp, format="PNG")
-    plan = pipe.transformer.plan_of_last_call()
-    print(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, {engine.shapes.width}x{engine.shapes.height})")
-    print(f"{steps} steps: {sum(plan)} full, {steps - sum(plan)} cached, {seconds:.2f} s with text encoders and VAE")
-
-
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="svdexport", description="SVD-Cache DiT engines: build, calibrate, run.")
+    p = Parser(prog="svdexport", description="SVD-Cache DiT engines: build, calibrate, run, compare, batch, bench; "
+               "keygen and sign for trusted engines.")
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="calibrate the bases and build an engine folder")
     _model_args(b)
-    b.add_argument("--backend", default="eager", help=f"{' | '.join(BACKENDS)} (default eager)")
+    b.add_argument("--backend", default="eager", help=f"{model_help()['backends']} (default: eager)")
     b.add_argument("--out", help="engine folder (default engines/MODEL-BACKEND)")
     b.add_argument("--graphs", help="folder for the exported programs (default graphs/NAME of --out)")
     b.set_defaults(func=cmd_build)
@@ -189,27 +141,42 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("engine", help="engine folder written by build")
     r.add_argument("--steps", type=int, help="sampling steps (default: the model's, FLUX.1-dev 50, schnell 4)")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--prompt", action="append", help="text prompt, through the whole FluxPipeline of the engine's "
-                   "weights folder; repeat for a batch (at most the engine's --batch)")
-    r.add_argument("--guidance-scale", type=float, default=3.5, help="FLUX.1-dev's distilled guidance (default 3.5)")
-    r.add_argument("--out", help="PNG path (default out/ENGINE-seedS.png); latents go beside as .safetensors")
+    r.add_argument("--prompt", action="append", help="text prompt, through the whole pipeline (FluxPipeline, "
+                   "HunyuanVideoPipeline) of the engine's weights folder; repeat for a batch (at most the engine's --batch)")
+    r.add_argument("--guidance-scale", type=float, help="embedded guidance (default: the model's; FLUX.1-dev 3.5, "
+                   "HunyuanVideo 6.0)")
+    r.add_argument("--out", help="image .png, or video .gif / .mp4 for video models (default out/ENGINE-seedS.png or "
+                   ".gif); the latents go beside as .safetensors, a video's frame grid as .png")
     r.add_argument("--interval", type=int, help="override the engine's interval")
     r.add_argument("--warmup", type=int, help="override the engine's warmup")
+    r.add_argument("--plan", help="calibrated | uniform (default: the engine's; --interval/--warmup imply uniform)")
+    r.add_argument("--full-steps", type=int, help="full steps of the calibrated plan (default: the engine's)")
     r.add_argument("--label", type=int, help="class to generate, for class-conditioned models (bundled digits)")
+    add_force(r)
+    add_trust_args(r)
     r.set_defaults(func=cmd_run)
 
-    c = sub.add_parser("compare", help="quality and speed against eager, every predictor and the peer libraries")
+    c = sub.add_parser("compare", help="quality and speed against eager, every predictor and the peer libraries, "
+                       "at matched full steps")
     c.add_argument("engine", help="engine folder written by build")
-    c.add_argument("--samples", type=int, default=16)
+    c.add_argument("--samples", type=int, default=16, help="samples of seeds 0..N-1 (default 16)")
+    c.add_argument("--seeds", help="the samples' seeds instead, e.g. 1000-1015 (held out: not the ones the "
+                   "defaults were chosen on) or 1,5,9")
     c.add_argument("--steps", type=int, default=50)
-    c.add_argument("--intervals", default=None, help="comma list, e.g. 3,5,7,9 (default: the engine's)")
+    c.add_argument("--full-steps", help="comma list of budgets: every method runs with that many full steps, "
+                   "e.g. 7,9,12 (default: as many as the engine's plan has)")
+    c.add_argument("--intervals", default=None, help="comma list: also the budgets of the uniform plans of these "
+                   "intervals (with the engine's warmup), e.g. 7 -> 9 of 50")
     c.add_argument("--peers", default="all", help="'all', 'none' or a comma list of peer names")
     c.add_argument("--json", help="write rows and settings as JSON")
     c.add_argument("--md", help="write the tables as markdown")
     c.add_argument("--grid", help="PNG of the reference and every method side by side")
-    c.add_argument("--frontier", help="PNG of speed against PSNR across the intervals")
+    c.add_argument("--frontier", help="PNG of PSNR against measured speedup across the budgets")
+    c.add_argument("--compute", help="PNG of PSNR against full steps across the budgets")
     c.add_argument("--temporal", help="videos: PNG of the PSNR between consecutive frames, per method")
     c.add_argument("--docs", help="write a generated benchmarks page (e.g. docs/benchmarks.md) with its plots")
+    add_force(c)
+    add_trust_args(c)
     c.set_defaults(func=cmd_compare)
     t = sub.add_parser("batch", help="generate a prompt or class list across Ray workers (resumable)")
     t.add_argument("engine", help="engine folder written by build (the same path on every node)")
@@ -222,6 +189,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, help="sampling steps (default: the engine's)")
     t.add_argument("--guidance-scale", type=float, default=3.5, help="for engines with text encoders")
     t.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs each actor reserves (1 on a GPU cluster)")
+    add_trust_args(t)
     t.set_defaults(func=cmd_batch)
     m = sub.add_parser("bench", help="step and end-to-end latency against eager PyTorch, as ratios")
     m.add_argument("engine", help="engine folder written by build")
@@ -230,7 +198,17 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--step-calls", type=int, default=10, help="calls per step timing (default 10)")
     m.add_argument("--e2e-repeats", type=int, default=3, help="interleaved repeats of whole generations")
     m.add_argument("--json", help="also write the measurements to this JSON file")
+    add_force(m)
+    add_trust_args(m)
     m.set_defaults(func=cmd_bench)
+    k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing engines")
+    k.add_argument("--out", required=True, help="private key file (mode 0600); the public key goes to OUT.pub")
+    add_force(k, "key files")
+    k.set_defaults(func=cmd_keygen)
+    g = sub.add_parser("sign", help="sign an engine's manifest (which lists every file's sha256) with a private key")
+    g.add_argument("engine", help="engine folder written by build")
+    g.add_argument("--key", required=True, help="private key file from svdexport keygen")
+    g.set_defaults(func=cmd_sign)
     return p
 
 
@@ -238,47 +216,71 @@ def cmd_compare(a: argparse.Namespace) -> None:
     from svdexport.bench import peers as peer_lib
     from svdexport.bench import report
     from svdexport.bench.compare import compare
+    from svdexport.media import markdown_text, write_text
+    from svdexport.bench.stats import parse_seeds
 
+    def _int_list(text: str | None, option: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(i) for i in text.split(",")) if text else ()
+        except ValueError:
+            raise SvdExportError(f"{option} must be a comma list of integers, got {text!r}") from None
+
+    budgets, intervals = _int_list(a.full_steps, "--full-steps"), _int_list(a.intervals, "--intervals")
+    if min((*budgets, *intervals, a.samples, a.steps)) < 1:
+        raise SvdExportError("--full-steps, --intervals, --samples and --steps must be >= 1")
+    if max(budgets, default=1) > a.steps:
+        raise SvdExportError(f"--full-steps can be at most --steps ({a.steps}), got {max(budgets)}")
     try:
-        intervals = tuple(int(i) for i in a.intervals.split(",")) if a.intervals else None
+        seeds = parse_seeds(a.seeds) if a.seeds else None
     except ValueError:
-        raise SvdExportError(f"--intervals must be a comma list of integers, got {a.intervals!r}") from None
-    if intervals is not None and min(intervals) < 1 or a.samples < 1 or a.steps < 1:
-        raise SvdExportError("--intervals, --samples and --steps must be >= 1")
+        raise SvdExportError(f"--seeds must be a range A-B or a comma list of integers, got {a.seeds!r}") from None
+    if seeds is not None and min(seeds) < 0:
+        raise SvdExportError(f"--seeds must be >= 0, got {a.seeds!r}")
     peers = {"all": None, "none": []}.get(a.peers)
     if peers is None and a.peers != "all":
         peers = a.peers.split(",")
         unknown = [p for p in peers if p not in peer_lib.PEERS]
         if unknown:
             raise SvdExportError(f"unknown peer {unknown[0]!r} (choose from {', '.join(peer_lib.PEERS)})")
-    if intervals is None:
-        import svdexport
+    from svdexport.models import family
+    from svdexport.runtime import manifest as manifest_io
 
-        intervals = (svdexport.load(a.engine).cache.interval,)
-    result = compare(a.engine, samples=a.samples, steps=a.steps, intervals=intervals, peers=peers)
+    apply_trust_args(a)
+    peek = manifest_io.read(Path(a.engine), check_versions=False, hash_files=False)  # option checks only
+    video = family(peek.model.family).is_video
+    if a.temporal and not video:
+        raise SvdExportError("--temporal is for video models; this engine makes images")
+    docs = Path(a.docs) if a.docs else None
+    plots = [] if docs is None else [("--docs plot", docs.with_name(f"{docs.stem}_{k}.png"))
+                                     for k in ("frontier", "compute", "grid") + (("temporal",) if video else ())]
+    check_files([("--json", a.json), ("--md", a.md), ("--grid", a.grid), ("--frontier", a.frontier),
+                 ("--compute", a.compute), ("--temporal", a.temporal), ("--docs", docs), *plots], a.force)
+    result = compare(a.engine, samples=a.samples, steps=a.steps, budgets=budgets, peers=peers, seeds=seeds,
+                     intervals=intervals)
     print(report.markdown(result))
-    for path, text in ((a.json, report.to_json(result)), (a.md, report.markdown(result))):
+    for path, text in ((a.json, report.to_json(result)), (a.md, markdown_text(report.markdown(result)))):
         if path:
-            with atomic_file(Path(path)) as tmp:
-                tmp.write_text(text)
+            write_text(text, Path(path))
+    budget = report.main_budget(result)
     if a.grid:
-        report.grid(result, Path(a.grid), 7 if 7 in intervals else intervals[0])
+        report.grid(result, Path(a.grid), budget)
     if a.frontier:
-        report.frontier_plot(result, Path(a.frontier))
+        report.frontier_plot(result, Path(a.frontier), "speedup")
+    if a.compute:
+        report.frontier_plot(result, Path(a.compute), "full_steps")
     if a.temporal:
-        if not result["temporal"]:
-            raise SvdExportError("--temporal is for video models; this engine makes images")
-        report.temporal_plot(result, Path(a.temporal), 7 if 7 in intervals else intervals[0])
-    if a.docs:
-        report.write_docs(result, Path(a.docs), "svdexport " + " ".join(sys.argv[1:]))
+        report.temporal_plot(result, Path(a.temporal), budget)
+    if docs:
+        report.write_docs(result, docs, "svdexport " + " ".join(sys.argv[1:]))
 
 
 def cmd_batch(a: argparse.Namespace) -> None:
     from svdexport.batch.runner import BatchOptions, run
 
+    keys = apply_trust_args(a)
     summary = run(BatchOptions(engine=a.engine, items=a.prompts, out=a.out, workers=a.workers, address=a.address,
                                seed=a.seed, steps=a.steps, guidance_scale=a.guidance_scale,
-                               gpus_per_worker=a.gpus_per_worker))
+                               gpus_per_worker=a.gpus_per_worker, trusted_keys=[str(k) for k in keys]))
     print(f"{a.out}: {summary.line()}")
     if summary.failed:
         first = next(iter(summary.failed.items()))
@@ -287,20 +289,26 @@ def cmd_batch(a: argparse.Namespace) -> None:
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
-    import json
-
     from svdexport.bench.latency import bench, format_report
+    from svdexport.media import json_text, write_text
+    from svdexport.runtime import manifest as manifest_io
 
     if min(a.steps, a.repeats, a.e2e_repeats, a.step_calls) < 1:
         raise SvdExportError("--steps, --repeats, --step-calls and --e2e-repeats must be >= 1")
+    apply_trust_args(a)
+    manifest_io.read(Path(a.engine), check_versions=False, hash_files=False)  # a missing engine fails first
+    check_files([("--json", a.json)], a.force)
     report = bench(a.engine, steps=a.steps, repeats=a.repeats, step_calls=a.step_calls, e2e_repeats=a.e2e_repeats)
     print(format_report(report))
     if a.json:
-        Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_text(json_text(report), Path(a.json))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or argparse's one-line error (2), already printed
+        return e.code if isinstance(e.code, int) else 2
     import warnings
 
     from diffusers.utils import logging as diffusers_logging
@@ -316,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         transformers_logging.disable_progress_bar()
     except ImportError:
         pass
+    # Options that commands pass on through the environment (to their workers) end with the command.
+    saved = {k: os.environ.get(k) for k in (trust.ENV, quiet.ENV)}
     try:
         args.func(args)
     except SvdExportError as e:
@@ -324,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("svdexport: interrupted", file=sys.stderr)
         return 130
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     return 0
 
 

@@ -1,11 +1,13 @@
-"""Hashes, fingerprints and atomic output folders."""
+"""Hashes, fingerprints, atomic outputs, stale temporaries, scratch folders and paths confined to a folder."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -52,10 +54,12 @@ def fingerprint(paths: list[Path]) -> list[list]:
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
 
 
-def check_replaceable(target: Path) -> None:
-    """A build may replace an earlier engine (a folder with manifest.json), never the user's other files."""
+def check_replaceable(target: Path, force: bool = False) -> None:
+    """A build may replace an earlier engine (a folder with manifest.json), never the user's other files
+    (a folder, with --force)."""
     target = Path(target)
-    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / "manifest.json").exists())):
+    if target.exists() and (not target.is_dir() or (not force and any(target.iterdir())
+                                                    and not (target / "manifest.json").exists())):
         from svdexport.errors import SvdExportError
 
         raise SvdExportError(f"{target} exists and is not an svdexport output; choose another --out or remove it")
@@ -82,15 +86,16 @@ def atomic_file(target: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
+def atomic_dir(target: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; on success it replaces `target`, on failure it vanishes.
 
     Refuses to replace a non-empty folder that svdexport did not write (see `check_replaceable`).
     """
     target = Path(target)
-    check_replaceable(target)
+    check_replaceable(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    # The pid in the name lets a later build tell a dead build's leftovers from a running one's.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
@@ -106,3 +111,83 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (a zombie or another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(target: Path) -> list[Path]:
+    """Removes what a killed svdexport left beside `target`: `.NAME.tmp-PID*` (atomic_file, atomic_dir) and
+    `.NAME.old-PID` folders whose process is gone. Returns what was removed."""
+    target = Path(target)
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(tmp|old)-(\d+)(-.*)?$")
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for p in target.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and int(m.group(2)) != os.getpid() and not pid_alive(int(m.group(2))):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+class Scratch:
+    """A private temporary folder (`svdexport-KIND-PID-*` in the system temporary folder) that is removed by
+    `remove()`, when nothing references it any more, or when the process exits; folders of dead processes
+    are removed when the next one is made."""
+
+    def __init__(self, kind: str):
+        root = Path(tempfile.gettempdir())
+        for p in root.glob(f"svdexport-{kind}-*"):
+            m = re.match(rf"svdexport-{re.escape(kind)}-(\d+)-", p.name)
+            if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f"svdexport-{kind}-{os.getpid()}-", dir=root))
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.path), True)
+
+    def remove(self) -> None:
+        self._finalizer()
+
+    @contextmanager
+    def as_tmpdir(self) -> Iterator[Path]:
+        """Makes this folder the process's temporary folder for Python and native code (TMPDIR) meanwhile."""
+        old_env, old_py = os.environ.get("TMPDIR"), tempfile.tempdir
+        os.environ["TMPDIR"], tempfile.tempdir = str(self.path), str(self.path)
+        try:
+            yield self.path
+        finally:
+            tempfile.tempdir = old_py
+            if old_env is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = old_env
+
+
+def confined(folder: Path, name: str, listed) -> Path:
+    """`folder/name` for a relative name the manifest lists (`listed`), refusing before anything is read an
+    absolute path, `..`, a name not listed, and a path (or symlink) that resolves outside `folder`."""
+    from svdexport.errors import SvdExportError
+
+    folder = Path(folder)
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or "\\" in name \
+            or any(part in ("..", "") for part in name.split("/")):
+        raise SvdExportError(f"engine {folder} names the file {name!r}, which is not a plain relative path inside it")
+    if name not in listed:
+        raise SvdExportError(f"engine {folder} loads {name!r}, which its manifest does not list and hash")
+    path = folder / name
+    root = folder.resolve()
+    if not path.resolve().is_relative_to(root):
+        raise SvdExportError(f"engine file {path} resolves outside the engine folder ({path.resolve()})")
+    return path

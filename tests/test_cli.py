@@ -39,7 +39,7 @@ def test_build_writes_manifest_and_bases(engine):
     assert [s["name"] for s in m["sites"]] == ["final"]
     assert m["calibration"] == {"num_inputs": 1, "num_timesteps": 4, "tau": 0.95, "k_max": 64}
     assert m["shapes"]["inputs"]["hidden_states"] == [1, 64, 4]
-    assert set(m["files"]) == {"bases.safetensors", "conditioning.safetensors"}
+    assert set(m["files"]) == {"bases.safetensors", "conditioning.safetensors", "plan_stats.safetensors"}
     assert {"torch", "diffusers", "svdexport"} <= set(m["versions"])
     assert m["graphs"]["cached"]["parameters"] < m["graphs"]["full"]["parameters"]
     assert not list(engine.parent.glob(".*tmp*"))  # the temporary build folder is gone
@@ -52,7 +52,9 @@ def test_run_writes_image_latents_and_reports_steps(engine, tmp_path, capsys):
     assert Image.open(png).size == (256, 256)  # 16x16 pixels of the digits model, scaled x16
     latents = load_file(str(png.with_suffix(".safetensors")))["latents"]
     assert latents.shape == (1, 64, 4) and torch.isfinite(latents).all()
-    assert "20 steps: 5 full, 15 cached" in out  # steps 0, 1, 2 (warmup), 9, 16 (interval 7)
+    # The engine's plan is calibrated for 4 steps: 20 steps get it rescaled, with the uniform plan's 5 full
+    # steps (warmup 3, interval 7), and the plan is printed.
+    assert "full steps (calibrated for 4 steps, rescaled to 20): " in out and "20 steps: 5 full, 15 cached" in out
 
 
 def test_build_from_local_folder_matches_plain_loop_at_interval_one(tiny_folder, tmp_path, capsys):
@@ -295,3 +297,36 @@ def test_failed_rebuild_keeps_the_previous_engine(engine, tmp_path, capsys, monk
         main(["build", "--out", str(eng), "--interval", "5", *FAST])  # other settings: a real rebuild
     assert (eng / "manifest.json").read_text() == before
     assert [p.name for p in eng.parent.iterdir()] == ["copy"]
+
+
+def test_calibrated_plan_is_stored_searched_and_shown(engine, tmp_path, capsys):
+    import svdexport
+    from svdexport.cache.plan import search, uniform_plan
+
+    e = svdexport.load(engine)  # built with 4 calibration steps: its plan is for 4 steps
+    (record,) = e.manifest.plans
+    assert record.steps == 4 and record.full_steps[0] == 0 and len(record.full_steps) == len(uniform_plan(4, 3, 7))
+    assert e.plan(4).full_steps == record.full_steps and e.plan(4).how == "calibrated"
+    # Another budget at the calibrated step count: searched at run time from the stored statistics.
+    two = e.plan(4, e.cache_config(full_steps=2))
+    assert two.full_steps == search(e.plan_stats, 2, 1, 0.0, e._schedule_weights(4)).full_steps
+    # Another step count: the stated rule (rescaled), and every request plan starts with a full step.
+    other = e.plan(20)
+    assert other.how.startswith("calibrated for 4 steps") and other.full_steps[0] == 0
+    assert e.generate(seed=1, steps=20).full_steps == len(other.full_steps)
+    # warmup / interval at run time mean the uniform plan they describe.
+    assert e.plan(20, e.cache_config(interval=5)).full_steps == uniform_plan(20, 3, 5)
+    code, out, _ = run_cli(capsys, "run", engine, "--steps", 4, "--out", tmp_path / "p.png")
+    assert code == 0 and f"full steps (calibrated): {' '.join(map(str, record.full_steps))}" in out
+
+
+def test_uniform_build_stores_no_plan(tmp_path, capsys):
+    import svdexport
+
+    code, out, err = run_cli(capsys, "build", "--out", tmp_path / "u", "--plan", "uniform", *FAST)
+    assert code == 0, err
+    e = svdexport.load(tmp_path / "u")
+    assert e.manifest.plans == [] and e.plan_stats is None and e.plan(50).how == "uniform"
+    assert e.generate(seed=0, steps=12).full_steps == 3 + 1  # warmup 0-2, then step 8
+    code, _, err = run_cli(capsys, "build", "--out", tmp_path / "v", "--plan", "best", *FAST)
+    assert_one_line_error(code, err, "unknown plan 'best'")

@@ -116,7 +116,9 @@ def test_engine_matches_eager(built):
 @pytest.mark.slow
 def test_run_writes_the_video_and_a_frame_grid(built, tmp_path, capsys):
     out, _, _ = built
-    code, stdout, err = run_cli(capsys, "run", out, "--steps", "10", "--out", tmp_path / "v.png")
+    code, _, err = run_cli(capsys, "run", out, "--out", tmp_path / "v.png")
+    assert_one_line_error(code, err, ".gif or .mp4", "video engine")  # a video is not a PNG
+    code, stdout, err = run_cli(capsys, "run", out, "--steps", "10", "--out", tmp_path / "v.gif")
     assert code == 0, err
     gif = Image.open(tmp_path / "v.gif")
     assert gif.n_frames == 3  # 9 video frames -> 3 latent frames
@@ -138,7 +140,7 @@ def test_compare_reports_temporal_consistency(tmp_path, capsys):
     rows = {r["method"]: r for r in result["rows"]}
     assert rows["eager full compute"]["temporal_psnr_db"] == pytest.approx(np.mean(result["temporal"]["reference"]))
     assert all(r["temporal_psnr_db"] is not None for r in rows.values())
-    assert result["config"]["peers"] == [] and "temporal_psnr_db" in stdout
+    assert result["config"]["peers"] == [] and "temporal PSNR" in stdout
     width, height = Image.open(tmp_path / "t.png").size
     assert width > height > 100  # the 9 x 5 inch temporal plot
 
@@ -153,7 +155,7 @@ def test_bad_video_input(tmp_path, capsys, argv, words):
     if argv[0] == "--label":  # run option on a built engine
         out = tmp_path / "e"
         assert run_cli(capsys, "build", "--out", out, *FAST)[0] == 0
-        code, _, err = run_cli(capsys, "run", out, "--label", "1", "--out", tmp_path / "x.png")
+        code, _, err = run_cli(capsys, "run", out, "--label", "1", "--out", tmp_path / "x.gif")
         assert_one_line_error(code, err, "not class-conditioned")
         return
     code, _, err = run_cli(capsys, "build", "--out", tmp_path / "never", *FAST, *argv)

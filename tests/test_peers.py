@@ -28,6 +28,7 @@ CASES = [(name, {}) for name in peers.PEERS] + [
     ("diffusers-taylorseer", {"lite": True}),
     ("cachedit-dbcache", {"schedule": "dynamic", "threshold": 0.5}),
     ("cachedit-dbcache-taylorseer", {"schedule": "dynamic", "threshold": 0.5}),
+    ("cachedit-dbcache", {"plan": [i in (0, 2, 5, 11, 17) for i in range(STEPS)]}),  # a given (calibrated) plan
 ]
 
 
@@ -75,7 +76,7 @@ def test_peer(setup, name, options):
     if name == "diffusers-taylorseer":
         assert r.full_steps == TAYLORSEER_FULL
     if name.startswith("cachedit") and options.get("schedule", "plan") == "plan":
-        assert r.full_steps == sum(step_plan(STEPS, WARMUP, INTERVAL))  # svdexport's own plan
+        assert r.full_steps == sum(options.get("plan") or step_plan(STEPS, WARMUP, INTERVAL))  # exactly that plan
     assert rel_l2(r.latents, plain) < 0.5
 
     after = _state(model, inputs)
@@ -83,6 +84,15 @@ def test_peer(setup, name, options):
     assert after[1] == before[1]
     assert all(ka == kb and torch.equal(a, b) for (ka, a), (kb, b) in zip(after[2], before[2]))
     assert len(after[2]) == len(before[2])
+
+
+def test_taylorseer_schedule_reaches_a_budget():
+    assert len(peers.taylorseer_plan(STEPS, WARMUP, INTERVAL)) == TAYLORSEER_FULL  # what the hook ran above
+    assert peers.taylorseer_plan(50, 3, 8) == [0, 1, 2, 4, 12, 20, 28, 36, 44]
+    for budget in range(2, 30):
+        w, iv = peers.taylorseer_schedule(50, budget, 3)
+        assert len(peers.taylorseer_plan(50, w, iv)) == budget and w >= 1
+    assert peers.taylorseer_schedule(50, 9, 3) == (3, 8) and peers.taylorseer_schedule(50, 12, 3) == (4, 6)
 
 
 def test_model_restored_when_the_loop_fails(setup):

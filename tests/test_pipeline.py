@@ -129,3 +129,64 @@ def test_mismatched_requests_are_refused(engine):
         svdexport.apply(tiny_pipeline(guidance=False), engine)
     with pytest.raises(SvdExportError, match="cannot override"):
         svdexport.apply(tiny_pipeline(), engine, tau=0.5)
+
+
+def _image_to_image(kind: str):
+    """FluxImg2ImgPipeline or FluxInpaintPipeline from the tiny pipeline's components, and its extra inputs."""
+    from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline
+
+    g = torch.Generator().manual_seed(4)
+    image = torch.rand(1, 3, 128, 128, generator=g)
+    if kind == "img2img":
+        return FluxImg2ImgPipeline(**tiny_pipeline().components), {"image": image}
+    mask = torch.zeros(1, 1, 128, 128)
+    mask[..., 32:96, 32:96] = 1.0  # repaint the centre
+    return FluxInpaintPipeline(**tiny_pipeline().components), {"image": image, "mask_image": mask}
+
+
+class Recording:
+    """Wraps a StepCache factory: records the inputs and output of every step the pipeline runs."""
+
+    def __init__(self, engine):
+        self.engine, self.steps = engine, []
+        self.step_cache = engine.step_cache
+
+    def __call__(self, steps, cache=None):
+        inner = self.step_cache(steps, cache)
+        record = self.steps
+
+        class Recorded:
+            plan = inner.plan
+
+            def __call__(self, i, inputs):
+                out = inner(i, inputs)
+                record.append((i, {k: v.clone() for k, v in inputs.items()}, out.clone()))
+                return out
+
+        return Recorded()
+
+
+@pytest.mark.parametrize("kind", ["img2img", "inpaint"])
+def test_image_to_image_pipelines_plan_the_steps_they_run(folder, tmp_path_factory, kind):
+    engine = engine_of(folder, tmp_path_factory, "eager")
+    pipe, extra = _image_to_image(kind)
+    reference = pipe_call(pipe, steps=20, strength=0.6, **extra)
+    svdexport.apply(pipe, engine, interval=1)
+    assert (pipe_call(pipe, steps=20, strength=0.6, **extra) - reference).abs().max() <= 1e-4
+
+    # Cached, strength 0.6 of 20 steps runs 12: the plan covers the 12 steps that run (the engine's plan for
+    # 12 steps, with as many full steps as warmup 3 and interval 7 give: 4), not steps 8-19 of a 20-step plan.
+    pipe, extra = _image_to_image(kind)
+    svdexport.apply(pipe, engine)
+    recording = Recording(engine)
+    engine.step_cache = recording
+    try:
+        pipe_call(pipe, steps=20, strength=0.6, **extra)
+    finally:
+        del engine.step_cache
+    assert [i for i, _, _ in recording.steps] == list(range(12))
+    assert pipe.transformer.plan_of_last_call() == engine.plan(12).mask and sum(engine.plan(12).mask) == 4
+    # The engine's own step cache over the same per-step inputs gives the same outputs.
+    own = engine.step_cache(12)
+    for i, inputs, out in recording.steps:
+        assert torch.equal(own(i, inputs), out)

@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections import Counter, deque
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from svdexport.batch.worker import Worker
 from svdexport.errors import SvdExportError
 from svdexport.runtime import manifest as manifest_io
 from svdexport.files import atomic_file
+from svdexport.outputs import engine_folder_of, writable_parent
 
 IN_FLIGHT = 2  # items queued per actor: one running, one ready to start
 NAMESPACE = "svdexport-batch"  # Ray namespace of the workers ("svdexport-worker-K")
@@ -41,6 +44,7 @@ class BatchOptions:
     guidance_scale: float = 3.5  # for engines with text encoders (FLUX.1-dev)
     gpus_per_worker: float = 0  # e.g. 1 on a GPU cluster
     max_retries: int = 2  # extra attempts of an item whose generation raised
+    trusted_keys: list[str] = field(default_factory=list)  # public keys; non-empty: engines must be signed
 
 
 @dataclass
@@ -70,7 +74,13 @@ def _validate(opts: BatchOptions) -> tuple[dict, list[store.Item]]:
         raise SvdExportError(f"--workers must be >= 1, got {opts.workers}")
     if opts.steps is not None and opts.steps < 1:
         raise SvdExportError(f"--steps must be >= 1, got {opts.steps}")
-    manifest = manifest_io.read(Path(opts.engine))  # the workers verify the files; here a quick check
+    manifest = manifest_io.read(Path(opts.engine), trusted_keys=opts.trusted_keys or None)  # workers verify again
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise SvdExportError(f"--out {out} is a file, not a folder")
+    writable_parent(out, "--out")
+    if (engine := engine_folder_of(out)) is not None:
+        raise SvdExportError(f"--out {out} is inside the engine folder {engine}; write outputs elsewhere")
     items = store.read_items(Path(opts.items), opts.seed)
     labels = manifest.model.conditioning.labels
     if labels:
@@ -100,6 +110,47 @@ def start_ray(opts: BatchOptions) -> bool:
     return True
 
 
+@contextmanager
+def ray_stopped_on_exit(started: bool):
+    """While a job runs on the local Ray runtime this driver started: SIGTERM and SIGHUP end the driver
+    through Python (so the `finally` that stops Ray runs), and a watchdog process stops Ray's processes
+    if the driver is killed outright (SIGKILL, out of memory), which no handler can see."""
+    if not started:
+        yield
+        return
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)
+           if threading.current_thread() is threading.main_thread()}
+    watchdog = watch_ray()
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if watchdog is not None:
+            watchdog.stdin.close()  # tells it the driver ended normally
+            watchdog.wait(timeout=10)
+
+
+def watch_ray():
+    """Starts `batch/watchdog.py` over the local Ray runtime's processes (its own session)."""
+    import subprocess
+    import sys
+
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # the local node this driver started
+    if node is None:
+        return None
+    pids = [str(info.process.pid) for infos in node.all_processes.values() for info in infos if info.process]
+    return subprocess.Popen([sys.executable, "-m", "svdexport.batch.watchdog", str(os.getpid()), *pids],
+                            stdin=subprocess.PIPE, start_new_session=True)
+
+
 def run(opts: BatchOptions, progress: bool = True) -> Summary:
     manifest, items = _validate(opts)
     out = Path(opts.out)
@@ -109,7 +160,8 @@ def run(opts: BatchOptions, progress: bool = True) -> Summary:
     if todo:
         started = start_ray(opts)
         try:
-            _drive(opts, todo, out, summary, progress)
+            with ray_stopped_on_exit(started):
+                _drive(opts, todo, out, summary, progress)
         finally:
             if started:
                 import ray
@@ -133,7 +185,7 @@ def _drive(opts: BatchOptions, todo: deque, out: Path, summary: Summary, progres
     def start_actor():
         return remote.options(name=next(names), num_cpus=cpus, num_gpus=opts.gpus_per_worker,
                               max_restarts=0).remote(str(Path(opts.engine).resolve()), cpus, opts.steps,
-                                                     opts.guidance_scale)
+                                                     opts.guidance_scale, opts.trusted_keys)
 
     actors = [start_actor() for _ in range(opts.workers)]
     summary.workers = len(actors)
@@ -193,6 +245,10 @@ def _drive(opts: BatchOptions, todo: deque, out: Path, summary: Summary, progres
         submit()
     bar.close()
     summary.seconds = time.perf_counter() - start
+    try:  # each worker removes what its engine extracted (ray.kill gives it no chance)
+        ray.get([a.close.remote() for a in actors], timeout=30)
+    except Exception:
+        pass  # a worker that died already left its files to the next load's clean-up (files.Scratch)
     for actor in actors:
         ray.kill(actor)
 

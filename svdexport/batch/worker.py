@@ -12,13 +12,15 @@ import time
 
 
 class Worker:
-    def __init__(self, engine_dir: str, threads: int, steps: int | None, guidance_scale: float):
+    def __init__(self, engine_dir: str, threads: int, steps: int | None, guidance_scale: float,
+                 trusted_keys: list[str] | None = None):
         import torch
 
         import svdexport
 
         torch.set_num_threads(max(1, threads))
-        self.engine = svdexport.load(engine_dir)  # verifies the manifest and hashes on this node
+        # Verifies the manifest and hashes on this node, and the signature when the job requires one.
+        self.engine = svdexport.load(engine_dir, trusted_keys=trusted_keys or None)
         self.steps = steps or self.engine.steps
         self.guidance_scale = guidance_scale
         self.pipe = None
@@ -29,6 +31,10 @@ class Worker:
 
     def ready(self) -> dict:
         return {"pid": os.getpid(), "node": os.uname().nodename}
+
+    def close(self) -> None:
+        """Removes what loading the engine extracted (AOTInductor packages) before the actor is killed."""
+        self.engine.close()
 
     def generate(self, index: int, text: str, seed: int) -> tuple[bytes, dict]:
         import torch

@@ -1,8 +1,11 @@
 """`svdexport compare ENGINE`: the same seeds and classes through eager full compute (the reference), every
-predictor of the project, TaylorSeer on the whole feature, the compiled engine and the peer libraries.
+predictor of the project, TaylorSeer on the whole feature, the compiled engine and the peer libraries, each
+at the same budgets of full steps (`bench/methods.py` says how each method reaches a budget).
 
 Everything runs in one process and interleaved: for each sample, every method runs once, so a drift of
 the machine hits all methods alike. Speedups are against eager full compute measured in that same loop.
+Per method and budget: PSNR mean and worst sample, and paired statistics against the SVD-Cache engine
+with its own plan at the same budget (`bench/stats.py`).
 """
 
 from __future__ import annotations
@@ -10,60 +13,28 @@ from __future__ import annotations
 import dataclasses
 import platform
 import statistics
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from tqdm import tqdm
 
+from svdexport.bench import methods as methods_lib
+from svdexport.bench.methods import PREDICTOR_VARIANTS, Method, Setup  # noqa: F401 (the rows' building blocks)
 from svdexport.bench.metrics import psnr, rel_l2, ssim
-from svdexport.runtime.scheduler import CachedSampler, Generation
-
-# Eager predictor variants compared: (label, overrides of the engine's cache settings).
-PREDICTOR_VARIANTS = [
-    ("svd-taylor o1", {"predictor": "svd-taylor", "order": 1}),
-    ("svd-taylor o2", {"predictor": "svd-taylor", "order": 2}),
-    ("ema-velocity b0.5", {"predictor": "ema-velocity", "beta": 0.5}),
-    ("ema-velocity b0.9", {"predictor": "ema-velocity", "beta": 0.9}),
-    ("ema b0.5", {"predictor": "ema", "beta": 0.5}),
-    ("ema b0.9 (paper)", {"predictor": "ema", "beta": 0.9}),
-    ("reuse (FORA)", {"predictor": "reuse"}),
-]
+from svdexport.bench.stats import PSNR_CAP, paired, summary
+from svdexport.cache import plan as plans
+from svdexport.runtime.scheduler import Generation
 
 
-@dataclass
-class Method:
-    name: str  # row label
-    backend: str  # what runs it
-    run: Callable[[dict, int], Generation]  # (inputs, interval) -> generation
-    uncached: bool = False  # the reference: its interval is always 1
+def _methods(setup: Setup, peers: list[str]) -> list[Method]:
+    """Every row's method: eager full compute first (the reference), then the project's, then the peers."""
+    return methods_lib.project_methods(setup) + methods_lib.peer_methods(setup, peers)
 
 
-def _methods(engine, eager, peers: list[str], steps: int) -> list[Method]:
-    from svdexport.bench import peers as peer_lib
-
-    cache = eager.cache
-    label = {"svd-taylor": f"svd-taylor o{cache.order}"}.get(cache.predictor, f"{cache.predictor} b{cache.beta}")
-    ms = [Method("eager full compute", "eager", lambda x, i: eager.generate(x, steps=steps, interval=1), True)]
-    ms.append(Method(f"SVD-Cache {label} (engine)", engine.manifest.backend,
-                     lambda x, i: engine.generate(x, steps=steps, interval=i)))
-    for label, over in PREDICTOR_VARIANTS:
-        ms.append(Method(f"SVD-Cache {label}", "eager",
-                         lambda x, i, over=over: eager.generate(x, steps=steps, interval=i, **over)))
-    # TaylorSeer on the whole feature: identity bases make C = F and R = 0, so the same forecast runs
-    # on the full feature instead of its principal part.
-    sites, dim = eager.bases.vectors.shape[:2]
-    identity = torch.eye(dim).expand(sites, dim, dim).contiguous().to(eager.device)
-    whole = CachedSampler(eager.full, eager.cached, identity, cache, eager.sampling, eager.shapes)
-    for order in (1, 2):
-        ms.append(Method(f"TaylorSeer whole feature o{order}", "eager",
-                         lambda x, i, o=order: whole.generate(
-                             x, steps, cache=dataclasses.replace(cache, interval=i, predictor="svd-taylor",
-                                                                         order=o))))
-    model = eager.full.transformer
-    for name in peers:
-        ms.append(Method(name, "eager", lambda x, i, n=name: _peer(peer_lib, n, model, x, steps, eager, i)))
-    return ms
+def budgets_of(steps: int, warmup: int, full_steps=(), intervals=()) -> list[int]:
+    """The budgets (full steps) to compare: those given, plus the full steps of the uniform plan of each
+    interval (with the engine's warmup)."""
+    out = set(full_steps) | {len(plans.uniform_plan(steps, warmup, iv)) for iv in intervals}
+    return sorted(b for b in out if 1 <= b <= steps)
 
 
 def _precision_reference(engine, methods: list[Method], steps: int) -> list[Method]:
@@ -77,74 +48,89 @@ def _precision_reference(engine, methods: list[Method], steps: int) -> list[Meth
     def fp32(x: dict) -> dict:  # the same (rounded) inputs, so only the compute's precision differs
         return {k: v.float() if v.is_floating_point() else v for k, v in x.items()}
 
-    reference = Method("eager fp32 full compute", "eager",
-                       lambda x, i: twin.generate(fp32(x), steps=steps, interval=1), True)
+    reference = dataclasses.replace(methods[0], name="eager fp32 full compute",
+                                    run=lambda x, b: twin.generate(fp32(x), steps=steps, interval=1))
     return [reference, dataclasses.replace(methods[0], name=f"eager {dtype} full compute")] + methods[1:]
 
 
-def _peer(peer_lib, name, model, inputs, steps, eager, interval) -> Generation:
-    loop = peer_lib.PeerLoop(eager.family, eager.sampling, eager.shapes, steps)
-    r = peer_lib.run_peer(name, model, loop, inputs, eager.cache.warmup, interval)
-    return Generation(r.latents, r.full_steps, steps - r.full_steps, r.seconds)
-
-
-def compare(engine_dir: str, samples: int = 16, steps: int = 50, intervals: tuple[int, ...] = (7,),
-            peers: list[str] | None = None, progress: bool = True) -> dict:
+def compare(engine_dir: str, samples: int = 16, steps: int = 50, budgets: tuple[int, ...] | None = None,
+            peers: list[str] | None = None, progress: bool = True, seeds: list[int] | None = None,
+            intervals: tuple[int, ...] = ()) -> dict:
+    """Every method at every budget of full steps on the same samples (seeds 0..samples-1, or `seeds`).
+    `budgets` default: the engine's plan's count at `steps` (and the uniform budgets of `intervals`)."""
     import svdexport
     from svdexport.bench import peers as peer_lib
 
     engine = svdexport.load(engine_dir)
     m = engine.manifest
     eager = engine.eager_reference()
+    setup = Setup(engine, eager, steps)
+    budgets = budgets_of(steps, setup.warmup, budgets or (), intervals)
+    if not budgets:
+        budgets = [len(engine.plan(steps).full_steps)]
     unavailable = {p: peer_lib.available(p, engine.family) for p in peer_lib.PEERS}
     peers = [p for p in (peer_lib.PEERS if peers is None else peers) if unavailable[p] is None]
-    methods = _precision_reference(engine, _methods(engine, eager, peers, steps), steps)
-    labels = [seed % len(engine.labels) for seed in range(samples)] if engine.labels else None
-    inputs = [engine.example_inputs(seed, None if labels is None else [labels[seed]] * engine.shapes.batch)
-              for seed in range(samples)]
-    runs = [(meth, 1 if meth.uncached else iv) for meth in methods for iv in ((1,) if meth.uncached else intervals)]
-    results: dict[tuple[str, int], list[Generation]] = {(meth.name, iv): [] for meth, iv in runs}
+    methods = _precision_reference(engine, _methods(setup, peers), steps)
+    seeds = list(range(samples)) if seeds is None else list(seeds)
+    labels = [seed % len(engine.labels) for seed in seeds] if engine.labels else None
+    inputs = [engine.example_inputs(seed, None if labels is None else [labels[k]] * engine.shapes.batch)
+              for k, seed in enumerate(seeds)]
+    runs = [(meth, steps if meth.uncached else b) for meth in methods for b in ((steps,) if meth.uncached else budgets)]
     with torch.inference_mode():
-        methods[0].run(inputs[0], 1)  # warm-up: one-time costs stay out of the timings
+        # Settings first: threshold peers sweep their thresholds here, on inputs that are not measured.
+        settings = {(meth.name, b): meth.settings(b)
+                    for meth, b in tqdm(runs, desc="settings and threshold sweeps", disable=not progress)}
+        results: dict[tuple[str, int], list[Generation]] = {(meth.name, b): [] for meth, b in runs}
+        methods[0].run(inputs[0], steps)  # warm-up: one-time costs stay out of the timings
         for x in tqdm(inputs, desc="comparing", unit="sample", disable=not progress):
-            for meth, iv in runs:  # interleaved: every method once per sample
-                results[(meth.name, iv)].append(meth.run(x, iv))
-    reference = results[(methods[0].name, 1)]
-    ref_images = _images(engine, [g.latents for g in reference])
+            for meth, b in runs:  # interleaved: every method once per sample
+                results[(meth.name, b)].append(meth.run(x, b))
+    reference = results[(methods[0].name, steps)]
+    images = {key: _images(engine, [g.latents for g in gens]) for key, gens in results.items()}
+    ref_images = images[(methods[0].name, steps)]
     ref_latency = statistics.mean(g.seconds for g in reference)
-    classifier = _classifier() if labels is not None else None
     video = ref_images[0].dim() == 4  # [C, F, H, W] per sample
+    # The digit classifier reads still 16x16 digits; the video model's moving clips are classified frame by
+    # frame in tests/test_reference_video.py instead, so videos get no class column.
+    classifier = _classifier() if labels is not None and not video else None
     temporal = {"reference": _temporal(ref_images)} if video else {}
+    # SVD-Cache with the engine's own plan and forecast: the paired statistics' reference.
+    default = next(meth.name for meth in methods if not meth.uncached)
+    per_sample = {key: [min(psnr(a, b), PSNR_CAP) for a, b in zip(imgs, ref_images)] for key, imgs in images.items()}
     rows = []
-    for meth, iv in runs:
-        gens = results[(meth.name, iv)]
-        images = _images(engine, [g.latents for g in gens])
+    for meth, b in runs:
+        gens, imgs, psnrs = results[(meth.name, b)], images[(meth.name, b)], per_sample[(meth.name, b)]
         latency = statistics.mean(g.seconds for g in gens)
+        full = [g.full_steps for g in gens]
+        p = summary(psnrs)
         rows.append({
-            "method": meth.name, "backend": meth.backend, "interval": iv,
-            "full_steps": gens[0].full_steps, "total_steps": steps,
-            "latency_s": latency, "speedup": ref_latency / latency,
-            "psnr_db": statistics.mean(min(psnr(a, b), 99.0) for a, b in zip(images, ref_images)),
-            "ssim": ssim(_frames(images), _frames(ref_images)),
+            "method": meth.name, "backend": meth.backend, "reference": meth.uncached, "peer": meth.peer,
+            "budget": b, "plan_kind": meth.plan, "plan": meth.steps_of(b), "settings": settings[(meth.name, b)],
+            "full_steps": full[0] if len(set(full)) == 1 else statistics.mean(full),
+            "full_steps_min": min(full), "full_steps_max": max(full), "full_steps_per_sample": full,
+            "total_steps": steps, "latency_s": latency, "speedup": ref_latency / latency,
+            "psnr_db": p["mean"], "psnr_worst_db": p["worst"], "psnr_std_db": p["std"], "psnr_per_sample": psnrs,
+            "paired": None if meth.uncached else dict(paired(psnrs, per_sample[(default, b)]), against=default),
+            "ssim": ssim(_frames(imgs), _frames(ref_images)),
             "rel_l2": statistics.mean(rel_l2(g.latents, r.latents) for g, r in zip(gens, reference)),
-            "class_acc": None if classifier is None else _accuracy(classifier, images, labels),
+            "class_acc": None if classifier is None else _accuracy(classifier, imgs, labels),
             "temporal_psnr_db": None,
         })
         if video:
-            temporal[f"{meth.name}@{iv}"] = curve = _temporal(images)
+            temporal[f"{meth.name}@{b}"] = curve = _temporal(imgs)
             rows[-1]["temporal_psnr_db"] = statistics.mean(curve)
     return {
         "config": {"engine": str(engine_dir), "backend": m.backend, "model": m.model.weights.source,
-                   "steps": steps, "samples": samples, "intervals": list(intervals), "cache": m.cache.to_dict(),
+                   "steps": steps, "samples": len(seeds), "seeds": seeds, "budgets": budgets,
+                   "engine_plan": engine.plan(steps).full_steps, "cache": m.cache.to_dict(),
                    "shapes": m.shapes.build, "dtype": m.dtype, "reference": methods[0].name, "peers": peers,
                    "peers_unavailable": {p: unavailable[p] for p in peer_lib.PEERS if p not in peers},
-                   "video": video},
+                   "paired_against": default, "sweep_seeds": list(methods_lib.SWEEP_SEEDS), "video": video},
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "threads": torch.get_num_threads()},
         "rows": rows,
         "temporal": temporal,  # videos: mean PSNR between consecutive frames, per frame pair, per method
-        "images": {"reference": ref_images, **{f"{meth.name}@{iv}": _images(engine, [g.latents for g in
-                   results[(meth.name, iv)]]) for meth, iv in runs}},
+        "images": {"reference": ref_images, **{f"{name}@{b}": imgs for (name, b), imgs in images.items()}},
     }
 
 

@@ -22,8 +22,9 @@ Settings, against svdexport's plan (full if i < warmup or (i - warmup + 1) % int
 - cachedit-dbcache(-taylorseer): cache-dit's registered FLUX adapter applied to the bare transformer
   (`cache_dit.enable_cache(transformer)` wraps it in its own placeholder pipeline), DBCacheConfig with
   Fn_compute_blocks=fn_blocks, Bn_compute_blocks=0, max_warmup_steps=warmup, num_inference_steps=steps.
-  schedule="plan" (default) passes svdexport's plan as steps_computation_mask with the "static" policy,
-  so exactly svdexport's steps run in full and every other step is served from DBCache's residual cache;
+  schedule="plan" (default) passes a plan as steps_computation_mask with the "static" policy: `plan` (a
+  list of bools per step, e.g. an engine's calibrated plan) or else svdexport's uniform plan of warmup and
+  interval, so exactly those steps run in full and every other step is served from DBCache's residual cache;
   schedule="dynamic" is DBCache's own residual-diff test (residual_diff_threshold=threshold) with
   max_continuous_cached_steps=interval - 1. The -taylorseer variant adds
   TaylorSeerCalibratorConfig(taylorseer_order=order).
@@ -66,8 +67,8 @@ _SPECS: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "diffusers-taylorseer": ("TaylorSeerCacheConfig", ("order", "lite")),
     "diffusers-fbcache": ("FirstBlockCacheConfig", ("threshold",)),
     "diffusers-magcache": ("MagCacheConfig", ("threshold",)),
-    "cachedit-dbcache": (None, ("schedule", "threshold", "fn_blocks")),
-    "cachedit-dbcache-taylorseer": (None, ("schedule", "threshold", "fn_blocks", "order")),
+    "cachedit-dbcache": (None, ("schedule", "threshold", "fn_blocks", "plan")),
+    "cachedit-dbcache-taylorseer": (None, ("schedule", "threshold", "fn_blocks", "order", "plan")),
 }
 
 
@@ -95,6 +96,24 @@ def available(name: str, family: Family | None = None) -> str | None:
     if not hasattr(diffusers, config_class):
         return f"diffusers {diffusers.__version__} has no {config_class} (upgrade diffusers)"
     return None
+
+
+def taylorseer_plan(steps: int, warmup: int, interval: int) -> list[int]:
+    """The steps diffusers' TaylorSeer hook computes (`_measure_should_compute`): i < warmup or
+    (i - warmup - 1) % interval == 0, with warmup (`disable_cache_before_step`) at least 1 as `run_peer` sets it."""
+    w = max(warmup, 1)
+    return [i for i in range(steps) if i < w or (i - w - 1) % interval == 0]
+
+
+def taylorseer_schedule(steps: int, budget: int, warmup: int) -> tuple[int, int]:
+    """(disable_cache_before_step, cache_interval) whose TaylorSeer plan has `budget` full steps: the warmup
+    nearest `warmup` that admits an exact count (ties: the longer warmup), with the shortest such interval,
+    which spreads the refreshes most evenly; if no pair is exact, the nearest count."""
+    def key(pair):
+        w, iv = pair
+        return abs(len(taylorseer_plan(steps, w, iv)) - budget), abs(w - warmup), -w, iv
+
+    return min(((w, iv) for w in range(1, max(budget, 2)) for iv in range(1, steps + 1)), key=key)
 
 
 # ------------------------------------------------------------------------------------------ sampling loop
@@ -212,7 +231,7 @@ def _magcache(model, steps, warmup, interval, calibrate, threshold: float = 0.06
 
 
 def _cachedit(model, steps, warmup, interval, calibrate, schedule: str = "plan", threshold: float = 0.08,
-              fn_blocks: int = 1, order: int | None = None) -> Disable:
+              fn_blocks: int = 1, order: int | None = None, plan: list[bool] | None = None) -> Disable:
     import cache_dit
 
     if schedule not in ("plan", "dynamic"):
@@ -222,8 +241,10 @@ def _cachedit(model, steps, warmup, interval, calibrate, schedule: str = "plan",
         Fn_compute_blocks=fn_blocks, Bn_compute_blocks=0, max_warmup_steps=warmup, residual_diff_threshold=threshold,
         max_continuous_cached_steps=max(interval - 1, 0), num_inference_steps=steps, enable_separate_cfg=False)
     if schedule == "plan":
-        config.update(steps_computation_mask=[int(f) for f in step_plan(steps, warmup, interval)],
-                      steps_computation_policy="static")
+        mask = step_plan(steps, warmup, interval) if plan is None else list(plan)
+        if len(mask) != steps or not mask[0]:
+            raise SvdExportError(f"plan must give {steps} steps, the first full; got {len(mask)}")
+        config.update(steps_computation_mask=[int(f) for f in mask], steps_computation_policy="static")
     calibrator = None
     if order is not None:
         _check_order(order)

@@ -1,22 +1,27 @@
-"""Outputs of `svdexport compare`: JSON, markdown tables, the image grid and the speed/quality frontier."""
+"""Outputs of `svdexport compare`: JSON, markdown tables per budget, the image grid and the two frontiers
+(PSNR against full steps, PSNR against measured speedup)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from svdexport.bench.stats import PSNR_CAP
 from svdexport.files import atomic_file
+from svdexport.media import MARK, json_text, png_info
 
-COLUMNS = ["method", "backend", "full_steps", "total_steps", "latency_s", "speedup", "psnr_db", "ssim",
-           "rel_l2", "class_acc", "temporal_psnr_db"]
+COLUMNS = ["method", "backend", "plan_kind", "full_steps", "latency_s", "speedup", "psnr_db", "psnr_worst_db",
+           "paired", "wins", "ssim", "rel_l2", "class_acc", "temporal_psnr_db", "settings"]
+HEADERS = {"plan_kind": "plan", "full_steps": "full steps", "latency_s": "latency s", "psnr_db": "PSNR mean",
+           "psnr_worst_db": "PSNR worst", "paired": "vs SVD-Cache (mean ± sd dB)", "wins": "SVD-Cache wins",
+           "class_acc": "class acc", "temporal_psnr_db": "temporal PSNR", "rel_l2": "rel L2", "ssim": "SSIM"}
 
 
 def to_json(result: dict) -> str:
-    return json.dumps({k: v for k, v in result.items() if k != "images"}, indent=2) + "\n"
+    return json_text({k: v for k, v in result.items() if k != "images"})
 
 
 def _fmt(v) -> str:
@@ -27,44 +32,85 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def table(rows: list[dict], interval: int | None = None) -> str:
-    rows = [r for r in rows if interval is None or r["interval"] in (interval, 1)]
+def _cell(r: dict, c: str) -> str:
+    if c == "full_steps":
+        lo, hi = r["full_steps_min"], r["full_steps_max"]
+        return str(lo) if lo == hi else f"{r['full_steps']:.2f} ({lo}-{hi})"
+    if c == "paired":
+        p = r["paired"]
+        return "-" if p is None else f"{p['diff_mean']:+.2f} ± {p['diff_std']:.2f}"
+    if c == "wins":
+        p = r["paired"]
+        return "-" if p is None else f"{p['reference_wins']}/{p['n']}"
+    if c == "settings":
+        # The numbers only (threshold, interval, gamma ...); the settings table below has everything.
+        return ", ".join(f"{k} {v}" for k, v in r["settings"].items()
+                         if isinstance(v, (int, float)) and k != "sweep_full_steps") or "-"
+    return _fmt(r.get(c))
+
+
+def table(rows: list[dict], budget: int | None = None) -> str:
+    """The rows at `budget` full steps (all rows if None), the reference first."""
+    rows = [r for r in rows if budget is None or r["budget"] == budget or r["reference"]]
     # Columns that apply: class accuracy for class-conditioned models, temporal PSNR for videos.
-    cols = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    cols = [c for c in COLUMNS if c in ("paired", "wins", "settings") or any(r.get(c) is not None for r in rows)]
+    lines = ["| " + " | ".join(HEADERS.get(c, c) for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+        lines.append("| " + " | ".join(_cell(r, c).replace("|", "/") for c in cols) + " |")
     return "\n".join(lines)
 
 
 def markdown(result: dict) -> str:
     c = result["config"]
-    ref = c.get("reference", "eager full compute")
+    seeds = c["seeds"]
+    seed_text = (f"seeds {seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[0] + len(seeds)))
+                 else "seeds " + ",".join(map(str, seeds)))
     out = [f"# svdexport compare: {c['model']} ({c['backend']} engine)", "",
-           f"{c['samples']} samples, {c['steps']} steps, warmup {c['cache']['warmup']}, granularity "
-           f"{c['cache']['granularity']}, tau {c['cache']['tau']}, k_max {c['cache']['k_max']}; machine: "
-           f"{result['machine']['platform']}, torch {result['machine']['torch']}, "
-           f"{result['machine']['threads']} threads. Speedup: {ref} latency / method latency, "
-           f"measured interleaved in one run. PSNR, SSIM: decoded samples against {ref}.", ""]
+           f"{c['samples']} samples ({seed_text}), {c['steps']} steps, budgets of {', '.join(map(str, c['budgets']))} "
+           f"full steps; engine: warmup {c['cache']['warmup']}, plan {c['cache']['plan']} (at {c['steps']} steps: "
+           f"{' '.join(map(str, c['engine_plan']))}), predictor {c['cache']['predictor']} order {c['cache']['order']}, "
+           f"gamma {c['cache']['gamma']}, granularity {c['cache']['granularity']}, tau {c['cache']['tau']}, k_max "
+           f"{c['cache']['k_max']}; machine: {result['machine']['platform']}, torch {result['machine']['torch']}, "
+           f"{result['machine']['threads']} threads.", "",
+           "Every method runs with the budget's number of full steps. Plan: where its full steps fall (calibrated: "
+           "the engine's plan of that budget; uniform: warmup, then every interval; own: the library's schedule "
+           "with warmup and interval set to the budget; threshold: the library decides per step, its threshold "
+           f"swept on seeds {', '.join(map(str, c['sweep_seeds']))} (not measured) to the budget, so its full steps "
+           "vary per sample: mean (range)). Speedup: eager full compute latency / method latency, measured "
+           "interleaved in one run. PSNR: decoded samples against eager full compute, mean and worst sample "
+           f"(capped at {PSNR_CAP:.0f} dB). Paired, per sample against {c['paired_against']} at the same budget: "
+           "mean ± standard deviation of (method - SVD-Cache), and the samples SVD-Cache wins.", ""]
     if c.get("peers_unavailable"):
         out += ["Peers not run: " + "; ".join(f"{k} ({v})" for k, v in c["peers_unavailable"].items()), ""]
-    for iv in c["intervals"]:
-        out += [f"## interval {iv}", "", table(result["rows"], iv), ""]
-    if len(c["intervals"]) > 1:
-        out += ["## frontier (PSNR dB / speedup per interval)", "", frontier_table(result), ""]
+    for b in c["budgets"]:
+        out += [f"## {b} of {c['steps']} full steps", "", table(result["rows"], b), ""]
+    if len(c["budgets"]) > 1:
+        out += ["## frontier (PSNR mean / worst dB @ speedup, per budget of full steps)", "", frontier_table(result), ""]
+    out += ["## settings per method", "", settings_table(result), ""]
     return "\n".join(out)
 
 
 def frontier_table(result: dict) -> str:
-    ivs = result["config"]["intervals"]
+    bs = result["config"]["budgets"]
     by = {}
     for r in result["rows"]:
-        if r["interval"] != 1:
-            by.setdefault(r["method"], {})[r["interval"]] = r
-    lines = ["| method | " + " | ".join(f"interval {i}" for i in ivs) + " |", "|---|" + "---|" * len(ivs)]
+        if not r["reference"]:
+            by.setdefault(r["method"], {})[r["budget"]] = r
+    lines = ["| method | " + " | ".join(f"{b} full steps" for b in bs) + " |", "|---|" + "---|" * len(bs)]
     for name, per in by.items():
-        cells = [f"{per[i]['psnr_db']:.1f} dB @ {per[i]['speedup']:.2f}x" if i in per else "-" for i in ivs]
+        cells = [f"{per[b]['psnr_db']:.1f} / {per[b]['psnr_worst_db']:.1f} dB @ {per[b]['speedup']:.2f}x"
+                 if b in per else "-" for b in bs]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def settings_table(result: dict) -> str:
+    """Per method and budget: its full steps (the static plan where it has one) and its settings."""
+    lines = ["| method | budget | full steps | settings |", "|---|---|---|---|"]
+    for r in result["rows"]:
+        plan = " ".join(map(str, r["plan"])) if r["plan"] is not None and not r["reference"] else _cell(r, "full_steps")
+        sets = "; ".join(f"{k} {v}" for k, v in r["settings"].items()) or "-"
+        lines.append(f"| {r['method']} | {r['budget']} | {plan} | {sets.replace('|', '/')} |")
     return "\n".join(lines)
 
 
@@ -76,16 +122,16 @@ def _tile(img: torch.Tensor, scale: int) -> np.ndarray:
     return np.kron(x, np.ones((scale, scale, 1), dtype=np.uint8))
 
 
-def grid(result: dict, path: Path, interval: int, max_samples: int = 16) -> None:
-    """Reference and every method at `interval`, one row each, the same samples in the columns."""
-    keys = ["reference"] + [f"{r['method']}@{r['interval']}" for r in result["rows"]
-                            if r["interval"] == interval and r["method"] != result["rows"][0]["method"]]
-    names = [f"{result['rows'][0]['method']} (reference)"] + [k.rsplit("@", 1)[0] for k in keys[1:]]
+def grid(result: dict, path: Path, budget: int, max_samples: int = 16) -> None:
+    """Reference and every method at `budget` full steps, one row each, the same samples in the columns."""
+    keys = ["reference"] + [f"{r['method']}@{r['budget']}" for r in result["rows"]
+                            if r["budget"] == budget and not r["reference"]]
+    names = ["eager full compute (reference)"] + [k.rsplit("@", 1)[0] for k in keys[1:]]
     first = result["images"]["reference"][0]
     scale = max(1, 48 // first.shape[-1])
     tile_h, tile_w = first.shape[-2] * scale, first.shape[-1] * scale
     n = min(max_samples, len(result["images"]["reference"]))
-    label_w, pad = 260, 2
+    label_w, pad = 300, 2
     canvas = Image.new("RGB", (label_w + n * (tile_w + pad), len(keys) * (tile_h + pad)), "white")
     draw = ImageDraw.Draw(canvas)
     for row, (key, name) in enumerate(zip(keys, names)):
@@ -94,7 +140,7 @@ def grid(result: dict, path: Path, interval: int, max_samples: int = 16) -> None
         for col, img in enumerate(result["images"][key][:n]):
             canvas.paste(Image.fromarray(_tile(img, scale)), (label_w + col * (tile_w + pad), y))
     with atomic_file(path) as tmp:
-        canvas.save(tmp, format="PNG")
+        canvas.save(tmp, format="PNG", pnginfo=png_info())
 
 
 def _figure(size: tuple[float, float]):
@@ -103,7 +149,9 @@ def _figure(size: tuple[float, float]):
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=size)
+    fig, ax = plt.subplots(figsize=size)
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # two dozen methods: 20 colours, then markers and line styles
+    return fig, ax
 
 
 def _save(fig, ax, path: Path) -> None:
@@ -111,64 +159,94 @@ def _save(fig, ax, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": MARK})  # marks the file as svdexport's
     plt.close(fig)
 
 
-def frontier_plot(result: dict, path: Path) -> None:
-    """Speed (x) against quality (PSNR, y) for every method across the swept intervals."""
-    by = {}
+def _lines(result: dict) -> dict[str, list[dict]]:
+    """Per method, its rows across the budgets (fewest full steps first)."""
+    by: dict[str, list[dict]] = {}
     for r in result["rows"]:
-        if r["interval"] != 1:
+        if not r["reference"]:
             by.setdefault(r["method"], []).append(r)
-    fig, ax = _figure((9, 6))
-    for name, rows in by.items():
-        rows = sorted(rows, key=lambda r: r["interval"])
-        style = "-o" if name.startswith("SVD-Cache") else "--s"
-        ax.plot([r["speedup"] for r in rows], [r["psnr_db"] for r in rows], style, label=name, linewidth=2 if "engine" in name else 1)
-        for r in rows:
-            ax.annotate(str(r["interval"]), (r["speedup"], r["psnr_db"]), fontsize=6, alpha=0.6)
+    return {name: sorted(rows, key=lambda r: r["budget"]) for name, rows in by.items()}
+
+
+def _style(name: str, plan_kind: str) -> dict:
+    svd = name.startswith("SVD-Cache")
+    marker = {"calibrated": "o", "uniform": "s", "own": "^", "threshold": "v"}.get(plan_kind, "D")
+    engine = "(engine)" in name
+    return {"marker": marker, "linestyle": "-" if svd else "--", "linewidth": 2.5 if engine else 1,
+            "markersize": 5, "zorder": 3 if engine else 2}  # the engine's lines on top
+
+
+def frontier_plot(result: dict, path: Path, x: str = "speedup") -> None:
+    """Quality (mean PSNR, y) of every method across the budgets against `x`: "speedup" (measured wall time
+    against eager full compute, same run) or "full_steps" (compute: mean full steps per sample)."""
+    fig, ax = _figure((10, 6.5))
+    for name, rows in _lines(result).items():
+        xs = [r[x] for r in rows]
+        ax.plot(xs, [r["psnr_db"] for r in rows], label=name, **_style(name, rows[0]["plan_kind"]))
+        if x == "full_steps":
+            for r in rows:
+                if r["full_steps_min"] != r["full_steps_max"]:  # threshold peers: the per-sample range
+                    ax.plot([r["full_steps_min"], r["full_steps_max"]], [r["psnr_db"]] * 2, "-", alpha=0.3,
+                            color=ax.lines[-1].get_color())
     c = result["config"]
-    ax.set_xlabel("speedup vs eager full compute (wall time, same run)")
-    ax.set_ylabel("PSNR vs full compute (dB)")
-    ax.set_title(f"{c['model']}: {c['samples']} samples, {c['steps']} steps, intervals {c['intervals']}")
+    if x == "full_steps":
+        ax.set_xlabel(f"full steps of {c['steps']} (compute; threshold peers: mean, bar = per-sample range)")
+    else:
+        ax.set_xlabel("speedup vs eager full compute (wall time, same run)")
+    ax.set_ylabel("PSNR vs full compute (dB), mean over samples")
+    ax.set_title(f"{c['model']}: {c['samples']} samples, {c['steps']} steps, budgets {c['budgets']} full steps",
+                 fontsize=9)
     _save(fig, ax, path)
 
 
-def temporal_plot(result: dict, path: Path, interval: int) -> None:
-    """Videos: PSNR between consecutive frames along the video, per method at `interval`, against the
-    reference (eager full compute, black). Lower than the reference means flicker."""
+def temporal_plot(result: dict, path: Path, budget: int) -> None:
+    """Videos: PSNR between consecutive frames along the video, per method at `budget` full steps, against
+    the reference (eager full compute, black). Lower than the reference means flicker."""
     curves = result["temporal"]
-    fig, ax = _figure((9, 5))
+    fig, ax = _figure((10, 5))
     ref = curves["reference"]
     ax.plot(range(1, len(ref) + 1), ref, "k-", linewidth=3, label="eager full compute (reference)")
     for key, curve in curves.items():
-        name, _, iv = key.rpartition("@")
-        if key != "reference" and iv == str(interval):
+        name, _, b = key.rpartition("@")
+        if key != "reference" and b == str(budget):
             ax.plot(range(1, len(curve) + 1), curve, "-o" if name.startswith("SVD-Cache") else "--",
                     label=name, linewidth=2 if "engine" in name else 1, markersize=3)
     ax.set_xticks(range(1, len(ref) + 1))
     ax.set_xlabel("latent frame pair (f, f + 1)")
     ax.set_ylabel("PSNR between consecutive frames (dB)")
-    ax.set_title(f"{result['config']['model']}: temporal consistency at interval {interval}")
+    ax.set_title(f"{result['config']['model']}: temporal consistency at {budget} full steps")
     _save(fig, ax, path)
+
+
+def main_budget(result: dict) -> int:
+    """The budget the grid and the temporal plot show: the engine's own plan's count when compared, else
+    the nearest."""
+    own = len(result["config"]["engine_plan"])
+    return min(result["config"]["budgets"], key=lambda b: (abs(b - own), b))
 
 
 def write_docs(result: dict, path: Path, command: str) -> None:
     """docs/benchmarks.md with its plots beside it; generated, not hand-edited."""
     path = Path(path)
     frontier_png, grid_png = path.with_name(path.stem + "_frontier.png"), path.with_name(path.stem + "_grid.png")
-    iv = 7 if 7 in result["config"]["intervals"] else result["config"]["intervals"][0]
-    frontier_plot(result, frontier_png)
-    grid(result, grid_png, iv)
+    compute_png = path.with_name(path.stem + "_compute.png")
+    b = main_budget(result)
+    frontier_plot(result, compute_png, "full_steps")
+    frontier_plot(result, frontier_png, "speedup")
+    grid(result, grid_png, b)
     text = (f"<!-- generated by: {command} -->\n" + markdown(result)
-            + f"\n![frontier]({frontier_png.name})\n\n![samples at interval {iv}]({grid_png.name})\n")
+            + f"\n![PSNR against full steps]({compute_png.name})\n\n![PSNR against speedup]({frontier_png.name})\n"
+            f"\n![samples at {b} full steps]({grid_png.name})\n")
     if result["temporal"]:
         temporal_png = path.with_name(path.stem + "_temporal.png")
-        temporal_plot(result, temporal_png, iv)
-        text += f"\n![temporal consistency at interval {iv}]({temporal_png.name})\n"
+        temporal_plot(result, temporal_png, b)
+        text += f"\n![temporal consistency at {b} full steps]({temporal_png.name})\n"
     with atomic_file(path) as tmp:
         tmp.write_text(text)

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -16,17 +17,20 @@ import torch
 from safetensors.torch import save_file
 
 from svdexport.build import memory, precision
-from svdexport.build.calibrate import CalibrationSettings, calibrate
+from svdexport.build.calibrate import CalibrationSettings, calibrate, plan_statistics
+from svdexport.cache import plan as plans
 from svdexport.cache.config import CacheConfig
 from svdexport.cache.svd import Bases
 from svdexport.errors import SvdExportError
 from svdexport.export import GraphExport, GraphSpec, backend, export_programs
-from svdexport.files import atomic_dir, atomic_file, check_replaceable
+from svdexport.files import atomic_dir, atomic_file
 from svdexport.models import family
+from svdexport.outputs import check_dir, check_file, output_lock
 from svdexport.models.family import Family, Sampling, Shapes
 from svdexport.models.weights import WeightsInfo, load_table, read_prompts
 from svdexport.runtime import manifest as mf
-from svdexport.runtime.manifest import BASES_FILE, TABLE_FILE, ConditioningKind
+from svdexport.runtime.manifest import BASES_FILE, PLAN_STATS_FILE, TABLE_FILE, ConditioningKind
+from svdexport.runtime.plans import SEARCH_ORDER, schedule_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -44,6 +48,7 @@ class BuildOptions:
     calib_steps: int | None = None  # sampling steps per calibration input; None = the model's default steps
     calibration_prompts: str | None = None  # prompt file for models with text encoders; None = built-in list
     check_memory: bool = True  # refuse a build whose estimated peak memory exceeds what is available
+    force: bool = False  # replace an output that svdexport did not write
     dtype_reason: str = ""  # why this dtype (set by prepare: "auto: this CPU has AVX512-BF16 ...")
 
     def validate(self) -> "BuildOptions":
@@ -129,14 +134,32 @@ def run_calibration(p: Prepared, opts: BuildOptions, progress: bool) -> Bases:
                      lambda seed: p.inputs(seed, opts), settings, progress=progress)
 
 
+def calibrate_plan(p: Prepared, opts: BuildOptions, bases: Bases,
+                   progress: bool) -> tuple[plans.PlanStats, mf.PlanRecord]:
+    """The plan statistics of the calibration trajectories and the calibrated plan of the build's step
+    count, with as many full steps as `--full-steps` or the uniform plan of warmup and interval."""
+    settings = CalibrationSettings(opts.calib_samples, opts.calib_steps, opts.cache.tau, opts.cache.k_max)
+    stats = plan_statistics(p.full, p.cached, p.sampling, p.shapes, bases.vectors.to(opts.device),
+                            lambda seed: p.inputs(seed, opts), settings, progress=progress)
+    c, steps = opts.cache, opts.calib_steps
+    uniform = plans.uniform_plan(steps, c.warmup, c.interval)
+    budget = min(c.full_steps or len(uniform), steps)
+    weights, order = schedule_weights(p.sampling, p.shapes, steps), SEARCH_ORDER[c.predictor]
+    found = plans.search(stats, budget, order, c.gamma, weights)
+    uniform_cost = plans.plan_cost(stats, uniform, order, c.gamma, weights) if len(uniform) == budget else None
+    return stats, mf.PlanRecord(steps, found.full_steps, found.cost, uniform_cost, c.gamma, order)
+
+
 def calibrate_to_file(opts: BuildOptions, out: Path, progress: bool = True) -> Bases:
     """`svdexport calibrate`: only the bases file, written atomically."""
     out = Path(out)
     if out.suffix != ".safetensors":
         raise SvdExportError(f"--out must end in .safetensors, got {out}")
-    bases = run_calibration(prepare(opts), opts, progress)
-    with atomic_file(out) as tmp:
-        bases.save(tmp)
+    check_file(out, "--out", opts.force)  # before the work, not after it
+    with output_lock(out):
+        bases = run_calibration(prepare(opts), opts, progress)
+        with atomic_file(out) as tmp:
+            bases.save(tmp)
     return bases
 
 
@@ -192,25 +215,38 @@ def _describe(graphs: dict[str, GraphExport]) -> dict[str, GraphSpec]:
 def build(opts: BuildOptions, out: Path, graphs_dir: Path | None = None,
           progress: bool = True) -> tuple[mf.Manifest, bool]:
     """Builds an engine folder at `out` (replaced only when the whole build succeeded); returns its manifest
-    and whether an engine already at `out` with the same build key was reused instead."""
-    start = time.perf_counter()
+    and whether an engine already at `out` with the same build key was reused instead.
+
+    Both output folders are checked before the work and locked during it (a second build into the same
+    folder is refused), and what killed builds left beside them is removed."""
     out = Path(out)
     graphs_dir = Path(graphs_dir) if graphs_dir else Path("graphs") / out.name
     be = backend(opts.backend)
     be.check()
-    check_replaceable(out)  # before the long work, not after it
+    check_dir(out, "--out", opts.force)  # before the long work, not after it
+    if be.needs_export:
+        check_dir(graphs_dir, "--graphs", opts.force, engine_ok=False)
+        if Path(os.path.abspath(graphs_dir)) == Path(os.path.abspath(out)):
+            raise SvdExportError(f"--graphs and --out are the same folder {out}")
+    with output_lock(out), (output_lock(graphs_dir) if be.needs_export else contextlib.nullcontext()):
+        return _build(opts, out, graphs_dir, progress, be)
+
+
+def _build(opts: BuildOptions, out: Path, graphs_dir: Path, progress: bool, be) -> tuple[mf.Manifest, bool]:
+    start = time.perf_counter()
     p = prepare(opts)
     key = build_key(p, opts)
     if (manifest := existing(out, key)) is not None:
         return manifest, True
-    if be.needs_export:
-        check_replaceable(graphs_dir)
     bases = run_calibration(p, opts, progress)
+    stats, plan = calibrate_plan(p, opts, bases, progress) if opts.cache.plan == "calibrated" else (None, None)
     example = p.inputs(0, opts)
     graphs = graph_exports(p, bases, example, opts)
-    graphs_ctx = atomic_dir(graphs_dir) if be.needs_export else contextlib.nullcontext(None)
-    with atomic_dir(out) as tmp, graphs_ctx as gtmp:
+    graphs_ctx = atomic_dir(graphs_dir, opts.force) if be.needs_export else contextlib.nullcontext(None)
+    with atomic_dir(out, opts.force) as tmp, graphs_ctx as gtmp:
         bases.save(tmp / BASES_FILE)
+        if stats is not None:
+            plans.save_stats(stats, tmp / PLAN_STATS_FILE)
         conditioning = mf.Conditioning(ConditioningKind.SYNTHETIC)
         if p.prompts is not None:  # the pipeline's text encoders make the conditioning at run time
             conditioning = mf.Conditioning(ConditioningKind.PIPELINE, calibration_prompts=p.prompts)
@@ -245,5 +281,6 @@ def build(opts: BuildOptions, out: Path, graphs_dir: Path | None = None,
             build_seconds=round(time.perf_counter() - start, 1),
             sampler=p.sampling.config,
             graphs=_describe(graphs),
+            plans=[plan] if plan is not None else [],
         )
         return mf.write(tmp, manifest), False

@@ -1,4 +1,5 @@
-"""Calibration: full-compute sampling on reference inputs, then the bases from the accumulated Gram."""
+"""Calibration: full-compute sampling on reference inputs, then the bases from the accumulated Gram, and
+the step plan from the cross-step inner products of the same trajectories (a second pass, with the bases)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from svdexport.cache import plan as plans
 from svdexport.cache.config import CacheConfig
-from svdexport.cache.svd import Bases, GramAccumulator
+from svdexport.cache.svd import Bases, GramAccumulator, reconstruct
 from svdexport.models.family import Sampling, Shapes
 from svdexport.runtime.scheduler import CachedSampler, Graph
 
@@ -45,3 +47,31 @@ def calibrate(full: Graph, cached: Graph, sampling: Sampling, shapes: Shapes, si
 
             loop.generate(make_inputs(CALIBRATION_SEED + i), steps, on_full_step=on_full_step)
     return Bases.from_gram(acc, sites, settings.tau, settings.k_max, settings.num_inputs)
+
+
+# Above this many numbers per site and batch row (tokens x hidden), trajectories are count-sketched to
+# SKETCH buckets: 2 x steps x SKETCH floats per site instead of the features (20 GB at FLUX.1's size).
+EXACT_LIMIT, SKETCH = 1 << 17, 1 << 14
+
+
+def plan_statistics(full: Graph, cached: Graph, sampling: Sampling, shapes: Shapes, bases: torch.Tensor,
+                    make_inputs: Callable[[int], dict[str, torch.Tensor]], settings: CalibrationSettings,
+                    progress: bool = True) -> plans.PlanStats:
+    """Inner products of the site features across the steps of the calibration trajectories (the same
+    seeds as the bases), split with the bases: what the plan search needs, O(sites x steps^2) numbers."""
+    steps = settings.steps
+    loop = CachedSampler(full, cached, bases, CacheConfig(warmup=steps, interval=1), sampling, shapes)
+    acc: plans.PlanAccumulator | None = None
+    with tqdm(total=settings.num_inputs * steps, desc="planning", unit="step", disable=not progress) as bar:
+        for i in range(settings.num_inputs):
+            def on_full_step(step: int, coeffs: torch.Tensor, residuals: torch.Tensor) -> None:
+                nonlocal acc
+                features = reconstruct(coeffs, residuals, bases.to(coeffs))
+                if acc is None:
+                    size = features.shape[2] * features.shape[3]
+                    acc = plans.PlanAccumulator(steps, bases, sketch=None if size <= EXACT_LIMIT else SKETCH)
+                acc.add(step, features)
+                bar.update()
+
+            loop.generate(make_inputs(CALIBRATION_SEED + i), steps, on_full_step=on_full_step)
+    return acc.stats()

@@ -8,6 +8,7 @@ from svdexport.cache.predictors import PREDICTORS
 from svdexport.errors import SvdExportError
 
 GRANULARITIES = ("block", "final")
+PLANS = ("calibrated", "uniform")
 
 
 @dataclass
@@ -20,6 +21,11 @@ class CacheConfig:
     k_max: int = 64  # cap on the rank per site; bases are zero-padded to this many columns
     warmup: int | None = 3  # first steps that are always full (None: the model's default)
     interval: int | None = 7  # after warmup, one full step every `interval` steps (None: the model's default)
+    # Which steps run in full: "calibrated" (chosen at build to minimise the forecast error on the calibration
+    # trajectories, see cache/plan.py) or "uniform" (warmup, then every `interval`). Either way a static list.
+    plan: str = "calibrated"
+    full_steps: int | None = None  # full steps of a calibrated plan (None: as many as the uniform plan has)
+    gamma: float = 1.0  # residual forecast: Taylor step of the residual damped by gamma (0: reuse it, as the paper)
 
     def validate(self) -> "CacheConfig":
         if self.granularity not in GRANULARITIES:
@@ -37,6 +43,12 @@ class CacheConfig:
             raise SvdExportError(f"interval must be >= 1, got {self.interval}")
         if self.warmup is not None and self.warmup < 0:
             raise SvdExportError(f"warmup must be >= 0, got {self.warmup}")
+        if self.plan not in PLANS:
+            raise SvdExportError(f"unknown plan {self.plan!r} (choose from {', '.join(PLANS)})")
+        if self.full_steps is not None and self.full_steps < 1:
+            raise SvdExportError(f"full_steps must be >= 1, got {self.full_steps}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise SvdExportError(f"gamma must be in [0, 1], got {self.gamma}")
         if self.k_max < 1:
             raise SvdExportError(f"k_max must be >= 1, got {self.k_max}")
         return self

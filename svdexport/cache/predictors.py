@@ -127,3 +127,38 @@ def make_predictor(name: str, beta: float = 0.9, order: int = 1) -> Predictor:
     predictor = PREDICTORS[name](beta, order)
     predictor.reset()
     return predictor
+
+
+def damped_taylor(last: torch.Tensor, last_step: int, prev: torch.Tensor | None, prev_step: int | None,
+                  step: int, gamma: float) -> torch.Tensor:
+    """R^ = R_j + gamma (i - j) (R_j - R_k) / (j - k): an order-1 Taylor step shrunk by gamma.
+
+    gamma = 0 (or no earlier full step) returns `last` itself, so it equals residual reuse exactly. The
+    branch is on a Python float fixed per request, never on tensor values.
+    """
+    if gamma == 0.0 or prev is None:
+        return last
+    return last + (gamma * (step - last_step) / (last_step - prev_step)) * (last - prev)
+
+
+class ResidualForecast:
+    """The residual R on cached steps: damped Taylor from the last two full steps (gamma 0: reuse).
+
+    The cached-step graph takes the residuals as an input, so this only changes that tensor per step.
+    """
+
+    def __init__(self, gamma: float):
+        self.gamma = gamma
+        self.reset()
+
+    def reset(self) -> None:
+        self.last: torch.Tensor | None = None
+        self.prev: torch.Tensor | None = None
+        self.last_step, self.prev_step = 0, None
+
+    def update(self, step: int, residuals: torch.Tensor) -> None:
+        self.prev, self.prev_step = self.last, (self.last_step if self.last is not None else None)
+        self.last, self.last_step = residuals, step
+
+    def predict(self, step: int) -> torch.Tensor:
+        return damped_taylor(self.last, self.last_step, self.prev, self.prev_step, step, self.gamma)

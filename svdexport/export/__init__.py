@@ -9,13 +9,14 @@ nothing of model families or manifests: what it needs of an engine comes in a `L
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from svdexport.errors import SvdExportError
+from svdexport.quiet import quiet
 
 BACKENDS = ("eager", "inductor", "aoti", "onnx", "tensorrt")
 GRAPHS = ("full", "cached")
@@ -40,6 +41,19 @@ class LoadSpec:
     dtype: str  # the engine's precision ("float32", "bfloat16", ...)
     device: str  # "cpu" or "cuda"
     eager_graphs: Callable[[], tuple] | None = None  # builds the eager graphs from the weights (eager backend)
+    # An engine file by its manifest-listed name (backend_options names them), confined to the engine folder;
+    # backends open nothing else. None only for engines assembled in memory.
+    resolve: Callable[[str], Path] | None = None
+    options: dict = field(default_factory=dict)  # the backend's own record from build (its file names)
+
+    def file(self, kind: str, graph: str, engine_dir: Path) -> Path:
+        """The file of `graph` that backend_options[kind] names, through the manifest's resolver."""
+        names = self.options.get(kind)
+        if not isinstance(names, dict) or not isinstance(names.get(graph), str):
+            raise SvdExportError(f"the engine's manifest names no {kind} file for the {graph} graph")
+        if self.resolve is None:
+            return engine_dir / names[graph]
+        return self.resolve(names[graph])
 
 
 @dataclass
@@ -57,8 +71,14 @@ class GraphExport:
 class CompiledGraph:
     """Adapts a compiled callable to the eager graphs' convention: a tuple for several outputs, else a tensor."""
 
+    scratch = None  # a files.Scratch the loader extracted into (AOTInductor), removed by close()
+
     def __init__(self, fn: Callable, input_names: list[str], output_names: list[str]):
         self.fn, self.input_names, self.output_names = fn, list(input_names), list(output_names)
+
+    def close(self) -> None:
+        if self.scratch is not None:
+            self.scratch.remove()
 
     def __call__(self, *inputs: torch.Tensor):
         out = self.fn(*inputs)
@@ -95,6 +115,18 @@ class Backend:
         raise NotImplementedError
 
 
+def open_engine_file(path: Path, what: str, opener: Callable[[], object]):
+    """`opener()`, with whatever a damaged file makes the loader raise turned into one line naming the file
+    (its hash matched the manifest, so the file was written that way: rebuild or re-copy the engine)."""
+    try:
+        return opener()
+    except SvdExportError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SvdExportError(f"cannot load {path} as {what}: {first}") from None
+
+
 def backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise SvdExportError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
@@ -113,11 +145,13 @@ def export_programs(graphs: dict[str, GraphExport], graphs_dir: Path) -> None:
     graphs_dir.mkdir(parents=True, exist_ok=True)
     for name, g in graphs.items():
         try:
-            g.program = torch.export.export(g.module, g.args, strict=False)
+            with quiet():  # the exporter's warnings; --verbose shows them
+                g.program = torch.export.export(g.module, g.args, strict=False)
         except Exception as e:  # an exporter failure is a design bug; name the graph that hit it
             raise SvdExportError(f"torch.export failed on the {name} graph: {str(e).splitlines()[0]}") from e
         g.program_path = graphs_dir / f"{name}.pt2"
-        torch.export.save(g.program, g.program_path)
+        with quiet():
+            torch.export.save(g.program, g.program_path)
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

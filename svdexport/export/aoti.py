@@ -1,11 +1,19 @@
-"""AOTInductor: torch.export programs compiled ahead of time into .pt2 packages (CPU or CUDA)."""
+"""AOTInductor: torch.export programs compiled ahead of time into .pt2 packages (CPU or CUDA).
+
+Loading a package extracts its shared library (and, on CUDA, its kernels) into a temporary folder. torch
+picks the system temporary folder and leaves it there, so each load is pointed at a `files.Scratch`
+folder of its own, removed when the engine is closed, garbage-collected or the process exits (and, for a
+killed process, by the next load).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from svdexport.errors import SvdExportError
-from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, compiled_pair
+from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, compiled_pair, open_engine_file
+from svdexport.files import Scratch
+from svdexport.quiet import quiet
 
 
 class AotiBackend(Backend):
@@ -17,7 +25,8 @@ class AotiBackend(Backend):
 
         for name in GRAPHS:
             try:
-                aoti_compile_and_package(graphs[name].program, package_path=str(engine_dir / f"{name}.aoti.pt2"))
+                with quiet():  # the C++ compiler's and Inductor's warnings; --verbose shows them
+                    aoti_compile_and_package(graphs[name].program, package_path=str(engine_dir / f"{name}.aoti.pt2"))
             except Exception as e:
                 raise SvdExportError(f"AOTInductor failed on the {name} graph: {str(e).splitlines()[0]}") from e
         return {"packages": {n: f"{n}.aoti.pt2" for n in GRAPHS}}
@@ -25,7 +34,17 @@ class AotiBackend(Backend):
     def load(self, engine_dir: Path, spec: LoadSpec):
         from torch._inductor import aoti_load_package
 
-        return compiled_pair(spec, lambda n: aoti_load_package(str(engine_dir / f"{n}.aoti.pt2")))
+        scratch = Scratch("aoti")
+
+        def one(name: str):
+            path = spec.file("packages", name, engine_dir)
+            with scratch.as_tmpdir():
+                return open_engine_file(path, "an AOTInductor package", lambda: aoti_load_package(str(path)))
+
+        pair = compiled_pair(spec, one)
+        for graph in pair:
+            graph.scratch = scratch  # lives as long as either graph; Engine.close removes it at once
+        return pair
 
 
 BACKEND = AotiBackend()

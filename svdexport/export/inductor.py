@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, compiled_pair, link_or_copy
+from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, compiled_pair, link_or_copy, open_engine_file
 
 
 class InductorBackend(Backend):
@@ -25,7 +25,8 @@ class InductorBackend(Backend):
 
     def load(self, engine_dir: Path, spec: LoadSpec):
         def compile_one(name: str):
-            program = torch.export.load(str(engine_dir / f"{name}.pt2"))
+            path = spec.file("programs", name, engine_dir)
+            program = open_engine_file(path, "a torch.export program", lambda: torch.export.load(str(path)))
             compiled = torch.compile(program.module(), dynamic=False, fullgraph=True)
             # Compile now, at load, so that the first generation is not charged with it.
             g = spec.graphs[name]

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from svdexport.errors import SvdExportError
-from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, compiled_pair
+from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, compiled_pair, open_engine_file
 
 
 # TensorRT's timing cache (the measured speed of each kernel tactic) lives in the engine folder, is listed in
@@ -55,7 +55,8 @@ class TensorRTBackend(Backend):
         import torch_tensorrt  # noqa: F401  (registers the TensorRT runtime ops the programs call)
 
         def one(name: str):
-            module = torch.export.load(str(engine_dir / f"{name}.trt.pt2")).module()
+            path = spec.file("programs", name, engine_dir)
+            module = open_engine_file(path, "a TensorRT program", lambda: torch.export.load(str(path)).module())
             return lambda *args: module(*(a.cuda() for a in args))
 
         return compiled_pair(spec, one)

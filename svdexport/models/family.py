@@ -99,6 +99,8 @@ class PromptEncoder(ABC):
     """Ability: text encoders in the weights folder (calibration on prompts, `run --prompt`, `apply`)."""
 
     pipeline_class: ClassVar[str]  # the diffusers pipeline class name that owns the encoders
+    batched: ClassVar[tuple[str, ...]]  # graph inputs with a leading batch axis (padded to the engine's batch)
+    default_guidance: ClassVar[float]  # the pipeline's guidance_scale when the user gives none
 
     @abstractmethod
     def available(self, info: "WeightsInfo") -> bool:
@@ -114,6 +116,12 @@ class PromptEncoder(ABC):
         """Graph inputs from the keyword arguments the pipeline passes its transformer (`memo` persists
         across the steps of one call)."""
 
+    @abstractmethod
+    def generate(self, pipe, prompts: list[str], shapes: Shapes, steps: int, guidance_scale: float,
+                 generator: torch.Generator) -> list:
+        """Calls the pipeline on `prompts` at the build shapes: per prompt a PIL image, or a video's PIL frames
+        (families with `is_video`)."""
+
 
 class Family(ABC):
     """One DiT family. Subclasses set the class attributes and implement the abstract methods."""
@@ -122,6 +130,7 @@ class Family(ABC):
     class_name: ClassVar[str]  # the diffusers transformer class
     shapes_type: ClassVar[type[Shapes]] = Shapes  # build-shape dataclass
     default_weights: ClassVar[str]  # what --weights means when not given ("bundled:NAME")
+    bundled: ClassVar[dict] = {}  # bundled:NAME -> what the package ships for it (listed by --help)
     pipeline_parts: ClassVar[tuple[str, ...]] = ()  # pipeline folders recorded beside the transformer
     prompts: PromptEncoder | None = None  # ability: text encoders (None: synthetic or class conditioning)
     is_video: ClassVar[bool] = False  # ability: outputs are videos (`video_frames`)

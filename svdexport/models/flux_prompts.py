@@ -7,7 +7,7 @@ import torch
 from tqdm import tqdm
 
 from svdexport.errors import SvdExportError
-from svdexport.models.family import PromptEncoder
+from svdexport.models.family import PromptEncoder, Shapes
 from svdexport.models.weights import WeightsInfo, from_pretrained
 
 TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
@@ -15,6 +15,8 @@ TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 class FluxPrompts(PromptEncoder):
     pipeline_class = "FluxPipeline"
+    batched = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
+    default_guidance = 3.5  # FLUX.1-dev's distilled guidance
 
     def __init__(self, rotary):
         self.rotary = rotary  # (config, txt_ids, img_ids) -> (cos, sin), the family's rotary table
@@ -51,3 +53,9 @@ class FluxPrompts(PromptEncoder):
                 raise SvdExportError("this engine's model is guidance-distilled (FLUX.1-dev) and needs a guidance scale")
             inputs["guidance"] = kwargs["guidance"].float()
         return inputs
+
+    def generate(self, pipe, prompts: list[str], shapes: Shapes, steps: int, guidance_scale: float,
+                 generator: torch.Generator) -> list:
+        """The decoded images (PIL), one per prompt."""
+        return pipe(prompt=prompts, height=shapes.height, width=shapes.width, num_inference_steps=steps,
+                    guidance_scale=guidance_scale, max_sequence_length=shapes.text_len, generator=generator).images

@@ -20,6 +20,7 @@ from torch import nn
 from svdexport.errors import SvdExportError
 from svdexport.models import mmdit, preview
 from svdexport.models.family import RunDefaults, Sampling, Shapes
+from svdexport.models.hunyuanvideo_prompts import HunyuanVideoPrompts
 from svdexport.models.mmdit import SiteRecorder, rebuilt, split_sites
 from svdexport.models.weights import WeightsInfo
 
@@ -134,22 +135,37 @@ def unpatchify(tokens: torch.Tensor, latent_shape) -> torch.Tensor:
 def example_inputs(config: dict, shapes: Shapes, seed: int, guidance_scale: float = 6.0,
                    dtype: torch.dtype = torch.float32, table: dict | None = None,
                    labels: list[int] | None = None) -> dict[str, torch.Tensor]:
-    """Seeded noise latents and synthetic conditioning of the model's widths. The text mask marks the
-    first three quarters of the tokens valid, so the padded-prompt path of the real model is exercised."""
-    if labels is not None:
-        raise SvdExportError("HunyuanVideo models are not class-conditioned; they take no labels")
+    """Seeded noise latents and conditioning of the model's widths.
+
+    With a table (the bundled digits model's class table, or prompts encoded by the pipeline's text
+    encoders) the conditioning is its rows for `labels` (default: rows seed, seed+1, ... modulo the number
+    of rows), text masks included. Otherwise it is synthetic, with a text mask that marks the first three
+    quarters of the tokens valid, so the padded-prompt path of the real model is exercised."""
     g = torch.Generator().manual_seed(seed)
     b, (f, h, w) = shapes.batch, shapes.latent
-    valid = max(1, (3 * shapes.text_len) // 4)
-    inputs = {
-        "hidden_states": torch.randn(b, config["in_channels"], f, h, w, generator=g),
-        "encoder_hidden_states": torch.randn(b, shapes.text_len, config["text_embed_dim"], generator=g),
-        "pooled_projections": torch.randn(b, config["pooled_projection_dim"], generator=g),
-    }
-    inputs = {k: v.to(dtype) for k, v in inputs.items()}
-    mask = torch.zeros(b, shapes.text_len, dtype=torch.int64)
-    mask[:, :valid] = 1
-    inputs["encoder_attention_mask"] = mask
+    latents = torch.randn(b, config["in_channels"], f, h, w, generator=g)
+    if table is not None:
+        rows = table["pooled_projections"].shape[0]
+        labels = [(seed + i) % rows for i in range(b)] if labels is None else list(labels)
+        if len(labels) != b or not all(0 <= y < rows for y in labels):
+            raise SvdExportError(f"labels must be {b} class indices in [0, {rows}), got {labels}")
+        inputs = {"hidden_states": latents, "encoder_hidden_states": table["encoder_hidden_states"][labels],
+                  "pooled_projections": table["pooled_projections"][labels]}
+        inputs = {k: v.to(dtype) for k, v in inputs.items()}
+        inputs["encoder_attention_mask"] = table["encoder_attention_mask"][labels].to(torch.int64)
+    else:
+        if labels is not None:
+            raise SvdExportError("HunyuanVideo models are not class-conditioned; they take no labels")
+        valid = max(1, (3 * shapes.text_len) // 4)
+        inputs = {
+            "hidden_states": latents,
+            "encoder_hidden_states": torch.randn(b, shapes.text_len, config["text_embed_dim"], generator=g),
+            "pooled_projections": torch.randn(b, config["pooled_projection_dim"], generator=g),
+        }
+        inputs = {k: v.to(dtype) for k, v in inputs.items()}
+        mask = torch.zeros(b, shapes.text_len, dtype=torch.int64)
+        mask[:, :valid] = 1
+        inputs["encoder_attention_mask"] = mask
     if config.get("guidance_embeds"):
         # HunyuanVideoPipeline passes the guidance scale times 1000.
         inputs["guidance"] = torch.full((b,), guidance_scale * 1000.0, dtype=dtype)
@@ -164,12 +180,13 @@ class HunyuanVideoFamily(mmdit.MMDiTFamily):
     class_name = "HunyuanVideoTransformer3DModel"
     shapes_type = VideoShapes
     # "random": the architecture at hidden 128, 2 + 2 blocks, seeded random weights (9 frames of 128x128).
-    bundled = {"random": BUNDLED_DIR / "hunyuanvideo_tiny.json"}
+    # "digits": the same size, 1 channel, trained on moving digits (scripts/train_reference_video.py).
+    bundled = {"random": BUNDLED_DIR / "hunyuanvideo_tiny.json", "digits": BUNDLED_DIR / "hunyuanvideo_digits"}
     default_weights = "bundled:random"
     pipeline_parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
     default_sampler = SAMPLER_CONFIG
     is_video = True
-    # prompts: None. Its Llama prompt encoding is not wired in yet: synthetic conditioning.
+    prompts = HunyuanVideoPrompts()  # Llama + CLIP through HunyuanVideoPipeline (hunyuanvideo_prompts.py)
 
     def load(self, info: WeightsInfo, dtype: torch.dtype) -> nn.Module:
         model = super().load(info, dtype)

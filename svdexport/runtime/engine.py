@@ -14,9 +14,14 @@ from svdexport.export import backend
 from svdexport.models import family
 from svdexport.models.weights import load_table
 from svdexport.runtime import manifest as manifest_io
+from svdexport.cache.plan import load_stats
 from svdexport.runtime import static
-from svdexport.runtime.manifest import BASES_FILE, ConditioningKind, Manifest
+from svdexport.runtime.manifest import BASES_FILE, PLAN_STATS_FILE, ConditioningKind, Manifest
+from svdexport.runtime.plans import RequestPlan, plan_for, schedule_weights
 from svdexport.runtime.scheduler import CachedSampler, Generation, StepCache
+
+# Run-time overrides of the engine's cache settings: the plan and the forecast, never the bases.
+OVERRIDES = {"interval", "warmup", "predictor", "beta", "order", "plan", "full_steps", "gamma"}
 
 
 class Engine:
@@ -35,10 +40,13 @@ class Engine:
         cond = manifest.model.conditioning
         self.conditioning = cond.kind
         self.labels = cond.labels  # class names when the model is class-conditioned, else None
-        self.table = load_table(folder / cond.file) if cond.kind is ConditioningKind.CLASS_TABLE else None
+        self.table = load_table(manifest.path(folder, cond.file)) if cond.kind is ConditioningKind.CLASS_TABLE else None
         self.sampling = self.family.sampling(manifest.sampler)
         self.sampler = CachedSampler(full, cached, bases.vectors.to(self.device), self.cache, self.sampling,
                                      self.shapes)
+        stats_file = folder / PLAN_STATS_FILE
+        self.plan_stats = load_stats(stats_file) if PLAN_STATS_FILE in manifest.files else None
+        self._weights: dict[int, object] = {}
 
     def example_inputs(self, seed: int = 0, labels: list[int] | None = None) -> dict[str, torch.Tensor]:
         """Seeded noise and conditioning (the classes `labels` for a class-conditioned model, else
@@ -67,20 +75,35 @@ class Engine:
             inputs = self.example_inputs(seed, labels)
         self.check_inputs(inputs)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        return self.sampler.generate(inputs, steps or self.steps, cache=self.cache_config(**cache_overrides),
-                                     progress=progress)
+        steps = steps or self.steps
+        cache = self.cache_config(**cache_overrides)
+        return self.sampler.generate(inputs, steps, cache=cache, progress=progress,
+                                     plan=self.plan(steps, cache).mask)
 
     def cache_config(self, **overrides) -> CacheConfig:
-        """The engine's cache settings with run-time overrides of the step plan or the forecast."""
-        allowed = {"interval", "warmup", "predictor", "beta", "order"}
-        if set(overrides) - allowed:
-            raise SvdExportError(f"cannot override {sorted(set(overrides) - allowed)} at run time "
-                                 f"(allowed: {', '.join(sorted(allowed))})")
+        """The engine's cache settings with run-time overrides of the step plan or the forecast. Giving
+        warmup or interval (and no plan) asks for the uniform plan they describe."""
+        if set(overrides) - OVERRIDES:
+            raise SvdExportError(f"cannot override {sorted(set(overrides) - OVERRIDES)} at run time "
+                                 f"(allowed: {', '.join(sorted(OVERRIDES))})")
+        if {"interval", "warmup"} & set(overrides) and "plan" not in overrides and "full_steps" not in overrides:
+            overrides = {**overrides, "plan": "uniform"}
         return dataclasses.replace(self.cache, **overrides).validate()
+
+    def plan(self, steps: int | None = None, cache: CacheConfig | None = None) -> RequestPlan:
+        """Which of `steps` steps run the full graph under `cache` (default: the engine's settings)."""
+        return plan_for(steps or self.steps, cache or self.cache, self.manifest.plans, self.plan_stats,
+                        self._schedule_weights)
+
+    def _schedule_weights(self, steps: int):
+        if steps not in self._weights:
+            self._weights[steps] = schedule_weights(self.sampling, self.shapes, steps)
+        return self._weights[steps]
 
     def step_cache(self, steps: int, cache: CacheConfig | None = None) -> StepCache:
         """Fresh cache state for one request of `steps` steps (used when something else owns the loop)."""
-        return StepCache(self.full, self.cached, self.sampler.bases, cache or self.cache, steps)
+        cache = cache or self.cache
+        return StepCache(self.full, self.cached, self.sampler.bases, cache, steps, self.plan(steps, cache).mask)
 
     def eager_reference(self, dtype: torch.dtype | None = None) -> "Engine":
         """The same weights, bases and settings run by eager PyTorch: what every backend is measured against.
@@ -90,11 +113,24 @@ class Engine:
             manifest = dataclasses.replace(manifest, dtype=str(dtype).removeprefix("torch."), backend="eager")
         elif manifest.backend == "eager":
             return self
-        full, cached = backend("eager").load(self.folder, manifest.load_spec(lambda: eager_graphs(manifest)))
+        full, cached = backend("eager").load(self.folder, manifest.load_spec(lambda: eager_graphs(manifest), self.folder))
         return Engine(self.folder, manifest, full, cached, self.bases)
 
     def preview(self, latents: torch.Tensor):
         return self.family.preview(latents, self.shapes)
+
+    def close(self) -> None:
+        """Releases what loading extracted (AOTInductor's shared libraries); the engine is unusable after."""
+        for graph in (self.full, self.cached):
+            close = getattr(graph, "close", None)  # compiled graphs have it; eager modules do not
+            if close is not None:
+                close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def eager_graphs(manifest: Manifest) -> tuple:
@@ -102,17 +138,20 @@ def eager_graphs(manifest: Manifest) -> tuple:
     fam = family(manifest.model.family)
     recorded = dataclasses.asdict(manifest.model.weights)
     info = fam.inspect(recorded["source"])
+    if info.files:  # weight files are checked before they are opened; generated ones once they exist
+        info.verify(recorded)
     model = fam.load(info, getattr(torch, manifest.dtype))
     info.verify(recorded)
     return fam.graphs(model.to(manifest.device), manifest.cache.granularity)
 
 
-def load(folder) -> Engine:
+def load(folder, trusted_keys: list | None = None) -> Engine:
     folder = Path(folder)
-    manifest = manifest_io.read(folder)
+    manifest = manifest_io.read(folder, trusted_keys=trusted_keys)
     be = backend(manifest.backend)
     be.check()
-    full, cached = be.load(folder, manifest.load_spec(lambda: eager_graphs(manifest)))
+    bases = Bases.load(manifest.path(folder, BASES_FILE))
+    full, cached = be.load(folder, manifest.load_spec(lambda: eager_graphs(manifest), folder))
     if static.enabled(manifest.backend, manifest.device):  # the GPU hot path: CUDA graphs over static buffers
         full, cached = static.static_pair(full, cached)
-    return Engine(folder, manifest, full, cached, Bases.load(folder / BASES_FILE))
+    return Engine(folder, manifest, full, cached, bases)

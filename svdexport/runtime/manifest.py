@@ -4,6 +4,11 @@
 the folder plus a digest of its own content (`manifest_sha256`), so an edited manifest is refused as
 surely as an edited engine file. On read it is verified, then parsed into typed dataclasses; a missing
 or mistyped field is refused in one line naming it. Engines of svdexport 0.2 have the same layout.
+
+The digest catches accidents, not an attacker (anyone can recompute it): an engine is code, and only a
+signature (`runtime/trust.py`) by a trusted key makes an engine from elsewhere safe to load. Every name in
+`files` is a plain relative path that resolves inside the folder, and backends open files only through
+`Manifest.path`, which refuses names the manifest does not list.
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ from pathlib import Path
 from svdexport.cache.config import CacheConfig
 from svdexport.errors import SvdExportError
 from svdexport.export import GraphSpec, LoadSpec
-from svdexport.files import sha256_file
+from svdexport.files import confined, sha256_file
+from svdexport.runtime import trust
 
 FORMAT = "svdexport.engine/1"
 MANIFEST = "manifest.json"
 BASES_FILE = "bases.safetensors"
 TABLE_FILE = "conditioning.safetensors"  # class-conditioning table, for models that have one
+PLAN_STATS_FILE = "plan_stats.safetensors"  # cross-step feature inner products: plans for other budgets at run time
 
 
 class ConditioningKind(str, Enum):
@@ -75,6 +82,18 @@ class CalibrationRecord:
 
 
 @dataclass
+class PlanRecord:
+    """A calibrated step plan: the full steps of `steps` sampling steps, chosen on the calibration inputs."""
+
+    steps: int  # sampling steps the plan is for
+    full_steps: list[int]  # indices of the steps that run the full graph, sorted, starting with 0
+    cost: float  # weighted forecast error of its cached steps on the calibration trajectories
+    uniform_cost: float | None  # the same for the uniform plan, when it has as many full steps
+    gamma: float  # residual damping the plan was searched with
+    order: int = 1  # forecast order of the error model it was searched with (1: Taylor, 0: reuse)
+
+
+@dataclass
 class ShapesRecord:
     build: dict  # the family's build shapes (batch, height, width, text_len, ...)
     inputs: dict[str, list[int]]  # graph input shapes a request must match
@@ -98,13 +117,19 @@ class Manifest:
     build_seconds: float
     sampler: dict  # the scheduler config
     graphs: dict[str, GraphSpec]
+    plans: list[PlanRecord] = field(default_factory=list)  # calibrated plans (none for uniform builds and 0.2)
     format: str = FORMAT
     versions: dict = field(default_factory=dict)  # library versions at build time
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256, every file but this one
     manifest_sha256: str = ""
 
-    def load_spec(self, eager_graphs=None) -> LoadSpec:
-        return LoadSpec(self.graphs, self.dtype, self.device, eager_graphs)
+    def path(self, folder: Path, name: str) -> Path:
+        """folder/name for a file this manifest lists (and hashed at read); anything else is refused."""
+        return confined(folder, name, self.files)
+
+    def load_spec(self, eager_graphs=None, folder: Path | None = None) -> LoadSpec:
+        resolve = None if folder is None else (lambda name: self.path(folder, name))
+        return LoadSpec(self.graphs, self.dtype, self.device, eager_graphs, resolve, self.backend_options)
 
     def to_dict(self) -> dict:
         data = _plain(dataclasses.asdict(self))
@@ -186,8 +211,13 @@ def write(folder: Path, manifest: Manifest) -> Manifest:
     return manifest
 
 
-def read(folder: Path, check_versions: bool = True) -> Manifest:
-    """The verified manifest of an engine folder; any mismatch raises SvdExportError naming it."""
+def read(folder: Path, check_versions: bool = True, trusted_keys: list | None = None,
+         hash_files: bool = True) -> Manifest:
+    """The verified manifest of an engine folder; any mismatch raises SvdExportError naming it.
+
+    With trusted keys (given, or SVDEXPORT_TRUSTED_KEYS) the manifest's bytes must carry a signature by one
+    of them, checked before anything else is parsed or opened. `hash_files=False` only peeks (option checks
+    before the work); a load always hashes."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
@@ -195,15 +225,27 @@ def read(folder: Path, check_versions: bool = True) -> Manifest:
     if not path.exists():
         raise SvdExportError(f"{folder} is not an svdexport engine: {MANIFEST} is missing")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise SvdExportError(f"{path} is unreadable: {e}") from None
+    keys = trust.trusted_keys(trusted_keys)
+    if keys:
+        trust.verify(folder, raw, keys)
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SvdExportError(f"{path} is unreadable: {e}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise SvdExportError(f"{path} is not an {FORMAT} manifest")
     if data.get("manifest_sha256") != _digest(data):
         raise SvdExportError(f"{path} was edited after the build (its digest does not match); rebuild the engine")
     manifest = _parse(Manifest, data, "")
-    for name, digest in manifest.files.items():
+    for name in manifest.files:
+        manifest.path(folder, name)  # every listed file inside the folder, before any is opened
+    cond = manifest.model.conditioning
+    if cond.kind is ConditioningKind.CLASS_TABLE:
+        manifest.path(folder, cond.file or "")
+    for name, digest in manifest.files.items() if hash_files else ():
         f = folder / name
         if not f.is_file():
             raise SvdExportError(f"engine file {f} is missing")

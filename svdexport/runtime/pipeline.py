@@ -1,9 +1,13 @@
 """Engines inside diffusers pipelines: `apply(pipe, engine_dir)` swaps the pipeline's transformer for an
 engine-backed stand-in, so `pipe(prompt, ...)` keeps its text encoders, VAE, scheduler and prompts and
-runs the full-compute and cached-step engines with the engine's step plan.
+runs the full-compute and cached-step engines with the engine's step plan. The family's `PromptEncoder`
+turns the pipeline's transformer call into graph inputs (FluxPipeline and its img2img and inpainting
+variants, which share the transformer call; HunyuanVideoPipeline). `run_prompts` is
+`svdexport run --prompt`: the whole pipeline of the folder the engine was built from.
 
 The stand-in knows the step from the pipeline's scheduler (`step_index`, None before the first step of a
-call), so its cache state starts fresh at step 0 of every call, whatever the number of steps. True CFG
+call; `begin_index` where img2img starts partway through), so its cache state starts fresh at the first
+step of every call, and the step plan covers the steps the call actually runs. True CFG
 calls the transformer twice per step under `cache_context("cond")` / `("uncond")`: each context keeps
 its own cache state.
 """
@@ -11,7 +15,9 @@ its own cache state.
 from __future__ import annotations
 
 import contextlib
+import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,16 +27,18 @@ from svdexport.models.weights import from_pretrained
 from svdexport.runtime.engine import Engine
 from svdexport.runtime.engine import load as load_engine
 
-# Inputs with a leading batch dimension; a smaller batch than the engine's is padded with its last row.
-BATCHED = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
-# Inputs in the engine's precision; ids, rotary tables and guidance keep theirs (float32).
-ACTIVATIONS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
 UNSUPPORTED = ("controlnet_block_samples", "controlnet_single_block_samples")
 
 
 class EngineTransformer(torch.nn.Module):
-    """What FluxPipeline needs of its transformer (config, dtype, device, cache_context, forward), backed
-    by a compiled engine."""
+    """What the family's pipeline needs of its transformer (config, dtype, device, cache_context, forward),
+    backed by a compiled engine.
+
+    Inputs with a leading batch axis (the family's `prompts.batched`) are padded with their last row when
+    the call has fewer samples than the engine's batch; every graph input is cast to the dtype the engine
+    was built with (activations in its precision, FLUX's rotary table and guidance in float32,
+    HunyuanVideo's text mask in int64), whatever dtype the pipeline passes.
+    """
 
     def __init__(self, engine: Engine, pipe, **cache_overrides):
         super().__init__()
@@ -42,7 +50,9 @@ class EngineTransformer(torch.nn.Module):
         self._pipe = weakref.ref(pipe)  # the pipeline owns this module; no reference cycle
         self._context = "cond"
         self._caches: dict[str, object] = {}  # context name -> StepCache of the running call
-        self._memo: dict = {}  # the rotary table of the last position ids
+        self._memo: dict = {}  # what the family's call_inputs keeps between steps (FLUX: the rotary table)
+        self._dtypes = {n: getattr(torch, d) for g in engine.manifest.graphs.values()
+                        for n, d in zip(g.inputs, g.input_dtypes)}  # graph input -> its build dtype
 
     @property
     def dtype(self) -> torch.dtype:
@@ -66,18 +76,22 @@ class EngineTransformer(torch.nn.Module):
         return list(cache.plan) if cache else []
 
     def _step(self) -> tuple[int, int]:
-        """(index of the current step, steps of this call) from the pipeline's scheduler."""
+        """(index of the current step among the steps this call runs, how many it runs) from the pipeline's
+        scheduler. img2img and inpainting (strength < 1) start partway through the schedule: the scheduler's
+        `begin_index` marks the first step that runs, so warmup and interval count from there."""
         scheduler = self._pipe().scheduler
-        index = scheduler.step_index
-        return (0 if index is None else index), len(scheduler.timesteps)
+        begin = scheduler.begin_index or 0
+        index = begin if scheduler.step_index is None else scheduler.step_index
+        return index - begin, len(scheduler.timesteps) - begin
 
     def _fit_batch(self, inputs: dict[str, torch.Tensor]) -> int:
         want = self.engine.shapes.batch
         got = inputs["hidden_states"].shape[0]
         if got > want:
-            raise SvdExportError(f"the pipeline asks for {got} images per step (prompts x num_images_per_prompt); "
+            unit = "videos" if self.engine.family.is_video else "images"
+            raise SvdExportError(f"the pipeline asks for {got} {unit} per step (prompts x num_{unit}_per_prompt); "
                                  f"this engine was built for batch {want} (rebuild with --batch {got})")
-        for k in BATCHED:
+        for k in self.engine.family.prompts.batched:
             if k in inputs and got < want:
                 x = inputs[k]
                 inputs[k] = torch.cat([x, x[-1:].expand(want - got, *x.shape[1:])])
@@ -85,10 +99,12 @@ class EngineTransformer(torch.nn.Module):
 
     @torch.inference_mode()
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, joint_attention_kwargs: dict | None = None,
-                return_dict: bool = True, **kwargs):
-        if joint_attention_kwargs:
-            raise SvdExportError(f"an engine takes no joint_attention_kwargs (got {sorted(joint_attention_kwargs)}: "
-                                 "IP-Adapter and LoRA scales must be baked in before the build)")
+                return_dict: bool = True, attention_kwargs: dict | None = None, **kwargs):
+        # FluxPipeline passes joint_attention_kwargs, HunyuanVideoPipeline attention_kwargs.
+        for name, given in (("joint_attention_kwargs", joint_attention_kwargs), ("attention_kwargs", attention_kwargs)):
+            if given:
+                raise SvdExportError(f"an engine takes no {name} (got {sorted(given)}: "
+                                     "IP-Adapter and LoRA scales must be baked in before the build)")
         used = [k for k in UNSUPPORTED if kwargs.get(k) is not None]
         if used:
             raise SvdExportError(f"an engine takes no {used[0]} (ControlNet residuals are not engine inputs)")
@@ -101,7 +117,7 @@ class EngineTransformer(torch.nn.Module):
                                  f"{engine.shapes.text_len}: call the pipeline with "
                                  f"max_sequence_length={engine.shapes.text_len}")
         batch = self._fit_batch(inputs)
-        inputs = {k: v.to(engine.device, engine.dtype if k in ACTIVATIONS else v.dtype) for k, v in inputs.items()}
+        inputs = {k: v.to(engine.device, self._dtypes.get(k, v.dtype)) for k, v in inputs.items()}
         engine.check_inputs(inputs)
         i, steps = self._step()
         if i == 0:
@@ -131,7 +147,7 @@ def apply(pipe, engine: Engine | str | Path, **cache_overrides):
     own = getattr(pipe, "transformer", None)
     if own is not None and hasattr(own, "config"):
         keys = ("in_channels", "num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim",
-                "joint_attention_dim", "guidance_embeds")
+                "joint_attention_dim", "text_embed_dim", "pooled_projection_dim", "guidance_embeds")
         differ = [k for k in keys if k in own.config and own.config[k] != engine.config.get(k)]
         if differ:
             raise SvdExportError(f"the engine's model differs from the pipeline's transformer ({differ[0]}: "
@@ -158,3 +174,27 @@ def pipeline_for(engine: Engine, **cache_overrides):
         raise SvdExportError(f"cannot load the pipeline at {source}: {str(e).splitlines()[0]}") from None
     pipe.set_progress_bar_config(desc="sampling", leave=False)
     return apply(pipe.to(engine.device), engine, **cache_overrides)
+
+
+@dataclass
+class PromptRun:
+    """What `run_prompts` made: per prompt a PIL image, or a video's PIL frames (video families)."""
+
+    samples: list
+    plan: list[bool]  # which steps ran the full graph
+    seconds: float  # wall time of the pipeline call: text encoders, engine, VAE
+
+
+def run_prompts(engine: Engine, prompts: list[str], steps: int, seed: int, guidance_scale: float | None = None,
+                **cache_overrides) -> PromptRun:
+    """The family's whole pipeline from the engine's weights folder on `prompts` at the build shapes
+    (`guidance_scale` None: the family's default, FLUX.1-dev 3.5, HunyuanVideo 6.0)."""
+    if len(prompts) > engine.shapes.batch:
+        raise SvdExportError(f"{len(prompts)} prompts, but this engine was built for batch {engine.shapes.batch} "
+                             f"(rebuild with --batch {len(prompts)})")
+    pipe = pipeline_for(engine, **cache_overrides)
+    encoder = engine.family.prompts
+    guidance = encoder.default_guidance if guidance_scale is None else guidance_scale
+    start = time.perf_counter()
+    samples = encoder.generate(pipe, list(prompts), engine.shapes, steps, guidance, torch.Generator().manual_seed(seed))
+    return PromptRun(list(samples), pipe.transformer.plan_of_last_call(), time.perf_counter() - start)

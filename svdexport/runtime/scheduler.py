@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from svdexport.cache.config import CacheConfig, step_plan
-from svdexport.cache.predictors import make_predictor
+from svdexport.cache.predictors import ResidualForecast, make_predictor
 from svdexport.models.family import Sampling, Shapes
 
 
@@ -41,10 +41,15 @@ class StepCache:
     inside a diffusers pipeline, one transformer call per step.
     """
 
-    def __init__(self, full: Graph, cached: Graph, bases: torch.Tensor, cache: CacheConfig, steps: int):
+    def __init__(self, full: Graph, cached: Graph, bases: torch.Tensor, cache: CacheConfig, steps: int,
+                 plan: list[bool] | None = None):
         self.full, self.cached = full, cached
-        self.plan = step_plan(steps, cache.warmup, cache.interval)
+        # A static list: which graph a step runs never depends on tensor values. Default: the uniform plan.
+        self.plan = list(plan) if plan is not None else step_plan(steps, cache.warmup, cache.interval)
+        if len(self.plan) != steps or not self.plan[0]:
+            raise ValueError(f"a plan of {steps} steps must start with a full step, got {self.plan}")
         self.predictor = make_predictor(cache.predictor, cache.beta, cache.order)
+        self.residual = ResidualForecast(cache.gamma) if cache.gamma > 0 else None  # None: reuse R as it is
         self.state: dict[str, torch.Tensor] = {"bases": bases}
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # (C, R) of the latest full step
 
@@ -54,10 +59,14 @@ class StepCache:
         if self.plan[i]:
             out, coeffs, residuals = self.full(*[self.state[n] for n in self.full.input_names])
             self.predictor.update(i, coeffs)
+            if self.residual is not None:
+                self.residual.update(i, residuals)
             self.state["residuals"] = residuals
             self.last = coeffs, residuals
         else:
             self.state["coeffs"] = self.predictor.predict(i)
+            if self.residual is not None:
+                self.state["residuals"] = self.residual.predict(i)
             out = self.cached(*[self.state[n] for n in self.cached.input_names])
         return out
 
@@ -78,8 +87,10 @@ class CachedSampler:
 
     @torch.inference_mode()
     def generate(self, inputs: dict[str, torch.Tensor], steps: int, cache: CacheConfig | None = None,
-                 progress: bool = False, on_full_step: FullStepHook | None = None) -> Generation:
-        step = StepCache(self.full, self.cached, self.bases, cache or self.cache, steps)
+                 progress: bool = False, on_full_step: FullStepHook | None = None,
+                 plan: list[bool] | None = None) -> Generation:
+        """One request; `plan` (which steps run in full) defaults to the uniform plan of `cache`."""
+        step = StepCache(self.full, self.cached, self.bases, cache or self.cache, steps, plan)
         timesteps = self.sampling.set_timesteps(self.scheduler, steps, self.shapes)
         latents = inputs["hidden_states"]
         step.state.update(inputs)

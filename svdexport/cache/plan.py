@@ -1,0 +1,284 @@
+"""Calibrated step plans: which steps run the full graph, chosen by an exact dynamic programme.
+
+A plan is a sorted list of step indices that run the full graph (step 0 always). On a cached step i whose
+last two full steps are k < j, every forecast of the project is linear in the features:
+
+    F^_i = F_j + a M (F_j - F_k),   a = (i - j) / (j - k),   M = gamma I + (1 - gamma) P
+
+with P = V V^T the projection on the principal subspace. gamma = 0 is SVD-Cache (principal coefficients
+by Taylor, residual reused), 0 < gamma < 1 forecasts the residual with a damped Taylor step, gamma = 1 is
+TaylorSeer on the whole feature; order 0 (a = 0) is plain reuse. So the error ||F^_i - F_i||^2 is a
+quadratic form in inner products of s_p = F_p and t_p = P F_p across steps, which `PlanAccumulator`
+sums online: O(sites x S^2) numbers, whatever the number of samples. Plans are static lists; nothing at
+run time branches on tensor values.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from svdexport.errors import SvdExportError
+
+GAMMA_GRID = tuple(i / 20 for i in range(21))
+
+
+@dataclass
+class PlanStats:
+    """Cross-step inner products per site, summed over calibration trajectories and batch rows."""
+
+    gram: np.ndarray  # [sites, S, S] <s_p, s_q>
+    cross: np.ndarray  # [sites, S, S] <s_p, t_q>
+    proj: np.ndarray  # [sites, S, S] <t_p, t_q>
+    trajectories: int  # batch rows seen at step 0
+
+    @property
+    def steps(self) -> int:
+        return self.gram.shape[-1]
+
+
+class PlanAccumulator:
+    """Fed one step's stacked site features [sites, B, N, D] at a time, steps 0..S-1 in order per trajectory.
+
+    Only the current trajectory is held: exactly when `sketch` is None (2 x S x B x N x D float64 per site,
+    fine for small models), or as a count sketch of `sketch` buckets per batch row (2 x S x B x sketch per
+    site: FLUX-sized features on a GPU). A sketch keeps each forecast error's norm to about sqrt(2 / sketch)
+    relative: errors are linear combinations of sketched vectors, so no large Gram entries cancel.
+    """
+
+    def __init__(self, steps: int, bases: torch.Tensor, sketch: int | None = None, seed: int = 0):
+        self.steps, self.sketch, self.seed = steps, sketch, seed
+        self.bases = bases.detach().double()  # [sites, D, k]; zero columns are harmless
+        sites = bases.shape[0]
+        self.gram, self.cross, self.proj = (torch.zeros(sites, steps, steps, dtype=torch.float64) for _ in range(3))
+        self.trajectories = 0
+        self.buckets: torch.Tensor | None = None  # sketch hash per coordinate, made at the first add
+        self.signs: torch.Tensor | None = None
+        self.buf: torch.Tensor | None = None  # [2, sites, S, B, L]: embeddings of s and t, current trajectory
+        self.next = 0  # the step expected next
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """[sites, B, N, D] -> [sites, B, L] (L = N*D exact, else the sketch size)."""
+        flat = x.flatten(2)
+        if self.sketch is None:
+            return flat
+        if self.buckets is None:
+            g = torch.Generator().manual_seed(self.seed)
+            n = flat.shape[-1]
+            self.buckets = torch.randint(self.sketch, (n,), generator=g).to(flat.device)
+            self.signs = (torch.randint(0, 2, (n,), generator=g) * 2 - 1).to(flat.device, flat.dtype)
+        out = flat.new_zeros(*flat.shape[:2], self.sketch)
+        return out.index_add_(2, self.buckets, flat * self.signs)
+
+    @torch.no_grad()
+    def add(self, step: int, features: torch.Tensor) -> None:
+        if step != (0 if step == 0 else self.next):
+            raise ValueError(f"steps must arrive in order 0..{self.steps - 1}; got {step} after {self.next - 1}")
+        f = features.detach().double()
+        v = self.bases.to(f.device).unsqueeze(1)  # [sites, 1, D, k]
+        sq, tq = self._embed(f), self._embed(f @ v @ v.transpose(-1, -2))
+        if step == 0:
+            self.trajectories += f.shape[1]
+            if self.buf is None or self.buf.shape[-2:] != sq.shape[-2:]:  # preallocated: no copies per step
+                self.buf = sq.new_empty(2, sq.shape[0], self.steps, *sq.shape[1:])
+        self.buf[0, :, step], self.buf[1, :, step] = sq, tq
+        s_all, t_all = self.buf[0, :, : step + 1], self.buf[1, :, : step + 1]
+        self.next = step + 1
+        # Row and column `step` against every earlier step of this trajectory, summed over batch rows.
+        g = torch.einsum("spbl,sbl->sp", s_all, sq).cpu()
+        x_pq = torch.einsum("spbl,sbl->sp", s_all, tq).cpu()  # <s_p, t_q>
+        x_qp = torch.einsum("sbl,spbl->sp", sq, t_all).cpu()  # <s_q, t_p>
+        h = torch.einsum("spbl,sbl->sp", t_all, tq).cpu()
+        q = step
+        for m, col, row in ((self.gram, g, g), (self.cross, x_pq, x_qp), (self.proj, h, h)):
+            m[:, : q + 1, q] += col
+            m[:, q, :q] += row[:, :q]
+
+    def stats(self) -> PlanStats:
+        return PlanStats(self.gram.numpy().copy(), self.cross.numpy().copy(), self.proj.numpy().copy(),
+                         self.trajectories)
+
+
+def step_weights(sigmas) -> np.ndarray:
+    """|sigma_{i+1} - sigma_i| per step: a feature error on step i enters the latents multiplied by dt."""
+    s = np.asarray(sigmas, dtype=np.float64)
+    return np.abs(np.diff(s))
+
+
+def site_weights(stats: PlanStats) -> np.ndarray:
+    """1 / mean feature energy per site, so that sites of different scales count alike."""
+    energy = np.einsum("sii->s", stats.gram) / stats.steps
+    return 1.0 / np.maximum(energy, 1e-300)
+
+
+def forecast_errors(stats: PlanStats, order: int = 1, gamma: float = 0.0,
+                    sites: np.ndarray | None = None) -> np.ndarray:
+    """err[k, j, i]: site-weighted squared error on step i forecast from full steps k < j < i.
+
+    k = S stands for "no earlier full step" (only j is known), where every predictor reuses F_j.
+    """
+    S = stats.steps
+    w = site_weights(stats) if sites is None else np.asarray(sites, dtype=np.float64)
+    G, X, H = (np.einsum("s,spq->pq", w, m) for m in (stats.gram, stats.cross, stats.proj))
+    K, J, I = np.meshgrid(np.arange(S + 1), np.arange(S), np.arange(S), indexing="ij")
+    valid = (J < I) & ((K < J) | (K == S))
+    a = np.where((K < J) & valid & (order >= 1), (I - J) / np.maximum(J - K, 1), 0.0)
+    K = np.where(K == S, J, K)  # any valid index: its coefficients are zero there
+    c = 1.0 - gamma
+    # e = sum alpha_p s_p + sum beta_p t_p (see the module docstring).
+    s_terms = [(J, 1.0 + a * gamma), (I, -np.ones_like(a)), (K, -a * gamma)]
+    t_terms = [(J, a * c), (K, -a * c)]
+    err = np.zeros(a.shape)
+    for (p, u), (q, v) in itertools.product(s_terms, s_terms):
+        err += u * v * G[p, q]
+    for (p, u), (q, v) in itertools.product(s_terms, t_terms):
+        err += 2 * u * v * X[p, q]
+    for (p, u), (q, v) in itertools.product(t_terms, t_terms):
+        err += u * v * H[p, q]
+    return np.where(valid, np.maximum(err, 0.0), 0.0)
+
+
+@dataclass
+class Plan:
+    full_steps: list[int]  # sorted, starts with 0
+    cost: float  # weighted forecast error of the cached steps on the calibration trajectories
+    order: int = 1
+    gamma: float = 0.0
+    costs: dict = field(default_factory=dict)  # gamma -> cost of its best plan, when gamma was calibrated
+
+
+def _segment_costs(err: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """seg[k, j, n]: cost of the cached steps j+1..n-1 from state (k, j); n = S means to the end.
+
+    err[k, j, i] is zero for i <= j, so a prefix sum over i is the segment's sum.
+    """
+    seg = np.zeros((err.shape[0], err.shape[1], err.shape[2] + 1))
+    seg[:, :, 1:] = np.cumsum(err * weights[None, None, :], axis=2)
+    return seg
+
+
+def search(stats: PlanStats, budget: int, order: int = 1, gamma: float = 0.0, weights=None,
+           sites: np.ndarray | None = None) -> Plan:
+    """The plan of exactly `budget` full steps (step 0 included) with the least weighted forecast error."""
+    plan = search_table(forecast_errors(stats, order, gamma, sites), budget, weights)
+    return Plan(plan.full_steps, plan.cost, order, gamma)
+
+
+def search_table(err: np.ndarray, budget: int, weights=None) -> Plan:
+    """The DP on any error table err[k, j, i] (as `forecast_errors` lays it out), e.g. one measured
+    through the output head. Over (previous full k, last full j, full steps used): O(budget x S^3), exact.
+    """
+    S = err.shape[1]
+    if not 1 <= budget <= S:
+        raise ValueError(f"budget must be in [1, {S}], got {budget}")
+    w = np.ones(S) if weights is None else np.asarray(weights, dtype=np.float64)[:S]
+    seg = _segment_costs(err, w)
+    js, ns = np.arange(S)[None, :], np.arange(S + 1)
+    best = np.full((S + 1, S), np.inf)
+    best[S, 0] = 0.0  # step 0 full, nothing before it
+    back = []
+    for _ in range(budget - 1):
+        # new[j, n] = min_k best[k, j] + seg[k, j, n], for n > j
+        total = best[:, :, None] + seg  # [k, j, n]
+        total = np.where((ns[None, None, :] > js[:, :, None]) & (ns[None, None, :] < S), total, np.inf)
+        arg = total.argmin(axis=0)  # [j, n]
+        best = np.full((S + 1, S), np.inf)
+        best[:S, :] = np.take_along_axis(total, arg[None], axis=0)[0][:, :S]  # new state (k, j) = (j, n)
+        back.append(arg)
+    final = best + seg[:, :, S]
+    k, j = np.unravel_index(np.argmin(final), final.shape)
+    cost = float(final[k, j])
+    if not np.isfinite(cost):
+        raise ValueError(f"no plan of {budget} full steps in {S} steps")
+    plan = [int(j)]
+    for arg in reversed(back):  # state (k, j) came from (arg[k, j], k)
+        k, j = int(arg[k, j]), int(k)
+        plan.append(j)
+    return Plan(sorted(plan), cost)
+
+
+def calibrate_gamma(stats: PlanStats, budget: int, order: int = 1, grid=GAMMA_GRID, weights=None,
+                    plan: list[int] | None = None, sites: np.ndarray | None = None) -> Plan:
+    """The residual damping gamma (and plan, unless `plan` is given) with the least error, over a grid."""
+    results = []
+    for g in grid:
+        if plan is None:
+            results.append(search(stats, budget, order, g, weights, sites))
+        else:
+            results.append(Plan(list(plan), plan_cost(stats, plan, order, g, weights, sites), order, g))
+    best = min(results, key=lambda r: r.cost)
+    best.costs = {r.gamma: r.cost for r in results}
+    return best
+
+
+def plan_cost(stats: PlanStats, plan: list[int], order: int = 1, gamma: float = 0.0, weights=None,
+              sites: np.ndarray | None = None) -> float:
+    """The weighted forecast error of a given plan (the DP's objective)."""
+    return table_cost(forecast_errors(stats, order, gamma, sites), plan, weights)
+
+
+def table_cost(err: np.ndarray, plan: list[int], weights=None) -> float:
+    """The weighted cost of a plan on an error table (what `search_table` minimises)."""
+    S = err.shape[1]
+    w = np.ones(S) if weights is None else np.asarray(weights, dtype=np.float64)[:S]
+    if 0 not in plan:
+        raise ValueError("step 0 must be full: a cached step needs something cached")
+    full = set(plan)
+    cost, k, j = 0.0, S, None
+    for i in range(S):
+        if i in full:
+            k, j = (S if j is None else j), i
+        else:
+            cost += w[i] * err[k, j, i]
+    return float(cost)
+
+
+def uniform_plan(steps: int, warmup: int, interval: int) -> list[int]:
+    """Today's TaylorSeer-phase schedule (`config.step_plan`) as a list of full-step indices."""
+    if steps < 1:
+        raise SvdExportError(f"steps must be >= 1, got {steps}")
+    plan = {i for i in range(steps) if i < warmup or (i - warmup + 1) % interval == 0}
+    return sorted(plan | {0})
+
+
+def plan_mask(full_steps: list[int], steps: int) -> list[bool]:
+    """The list-of-bools form StepCache uses."""
+    full = set(full_steps)
+    return [i in full for i in range(steps)]
+
+
+def save_stats(stats: PlanStats, path) -> None:
+    """The plan statistics as safetensors (float64), so an engine can plan other budgets at run time."""
+    from safetensors.torch import save_file
+
+    tensors = {k: torch.from_numpy(getattr(stats, k)).contiguous() for k in ("gram", "cross", "proj")}
+    save_file(tensors, str(path), metadata={"format": "svdexport.plan_stats/1", "trajectories": str(stats.trajectories)})
+
+
+def load_stats(path) -> PlanStats:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "svdexport.plan_stats/1":
+                raise ValueError("not an svdexport plan statistics file")
+            arrays = {k: f.get_tensor(k).numpy() for k in ("gram", "cross", "proj")}
+        return PlanStats(arrays["gram"], arrays["cross"], arrays["proj"], int(meta["trajectories"]))
+    except Exception as e:  # safetensors raises its own error type for damaged files
+        raise SvdExportError(f"cannot read plan statistics {path}: {e}") from None
+
+
+def rescale(full_steps: list[int], steps_from: int, steps_to: int, budget: int | None = None) -> list[int]:
+    """A plan of `steps_from` steps mapped onto `steps_to` (each full step at the same fraction of the
+    schedule), topped up with the earliest free steps to `budget` full steps (default: as many as it has):
+    the stated rule when a request's step count is not the calibrated one."""
+    budget = min(len(full_steps) if budget is None else budget, steps_to)
+    out = sorted({min(round(f * steps_to / steps_from), steps_to - 1) for f in full_steps} | {0})
+    free = [i for i in range(steps_to) if i not in out]
+    while len(out) < budget:
+        out = sorted(out + [free.pop(0)])
+    return out[:budget] if len(out) > budget else out

@@ -1,0 +1,155 @@
+"""Calibrated step plans: Gram-based errors, the exact DP, the residual forecast and the uniform plan."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from svdexport.cache.config import step_plan
+from svdexport.cache.plan import (PlanAccumulator, calibrate_gamma, forecast_errors, plan_cost, search,
+                                  site_weights, uniform_plan)
+from svdexport.cache.predictors import ResidualForecast, SvdTaylor, damped_taylor
+from svdexport.cache.svd import reconstruct, split
+
+
+def _orthonormal(sites, dim, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(sites, dim, dim, generator=g, dtype=torch.float64))[0][:, :, :k].float()
+
+
+def _random_walk(steps, sites=2, batch=2, tokens=3, dim=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.cumsum(torch.randn(steps, sites, batch, tokens, dim, generator=g, dtype=torch.float64), 0)
+    return f + 3 * torch.randn(sites, batch, tokens, dim, generator=g, dtype=torch.float64)
+
+
+def _stats(traj, bases, sketch=None):
+    acc = PlanAccumulator(traj.shape[0], bases, sketch=sketch)
+    for i, f in enumerate(traj):
+        acc.add(i, f)
+    return acc.stats()
+
+
+def _direct_cost(traj, bases, plan, gamma, weights, order=1):
+    """Runs the runtime's own predictor math (SvdTaylor + ResidualForecast) and measures the error."""
+    sites = site_weights_direct(traj)
+    coeff_pred, res_pred = SvdTaylor(order), ResidualForecast(gamma)
+    coeff_pred.reset()
+    cost = 0.0
+    v = bases.double()
+    for i, f in enumerate(traj):
+        if i in plan:
+            c, r = split(f, v)
+            coeff_pred.update(i, c)
+            res_pred.update(i, r)
+        else:
+            f_hat = reconstruct(coeff_pred.predict(i), res_pred.predict(i), v)
+            err = (f_hat - f).pow(2).sum(dim=(1, 2, 3)).numpy()
+            cost += weights[i] * float((sites * err).sum())
+    return cost
+
+
+def site_weights_direct(traj):
+    return 1.0 / traj.pow(2).sum(dim=(2, 3, 4)).mean(0).numpy()
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.6, 1.0])
+def test_gram_error_equals_direct_error(gamma):
+    traj, bases = _random_walk(8), _orthonormal(2, 6, 2)
+    stats = _stats(traj, bases)
+    np.testing.assert_allclose(site_weights(stats), site_weights_direct(traj), rtol=1e-12)
+    w = np.linspace(0.5, 1.5, 8)
+    for plan in ([0, 1, 4], [0, 2, 3, 7], [0, 5]):
+        direct = _direct_cost(traj, bases, plan, gamma, w)
+        assert plan_cost(stats, plan, 1, gamma, w) == pytest.approx(direct, rel=1e-9)
+
+
+def test_sketch_approximates_the_exact_errors():
+    traj, bases = _random_walk(8, tokens=16, dim=32), _orthonormal(2, 32, 4)
+    exact = forecast_errors(_stats(traj, bases), 1, 0.5)
+    sketched = forecast_errors(_stats(traj, bases, sketch=4096), 1, 0.5)
+    mask = exact > 0
+    assert np.median(np.abs(sketched[mask] / exact[mask] - 1)) < 0.05
+
+
+def test_dp_equals_brute_force():
+    steps, budget = 10, 4
+    traj, bases = _random_walk(steps, seed=3), _orthonormal(2, 6, 3, seed=1)
+    stats = _stats(traj, bases)
+    w = np.random.default_rng(0).uniform(0.2, 1.0, steps)
+    for order, gamma in [(1, 0.0), (1, 0.5), (0, 0.0)]:
+        brute = min(
+            (plan_cost(stats, [0, *rest], order, gamma, w), [0, *rest])
+            for rest in itertools.combinations(range(1, steps), budget - 1)
+        )
+        best = search(stats, budget, order, gamma, w)
+        assert len(best.full_steps) == budget and best.full_steps[0] == 0
+        assert best.cost == pytest.approx(brute[0], rel=1e-9)
+        assert plan_cost(stats, best.full_steps, order, gamma, w) == pytest.approx(brute[0], rel=1e-9)
+
+
+def test_full_budget_and_one_step():
+    traj, bases = _random_walk(6), _orthonormal(2, 6, 2)
+    stats = _stats(traj, bases)
+    assert search(stats, 6).full_steps == list(range(6)) and search(stats, 6).cost == 0.0
+    assert search(stats, 1).full_steps == [0]
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0])
+def test_kink_gets_a_full_step(gamma):
+    """Piecewise-linear principal motion with a kink at step 13: the zero-error plans put full steps on the
+    kink and right after it; the residual (constant) is exact under reuse too."""
+    steps, kink, dim, k = 30, 13, 8, 3
+    bases = _orthonormal(1, dim, k, seed=2)
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(1, 1, 4, dim, generator=g, dtype=torch.float64)
+    b, c = (torch.randn(1, 1, 4, k, generator=g, dtype=torch.float64) @ bases.double().transpose(1, 2).unsqueeze(1)
+            for _ in range(2))
+    traj = torch.stack([a + i * b if i <= kink else a + kink * b + (i - kink) * c for i in range(steps)])
+    stats = _stats(traj, bases)
+    w = np.abs(np.diff(np.linspace(1.0, 0.0, steps + 1) ** 1.5))
+    best = search(stats, 4, 1, gamma, w)
+    assert kink in best.full_steps and kink + 1 in best.full_steps
+    assert best.cost < 1e-9 * plan_cost(stats, uniform_plan(steps, 1, 9), 1, gamma, w)
+
+
+def test_gamma_zero_is_reuse_exactly():
+    r_prev, r_last = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    assert damped_taylor(r_last, 5, r_prev, 2, 7, 0.0) is r_last
+    f = ResidualForecast(0.0)
+    f.update(0, r_prev)
+    f.update(3, r_last)
+    assert torch.equal(f.predict(5), r_last)
+    f = ResidualForecast(0.5)
+    f.update(0, r_prev)
+    assert torch.equal(f.predict(2), r_prev)  # one full step so far: nothing to extrapolate
+    f.update(3, r_last)
+    torch.testing.assert_close(f.predict(5), r_last + 0.5 * 2 / 3 * (r_last - r_prev))
+
+
+def test_calibrated_gamma_is_no_worse_than_reuse_or_whole_feature():
+    traj, bases = _random_walk(12, seed=4), _orthonormal(2, 6, 2)
+    stats = _stats(traj, bases)
+    best = calibrate_gamma(stats, 4)
+    assert best.cost <= min(best.costs[0.0], best.costs[1.0]) + 1e-12
+    fixed = calibrate_gamma(stats, 4, plan=[0, 1, 5, 9])
+    assert fixed.full_steps == [0, 1, 5, 9] and fixed.cost == min(fixed.costs.values())
+
+
+@pytest.mark.parametrize("steps,warmup,interval", [(50, 3, 7), (50, 3, 5), (50, 1, 6), (4, 1, 2), (28, 0, 4),
+                                                   (10, 0, 1), (1, 3, 7)])
+def test_uniform_plan_equals_step_plan(steps, warmup, interval):
+    mask = step_plan(steps, warmup, interval)
+    assert uniform_plan(steps, warmup, interval) == [i for i, full in enumerate(mask) if full]
+
+
+def test_rescale_keeps_step_zero_the_budget_and_the_schedule_fractions():
+    from svdexport.cache.plan import rescale
+
+    plan = [0, 2, 4, 10, 18, 26, 35, 42, 47]
+    for steps in (4, 9, 20, 30, 50, 100):
+        got = rescale(plan, 50, steps, budget=min(9, steps))
+        assert got[0] == 0 and got == sorted(set(got)) and got[-1] < steps and len(got) == min(9, steps)
+    assert rescale(plan, 50, 100) == [2 * f for f in plan]  # a multiple of the steps: exact fractions
+    assert rescale(plan, 50, 50) == plan

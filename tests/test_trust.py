@@ -1,0 +1,201 @@
+"""Engines are code: every file a backend opens is listed, hashed and confined to the engine folder, and an
+engine signed by a trusted key is the only kind a signature-requiring load accepts."""
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+
+import pytest
+
+import svdexport
+from helpers import FAST, assert_one_line_error, run_cli
+from svdexport.cli import main
+from svdexport.errors import SvdExportError
+from svdexport.runtime import manifest as mf
+from svdexport.runtime import trust
+
+FAST = [*FAST, "--calib-steps", "1"]  # one calibration step: these tests need an engine, not good bases
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trust") / "engine"
+    assert main(["build", "--out", str(out), *FAST]) == 0
+    return out
+
+
+@pytest.fixture
+def engine(built, tmp_path):
+    dst = tmp_path / "engine"
+    shutil.copytree(built, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys")
+    assert main(["keygen", "--out", str(d / "alice")]) == 0
+    assert main(["keygen", "--out", str(d / "mallory")]) == 0
+    return d
+
+
+def forge(folder, edit):
+    """Edits the manifest and recomputes its digest, as anyone can."""
+    data = json.loads((folder / "manifest.json").read_text())
+    edit(data)
+    data["manifest_sha256"] = mf._digest(data)
+    (folder / "manifest.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def opened(monkeypatch):
+    """Every path the manifest's hash check reads."""
+    seen = []
+    real = mf.sha256_file
+
+    def record(path, *a, **k):
+        seen.append(os.path.abspath(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(mf, "sha256_file", record)
+    return seen
+
+
+def test_absolute_path_in_the_manifest_is_refused_before_it_is_read(engine, tmp_path, capsys, opened):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password hashes")
+    forge(engine, lambda m: m["files"].update({str(secret): sha(secret)}))
+    code, _, err = run_cli(capsys, "run", engine, "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, "not a plain relative path")
+    assert str(secret) not in opened and not (tmp_path / "x.png").exists()
+
+
+def test_parent_traversal_of_the_conditioning_table_is_refused(engine, tmp_path, capsys, opened):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(engine / "conditioning.safetensors", outside / "table.safetensors")
+    name = "../outside/table.safetensors"
+
+    def edit(m):
+        m["model"]["conditioning"]["file"] = name
+        m["files"][name] = sha(outside / "table.safetensors")
+
+    forge(engine, edit)
+    code, _, err = run_cli(capsys, "run", engine, "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, name, "not a plain relative path")
+    assert str(outside / "table.safetensors") not in opened
+
+
+def test_symlink_out_of_the_engine_folder_is_refused(engine, tmp_path, capsys):
+    outside = tmp_path / "table.safetensors"
+    shutil.move(engine / "conditioning.safetensors", outside)
+    (engine / "conditioning.safetensors").symlink_to(outside)  # same bytes: the hash alone would pass
+    code, _, err = run_cli(capsys, "run", engine, "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, "resolves outside the engine folder")
+
+
+def test_a_file_removed_from_the_list_is_not_loaded(engine, tmp_path, capsys):
+    forge(engine, lambda m: m["files"].pop("bases.safetensors"))
+    code, _, err = run_cli(capsys, "run", engine, "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, "bases.safetensors", "does not list")
+
+
+def test_backend_files_go_through_the_manifest(engine):
+    # What aoti, inductor, onnx and tensorrt call: a name from backend_options, resolved by the manifest.
+    (engine / "full.aoti.pt2").write_bytes(b"native code the manifest never hashed")
+    forge(engine, lambda m: m.update(backend_options={"packages": {"full": "full.aoti.pt2", "cached": "/bin/sh"}}))
+    m = mf.read(engine)
+    spec = m.load_spec(folder=engine)
+    with pytest.raises(SvdExportError, match="does not list"):
+        spec.file("packages", "full", engine)
+    with pytest.raises(SvdExportError, match="not a plain relative path"):
+        spec.file("packages", "cached", engine)
+    with pytest.raises(SvdExportError, match="names no programs file"):
+        spec.file("programs", "full", engine)
+
+
+@pytest.mark.parametrize("backend,name,kind", [
+    ("aoti", "full.aoti.pt2", "packages"),
+    ("inductor", "full.pt2", "programs"),
+    ("onnx", "full.onnx", "models"),
+])
+def test_corrupt_engine_file_with_matching_hash_is_one_line(engine, tmp_path, capsys, backend, name, kind):
+    (engine / name).write_bytes(b"PK\x03\x04 not a real archive or model")
+    cached = name.replace("full", "cached")
+    shutil.copy(engine / name, engine / cached)
+
+    def edit(m):
+        m["backend"] = backend
+        m["backend_options"] = {kind: {"full": name, "cached": cached}}
+        m["files"].update({name: sha(engine / name), cached: sha(engine / cached)})
+
+    forge(engine, edit)
+    code, _, err = run_cli(capsys, "run", engine, "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, f"cannot load {engine / name}")
+
+
+def test_keygen_writes_a_private_key_only_its_owner_reads(keys):
+    private, public = keys / "alice", keys / "alice.pub"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert b"PRIVATE KEY" in private.read_bytes() and b"PUBLIC KEY" in public.read_bytes()
+    assert trust.key_id(trust.load_public(public)) == trust.key_id(trust.load_private(private).public_key())
+
+
+def test_keygen_never_overwrites_a_key(keys, capsys):
+    before = (keys / "alice").read_bytes()
+    code, _, err = run_cli(capsys, "keygen", "--out", keys / "alice")
+    assert_one_line_error(code, err, "exists")
+    assert (keys / "alice").read_bytes() == before
+
+
+def test_signed_engine_runs_with_its_key_and_is_refused_otherwise(engine, keys, tmp_path, capsys):
+    alice, mallory = keys / "alice.pub", keys / "mallory.pub"
+    code, _, err = run_cli(capsys, "run", engine, "--trusted-key", alice, "--out", tmp_path / "a.png")
+    assert_one_line_error(code, err, "not signed")
+    code, _, err = run_cli(capsys, "run", engine, "--require-signature", "--out", tmp_path / "a.png")
+    assert_one_line_error(code, err, "--trusted-key")
+
+    code, out, err = run_cli(capsys, "sign", engine, "--key", keys / "alice")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "run", engine, "--trusted-key", alice, "--steps", 4, "--out", tmp_path / "a.png")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "run", engine, "--trusted-key", mallory, "--out", tmp_path / "b.png")
+    assert_one_line_error(code, err, "does not match")
+    assert not (tmp_path / "b.png").exists()
+
+
+def test_forged_digest_is_refused_when_a_signature_is_required(engine, keys, tmp_path, capsys):
+    assert main(["sign", str(engine), "--key", str(keys / "alice")]) == 0
+    forge(engine, lambda m: m["cache"].update(interval=2))  # a consistent manifest, but not the signed one
+    assert mf.read(engine).cache.interval == 2  # without a signature requirement it passes: the digest is no defence
+    code, _, err = run_cli(capsys, "run", engine, "--trusted-key", keys / "alice.pub", "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, "signature does not match")
+    with pytest.raises(SvdExportError, match="signature does not match"):
+        svdexport.load(engine, trusted_keys=[keys / "alice.pub"])
+
+
+def test_environment_variable_requires_signatures_for_every_load(engine, keys, monkeypatch):
+    monkeypatch.setenv(trust.ENV, str(keys / "alice.pub"))
+    with pytest.raises(SvdExportError, match="not signed"):
+        svdexport.load(engine)
+    assert main(["sign", str(engine), "--key", str(keys / "alice")]) == 0
+    with svdexport.load(engine) as e:
+        assert e.manifest.backend == "eager"
+    monkeypatch.setenv(trust.ENV, str(keys / "mallory.pub"))
+    with pytest.raises(SvdExportError, match="does not match"):
+        svdexport.load(engine)
+
+
+def test_signing_refuses_an_engine_that_fails_its_hashes(engine, keys, capsys):
+    data = bytearray((engine / "bases.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (engine / "bases.safetensors").write_bytes(bytes(data))
+    code, _, err = run_cli(capsys, "sign", engine, "--key", keys / "alice")
+    assert_one_line_error(code, err, "corrupted")
+    assert not (engine / trust.SIGNATURE).exists()
