@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -71,10 +71,18 @@ class Peak:
     shape: tuple[int, int, int]  # (M, K, N) of the best product
     dtype: str
     device: str
+    by_shape: dict[str, float] = field(default_factory=dict)  # "MxKxN" -> FLOP/s, every shape measured
 
     def to_dict(self) -> dict:
         return {"flops_per_s": self.flops_per_s, "shape": list(self.shape), "dtype": self.dtype,
-                "device": self.device}
+                "device": self.device, "by_shape": dict(self.by_shape)}
+
+    def merge(self, other: "Peak") -> "Peak":
+        """The best of two measurements, shape by shape."""
+        by = {k: max(v, other.by_shape.get(k, 0.0)) for k, v in self.by_shape.items()}
+        by |= {k: v for k, v in other.by_shape.items() if k not in by}
+        best = self if self.flops_per_s >= other.flops_per_s else other
+        return Peak(best.flops_per_s, best.shape, best.dtype, best.device, by)
 
 
 def flux_shapes(tokens: int, hidden: int, device: str) -> list[tuple[int, int, int]]:
@@ -125,6 +133,7 @@ def matmul_peak(dtype: torch.dtype, device: str, shapes: list[tuple[int, int, in
         else:
             seconds = _time_cpu(lambda: torch.mm(a, b), repeats)
         rate = 2 * m * k * n / seconds
+        best.by_shape[f"{m}x{k}x{n}"] = rate
         if rate > best.flops_per_s:
-            best = Peak(rate, (m, k, n), best.dtype, device)
+            best = Peak(rate, (m, k, n), best.dtype, device, best.by_shape)
     return best

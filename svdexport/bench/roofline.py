@@ -54,7 +54,8 @@ def describe(lim: dict) -> str:
     """One line of the bench report."""
     p, f = lim["peak"], lim["full"]
     shape = "x".join(str(d) for d in p["shape"])
+    shapes = ", ".join(f"{k} {v / 1e12:.3f}" for k, v in p.get("by_shape", {}).items())
     return (f"limit: full step {f['flops'] / 1e9:.1f} GFLOP (counted from the graph) in {f['seconds'] * 1e3:.1f} ms = "
             f"{f['flops_per_s'] / 1e12:.3f} TFLOP/s, {f['fraction_of_peak'] * 100:.0f}% of this machine's "
             f"{p['dtype']} matmul peak {p['flops_per_s'] / 1e12:.3f} TFLOP/s ({p['device']}, {shape}, measured in "
-            f"this run); cached step {lim['cached']['flops'] / 1e6:.1f} MFLOP")
+            f"this run; TFLOP/s by shape: {shapes}); cached step {lim['cached']['flops'] / 1e6:.1f} MFLOP")
