@@ -10,5 +10,5 @@ py=${PYTHON:-python3}
 mkdir -p .whl
 "$py" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
-    "diffusers==0.42.1" "importlib_metadata==10.2.0"
+    "diffusers==0.42.1" "importlib_metadata==8.7.0" "zipp==3.23.0"
 ls -la .whl

@@ -66,7 +66,7 @@ class FluxSampling(Sampling):
         return scheduler.timesteps
 
     def model_timestep(self, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        return t.expand(latents.shape[0]).to(latents.dtype) / 1000
+        return t.expand(latents.shape[0]).to(latents.device, latents.dtype) / 1000
 
 
 # ----------------------------------------------------------------------------------------------- graphs
@@ -135,7 +135,7 @@ class FluxFullGraph(nn.Module):
         finally:
             features = self.recorder.stop()
             self.transformer.pos_embed, self.given_rotary.table = own_rotary, None
-        coeffs, residuals = split_sites(features, bases)
+        coeffs, residuals = split_sites(torch.stack(features), bases)
         return out, coeffs, residuals
 
 

@@ -66,7 +66,7 @@ class HunyuanVideoSampling(Sampling):
         return scheduler.timesteps
 
     def model_timestep(self, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        return t.expand(latents.shape[0]).to(latents.dtype)
+        return t.expand(latents.shape[0]).to(latents.device, latents.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- graphs
@@ -100,7 +100,7 @@ class HunyuanVideoFullGraph(nn.Module):
                                    pooled_projections=pooled_projections, guidance=guidance, return_dict=False)[0]
         finally:
             features = self.recorder.stop()
-        coeffs, residuals = split_sites(features, bases)
+        coeffs, residuals = split_sites(torch.stack(features), bases)
         return out, coeffs, residuals
 
 

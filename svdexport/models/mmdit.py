@@ -57,10 +57,11 @@ class SiteRecorder:
     def start(self) -> None:
         self.features = []
 
-    def stop(self) -> torch.Tensor:
-        """Stacked features [sites, B, N, D], in registration order (the order blocks run)."""
+    def stop(self) -> list[torch.Tensor]:
+        """The features recorded since start(), in registration order (the order blocks run); stack them once
+        the forward has returned, so that a failing forward is not masked by an empty stack in `finally`."""
         features, self.features = self.features, None
-        return torch.stack(features)
+        return features
 
     def remove(self) -> None:
         for h in self.handles:
