@@ -14,7 +14,7 @@ from pathlib import Path
 from svdexport.cache.config import GRANULARITIES, CacheConfig
 from svdexport.cache.predictors import PREDICTORS
 from svdexport.commands import Parser, add_force, add_trust_args, apply_trust_args, cmd_keygen, cmd_run, cmd_sign
-from svdexport.commands import model_help
+from svdexport.commands import add_range_args, add_request_shape_args, model_help, range_options
 from svdexport.errors import SvdExportError
 from svdexport.outputs import check_files
 from svdexport import quiet
@@ -31,7 +31,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", help="fp32 | bf16 | fp16 | auto (default: bf16 on CUDA and on CPUs with bf16 "
                    "matrix units, fp32 elsewhere and for onnx on CPU; build prints why)")
     g.add_argument("--device", default="auto", help="cpu | cuda | auto (default: cuda when a GPU is visible)")
-    s = p.add_argument_group("build shapes (fixed per engine)")
+    s = p.add_argument_group("build shapes (a static engine's only ones; a ranged engine's optimum)")
     s.add_argument("--batch", type=int, help=h["batch"])
     s.add_argument("--height", type=int, help=h["height"])
     s.add_argument("--width", type=int, help=h["width"])
@@ -79,7 +79,9 @@ def _build_options(a: argparse.Namespace, backend: str = "eager"):
     shapes = {k: v for k, v in (("batch", a.batch), ("height", a.height), ("width", a.width),
                                 ("text_len", a.text_len), ("frames", a.frames)) if v is not None}
     quiet.set_verbose(a.verbose)  # read by the backends' quiet() and inherited by subprocesses
+    lows, highs = range_options(a) if hasattr(a, "max_batch") else ({}, {})  # calibrate has no range
     return BuildOptions(model=a.model, weights=a.weights, backend=backend, cache=cache, shapes=shapes,
+                        min_shapes=lows, max_shapes=highs,
                         dtype=a.dtype, device=a.device, calib_samples=a.calib_samples, calib_steps=a.calib_steps,
                         calibration_prompts=a.calibration_prompts, check_memory=not a.no_memory_check, force=a.force)
 
@@ -96,7 +98,8 @@ def cmd_build(a: argparse.Namespace) -> None:
         return
     g = m.graphs
     ranks = ", ".join(f"{s.name}:{s.rank}" for s in m.sites)
-    print(f"built {out} ({m.backend}, {m.device}, {m.dtype}, shapes {m.shapes.build})")
+    ranged = f", range {m.shapes.min} .. {m.shapes.max}" if m.shapes.max else ""
+    print(f"built {out} ({m.backend}, {m.device}, {m.dtype}, {m.shapes.kind.value}, shapes {m.shapes.build}{ranged})")
     if m.graphs_dir:
         print(f"exported graphs in {m.graphs_dir}")
     print(f"parameters: full graph {g['full'].parameters:,}, cached-step graph {g['cached'].parameters:,}")
@@ -130,6 +133,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", default="eager", help=f"{model_help()['backends']} (default: eager)")
     b.add_argument("--out", help="engine folder (default engines/MODEL-BACKEND)")
     b.add_argument("--graphs", help="folder for the exported programs (default graphs/NAME of --out)")
+    add_range_args(b)
     b.set_defaults(func=cmd_build)
 
     c = sub.add_parser("calibrate", help="only compute the low-rank bases (safetensors)")
@@ -152,6 +156,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--plan", help="calibrated | uniform (default: the engine's; --interval/--warmup imply uniform)")
     r.add_argument("--full-steps", type=int, help="full steps of the calibrated plan (default: the engine's)")
     r.add_argument("--label", type=int, help="class to generate, for class-conditioned models (bundled digits)")
+    add_request_shape_args(r)
     add_force(r)
     add_trust_args(r)
     r.set_defaults(func=cmd_run)

@@ -57,6 +57,34 @@ def model_help() -> dict[str, str]:
     }
 
 
+# ------------------------------------------------------------------------------------------------ shapes
+
+
+def add_range_args(p: argparse.ArgumentParser) -> None:
+    """build's --min-* / --max-*: one engine for a range of shapes (issue 15)."""
+    g = p.add_argument_group("shape range (a ranged engine; the build shapes above are the ones it is optimised "
+                             "for; give none for a static engine)")
+    for axis, what in (("batch", "samples per call"), ("height", "pixels, a multiple of 16"),
+                       ("width", "pixels, a multiple of 16"), ("text-len", "text tokens")):
+        g.add_argument(f"--max-{axis}", type=int, metavar="N", help=f"largest {what} served (default: the build's)")
+        g.add_argument(f"--min-{axis}", type=int, metavar="N", help=f"smallest {what} served (default: 1, 16 px or 1 "
+                       "token when the axis ranges, else the build's)")
+
+
+def range_options(a: argparse.Namespace) -> tuple[dict, dict]:
+    """(--min-* values, --max-* values) by shape axis, None where not given."""
+    axes = ("batch", "height", "width", "text_len")
+    return ({k: getattr(a, f"min_{k}") for k in axes}, {k: getattr(a, f"max_{k}") for k in axes})
+
+
+def add_request_shape_args(p: argparse.ArgumentParser) -> None:
+    """run's shape of one request: any shape in a ranged engine's range (default: the build shapes)."""
+    g = p.add_argument_group("request shapes (a ranged engine takes any in its range; default: the build shapes)")
+    g.add_argument("--batch", type=int, help="samples in this request")
+    g.add_argument("--height", type=int, help="pixels, a multiple of 16")
+    g.add_argument("--width", type=int, help="pixels, a multiple of 16")
+
+
 # ------------------------------------------------------------------------------------------------ trust
 
 
@@ -129,13 +157,13 @@ def write_run(engine, result, plan: dict, metadata: dict[str, str]) -> list[str]
 
     lines = []
     write_latents(result.latents, plan["latents"], metadata)
-    preview = engine.preview(result.latents)
+    preview = engine.preview(result.latents, result.shapes)
     if plan["image"] is not None:
         write_png(preview, plan["image"])
         what = "image" if engine.labels else "preview of the latents"  # the digits model's latents are pixels
         lines.append(f"wrote {plan['image']} ({what}) and {plan['latents']} (final latents)")
         return lines
-    for path, frames in zip(plan["videos"], engine.family.video_frames(result.latents, engine.shapes)):
+    for path, frames in zip(plan["videos"], engine.family.video_frames(result.latents, result.shapes or engine.shapes)):
         (write_mp4 if path.suffix.lower() == ".mp4" else write_gif)(frames, path)
         lines.append(f"wrote {path} (video, {len(frames)} latent frames)")
     write_png(preview, plan["grid"])
@@ -156,7 +184,8 @@ def cmd_run(a: argparse.Namespace) -> None:
         raise SvdExportError("--label is for class-conditioned models; --prompt for text-conditioned ones")
     peek = manifest_io.read(Path(a.engine), check_versions=False, hash_files=False)  # the options' checks only
     fam = family(peek.model.family)
-    plan = run_outputs(a, fam.is_video, int(peek.shapes.build.get("batch", 1)))
+    shapes = peek.shapes.range(fam).request(batch=a.batch, height=a.height, width=a.width)  # in range, or one line
+    plan = run_outputs(a, fam.is_video, shapes.batch)
     engine = svdexport.load(a.engine)  # verifies everything (and the signature, when required)
     steps = a.steps or engine.steps
     overrides = {k: v for k, v in (("interval", a.interval), ("warmup", a.warmup), ("plan", a.plan),
@@ -164,12 +193,13 @@ def cmd_run(a: argparse.Namespace) -> None:
     # A bad override fails here, before the sampling; the plan is shown before the work.
     print(engine.plan(steps, engine.cache_config(**overrides)).describe())
     if a.prompt:
-        _run_prompt(a, engine, steps, overrides, plan)
+        _run_prompt(a, engine, steps, overrides, plan, shapes)
         return
     if engine.conditioning is ConditioningKind.PIPELINE:
         raise SvdExportError("this engine's model has text encoders: give --prompt \"...\"")
-    labels = None if a.label is None else [a.label] * engine.shapes.batch
-    result = engine.generate(seed=a.seed, steps=steps, progress=True, labels=labels, **overrides)
+    labels = None if a.label is None else [a.label] * shapes.batch
+    result = engine.generate(seed=a.seed, steps=steps, progress=True, labels=labels, batch=shapes.batch,
+                             height=shapes.height, width=shapes.width, **overrides)
     metadata = {"seed": str(a.seed), "steps": str(steps), "engine": str(a.engine), "engine_build_key": peek.build_key}
     for line in write_run(engine, result, plan, metadata):
         print(line)
@@ -177,7 +207,7 @@ def cmd_run(a: argparse.Namespace) -> None:
     engine.close()
 
 
-def _run_prompt(a: argparse.Namespace, engine, steps: int, overrides: dict, plan: dict) -> None:
+def _run_prompt(a: argparse.Namespace, engine, steps: int, overrides: dict, plan: dict, shapes) -> None:
     """The family's whole pipeline (text encoders, engine, VAE) from the folder the engine was built from:
     images side by side in one PNG, or one video per prompt with a frame grid of them all."""
     from PIL import Image
@@ -186,8 +216,7 @@ def _run_prompt(a: argparse.Namespace, engine, steps: int, overrides: dict, plan
     from svdexport.models.preview import frame_grid
     from svdexport.runtime.pipeline import run_prompts
 
-    run = run_prompts(engine, a.prompt, steps, a.seed, a.guidance_scale, **overrides)
-    shapes = engine.shapes
+    run = run_prompts(engine, a.prompt, steps, a.seed, a.guidance_scale, shapes=shapes, **overrides)
     if engine.family.is_video:
         for path, frames in zip(plan["videos"], run.samples):
             (write_mp4 if path.suffix.lower() == ".mp4" else write_gif)(frames, path)

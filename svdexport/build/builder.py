@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from svdexport.build import memory, precision
 from svdexport.build.calibrate import CalibrationSettings, calibrate, plan_statistics
+from svdexport.build.ranged import range_states, shapes_record
 from svdexport.cache import plan as plans
 from svdexport.cache.config import CacheConfig
 from svdexport.cache.svd import Bases
@@ -27,6 +28,7 @@ from svdexport.files import atomic_dir, atomic_file
 from svdexport.models import family
 from svdexport.outputs import check_dir, check_file, output_lock
 from svdexport.models.family import Family, Sampling, Shapes
+from svdexport.models.ranges import ShapeRange, shape_range
 from svdexport.models.weights import WeightsInfo, load_table, read_prompts
 from svdexport.runtime import manifest as mf
 from svdexport.runtime.manifest import BASES_FILE, PLAN_STATS_FILE, TABLE_FILE, ConditioningKind
@@ -42,6 +44,8 @@ class BuildOptions:
     backend: str = "eager"  # how the graphs become engines
     cache: CacheConfig = field(default_factory=CacheConfig)  # SVD-Cache settings; warmup/interval None = model's
     shapes: dict = field(default_factory=dict)  # overrides of the family's default build shapes
+    min_shapes: dict = field(default_factory=dict)  # --min-*: a ranged engine's smallest shapes (issue 15)
+    max_shapes: dict = field(default_factory=dict)  # --max-*: its largest; neither given: a static engine
     dtype: str = "auto"  # weights and activations precision; "auto": build/precision.py's rule
     device: str = "auto"  # "cpu", "cuda", or "auto" (cuda when a GPU is visible)
     calib_samples: int = 8  # calibration inputs
@@ -73,7 +77,8 @@ class Prepared:
     fam: Family
     model: torch.nn.Module  # the diffusers transformer, on the build device
     info: WeightsInfo
-    shapes: Shapes  # the build shapes
+    shapes: Shapes  # the build shapes (a ranged engine's optimum)
+    range: ShapeRange  # the shapes the engine serves (static: the build shapes only)
     full: torch.nn.Module  # full-compute graph
     cached: torch.nn.Module  # cached-step graph
     sites: list[str]  # cache-site names
@@ -83,8 +88,9 @@ class Prepared:
     memory: memory.Estimate
     prompts: list | None = None  # calibration prompts, when the model has text encoders
 
-    def inputs(self, seed: int, opts: BuildOptions) -> dict[str, torch.Tensor]:
-        x = self.fam.example_inputs(self.info.config, self.shapes, seed, dtype=DTYPES[opts.dtype], table=self.table)
+    def inputs(self, seed: int, opts: BuildOptions, shapes: Shapes | None = None) -> dict[str, torch.Tensor]:
+        x = self.fam.example_inputs(self.info.config, shapes or self.shapes, seed, dtype=DTYPES[opts.dtype],
+                                    table=self.table)
         return {k: v.to(opts.device) for k, v in x.items()}
 
 
@@ -99,6 +105,7 @@ def prepare(opts: BuildOptions) -> Prepared:
     if opts.cache.k_max > dim:
         raise SvdExportError(f"k_max={opts.cache.k_max} exceeds the model's hidden size {dim}")
     shapes = fam.shapes({**fam.default_shapes(info).to_dict(), **opts.shapes})
+    ranges = shape_range(fam.name, shapes, opts.min_shapes, opts.max_shapes)
     sampling = fam.sampling(fam.sampler_config(opts.weights, info.config))
     defaults = fam.run_defaults(info.config, sampling.config)
     opts.cache = dataclasses.replace(opts.cache, **{k: getattr(defaults, k) for k in ("warmup", "interval")
@@ -115,6 +122,9 @@ def prepare(opts: BuildOptions) -> Prepared:
         text_len = table["encoder_hidden_states"].shape[1]
         if shapes.text_len != text_len:
             raise SvdExportError(f"this model's class table has {text_len} text tokens; --text-len must be {text_len}")
+        if ranges.min.text_len != ranges.max.text_len:
+            raise SvdExportError(f"this model's class table has {text_len} text tokens: no --min-text-len or "
+                                 "--max-text-len")
     elif fam.prompts is not None and fam.prompts.available(info):
         # Real prompts through the pipeline's own text encoders, encoded before the transformer is loaded.
         prompts = read_prompts(opts.calibration_prompts)
@@ -124,7 +134,7 @@ def prepare(opts: BuildOptions) -> Prepared:
                              f"(a {fam.name} pipeline folder with its text encoders and tokenizers)")
     model = fam.load(info, DTYPES[opts.dtype]).to(opts.device)
     full, cached = fam.graphs(model, opts.cache.granularity)
-    return Prepared(fam, model, info, shapes, full, cached, fam.sites(info.config, opts.cache.granularity),
+    return Prepared(fam, model, info, shapes, ranges, full, cached, fam.sites(info.config, opts.cache.granularity),
                     sampling, table, defaults.steps, est, prompts)
 
 
@@ -163,21 +173,36 @@ def calibrate_to_file(opts: BuildOptions, out: Path, progress: bool = True) -> B
     return bases
 
 
-def graph_exports(p: Prepared, bases: Bases, example: dict, opts: BuildOptions) -> dict[str, GraphExport]:
-    """Both graphs with example inputs of the build shapes (the cached graph's from one real full step)."""
+def graph_state(p: Prepared, bases: Bases, example: dict, opts: BuildOptions) -> dict[str, torch.Tensor]:
+    """Every input of both graphs: `example`, the bases, a timestep, and C and R of one full step."""
     state = {**example, "bases": bases.vectors.to(opts.device)}
     b = state["hidden_states"].shape[0]
     state["timestep"] = torch.full((b,), 0.5, dtype=DTYPES[opts.dtype], device=opts.device)
     with torch.no_grad():
         _, state["coeffs"], state["residuals"] = p.full(*[state[n] for n in p.full.input_names])
-    return {name: GraphExport(g, tuple(state[n] for n in g.input_names), g.input_names, g.output_names)
-            for name, g in (("full", p.full), ("cached", p.cached))}
+    return state
+
+
+def graph_exports(p: Prepared, bases: Bases, example: dict, opts: BuildOptions) -> dict[str, GraphExport]:
+    """Both graphs with example inputs of the build shapes (the cached graph's from one real full step);
+    a ranged engine's also with their shapes at the ends of its range (`ranged.range_states`)."""
+    if not p.range.ranged:
+        state, ends = graph_state(p, bases, example, opts), None
+    else:
+        state, ends = range_states(p, lambda shapes: p.inputs(0, opts, shapes),
+                                   lambda ex: graph_state(p, bases, ex, opts))
+    graphs = {}
+    for name, g in (("full", p.full), ("cached", p.cached)):
+        args = lambda st: tuple(st[n] for n in g.input_names)  # noqa: E731
+        lo, hi = (args(ends[0]), args(ends[1])) if ends else (None, None)
+        graphs[name] = GraphExport(g, args(state), g.input_names, g.output_names, min_args=lo, max_args=hi)
+    return graphs
 
 
 def build_key(p: Prepared, opts: BuildOptions) -> str:
     """Digest of everything an engine depends on: same key, same engine."""
     parts = {"model": opts.model, "weights": p.info.digest(), "backend": opts.backend, "cache": opts.cache.to_dict(),
-             "shapes": p.shapes.to_dict(), "dtype": opts.dtype, "device": opts.device,
+             "shapes": p.shapes.to_dict(), "range": p.range.to_dicts(), "dtype": opts.dtype, "device": opts.device,
              "calibration": [opts.calib_samples, opts.calib_steps, p.prompts], "sampler": p.sampling.config,
              "versions": mf.library_versions()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
@@ -274,7 +299,7 @@ def _build(opts: BuildOptions, out: Path, graphs_dir: Path, progress: bool, be) 
             cache=opts.cache,
             sites=[mf.SiteRecord(n, k, e) for n, k, e in zip(bases.sites, bases.ranks, bases.energy)],
             calibration=mf.CalibrationRecord(bases.num_inputs, bases.num_timesteps, bases.tau, bases.k_max),
-            shapes=mf.ShapesRecord(build=p.shapes.to_dict(), inputs={k: list(v.shape) for k, v in example.items()}),
+            shapes=shapes_record(p, example),
             dtype=str(DTYPES[opts.dtype]).removeprefix("torch."),
             steps=p.steps,
             memory={**p.memory.to_dict(), "measured_peak_rss_bytes": peak_rss()},

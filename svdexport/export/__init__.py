@@ -1,6 +1,7 @@
 """Backends turn the two graphs into engines. One file per backend, all behind `Backend`.
 
-A build exports both graphs with torch.export (static shapes, positional tensors) into the graphs
+A build exports both graphs with torch.export (static shapes, or dynamic dimensions over a ranged
+engine's shape range; positional tensors) into the graphs
 folder; a compiled backend makes its engine files from those programs; `load` gives back two callables
 with the eager graphs' calling convention, without constructing the diffusers model. This layer knows
 nothing of model families or manifests: what it needs of an engine comes in a `LoadSpec`.
@@ -45,6 +46,7 @@ class LoadSpec:
     # backends open nothing else. None only for engines assembled in memory.
     resolve: Callable[[str], Path] | None = None
     options: dict = field(default_factory=dict)  # the backend's own record from build (its file names)
+    ranged: bool = False  # the programs take a range of shapes (dynamic dimensions), not one
 
     def file(self, kind: str, graph: str, engine_dir: Path) -> Path:
         """The file of `graph` that backend_options[kind] names, through the manifest's resolver."""
@@ -66,6 +68,24 @@ class GraphExport:
     output_names: list[str]  # names of the outputs, in order
     program: object = None  # torch.export.ExportedProgram, for backends that compile from it
     program_path: Path | None = None  # where that program was saved (graphs folder)
+    # A ranged engine's inputs at its smallest and largest shapes (None: static); a dimension that differs
+    # between them is dynamic in the exported program (torch.export Dim), the ONNX model and TensorRT's profile.
+    min_args: tuple | None = None
+    max_args: tuple | None = None
+
+    def dynamic_shapes(self) -> tuple | None:
+        """torch.export's dynamic_shapes: per input, {dim: Dim.DYNAMIC(min, max)} for the dims that vary."""
+        if self.min_args is None:
+            return None
+        from torch.export import Dim
+
+        specs = []
+        for lo, hi in zip(self.min_args, self.max_args):
+            # torch.export specialises sizes 0 and 1 (a batch 1..2 traced at 2 would be pinned to 2): the
+            # program's upper bound is at least 3; the engine's own range check keeps requests in range.
+            dims = {d: Dim.DYNAMIC(min=a, max=max(b, 3)) for d, (a, b) in enumerate(zip(lo.shape, hi.shape)) if a != b}
+            specs.append(dims or None)
+        return tuple(specs)
 
 
 class CompiledGraph:
@@ -141,12 +161,13 @@ def compiled_pair(spec: LoadSpec, load_one: Callable[[str], Callable]) -> tuple[
 
 
 def export_programs(graphs: dict[str, GraphExport], graphs_dir: Path) -> None:
-    """torch.export both graphs (static shapes) and save the programs to graphs_dir/NAME.pt2."""
+    """torch.export both graphs (static shapes, or dynamic dimensions for a ranged engine) and save the
+    programs to graphs_dir/NAME.pt2."""
     graphs_dir.mkdir(parents=True, exist_ok=True)
     for name, g in graphs.items():
         try:
             with quiet():  # the exporter's warnings; --verbose shows them
-                g.program = torch.export.export(g.module, g.args, strict=False)
+                g.program = torch.export.export(g.module, g.args, dynamic_shapes=g.dynamic_shapes(), strict=False)
         except Exception as e:  # an exporter failure is a design bug; name the graph that hit it
             raise SvdExportError(f"torch.export failed on the {name} graph: {str(e).splitlines()[0]}") from e
         g.program_path = graphs_dir / f"{name}.pt2"

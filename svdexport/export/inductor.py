@@ -27,7 +27,10 @@ class InductorBackend(Backend):
         def compile_one(name: str):
             path = spec.file("programs", name, engine_dir)
             program = open_engine_file(path, "a torch.export program", lambda: torch.export.load(str(path)))
-            compiled = torch.compile(program.module(), dynamic=False, fullgraph=True)
+            # A ranged engine's program has dynamic dimensions: compile for all of them (dynamic=False would
+            # specialise and recompile per shape). Dynamo still specialises size 1, so a batch-1 request
+            # compiles once more (cached on disk like the rest).
+            compiled = torch.compile(program.module(), dynamic=spec.ranged, fullgraph=True)
             # Compile now, at load, so that the first generation is not charged with it.
             g = spec.graphs[name]
             with torch.no_grad():

@@ -4,6 +4,8 @@
   file per graph), which lifts the 2 GB protobuf limit of real FLUX.
 - Optimization at build: onnxruntime's transformer optimizer (model type "mmdit", the FLUX/SD3 family);
   at load the session applies every remaining ORT optimization (ORT_ENABLE_ALL) for this machine.
+- A ranged engine's programs have dynamic dimensions, which the exporter turns into ONNX dynamic axes
+  (symbolic dims named after torch.export's symbols); ORT allocates outputs of dynamic shape itself.
 - Sessions are created once per engine, with intra-op threads = the cores this process may use, and run
   with I/O binding on torch tensors: inputs are read in place, outputs are written into torch tensors.
 """
@@ -77,12 +79,19 @@ class OrtGraph:
             binding.bind_input(name, t.device.type, t.device.index or 0, _ELEM[t.dtype], tuple(t.shape), t.data_ptr())
         outs = []
         for name, shape, dtype in self.outputs:
+            if not all(isinstance(d, int) for d in shape):  # dynamic axes (a ranged engine): ORT allocates
+                binding.bind_output(name, self.device.type, self.device.index or 0)
+                outs.append(None)
+                continue
             # Fresh outputs each call, on the session's device (no round trip through host memory on a GPU):
             # predictors keep earlier coefficients, so buffers must not be reused.
             o = torch.empty(shape, dtype=dtype, device=self.device)
             binding.bind_output(name, o.device.type, o.device.index or 0, _ELEM[dtype], shape, o.data_ptr())
             outs.append(o)
         self.session.run_with_iobinding(binding)
+        if any(o is None for o in outs):  # ORT's own outputs, shared with torch through DLPack (no copy)
+            got = binding.get_outputs()
+            outs = [torch.from_dlpack(got[i]) if o is None else o for i, o in enumerate(outs)]
         return outs
 
 

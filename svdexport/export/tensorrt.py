@@ -22,6 +22,12 @@ def compile_options(engine_dir: Path, dtype: torch.dtype) -> dict:
             "timing_cache_path": str(engine_dir / TIMING_CACHE)}
 
 
+def profiles(g: GraphExport) -> list[tuple[tuple, tuple, tuple]]:
+    """Per input of a ranged graph, TensorRT's optimisation profile (min, opt, max shapes): the smallest and
+    largest shapes of the engine's range, optimised for the export example's (the build shapes)."""
+    return [(tuple(lo.shape), tuple(a.shape), tuple(hi.shape)) for lo, a, hi in zip(g.min_args, g.args, g.max_args)]
+
+
 class TensorRTBackend(Backend):
     name = "tensorrt"
     requires = ("torch_tensorrt",)
@@ -43,8 +49,12 @@ class TensorRTBackend(Backend):
             args = tuple(a.cuda() for a in g.args)
             program = move_to_device_pass(g.program, "cuda")
             dtype = next(a.dtype for a in args if a.is_floating_point())
+            inputs = args
+            if g.min_args is not None:  # a ranged engine: one optimisation profile (min / opt / max) per input
+                inputs = [torch_tensorrt.Input(min_shape=lo, opt_shape=opt, max_shape=hi, dtype=a.dtype)
+                          for a, (lo, opt, hi) in zip(args, profiles(g))]
             try:
-                trt = torch_tensorrt.dynamo.compile(program, arg_inputs=args, **compile_options(engine_dir, dtype))
+                trt = torch_tensorrt.dynamo.compile(program, arg_inputs=inputs, **compile_options(engine_dir, dtype))
                 torch_tensorrt.save(trt, str(engine_dir / f"{name}.trt.pt2"), output_format="exported_program",
                                     arg_inputs=args)
             except Exception as e:

@@ -16,7 +16,8 @@ from svdexport.models.weights import load_table
 from svdexport.runtime import manifest as manifest_io
 from svdexport.cache.plan import load_stats
 from svdexport.runtime import static
-from svdexport.runtime.manifest import BASES_FILE, PLAN_STATS_FILE, ConditioningKind, Manifest
+from svdexport.models.family import Shapes
+from svdexport.runtime.manifest import BASES_FILE, PLAN_STATS_FILE, ConditioningKind, EngineKind, Manifest
 from svdexport.runtime.plans import RequestPlan, plan_for, schedule_weights
 from svdexport.runtime.scheduler import CachedSampler, Generation, StepCache
 
@@ -25,13 +26,16 @@ OVERRIDES = {"interval", "warmup", "predictor", "beta", "order", "plan", "full_s
 
 
 class Engine:
-    """Runs SVD-Cache generation over the engine's graphs with the shapes it was built for."""
+    """Runs SVD-Cache generation over the engine's graphs: at the shapes it was built for (a static engine) or
+    at any shapes in its range (a ranged one)."""
 
     def __init__(self, folder: Path, manifest: Manifest, full, cached, bases: Bases):
         self.folder, self.manifest, self.bases = folder, manifest, bases
         self.family = family(manifest.model.family)
         self.config = manifest.model.config
-        self.shapes = self.family.shapes(manifest.shapes.build)
+        self.shapes = self.family.shapes(manifest.shapes.build)  # a ranged engine's optimum
+        self.range = manifest.shapes.range(self.family)
+        self._input_shapes: dict[tuple, dict[str, list[int]]] = {}
         self.dtype = getattr(torch, manifest.dtype)
         self.device = torch.device(manifest.device)
         self.cache = manifest.cache
@@ -49,38 +53,74 @@ class Engine:
         self.plan_stats = load_stats(manifest.path(folder, PLAN_STATS_FILE)) if has_stats else None
         self._weights: dict[int, object] = {}
 
-    def example_inputs(self, seed: int = 0, labels: list[int] | None = None) -> dict[str, torch.Tensor]:
+    def request_shapes(self, batch: int | None = None, height: int | None = None, width: int | None = None,
+                       text_len: int | None = None) -> Shapes:
+        """The build shapes with the given axes replaced; refused in one line outside the engine's range."""
+        return self.range.request(batch=batch, height=height, width=width, text_len=text_len)
+
+    def example_inputs(self, seed: int = 0, labels: list[int] | None = None,
+                       shapes: Shapes | None = None) -> dict[str, torch.Tensor]:
         """Seeded noise and conditioning (the classes `labels` for a class-conditioned model, else
-        synthetic embeddings) with the engine's shapes and dtype."""
+        synthetic embeddings) with `shapes` (default: the build shapes) and the engine's dtype."""
         if labels is not None and self.table is None:
             raise SvdExportError("this engine's model is not class-conditioned; it takes no labels")
-        inputs = self.family.example_inputs(self.config, self.shapes, seed, dtype=self.dtype, table=self.table,
-                                            labels=labels)
+        inputs = self.family.example_inputs(self.config, shapes or self.shapes, seed, dtype=self.dtype,
+                                            table=self.table, labels=labels)
         return {k: v.to(self.device) for k, v in inputs.items()}
 
-    def check_inputs(self, inputs: dict[str, torch.Tensor]) -> None:
-        for name, want in self.manifest.shapes.inputs.items():
+    def input_shapes(self, shapes: Shapes) -> dict[str, list[int]]:
+        """Every input's shape at `shapes` (from the family's own inputs at those shapes, memoised)."""
+        key = tuple(shapes.to_dict().items())
+        if key not in self._input_shapes:
+            x = self.family.example_inputs(self.config, shapes, 0, dtype=self.dtype, table=self.table)
+            self._input_shapes[key] = {k: list(v.shape) for k, v in x.items() if k in self.manifest.shapes.inputs}
+        return self._input_shapes[key]
+
+    def check_inputs(self, inputs: dict[str, torch.Tensor], shapes: Shapes | None = None) -> None:
+        """Refuses, in one line, inputs that are not of `shapes` (default: the build shapes); a ranged engine
+        without `shapes` (a pipeline's call) takes inputs whose every dimension lies in its range."""
+        if shapes is None and self.range.ranged:
+            lo, hi = self.input_shapes(self.range.min), self.input_shapes(self.range.max)
+            for name in self.manifest.shapes.inputs:
+                got = inputs.get(name)
+                if got is None:
+                    raise SvdExportError(f"input {name!r} is missing")
+                if len(got.shape) != len(lo[name]) or not all(a <= g <= b for a, g, b in zip(lo[name], got.shape, hi[name])):
+                    raise SvdExportError(f"input {name!r} has shape {tuple(got.shape)}; this ranged engine takes "
+                                         f"{tuple(lo[name])} to {tuple(hi[name])}")
+            return
+        build = shapes is None or shapes == self.shapes
+        wanted = self.manifest.shapes.inputs if build else self.input_shapes(shapes)
+        for name, want in wanted.items():
             got = inputs.get(name)
             if got is None:
                 raise SvdExportError(f"input {name!r} is missing")
             if list(got.shape) != want:
-                raise SvdExportError(
-                    f"input {name!r} has shape {tuple(got.shape)}; this engine was built for {tuple(want)}"
-                )
+                at = "this engine was built for" if build else f"at {shapes.to_dict()} it must be"
+                raise SvdExportError(f"input {name!r} has shape {tuple(got.shape)}; {at} {tuple(want)}")
 
     def generate(self, inputs: dict[str, torch.Tensor] | None = None, seed: int = 0, steps: int | None = None,
-                 progress: bool = False, labels: list[int] | None = None, **cache_overrides) -> Generation:
-        """One request. `inputs` defaults to seeded synthetic ones; keyword overrides (`OVERRIDES`: plan,
-        full_steps, interval, warmup, predictor, beta, order, gamma) change the plan or forecast without
-        rebuilding."""
+                 progress: bool = False, labels: list[int] | None = None, batch: int | None = None,
+                 height: int | None = None, width: int | None = None, **cache_overrides) -> Generation:
+        """One request. `inputs` defaults to seeded synthetic ones of batch, height and width (default: the
+        build's; a ranged engine takes any in its range, and given inputs set batch and text length);
+        keyword overrides (`OVERRIDES`: plan, full_steps, interval, warmup, predictor, beta, order, gamma)
+        change the plan or forecast without rebuilding. The step plan is the engine's, calibrated at the
+        build shapes, whatever the request's shapes; the sampler's resolution shift is the request's."""
+        text_len = None
+        if inputs is not None and self.range.ranged:
+            batch = batch or inputs["hidden_states"].shape[0]
+            if "encoder_hidden_states" in inputs:
+                text_len = inputs["encoder_hidden_states"].shape[1]
+        shapes = self.request_shapes(batch, height, width, text_len)
         if inputs is None:
-            inputs = self.example_inputs(seed, labels)
-        self.check_inputs(inputs)
+            inputs = self.example_inputs(seed, labels, shapes)
+        self.check_inputs(inputs, shapes)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         steps = steps or self.steps
         cache = self.cache_config(**cache_overrides)
         return self.sampler.generate(inputs, steps, cache=cache, progress=progress,
-                                     plan=self.plan(steps, cache).mask)
+                                     plan=self.plan(steps, cache).mask, shapes=shapes)
 
     def cache_config(self, **overrides) -> CacheConfig:
         """The engine's cache settings with run-time overrides of the step plan or the forecast. Giving
@@ -118,8 +158,8 @@ class Engine:
         full, cached = backend("eager").load(self.folder, manifest.load_spec(lambda: eager_graphs(manifest), self.folder))
         return Engine(self.folder, manifest, full, cached, self.bases)
 
-    def preview(self, latents: torch.Tensor):
-        return self.family.preview(latents, self.shapes)
+    def preview(self, latents: torch.Tensor, shapes: Shapes | None = None):
+        return self.family.preview(latents, shapes or self.shapes)
 
     def close(self) -> None:
         """Releases what loading extracted (AOTInductor's shared libraries); the engine is unusable after."""
@@ -154,6 +194,7 @@ def load(folder, trusted_keys: list | None = None) -> Engine:
     be.check()
     bases = Bases.load(manifest.path(folder, BASES_FILE))
     full, cached = be.load(folder, manifest.load_spec(lambda: eager_graphs(manifest), folder))
-    if static.enabled(manifest.backend, manifest.device):  # the GPU hot path: CUDA graphs over static buffers
+    # The GPU hot path: CUDA graphs over static buffers (one shape: not for ranged engines).
+    if static.enabled(manifest.backend, manifest.device) and manifest.shapes.kind is EngineKind.STATIC:
         full, cached = static.static_pair(full, cached)
     return Engine(folder, manifest, full, cached, bases)

@@ -27,6 +27,7 @@ from svdexport.cache.config import CacheConfig
 from svdexport.errors import SvdExportError
 from svdexport.export import GraphSpec, LoadSpec
 from svdexport.files import confined, sha256_file
+from svdexport.models.ranges import ShapeRange, static
 from svdexport.runtime import trust
 
 FORMAT = "svdexport.engine/1"
@@ -93,10 +94,27 @@ class PlanRecord:
     order: int = 1  # forecast order of the error model it was searched with (1: Taylor, 0: reuse)
 
 
+class EngineKind(str, Enum):
+    STATIC = "static"  # one shape per engine: the build shapes
+    RANGED = "ranged"  # every shape between shapes.min and shapes.max (issue 15)
+
+
 @dataclass
 class ShapesRecord:
-    build: dict  # the family's build shapes (batch, height, width, text_len, ...)
-    inputs: dict[str, list[int]]  # graph input shapes a request must match
+    build: dict  # the family's build shapes (batch, height, width, text_len, ...); a ranged engine's optimum
+    inputs: dict[str, list[int]]  # graph input shapes at the build shapes (a static engine's only ones)
+    kind: EngineKind = EngineKind.STATIC  # engines from before issue 15 have no kind: static
+    min: dict | None = None  # ranged: the smallest shapes served (same axes as build)
+    max: dict | None = None  # ranged: the largest
+
+    def range(self, family) -> ShapeRange:
+        """The shapes this engine serves (a static engine: its build shapes only)."""
+        opt = family.shapes(self.build)
+        if self.kind is EngineKind.STATIC:
+            return static(opt)
+        if self.min is None or self.max is None:
+            raise SvdExportError("manifest field shapes.min and shapes.max are required for a ranged engine")
+        return ShapeRange(family.shapes(self.min), opt, family.shapes(self.max))
 
 
 @dataclass
@@ -129,7 +147,8 @@ class Manifest:
 
     def load_spec(self, eager_graphs=None, folder: Path | None = None) -> LoadSpec:
         resolve = None if folder is None else (lambda name: self.path(folder, name))
-        return LoadSpec(self.graphs, self.dtype, self.device, eager_graphs, resolve, self.backend_options)
+        return LoadSpec(self.graphs, self.dtype, self.device, eager_graphs, resolve, self.backend_options,
+                        ranged=self.shapes.kind is EngineKind.RANGED)
 
     def to_dict(self) -> dict:
         data = _plain(dataclasses.asdict(self))

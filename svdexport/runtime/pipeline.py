@@ -35,7 +35,8 @@ class EngineTransformer(torch.nn.Module):
     backed by a compiled engine.
 
     Inputs with a leading batch axis (the family's `prompts.batched`) are padded with their last row when
-    the call has fewer samples than the engine's batch; every graph input is cast to the dtype the engine
+    the call has fewer samples than the engine's smallest batch (a static engine's only one; a batch range
+    is not padded); every graph input is cast to the dtype the engine
     was built with (activations in its precision, FLUX's rotary table and guidance in float32,
     HunyuanVideo's text mask in int64), whatever dtype the pipeline passes.
     """
@@ -85,12 +86,14 @@ class EngineTransformer(torch.nn.Module):
         return index - begin, len(scheduler.timesteps) - begin
 
     def _fit_batch(self, inputs: dict[str, torch.Tensor]) -> int:
-        want = self.engine.shapes.batch
+        """Pads the batch up to the engine's smallest (a static engine's only) batch; a ranged batch is not padded."""
+        want, most = self.engine.range.min.batch, self.engine.range.max.batch
         got = inputs["hidden_states"].shape[0]
-        if got > want:
+        if got > most:
             unit = "videos" if self.engine.family.is_video else "images"
             raise SvdExportError(f"the pipeline asks for {got} {unit} per step (prompts x num_{unit}_per_prompt); "
-                                 f"this engine was built for batch {want} (rebuild with --batch {got})")
+                                 f"this engine serves batch {self.engine.range.describe('batch')} "
+                                 f"(rebuild with --{'max-' * (want != most)}batch {got})")
         for k in self.engine.family.prompts.batched:
             if k in inputs and got < want:
                 x = inputs[k]
@@ -112,9 +115,10 @@ class EngineTransformer(torch.nn.Module):
         inputs = engine.family.prompts.call_inputs(engine.config, {**kwargs, "hidden_states": hidden_states,
                                                            "timestep": timestep}, self._memo)
         text_len = inputs["encoder_hidden_states"].shape[1]
-        if text_len != engine.shapes.text_len:
-            raise SvdExportError(f"the prompt embeddings have {text_len} tokens; this engine was built for "
-                                 f"{engine.shapes.text_len}: call the pipeline with "
+        lo, hi = engine.range.min.text_len, engine.range.max.text_len
+        if not lo <= text_len <= hi:
+            raise SvdExportError(f"the prompt embeddings have {text_len} tokens; this engine serves "
+                                 f"{engine.range.describe('text_len')}: call the pipeline with "
                                  f"max_sequence_length={engine.shapes.text_len}")
         batch = self._fit_batch(inputs)
         inputs = {k: v.to(engine.device, self._dtypes.get(k, v.dtype)) for k, v in inputs.items()}
@@ -186,15 +190,17 @@ class PromptRun:
 
 
 def run_prompts(engine: Engine, prompts: list[str], steps: int, seed: int, guidance_scale: float | None = None,
-                **cache_overrides) -> PromptRun:
-    """The family's whole pipeline from the engine's weights folder on `prompts` at the build shapes
-    (`guidance_scale` None: the family's default, FLUX.1-dev 3.5, HunyuanVideo 6.0)."""
-    if len(prompts) > engine.shapes.batch:
-        raise SvdExportError(f"{len(prompts)} prompts, but this engine was built for batch {engine.shapes.batch} "
-                             f"(rebuild with --batch {len(prompts)})")
+                shapes=None, **cache_overrides) -> PromptRun:
+    """The family's whole pipeline from the engine's weights folder on `prompts` at `shapes` (default: the
+    build shapes; `guidance_scale` None: the family's default, FLUX.1-dev 3.5, HunyuanVideo 6.0)."""
+    most = engine.range.max.batch
+    if len(prompts) > most:
+        raise SvdExportError(f"{len(prompts)} prompts, but this engine serves batch {engine.range.describe('batch')} "
+                             f"(rebuild with --{'max-' * engine.range.ranged}batch {len(prompts)})")
     pipe = pipeline_for(engine, **cache_overrides)
     encoder = engine.family.prompts
     guidance = encoder.default_guidance if guidance_scale is None else guidance_scale
     start = time.perf_counter()
-    samples = encoder.generate(pipe, list(prompts), engine.shapes, steps, guidance, torch.Generator().manual_seed(seed))
+    samples = encoder.generate(pipe, list(prompts), shapes or engine.shapes, steps, guidance,
+                               torch.Generator().manual_seed(seed))
     return PromptRun(list(samples), pipe.transformer.plan_of_last_call(), time.perf_counter() - start)

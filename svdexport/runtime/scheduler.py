@@ -28,6 +28,7 @@ class Generation:
     full_steps: int  # steps that ran the full-compute graph
     cached_steps: int  # steps that ran the cached-step graph
     seconds: float  # wall time of the sampling loop
+    shapes: Shapes | None = None  # the request's shapes (those of the latents)
 
 
 # Called after each full step with (step, coefficients, residuals); calibration listens here.
@@ -88,10 +89,12 @@ class CachedSampler:
     @torch.inference_mode()
     def generate(self, inputs: dict[str, torch.Tensor], steps: int, cache: CacheConfig | None = None,
                  progress: bool = False, on_full_step: FullStepHook | None = None,
-                 plan: list[bool] | None = None) -> Generation:
-        """One request; `plan` (which steps run in full) defaults to the uniform plan of `cache`."""
+                 plan: list[bool] | None = None, shapes: Shapes | None = None) -> Generation:
+        """One request; `plan` (which steps run in full) defaults to the uniform plan of `cache`. `shapes` are
+        the request's (default: the sampler's): the family's resolution-dependent shift follows them."""
         step = StepCache(self.full, self.cached, self.bases, cache or self.cache, steps, plan)
-        timesteps = self.sampling.set_timesteps(self.scheduler, steps, self.shapes)
+        shapes = shapes or self.shapes
+        timesteps = self.sampling.set_timesteps(self.scheduler, steps, shapes)
         latents = inputs["hidden_states"]
         step.state.update(inputs)
         start = time.perf_counter()
@@ -102,4 +105,4 @@ class CachedSampler:
             latents = self.scheduler.step(out, t, latents, return_dict=False)[0]
         seconds = time.perf_counter() - start
         full = sum(step.plan)
-        return Generation(latents, full, steps - full, seconds)
+        return Generation(latents, full, steps - full, seconds, shapes)
