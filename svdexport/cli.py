@@ -14,7 +14,7 @@ from pathlib import Path
 from svdexport.cache.config import GRANULARITIES, CacheConfig
 from svdexport.cache.predictors import PREDICTORS
 from svdexport.commands import Parser, add_force, add_trust_args, apply_trust_args, cmd_keygen, cmd_run, cmd_sign
-from svdexport.commands import add_range_args, add_request_shape_args, model_help, range_options
+from svdexport.commands import add_shape_args, cmd_bench_shapes, model_help, range_options, shapes_line
 from svdexport.errors import SvdExportError
 from svdexport.outputs import check_files
 from svdexport import quiet
@@ -79,9 +79,8 @@ def _build_options(a: argparse.Namespace, backend: str = "eager"):
     shapes = {k: v for k, v in (("batch", a.batch), ("height", a.height), ("width", a.width),
                                 ("text_len", a.text_len), ("frames", a.frames)) if v is not None}
     quiet.set_verbose(a.verbose)  # read by the backends' quiet() and inherited by subprocesses
-    lows, highs = range_options(a) if hasattr(a, "max_batch") else ({}, {})  # calibrate has no range
     return BuildOptions(model=a.model, weights=a.weights, backend=backend, cache=cache, shapes=shapes,
-                        min_shapes=lows, max_shapes=highs,
+                        **range_options(a),
                         dtype=a.dtype, device=a.device, calib_samples=a.calib_samples, calib_steps=a.calib_steps,
                         calibration_prompts=a.calibration_prompts, check_memory=not a.no_memory_check, force=a.force)
 
@@ -98,8 +97,7 @@ def cmd_build(a: argparse.Namespace) -> None:
         return
     g = m.graphs
     ranks = ", ".join(f"{s.name}:{s.rank}" for s in m.sites)
-    ranged = f", range {m.shapes.min} .. {m.shapes.max}" if m.shapes.max else ""
-    print(f"built {out} ({m.backend}, {m.device}, {m.dtype}, {m.shapes.kind.value}, shapes {m.shapes.build}{ranged})")
+    print(f"built {out} ({m.backend}, {m.device}, {m.dtype}, {shapes_line(m.shapes)})")
     if m.graphs_dir:
         print(f"exported graphs in {m.graphs_dir}")
     print(f"parameters: full graph {g['full'].parameters:,}, cached-step graph {g['cached'].parameters:,}")
@@ -133,7 +131,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", default="eager", help=f"{model_help()['backends']} (default: eager)")
     b.add_argument("--out", help="engine folder (default engines/MODEL-BACKEND)")
     b.add_argument("--graphs", help="folder for the exported programs (default graphs/NAME of --out)")
-    add_range_args(b)
+    add_shape_args(b, "build")
     b.set_defaults(func=cmd_build)
 
     c = sub.add_parser("calibrate", help="only compute the low-rank bases (safetensors)")
@@ -156,7 +154,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--plan", help="calibrated | uniform (default: the engine's; --interval/--warmup imply uniform)")
     r.add_argument("--full-steps", type=int, help="full steps of the calibrated plan (default: the engine's)")
     r.add_argument("--label", type=int, help="class to generate, for class-conditioned models (bundled digits)")
-    add_request_shape_args(r)
+    add_shape_args(r, "run")
     add_force(r)
     add_trust_args(r)
     r.set_defaults(func=cmd_run)
@@ -203,6 +201,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--step-calls", type=int, default=10, help="calls per step timing (default 10)")
     m.add_argument("--e2e-repeats", type=int, default=3, help="interleaved repeats of whole generations")
     m.add_argument("--json", help="also write the measurements to this JSON file")
+    add_shape_args(m, "bench")
     add_force(m)
     add_trust_args(m)
     m.set_defaults(func=cmd_bench)
@@ -301,6 +300,8 @@ def cmd_bench(a: argparse.Namespace) -> None:
     if min(a.steps, a.repeats, a.e2e_repeats, a.step_calls) < 1:
         raise SvdExportError("--steps, --repeats, --step-calls and --e2e-repeats must be >= 1")
     apply_trust_args(a)
+    if a.against or a.resolutions:
+        return cmd_bench_shapes(a)
     manifest_io.read(Path(a.engine), check_versions=False, hash_files=False)  # a missing engine fails first
     check_files([("--json", a.json)], a.force)
     report = bench(a.engine, steps=a.steps, repeats=a.repeats, step_calls=a.step_calls, e2e_repeats=a.e2e_repeats)

@@ -60,7 +60,18 @@ def model_help() -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ shapes
 
 
-def add_range_args(p: argparse.ArgumentParser) -> None:
+def add_shape_args(p: argparse.ArgumentParser, command: str) -> None:
+    """Issue 15's options: build's shape range, run's request shapes, bench's ranged measurements."""
+    {"build": _add_range_args, "run": _add_request_shape_args, "bench": _add_shape_bench_args}[command](p)
+
+
+def shapes_line(record) -> str:
+    """'static, shapes {...}' or 'ranged, shapes {...}, range {...} .. {...}' of a manifest's shapes."""
+    ranged = f", range {record.min} .. {record.max}" if record.max else ""
+    return f"{record.kind.value}, shapes {record.build}{ranged}"
+
+
+def _add_range_args(p: argparse.ArgumentParser) -> None:
     """build's --min-* / --max-*: one engine for a range of shapes (issue 15)."""
     g = p.add_argument_group("shape range (a ranged engine; the build shapes above are the ones it is optimised "
                              "for; give none for a static engine)")
@@ -71,18 +82,51 @@ def add_range_args(p: argparse.ArgumentParser) -> None:
                        "token when the axis ranges, else the build's)")
 
 
-def range_options(a: argparse.Namespace) -> tuple[dict, dict]:
-    """(--min-* values, --max-* values) by shape axis, None where not given."""
+def range_options(a: argparse.Namespace) -> dict[str, dict]:
+    """BuildOptions' min_shapes and max_shapes: --min-* / --max-* values by shape axis (None: not given;
+    calibrate has no range options)."""
     axes = ("batch", "height", "width", "text_len")
-    return ({k: getattr(a, f"min_{k}") for k in axes}, {k: getattr(a, f"max_{k}") for k in axes})
+    return {f"{end}_shapes": {k: getattr(a, f"{end}_{k}", None) for k in axes} for end in ("min", "max")}
 
 
-def add_request_shape_args(p: argparse.ArgumentParser) -> None:
+def _add_request_shape_args(p: argparse.ArgumentParser) -> None:
     """run's shape of one request: any shape in a ranged engine's range (default: the build shapes)."""
     g = p.add_argument_group("request shapes (a ranged engine takes any in its range; default: the build shapes)")
     g.add_argument("--batch", type=int, help="samples in this request")
     g.add_argument("--height", type=int, help="pixels, a multiple of 16")
     g.add_argument("--width", type=int, help="pixels, a multiple of 16")
+
+
+def _add_shape_bench_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("shape ranges (issue 15; either option runs these measurements instead)")
+    g.add_argument("--against", metavar="STATIC", help="a static engine of ENGINE's optimal shape: full step, cached "
+                   "step and generation of the ranged ENGINE against it, side by side")
+    g.add_argument("--resolutions", metavar="HxW,...", help="latency of the ranged ENGINE per resolution, e.g. "
+                   "96x96,128x128,160x160")
+
+
+def cmd_bench_shapes(a: argparse.Namespace) -> None:
+    """`bench ENGINE --against STATIC --resolutions ...`: every option checked before the work."""
+    from svdexport.bench.shapes import bench_shapes, format_shapes_report, parse_resolutions
+    from svdexport.media import json_text, write_text
+    from svdexport.models import family
+    from svdexport.runtime import manifest as manifest_io
+
+    resolutions = parse_resolutions(a.resolutions)
+    peek = manifest_io.read(Path(a.engine), check_versions=False, hash_files=False)
+    if peek.shapes.kind is not manifest_io.EngineKind.RANGED:
+        raise SvdExportError(f"{a.engine} is a static engine: --against and --resolutions measure a ranged one")
+    served = peek.shapes.range(family(peek.model.family))
+    for h, w in resolutions:
+        served.request(height=h, width=w)
+    if a.against:
+        manifest_io.read(Path(a.against), check_versions=False, hash_files=False)
+    check_files([("--json", a.json)], a.force)
+    report = bench_shapes(a.engine, a.against, resolutions, steps=a.steps, repeats=a.repeats,
+                          step_calls=a.step_calls, e2e_repeats=a.e2e_repeats)
+    print(format_shapes_report(report))
+    if a.json:
+        write_text(json_text(report), Path(a.json))
 
 
 # ------------------------------------------------------------------------------------------------ trust

@@ -1,4 +1,6 @@
-"""Compiled backends against eager: graph parity, 50-step generations, loading without model code."""
+"""Compiled backends against eager: graph parity, 50-step generations, loading without model code. The engines
+are ranged (issue 15): optimised for FAST's 128x128, batch 1, serving 96..160 px and batch 1..2; a static
+engine's export is the same call without dynamic dimensions (static refusals: test_shapes.py)."""
 
 import importlib.util
 import json
@@ -27,27 +29,35 @@ CPU_BACKENDS = [
 ]
 
 
+RANGE = ["--min-height", "96", "--max-height", "160", "--min-width", "96", "--max-width", "160", "--max-batch", "2"]
+
+
 @pytest.fixture(scope="module", params=CPU_BACKENDS)
 def built(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     out = root / "engine"
-    assert main(["build", "--backend", request.param, "--out", str(out), "--graphs", str(root / "graphs"), *FAST]) == 0
+    assert main(["build", "--backend", request.param, "--out", str(out), "--graphs", str(root / "graphs"), *FAST,
+                 *RANGE]) == 0
     engine = svdexport.load(out)
     return request.param, out, engine, engine.eager_reference()
 
 
-def one_step_state(engine, eager_full, seed=1):  # inputs of one step, C and R from eager
-    state = {**engine.example_inputs(seed), "bases": engine.sampler.bases, "timestep": torch.tensor([0.37])}
+def one_step_state(engine, eager_full, seed=1, shapes=None):  # inputs of one step, C and R from eager
+    inputs = engine.example_inputs(seed, shapes=shapes)
+    b = inputs["hidden_states"].shape[0]
+    state = {**inputs, "bases": engine.sampler.bases, "timestep": torch.full((b,), 0.37)}
     with torch.no_grad():
         out = eager_full(*[state[n] for n in eager_full.input_names])
     state["coeffs"], state["residuals"] = out[1], out[2]
     return state, out
 
 
-def test_each_graph_matches_eager_within_1e4_of_output_scale(built):
+@pytest.mark.parametrize("shape", [None, (2, 96, 160), (1, 160, 112)], ids=["build", "b2-96x160", "b1-160x112"])
+def test_each_graph_matches_eager_within_1e4_of_output_scale(built, shape):
     _, _, engine, eager = built
     eager_full, eager_cached = eager.full, eager.cached
-    state, expected = one_step_state(engine, eager_full)
+    shapes = engine.request_shapes(*shape) if shape else None
+    state, expected = one_step_state(engine, eager_full, shapes=shapes)
     got = engine.full(*[state[n] for n in engine.full.input_names])
     for name, a, b in zip(("noise_pred", "coeffs", "residuals"), got, expected):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max(), name
@@ -74,7 +84,8 @@ def test_engine_files_are_hashed_and_graphs_exported(built):
     assert set(m.files) == engine_files and len(engine_files) >= 3
     graphs = out.parent / "graphs"
     assert (graphs / "full.pt2").exists() and (graphs / "cached.pt2").exists()
-    assert m.graphs["full"].input_shapes[0] == [1, 64, 4]
+    assert m.graphs["full"].input_shapes[0] == [2, 64, 4]  # exported at batch 2: batch 1 would not be dynamic
+    assert m.shapes.kind.value == "ranged" and m.shapes.inputs["hidden_states"] == [1, 64, 4]
     # The cached-step engine carries far fewer weights than the full one.
     assert m.graphs["cached"].parameters < m.graphs["full"].parameters / 2
 
@@ -91,13 +102,20 @@ def test_corrupted_engine_file_is_refused(built, tmp_path):
         svdexport.load(copy)
 
 
-def test_wrong_shape_names_the_built_shape(built):
-    _, _, engine, _ = built
+def test_other_shapes_and_batches_generate_as_eager_and_out_of_range_is_refused(built):
+    _, _, engine, reference = built
+    for batch, height, width in ((2, 96, 160), (1, 160, 112)):
+        inputs = engine.example_inputs(seed=4, shapes=engine.request_shapes(batch, height, width))
+        a = engine.generate(inputs, steps=10, height=height, width=width)
+        b = reference.generate(inputs, steps=10, height=height, width=width)
+        assert a.latents.shape == (batch, height * width // 256, 4)
+        assert psnr(a.latents, b.latents) >= 40
     inputs = engine.example_inputs()
-    built_shape = tuple(inputs["encoder_hidden_states"].shape)
-    inputs["encoder_hidden_states"] = torch.zeros(1, 9, built_shape[2])
-    with pytest.raises(SvdExportError, match=re.escape(f"built for {built_shape}")):
+    inputs["encoder_hidden_states"] = torch.zeros(1, 9, inputs["encoder_hidden_states"].shape[2])
+    with pytest.raises(SvdExportError, match=re.escape("text_len 9 is outside this ranged engine's range: text_len 8 only")):
         engine.generate(inputs, steps=3)
+    with pytest.raises(SvdExportError, match=re.escape("height 176 is outside this ranged engine's range: height 96..160")):
+        engine.generate(height=176, steps=3)
 
 
 def test_loads_and_runs_without_the_diffusers_transformer(built):
@@ -150,15 +168,17 @@ TRT = importlib.util.find_spec("torch_tensorrt") is not None and torch.cuda.is_a
 
 
 @pytest.mark.skipif(not TRT, reason="TensorRT needs torch-tensorrt and a CUDA GPU")
-def test_tensorrt_matches_eager(tmp_path):
+@pytest.mark.parametrize("ranged", [False, True], ids=["static", "ranged"])
+def test_tensorrt_matches_eager(tmp_path, ranged):
     out = tmp_path / "trt"
     assert main(["build", "--backend", "tensorrt", "--device", "cuda", "--out", str(out),
-                 "--graphs", str(tmp_path / "g"), *FAST]) == 0
+                 "--graphs", str(tmp_path / "g"), *FAST, *(RANGE if ranged else [])]) == 0
     engine = svdexport.load(out)
     eager_full = engine.eager_reference().full
-    state, expected = one_step_state(engine, eager_full)
-    got = engine.full(*[state[n] for n in engine.full.input_names])
-    assert (got[0] - expected[0]).abs().max() <= 1e-3 * expected[0].abs().max()
+    for shape in [None] + ([(2, 96, 160), (1, 160, 112)] if ranged else []):  # optimisation profile: any in range
+        state, expected = one_step_state(engine, eager_full, shapes=engine.request_shapes(*shape) if shape else None)
+        got = engine.full(*[state[n] for n in engine.full.input_names])
+        assert (got[0] - expected[0]).abs().max() <= 1e-3 * expected[0].abs().max()
 
 
 def test_tensorrt_without_gpu_is_one_line(tmp_path, capsys):

@@ -49,9 +49,10 @@ def _time(fn: Callable[[], object], times: list[float], calls: int) -> None:
     times.append((time.perf_counter() - start) / calls)
 
 
-def _state(engine, reference) -> dict:
-    """Inputs of one mid-schedule step (scheduler timestep 500) with C and R from the reference's full step."""
-    inputs = engine.example_inputs(0)
+def _state(engine, reference, shapes=None) -> dict:
+    """Inputs of one mid-schedule step (scheduler timestep 500) at `shapes` (default: the build's) with C and R
+    from the reference's full step."""
+    inputs = engine.example_inputs(0, shapes=shapes)
     state = {**inputs, "bases": engine.sampler.bases}
     state["timestep"] = engine.sampling.model_timestep(torch.tensor(500.0, device=engine.device),
                                                         inputs["hidden_states"])

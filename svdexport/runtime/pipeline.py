@@ -92,8 +92,8 @@ class EngineTransformer(torch.nn.Module):
         if got > most:
             unit = "videos" if self.engine.family.is_video else "images"
             raise SvdExportError(f"the pipeline asks for {got} {unit} per step (prompts x num_{unit}_per_prompt); "
-                                 f"this engine serves batch {self.engine.range.describe('batch')} "
-                                 f"(rebuild with --{'max-' * (want != most)}batch {got})")
+                                 f"this engine {_serves(self.engine, 'batch')} (rebuild with "
+                                 f"--{'max-' * (want != most)}batch {got})")
         for k in self.engine.family.prompts.batched:
             if k in inputs and got < want:
                 x = inputs[k]
@@ -117,8 +117,8 @@ class EngineTransformer(torch.nn.Module):
         text_len = inputs["encoder_hidden_states"].shape[1]
         lo, hi = engine.range.min.text_len, engine.range.max.text_len
         if not lo <= text_len <= hi:
-            raise SvdExportError(f"the prompt embeddings have {text_len} tokens; this engine serves "
-                                 f"{engine.range.describe('text_len')}: call the pipeline with "
+            raise SvdExportError(f"the prompt embeddings have {text_len} tokens; this engine "
+                                 f"{_serves(engine, 'text_len', '')}: call the pipeline with "
                                  f"max_sequence_length={engine.shapes.text_len}")
         batch = self._fit_batch(inputs)
         inputs = {k: v.to(engine.device, self._dtypes.get(k, v.dtype)) for k, v in inputs.items()}
@@ -135,6 +135,12 @@ class EngineTransformer(torch.nn.Module):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return Transformer2DModelOutput(sample=out)
+
+
+def _serves(engine: Engine, axis: str, name: str | None = None) -> str:
+    """'was built for batch 2' (static axis) or 'serves batch 1..4' (ranged), for refusals."""
+    lo, hi, name = getattr(engine.range.min, axis), getattr(engine.range.max, axis), axis if name is None else name
+    return f"was built for {name} {lo}".replace("  ", " ") if lo == hi else f"serves {axis} {lo}..{hi}"
 
 
 def apply(pipe, engine: Engine | str | Path, **cache_overrides):
@@ -195,7 +201,7 @@ def run_prompts(engine: Engine, prompts: list[str], steps: int, seed: int, guida
     build shapes; `guidance_scale` None: the family's default, FLUX.1-dev 3.5, HunyuanVideo 6.0)."""
     most = engine.range.max.batch
     if len(prompts) > most:
-        raise SvdExportError(f"{len(prompts)} prompts, but this engine serves batch {engine.range.describe('batch')} "
+        raise SvdExportError(f"{len(prompts)} prompts, but this engine {_serves(engine, 'batch')} "
                              f"(rebuild with --{'max-' * engine.range.ranged}batch {len(prompts)})")
     pipe = pipeline_for(engine, **cache_overrides)
     encoder = engine.family.prompts
