@@ -80,13 +80,18 @@ def _add_range_args(p: argparse.ArgumentParser) -> None:
         g.add_argument(f"--max-{axis}", type=int, metavar="N", help=f"largest {what} served (default: the build's)")
         g.add_argument(f"--min-{axis}", type=int, metavar="N", help=f"smallest {what} served (default: 1, 16 px or 1 "
                        "token when the axis ranges, else the build's)")
+    g.add_argument("--calib-shapes", metavar="HxW,...", help="also calibrate the bases on inputs of these resolutions "
+                   "(in range; the calibration inputs take turns with the build shapes; default: the build shapes only)")
 
 
 def range_options(a: argparse.Namespace) -> dict[str, dict]:
-    """BuildOptions' min_shapes and max_shapes: --min-* / --max-* values by shape axis (None: not given;
-    calibrate has no range options)."""
+    """BuildOptions' min_shapes and max_shapes (--min-* / --max-* values by shape axis, None: not given) and
+    calib_shapes (calibrate has none of these options)."""
+    from svdexport.models.ranges import parse_sizes
+
     axes = ("batch", "height", "width", "text_len")
-    return {f"{end}_shapes": {k: getattr(a, f"{end}_{k}", None) for k in axes} for end in ("min", "max")}
+    out = {f"{end}_shapes": {k: getattr(a, f"{end}_{k}", None) for k in axes} for end in ("min", "max")}
+    return {**out, "calib_shapes": parse_sizes(getattr(a, "calib_shapes", None), "--calib-shapes")}
 
 
 def _add_request_shape_args(p: argparse.ArgumentParser) -> None:

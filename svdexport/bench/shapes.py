@@ -16,21 +16,14 @@ import torch
 
 from svdexport.bench.latency import _call, _state, _time
 from svdexport.errors import SvdExportError
+from svdexport.models.ranges import parse_sizes
 
 TARGET = 1.10  # issue 15: ranged full step / static full step at the optimal shape
 
 
 def parse_resolutions(text: str | None) -> list[tuple[int, int]]:
     """'96x96,128x160' -> [(96, 96), (128, 160)] as (height, width)."""
-    if not text:
-        return []
-    try:
-        out = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
-    except ValueError:
-        out = []
-    if not out or any(len(r) != 2 for r in out):
-        raise SvdExportError(f"--resolutions must be a comma list of HEIGHTxWIDTH, e.g. 96x96,128x128, got {text!r}")
-    return out
+    return parse_sizes(text, "--resolutions")
 
 
 def _medians(fns: dict[str, Callable[[], object]], repeats: int, calls: int) -> dict[str, float]:

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from svdexport.build import memory, precision
-from svdexport.build.calibrate import CalibrationSettings, calibrate, plan_statistics
+from svdexport.build.calibrate import CALIBRATION_SEED, CalibrationSettings, calibrate, plan_statistics
 from svdexport.build.ranged import range_states, shapes_record
 from svdexport.cache import plan as plans
 from svdexport.cache.config import CacheConfig
@@ -46,6 +46,7 @@ class BuildOptions:
     shapes: dict = field(default_factory=dict)  # overrides of the family's default build shapes
     min_shapes: dict = field(default_factory=dict)  # --min-*: a ranged engine's smallest shapes (issue 15)
     max_shapes: dict = field(default_factory=dict)  # --max-*: its largest; neither given: a static engine
+    calib_shapes: list = field(default_factory=list)  # --calib-shapes: (height, width) calibrated on besides the build's
     dtype: str = "auto"  # weights and activations precision; "auto": build/precision.py's rule
     device: str = "auto"  # "cpu", "cuda", or "auto" (cuda when a GPU is visible)
     calib_samples: int = 8  # calibration inputs
@@ -106,6 +107,8 @@ def prepare(opts: BuildOptions) -> Prepared:
         raise SvdExportError(f"k_max={opts.cache.k_max} exceeds the model's hidden size {dim}")
     shapes = fam.shapes({**fam.default_shapes(info).to_dict(), **opts.shapes})
     ranges = shape_range(fam.name, shapes, opts.min_shapes, opts.max_shapes)
+    for h, w in opts.calib_shapes:  # calibration shapes are shapes the engine serves
+        ranges.request(height=h, width=w)
     sampling = fam.sampling(fam.sampler_config(opts.weights, info.config))
     defaults = fam.run_defaults(info.config, sampling.config)
     opts.cache = dataclasses.replace(opts.cache, **{k: getattr(defaults, k) for k in ("warmup", "interval")
@@ -139,9 +142,13 @@ def prepare(opts: BuildOptions) -> Prepared:
 
 
 def run_calibration(p: Prepared, opts: BuildOptions, progress: bool) -> Bases:
+    """The bases, from inputs of the build shapes, or cycling through them and --calib-shapes."""
     settings = CalibrationSettings(opts.calib_samples, opts.calib_steps, opts.cache.tau, opts.cache.k_max)
+    cycle = [p.shapes] + [p.range.request(height=h, width=w) for h, w in opts.calib_shapes]
+    shapes_of = lambda seed: cycle[(seed - CALIBRATION_SEED) % len(cycle)]  # noqa: E731
     return calibrate(p.full, p.cached, p.sampling, p.shapes, p.sites, p.fam.hidden_size(p.info.config),
-                     lambda seed: p.inputs(seed, opts), settings, progress=progress)
+                     lambda seed: p.inputs(seed, opts, shapes_of(seed)), settings, progress=progress,
+                     shapes_of=shapes_of)
 
 
 def calibrate_plan(p: Prepared, opts: BuildOptions, bases: Bases,
@@ -202,9 +209,14 @@ def graph_exports(p: Prepared, bases: Bases, example: dict, opts: BuildOptions) 
 def build_key(p: Prepared, opts: BuildOptions) -> str:
     """Digest of everything an engine depends on: same key, same engine."""
     parts = {"model": opts.model, "weights": p.info.digest(), "backend": opts.backend, "cache": opts.cache.to_dict(),
-             "shapes": p.shapes.to_dict(), "range": p.range.to_dicts(), "dtype": opts.dtype, "device": opts.device,
+             "shapes": p.shapes.to_dict(), "dtype": opts.dtype, "device": opts.device,
              "calibration": [opts.calib_samples, opts.calib_steps, p.prompts], "sampler": p.sampling.config,
              "versions": mf.library_versions()}
+    # Issue 15's settings enter the key only when used: a static engine keeps the key it had before.
+    if p.range.ranged:
+        parts["range"] = p.range.to_dicts()
+    if opts.calib_shapes:
+        parts["calib_shapes"] = opts.calib_shapes
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -298,7 +310,8 @@ def _build(opts: BuildOptions, out: Path, graphs_dir: Path, progress: bool, be) 
                                  pipeline_parts=p.info.pipeline_parts, conditioning=conditioning),
             cache=opts.cache,
             sites=[mf.SiteRecord(n, k, e) for n, k, e in zip(bases.sites, bases.ranks, bases.energy)],
-            calibration=mf.CalibrationRecord(bases.num_inputs, bases.num_timesteps, bases.tau, bases.k_max),
+            calibration=mf.CalibrationRecord(bases.num_inputs, bases.num_timesteps, bases.tau, bases.k_max,
+                                             [list(s) for s in opts.calib_shapes]),
             shapes=shapes_record(p, example),
             dtype=str(DTYPES[opts.dtype]).removeprefix("torch."),
             steps=p.steps,

@@ -29,10 +29,12 @@ class CalibrationSettings:
 
 def calibrate(full: Graph, cached: Graph, sampling: Sampling, shapes: Shapes, sites: list[str], dim: int,
               make_inputs: Callable[[int], dict[str, torch.Tensor]], settings: CalibrationSettings,
-              progress: bool = True) -> Bases:
+              progress: bool = True, shapes_of: Callable[[int], Shapes] | None = None) -> Bases:
     """Bases for `sites` from `settings.num_inputs` full-compute generations of `settings.steps` steps.
 
     The full graph runs with all-zero bases, so its residual output is the site features themselves.
+    `shapes_of(seed)`: the shapes of that input, when they are not all `shapes` (--calib-shapes); the Gram
+    sums over every token, so each input weighs by its token count.
     """
     zero = torch.zeros(len(sites), dim, 1)
     steps = settings.steps
@@ -45,7 +47,9 @@ def calibrate(full: Graph, cached: Graph, sampling: Sampling, shapes: Shapes, si
                 acc.add(features)
                 bar.update()
 
-            loop.generate(make_inputs(CALIBRATION_SEED + i), steps, on_full_step=on_full_step)
+            seed = CALIBRATION_SEED + i
+            loop.generate(make_inputs(seed), steps, on_full_step=on_full_step,
+                          shapes=shapes_of(seed) if shapes_of else None)
     return Bases.from_gram(acc, sites, settings.tau, settings.k_max, settings.num_inputs)
 
 

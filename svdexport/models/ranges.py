@@ -86,3 +86,16 @@ def shape_range(family: str, opt: Shapes, lows: dict, highs: dict) -> ShapeRange
             if v < 1:
                 raise SvdExportError(f"--{end}-{OPTION[axis]} must be >= 1, got {v}")
     return ShapeRange(type(opt)(**lo).validate(), opt, type(opt)(**hi).validate())
+
+
+def parse_sizes(text: str | None, option: str) -> list[tuple[int, int]]:
+    """'96x96,128x160' -> [(96, 96), (128, 160)] as (height, width); anything else is one line naming `option`."""
+    if not text:
+        return []
+    try:
+        out = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
+    except ValueError:
+        out = []
+    if not out or any(len(r) != 2 for r in out):
+        raise SvdExportError(f"{option} must be a comma list of HEIGHTxWIDTH, e.g. 96x96,160x160, got {text!r}")
+    return out

@@ -80,6 +80,8 @@ class CalibrationRecord:
     num_timesteps: int
     tau: float
     k_max: int
+    # --calib-shapes: [height, width] of the inputs calibrated on besides the build shapes (they take turns)
+    shapes: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
