@@ -20,7 +20,8 @@ RANGE = ["--min-height", "96", "--max-height", "160", "--min-width", "96", "--ma
 @pytest.fixture(scope="module")
 def ranged(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranged") / "engine"
-    assert main(["build", "--out", str(out), *FAST, "--calib-steps", "1", *RANGE]) == 0
+    assert main(["build", "--out", str(out), *FAST, "--calib-steps", "1", *RANGE, "--calib-samples", "2",
+                 "--calib-shapes", "96x160"]) == 0
     return out
 
 
@@ -30,6 +31,9 @@ def ranged(tmp_path_factory):
     (["--max-height", "150"], ["--max-height 150", "multiple of 16"]),
     (["--max-batch", "0"], ["--max-batch 0 is below --batch 1"]),
     (["--max-text-len", "16"], ["class table", "--max-text-len"]),
+    (["--calib-shapes", "96x96"], ["height 96", "static engine"]),
+    ([*RANGE, "--calib-shapes", "96by96"], ["--calib-shapes must be a comma list of HEIGHTxWIDTH"]),
+    ([*RANGE, "--calib-shapes", "192x96"], ["height 192", "96..160"]),
 ])
 def test_bad_range_options_are_one_line_before_the_work(tmp_path, capsys, args, words):
     code, _, err = run_cli(capsys, "build", "--out", tmp_path / "e", *FAST, *args)
@@ -41,6 +45,7 @@ def test_manifest_records_the_range_and_old_engines_load_static(ranged):
     m = mf.read(ranged)
     assert m.shapes.kind is mf.EngineKind.RANGED
     assert (m.shapes.min["height"], m.shapes.max["height"], m.shapes.min["batch"], m.shapes.max["batch"]) == (96, 160, 1, 2)
+    assert m.calibration.shapes == [[96, 160]]
     old = mf._parse(mf.ShapesRecord, {"build": m.shapes.build, "inputs": m.shapes.inputs}, "shapes")
     assert old.kind is mf.EngineKind.STATIC and not old.range(FLUX).ranged
     with pytest.raises(SvdExportError, match="unknown value 'elastic'"):
@@ -103,3 +108,23 @@ def test_dynamic_dimensions_and_tensorrt_profiles_come_from_the_range_ends():
     assert b is None and sorted(x) == [0, 1]
     assert (x[0].min, x[0].max, x[1].min, x[1].max) == (1, 3, 36, 100)  # batch: torch.export needs room above 2
     assert profiles(g) == [((1, 36, 4), (2, 64, 4), (2, 100, 4)), ((6, 8), (6, 8), (6, 8))]
+
+
+def test_bench_of_shapes_runs_and_checks_its_options_first(ranged, tmp_path_factory, tmp_path, capsys):
+    static = quick_engine(tmp_path_factory, "static-bench")
+    quick = ["--steps", "2", "--repeats", "1", "--step-calls", "1", "--e2e-repeats", "1"]
+    capsys.readouterr()
+    for args, words in (([static, "--resolutions", "96x96"], ["static engine", "ranged one"]),
+                        ([ranged, "--resolutions", "96"], ["--resolutions must be"]),
+                        ([ranged, "--resolutions", "96x192"], ["width 192", "96..160"])):
+        code, _, err = run_cli(capsys, "bench", *args, *quick)
+        assert_one_line_error(code, err, *words)
+    code, out, err = run_cli(capsys, "bench", ranged, "--against", static, "--resolutions", "96x96,160x112", *quick,
+                             "--json", tmp_path / "r.json")
+    assert code == 0, err
+    assert "ranged / static" in out and "| 160x112 | 70 |" in out
+    import json
+
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report["against"]["ratios"]) == {"full_step_ranged_vs_static", "cached_step_ranged_vs_static",
+                                                "e2e_ranged_vs_static"}
