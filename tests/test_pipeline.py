@@ -119,6 +119,25 @@ def test_smaller_batch_is_padded_and_larger_refused(folder, tmp_path_factory):
         pipe_call(pipe, batch=3)
 
 
+def test_ranged_engine_takes_each_calls_batch_and_resolution_unpadded(folder, tmp_path):
+    out = tmp_path / "engine"
+    build(BuildOptions(weights=str(folder), shapes=SHAPES, calib_samples=1, calib_steps=4,
+                       min_shapes={"height": 96, "width": 96}, max_shapes={"height": 160, "width": 160, "batch": 2}),
+          out, progress=False)
+    engine = svdexport.load(out)
+    engine.step_cache = Recording(engine)  # records each step's inputs: their batch is the call's own
+    pipe = svdexport.apply(tiny_pipeline(), engine, interval=1)
+    for batch, height, width in ((1, 128, 128), (2, 96, 160)):
+        size = dict(height=height, width=width)
+        got = pipe_call(pipe, batch=batch, **size)
+        assert (got - pipe_call(tiny_pipeline(), batch=batch, **size)).abs().max() <= 1e-4
+    shapes = [tuple(x["encoder_hidden_states"].shape[:1]) + tuple(x["hidden_states"].shape[:2])
+              for _, x, _ in engine.step_cache.steps]
+    assert shapes == [(1, 1, 64)] * 10 + [(2, 2, 60)] * 10  # not padded to batch 2
+    with pytest.raises(SvdExportError, match=r"serves batch 1\.\.2 \(rebuild with --max-batch 3\)"):
+        pipe_call(pipe, batch=3)
+
+
 def test_mismatched_requests_are_refused(engine):
     pipe = svdexport.apply(tiny_pipeline(), engine)
     with pytest.raises(SvdExportError, match="built for"):
