@@ -1,6 +1,6 @@
-"""Compiled backends against eager: graph parity, 50-step generations, loading without model code. The engines
-are ranged (issue 15): optimised for FAST's 128x128, batch 1, serving 96..160 px and batch 1..2; a static
-engine's export is the same call without dynamic dimensions (static refusals: test_shapes.py)."""
+"""Compiled backends against eager: graph parity, 50-step generations, loading without model code. The aoti and
+onnx engines are ranged (issue 15): optimised for FAST's 128x128, batch 1, serving 96..160 px and batch 1..2;
+the inductor one is static (a ranged inductor engine compiles at every load, slowly: its own test below)."""
 
 import importlib.util
 import json
@@ -36,8 +36,9 @@ RANGE = ["--min-height", "96", "--max-height", "160", "--min-width", "96", "--ma
 def built(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     out = root / "engine"
+    ranged = RANGE if request.param != "inductor" else []
     assert main(["build", "--backend", request.param, "--out", str(out), "--graphs", str(root / "graphs"), *FAST,
-                 *RANGE]) == 0
+                 *ranged]) == 0
     engine = svdexport.load(out)
     return request.param, out, engine, engine.eager_reference()
 
@@ -55,6 +56,8 @@ def one_step_state(engine, eager_full, seed=1, shapes=None):  # inputs of one st
 @pytest.mark.parametrize("shape", [None, (2, 96, 160), (1, 160, 112)], ids=["build", "b2-96x160", "b1-160x112"])
 def test_each_graph_matches_eager_within_1e4_of_output_scale(built, shape):
     _, _, engine, eager = built
+    if shape and not engine.range.ranged:
+        pytest.skip("a static engine (the ranged inductor engine: test_ranged_inductor_engine_matches_eager)")
     eager_full, eager_cached = eager.full, eager.cached
     shapes = engine.request_shapes(*shape) if shape else None
     state, expected = one_step_state(engine, eager_full, shapes=shapes)
@@ -84,10 +87,30 @@ def test_engine_files_are_hashed_and_graphs_exported(built):
     assert set(m.files) == engine_files and len(engine_files) >= 3
     graphs = out.parent / "graphs"
     assert (graphs / "full.pt2").exists() and (graphs / "cached.pt2").exists()
-    assert m.graphs["full"].input_shapes[0] == [2, 64, 4]  # exported at batch 2: batch 1 would not be dynamic
-    assert m.shapes.kind.value == "ranged" and m.shapes.inputs["hidden_states"] == [1, 64, 4]
+    ranged = backend != "inductor"
+    assert m.graphs["full"].input_shapes[0] == [2 if ranged else 1, 64, 4]  # ranged: batch 1 would not be dynamic
+    assert m.shapes.kind.value == ("ranged" if ranged else "static") and m.shapes.inputs["hidden_states"] == [1, 64, 4]
     # The cached-step engine carries far fewer weights than the full one.
     assert m.graphs["cached"].parameters < m.graphs["full"].parameters / 2
+
+
+def test_ranged_inductor_engine_matches_eager(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inductor-ranged")
+    assert main(["build", "--backend", "inductor", "--out", str(root / "e"), "--graphs", str(root / "g"), *FAST,
+                 *RANGE]) == 0
+    engine = svdexport.load(root / "e")
+    eager = engine.eager_reference()
+    for shape in ((2, 96, 160), (1, 160, 112)):
+        state, expected = one_step_state(engine, eager.full, shapes=engine.request_shapes(*shape))
+        got = engine.full(*[state[n] for n in engine.full.input_names])
+        for name, a, b in zip(("noise_pred", "coeffs", "residuals"), got, expected):
+            assert (a - b).abs().max() <= 1e-4 * b.abs().max(), (shape, name)
+        with torch.no_grad():
+            want = eager.cached(*[state[n] for n in eager.cached.input_names])
+        got = engine.cached(*[state[n] for n in engine.cached.input_names])
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max(), shape
+    with pytest.raises(SvdExportError, match=re.escape("batch 3 is outside this ranged engine's range: batch 1..2")):
+        engine.generate(batch=3, steps=3)
 
 
 def test_corrupted_engine_file_is_refused(built, tmp_path):
@@ -104,6 +127,13 @@ def test_corrupted_engine_file_is_refused(built, tmp_path):
 
 def test_other_shapes_and_batches_generate_as_eager_and_out_of_range_is_refused(built):
     _, _, engine, reference = built
+    if not engine.range.ranged:  # static: another shape is refused naming the built one
+        inputs = engine.example_inputs()
+        built_shape = tuple(inputs["encoder_hidden_states"].shape)
+        inputs["encoder_hidden_states"] = torch.zeros(1, 9, built_shape[2])
+        with pytest.raises(SvdExportError, match=re.escape(f"built for {built_shape}")):
+            engine.generate(inputs, steps=3)
+        return
     for batch, height, width in ((2, 96, 160), (1, 160, 112)):
         inputs = engine.example_inputs(seed=4, shapes=engine.request_shapes(batch, height, width))
         a = engine.generate(inputs, steps=10, height=height, width=width)
