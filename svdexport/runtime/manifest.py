@@ -156,6 +156,10 @@ class Manifest:
         data = _plain(dataclasses.asdict(self))
         cond = data["model"]["conditioning"]  # only the fields of its kind, as 0.2 wrote them
         data["model"]["conditioning"] = {k: v for k, v in cond.items() if v is not None}
+        # Issue 15's fields only where they say something: a static engine's manifest records just its kind.
+        data["shapes"] = {k: v for k, v in data["shapes"].items() if v is not None}
+        if not data["calibration"]["shapes"]:
+            del data["calibration"]["shapes"]
         return data
 
 
