@@ -37,15 +37,20 @@ def engines(weights: str, root: Path, calib_samples: int, extra: dict) -> dict:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(description: str) -> argparse.ArgumentParser:
+    """The options the measurement scripts share (scripts/measure_shapes.py uses them too)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--weights", default="bundled:digits")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--calib-samples", type=int, default=8)
     p.add_argument("--first-seed", type=int, default=0, help="samples use seeds first-seed, first-seed + 1, ...")
     p.add_argument("--granularity", default="final", help="final | block")
-    a = p.parse_args()
+    return p
+
+
+def main() -> None:
+    a = arguments(__doc__.splitlines()[0]).parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         e = engines(a.weights, Path(tmp), a.calib_samples, {"cache": CacheConfig(granularity=a.granularity)})
         fam, shapes = e["fp32"].family, e["fp32"].shapes

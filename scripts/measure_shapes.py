@@ -13,12 +13,14 @@ paired difference against the build-shape bases (bench/stats.py).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from measure_precision import arguments  # noqa: E402
 
 import svdexport  # noqa: E402
 from svdexport.bench.metrics import psnr  # noqa: E402
@@ -38,13 +40,8 @@ def engine(root: Path, name: str, a, shapes: dict, calib_shapes: list) -> "svdex
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--weights", default="bundled:digits")
-    p.add_argument("--samples", type=int, default=16)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--calib-samples", type=int, default=8)
-    p.add_argument("--first-seed", type=int, default=1000, help="held-out seeds: first-seed, first-seed + 1, ...")
-    p.add_argument("--granularity", default="final", help="final | block")
+    p = arguments(__doc__.splitlines()[0])
+    p.set_defaults(first_seed=1000)  # held-out seeds: not those the defaults were chosen on
     p.add_argument("--gamma", type=float, default=1.0, help="residual forecast (default 1.0, svdexport's: then C and R "
                    "take the same Taylor step and the bases cancel out of F = C V^T + R; 0: reuse R, the paper's)")
     a = p.parse_args()
