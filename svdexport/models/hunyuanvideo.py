@@ -187,6 +187,10 @@ class HunyuanVideoFamily(mmdit.MMDiTFamily):
     default_sampler = SAMPLER_CONFIG
     is_video = True
     prompts = HunyuanVideoPrompts()  # Llama + CLIP through HunyuanVideoPipeline (hunyuanvideo_prompts.py)
+    # diffusers' hooks find HunyuanVideo's blocks by their registered classes, and cache-dit registers a
+    # HunyuanVideo adapter: every peer runs on it as on FLUX (tests/test_peers.py runs each on both).
+    peer_libraries = ("diffusers-taylorseer", "diffusers-fbcache", "diffusers-magcache", "cachedit-dbcache",
+                      "cachedit-dbcache-taylorseer")
 
     def load(self, info: WeightsInfo, dtype: torch.dtype) -> nn.Module:
         model = super().load(info, dtype)
