@@ -152,6 +152,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--plan", help="calibrated | uniform (default: the engine's; --interval/--warmup imply uniform)")
     r.add_argument("--full-steps", type=int, help="full steps of the calibrated plan (default: the engine's)")
     r.add_argument("--label", type=int, help="class to generate, for class-conditioned models (bundled digits)")
+    r.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="LoRA .safetensors (diffusers, PEFT, Kohya or BFL names) fused into the engine's weights "
+                        "without a rebuild, SCALE default 1; repeatable (aoti, onnx, inductor, eager backends)")
     add_force(r)
     add_trust_args(r)
     r.set_defaults(func=cmd_run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from pathlib import Path
 
 from svdexport.errors import SvdExportError
@@ -156,8 +157,14 @@ def cmd_run(a: argparse.Namespace) -> None:
         raise SvdExportError("--label is for class-conditioned models; --prompt for text-conditioned ones")
     peek = manifest_io.read(Path(a.engine), check_versions=False, hash_files=False)  # the options' checks only
     fam = family(peek.model.family)
+    loras = check_loras(a.lora or [], peek.backend, fam)
     plan = run_outputs(a, fam.is_video, int(peek.shapes.build.get("batch", 1)))
     engine = svdexport.load(a.engine)  # verifies everything (and the signature, when required)
+    if loras:
+        start = time.perf_counter()
+        engine.set_loras(loras)
+        print(f"LoRA {', '.join(map(str, loras))}: {engine.lora_weights()} weights replaced in the compiled "
+              f"graphs in {time.perf_counter() - start:.1f} s (no rebuild)")
     steps = a.steps or engine.steps
     overrides = {k: v for k, v in (("interval", a.interval), ("warmup", a.warmup), ("plan", a.plan),
                                    ("full_steps", a.full_steps)) if v is not None}
@@ -175,6 +182,22 @@ def cmd_run(a: argparse.Namespace) -> None:
         print(line)
     print(f"{steps} steps: {result.full_steps} full, {result.cached_steps} cached, {result.seconds:.2f} s")
     engine.close()
+
+
+def check_loras(specs: list[str], backend_name: str, fam) -> list:
+    """`--lora FILE[:SCALE]` options, checked before any work: each file a readable LoRA, a number for
+    SCALE, a backend that can take new weights and a family with a LoRA loader."""
+    from svdexport.export import backend
+    from svdexport.models.lora import LoraFile
+
+    if not specs:
+        return []
+    be = backend(backend_name)
+    if be.fixed_weights is not None:
+        raise SvdExportError(f"--lora: backend {backend_name!r} cannot load a LoRA into a built engine: {be.fixed_weights}")
+    if fam.lora_loader is None:
+        raise SvdExportError(f"--lora: LoRAs are not supported for {fam.name} models (no diffusers LoRA loader)")
+    return [LoraFile.parse(s) for s in specs]
 
 
 def _run_prompt(a: argparse.Namespace, engine, steps: int, overrides: dict, plan: dict) -> None:

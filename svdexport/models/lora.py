@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from svdexport.errors import SvdExportError
+from svdexport.quiet import quiet
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,9 @@ def fuse(transformer: nn.Module, loader_name: str, loras: list[LoraFile]) -> Fus
             raise SvdExportError(f"the LoRA {lora.path} matches nothing in this model: none of its keys names a "
                                  f"{type(transformer).__name__} module (after diffusers' Kohya/BFL conversion)")
         try:
-            loader.load_lora_into_transformer(state, network_alphas=alphas, transformer=transformer,
-                                              adapter_name=f"svdexport_{i}", metadata=metadata)
+            with quiet():  # diffusers logs the failure before raising it; the raised line is the one shown
+                loader.load_lora_into_transformer(state, network_alphas=alphas, transformer=transformer,
+                                                  adapter_name=f"svdexport_{i}", metadata=metadata)
         except Exception as e:  # PEFT: "Target modules {...} not found in the base model", shape mismatches
             raise SvdExportError(f"the LoRA {lora.path} does not fit this model: {str(e).splitlines()[0]}") from None
         params = adapted_parameters(transformer)

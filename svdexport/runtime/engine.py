@@ -134,13 +134,14 @@ class Engine:
             scale = float(scale)
         except (TypeError, ValueError):
             raise SvdExportError(f"LoRA scale must be a number, got {scale!r}") from None
-        self._set_loras([*self.loras, LoraFile(Path(path), scale).check()])
+        self.set_loras([*self.loras, LoraFile(Path(path), scale).check()])
 
     def unload_lora(self) -> None:
         """Pushes the base weights back (bit for bit: the values the engine was built with)."""
-        self._set_loras([])
+        self.set_loras([])
 
-    def _set_loras(self, loras: list[LoraFile]) -> None:
+    def set_loras(self, loras: list[LoraFile]) -> None:
+        """Exactly these LoRAs fused, in order, into the base weights (none: the base engine)."""
         be = backend(self.manifest.backend)
         if be.fixed_weights is not None and (loras or self.loras):
             raise SvdExportError(f"backend {be.name!r} cannot load a LoRA into a built engine: {be.fixed_weights}")
@@ -153,6 +154,10 @@ class Engine:
                                    fuse(model, self.family.lora_loader, loras))
         self.push_weights(wanted)
         self.loras = list(loras)
+
+    def lora_weights(self) -> int:
+        """How many distinct weights the loaded LoRAs replaced."""
+        return self._swap.count()
 
     def push_weights(self, wanted: WeightSwap) -> None:
         """Makes the graphs' weights the base ones except `wanted.new` (`apply` gives a pipeline's LoRAs so)."""
