@@ -201,6 +201,10 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--step-calls", type=int, default=10, help="calls per step timing (default 10)")
     m.add_argument("--e2e-repeats", type=int, default=3, help="interleaved repeats of whole generations")
     m.add_argument("--json", help="also write the measurements to this JSON file")
+    m.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="instead: seconds to load these LoRAs into the built engine against a rebuild of it, "
+                        "measured in the same run (repeatable)")
+    m.add_argument("--no-rebuild", action="store_true", help="with --lora: time only the LoRA load and unload")
     add_force(m)
     add_trust_args(m)
     m.set_defaults(func=cmd_bench)
@@ -293,14 +297,27 @@ def cmd_batch(a: argparse.Namespace) -> None:
 
 def cmd_bench(a: argparse.Namespace) -> None:
     from svdexport.bench.latency import bench, format_report
+    from svdexport.commands import check_loras
+    from svdexport.models import family
     from svdexport.media import json_text, write_text
     from svdexport.runtime import manifest as manifest_io
 
     if min(a.steps, a.repeats, a.e2e_repeats, a.step_calls) < 1:
         raise SvdExportError("--steps, --repeats, --step-calls and --e2e-repeats must be >= 1")
     apply_trust_args(a)
-    manifest_io.read(Path(a.engine), check_versions=False, hash_files=False)  # a missing engine fails first
+    peek = manifest_io.read(Path(a.engine), check_versions=False, hash_files=False)  # a missing engine fails first
+    loras = check_loras(a.lora or [], peek.backend, family(peek.model.family))
+    if a.no_rebuild and not loras:
+        raise SvdExportError("--no-rebuild is for --lora")
     check_files([("--json", a.json)], a.force)
+    if loras:
+        from svdexport.bench.lora import bench_lora, format_lora_report
+
+        report = bench_lora(a.engine, loras, repeats=a.repeats, rebuild=not a.no_rebuild)
+        print(format_lora_report(report))
+        if a.json:
+            write_text(json_text(report), Path(a.json))
+        return
     report = bench(a.engine, steps=a.steps, repeats=a.repeats, step_calls=a.step_calls, e2e_repeats=a.e2e_repeats)
     print(format_report(report))
     if a.json:
