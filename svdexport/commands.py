@@ -1,5 +1,5 @@
 """What every command shares before its work (one-line argparse errors, trust options, the help's defaults)
-and the commands that write files beside an engine: `run`, `keygen`, `sign`."""
+and the commands that write files beside an engine: `run`, `keygen`, `sign`; and `bench`."""
 
 from __future__ import annotations
 
@@ -184,12 +184,14 @@ def cmd_run(a: argparse.Namespace) -> None:
     engine.close()
 
 
-def check_loras(specs: list[str], backend_name: str, fam) -> list:
+def check_loras(specs: list[str], backend_name: str, fam, no_rebuild: bool = False) -> list:
     """`--lora FILE[:SCALE]` options, checked before any work: each file a readable LoRA, a number for
     SCALE, a backend that can take new weights and a family with a LoRA loader."""
     from svdexport.export import backend
     from svdexport.models.lora import LoraFile
 
+    if no_rebuild and not specs:
+        raise SvdExportError("--no-rebuild is for --lora")
     if not specs:
         return []
     be = backend(backend_name)
@@ -227,6 +229,29 @@ def _run_prompt(a: argparse.Namespace, engine, steps: int, overrides: dict, plan
     full = sum(run.plan)
     print(f"{steps} steps: {full} full, {steps - full} cached, {run.seconds:.2f} s with text encoders and VAE")
     engine.close()
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    from svdexport.bench.latency import bench, format_report
+    from svdexport.models import family
+    from svdexport.media import json_text, write_text
+    from svdexport.runtime import manifest as manifest_io
+
+    if min(a.steps, a.repeats, a.e2e_repeats, a.step_calls) < 1:
+        raise SvdExportError("--steps, --repeats, --step-calls and --e2e-repeats must be >= 1")
+    apply_trust_args(a)
+    peek = manifest_io.read(Path(a.engine), check_versions=False, hash_files=False)  # a missing engine fails first
+    loras = check_loras(a.lora or [], peek.backend, family(peek.model.family), a.no_rebuild)
+    check_files([("--json", a.json)], a.force)
+    if loras:
+        from svdexport.bench.lora import bench_lora, format_lora_report
+
+        report = bench_lora(a.engine, loras, repeats=a.repeats, rebuild=not a.no_rebuild)
+    else:
+        report = bench(a.engine, steps=a.steps, repeats=a.repeats, step_calls=a.step_calls, e2e_repeats=a.e2e_repeats)
+    print(format_lora_report(report) if loras else format_report(report))
+    if a.json:
+        write_text(json_text(report), Path(a.json))
 
 
 def add_force(p: argparse.ArgumentParser, what: str = "output files") -> None:

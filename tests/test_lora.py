@@ -142,3 +142,11 @@ def test_apply_fuses_the_pipelines_loras(tmp_path_factory):
     assert (reference - base).abs().max() > 1e-2
     assert (got - reference).abs().max() <= 1e-4
     assert pipe.transformer.engine.lora_weights() > 0
+
+
+def test_bench_times_the_lora_load(tmp_path_factory, lora, capsys):
+    engine = quick_engine(tmp_path_factory, "lora-bench")
+    capsys.readouterr()
+    code, out, _ = run_cli(capsys, "bench", engine, "--lora", lora, "--no-rebuild", "--repeats", "1")
+    assert code == 0 and "LoRA load" in out and "26 weights replaced" in out
+    assert_one_line_error(*run_cli(capsys, "bench", engine, "--no-rebuild")[::2], "--no-rebuild is for --lora")
