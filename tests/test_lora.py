@@ -150,3 +150,28 @@ def test_bench_times_the_lora_load(tmp_path_factory, lora, capsys):
     code, out, _ = run_cli(capsys, "bench", engine, "--lora", lora, "--no-rebuild", "--repeats", "1")
     assert code == 0 and "LoRA load" in out and "26 weights replaced" in out
     assert_one_line_error(*run_cli(capsys, "bench", engine, "--no-rebuild")[::2], "--no-rebuild is for --lora")
+
+
+def test_kohya_names_are_converted_by_diffusers(tmp_path_factory, tmp_path):
+    """The same LoRA in Kohya's names (BFL module names, lora_down/lora_up, alpha) and in diffusers' names."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    down, up = torch.randn(4, 128, generator=g) * 0.1, torch.randn(128, 4, generator=g) * 0.1
+    kohya = {"lora_unet_double_blocks_1_img_attn_proj.lora_down.weight": down,
+             "lora_unet_double_blocks_1_img_attn_proj.lora_up.weight": up,
+             "lora_unet_double_blocks_1_img_attn_proj.alpha": torch.tensor(4.0)}
+    ours = {"transformer.transformer_blocks.1.attn.to_out.0.lora_A.weight": down,
+            "transformer.transformer_blocks.1.attn.to_out.0.lora_B.weight": up}
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
+    save_file(ours, str(tmp_path / "diffusers.safetensors"))
+    engine = svdexport.load(quick_engine(tmp_path_factory, "lora-kohya"))
+    base = engine.generate(seed=0, steps=4).latents
+    outs = []
+    for name in ("kohya", "diffusers"):
+        engine.load_lora(tmp_path / f"{name}.safetensors")
+        assert engine.lora_weights() == 1
+        outs.append(engine.generate(seed=0, steps=4).latents)
+        engine.unload_lora()
+    assert (outs[0] - base).abs().max() > 1e-3
+    assert (outs[0] - outs[1]).abs().max() <= 1e-6
