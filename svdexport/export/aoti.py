@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from svdexport.errors import SvdExportError
 import torch
 
+from svdexport.errors import SvdExportError
 from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, compiled_pair, missing_weights, open_engine_file
 from svdexport.files import Scratch
 from svdexport.quiet import quiet

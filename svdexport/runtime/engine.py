@@ -162,7 +162,7 @@ class Engine:
     def push_weights(self, wanted: WeightSwap) -> None:
         """Makes the graphs' weights the base ones except `wanted.new` (`apply` gives a pipeline's LoRAs so)."""
         be = backend(self.manifest.backend)
-        push, merged = to_push(self._swap, wanted)
+        push, merged = to_push(self._swap, wanted.cast(self.dtype))
         be.update_weights((_inner(self.full), _inner(self.cached)), push, self.manifest.load_spec(folder=self.folder))
         for graph in (self.full, self.cached):
             if isinstance(graph, static.StaticGraph):

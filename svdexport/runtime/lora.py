@@ -30,6 +30,12 @@ class WeightSwap:
     def count(self) -> int:
         return len({fqn for g in self.new.values() for fqn in g})
 
+    def cast(self, dtype: torch.dtype) -> "WeightSwap":
+        """In the engine's precision (a pipeline's transformer may be in another)."""
+        def to(w: Weights) -> Weights:
+            return {g: {k: v.to(dtype) if v.is_floating_point() else v for k, v in d.items()} for g, d in w.items()}
+        return WeightSwap(to(self.new), to(self.base))
+
 
 def graph_weights(fam: Family, model: nn.Module, granularity: str, fused: Fused) -> WeightSwap:
     """The changed parameters of `model` (fused in place) under their FQNs in each of the family's graphs."""
