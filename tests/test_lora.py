@@ -175,3 +175,32 @@ def test_kohya_names_are_converted_by_diffusers(tmp_path_factory, tmp_path):
         engine.unload_lora()
     assert (outs[0] - base).abs().max() > 1e-3
     assert (outs[0] - outs[1]).abs().max() <= 1e-6
+
+
+def test_hunyuanvideo_engine_takes_a_lora(tmp_path_factory, capsys):
+    from diffusers import HunyuanVideoPipeline
+
+    from svdexport.models.hunyuanvideo import HUNYUANVIDEO as HV
+
+    out = tmp_path_factory.mktemp("hv-lora") / "engine"
+    assert run_cli(capsys, "build", "--model", "hunyuanvideo", "--weights", "bundled:digits", "--calib-samples", "1",
+                   "--calib-steps", "1", "--out", out)[0] == 0
+    engine = svdexport.load(out)
+    model = HV.load(HV.inspect("bundled:digits"), engine.dtype)
+    torch.manual_seed(0)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "proj_out"]))
+    state = {k: v * 0.5 for k, v in get_peft_model_state_dict(model).items()}
+    model.unload_lora()
+    HunyuanVideoPipeline.save_lora_weights(out.parent, transformer_lora_layers=state, weight_name="hv.safetensors")
+    base = engine.generate(seed=0, steps=4).latents
+    engine.load_lora(out.parent / "hv.safetensors")
+    model.load_lora_adapter(str(out.parent / "hv.safetensors"), prefix="transformer")
+    model.fuse_lora()
+    full, _ = HV.graphs(model, engine.cache.granularity)
+    inputs = graph_inputs(engine, "full")
+    with torch.no_grad():
+        got, want = engine.full(*inputs)[0], full(*inputs)[0]
+    assert (got - want).abs().max() <= 1e-2 * want.abs().max()  # eager engine in the model's bf16
+    assert (engine.generate(seed=0, steps=4).latents - base).abs().max() > 1e-2
+    engine.unload_lora()
+    assert torch.equal(engine.generate(seed=0, steps=4).latents, base)

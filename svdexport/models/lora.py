@@ -9,6 +9,7 @@ with the fused weights in its original parameters. Only the parameters of the mo
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,9 +97,12 @@ def fuse(transformer: nn.Module, loader_name: str, loras: list[LoraFile]) -> Fus
     loader = getattr(loaders, loader_name)
     changed = Fused({}, {})
     for i, lora in enumerate(loras):
+        # FLUX's loader also returns the network alphas of files that carry them; other families' do not.
+        with_alphas = "return_alphas" in inspect.signature(loader.lora_state_dict).parameters
         try:
-            state, alphas, metadata = loader.lora_state_dict(str(lora.path), return_alphas=True,
-                                                             return_lora_metadata=True)
+            found = loader.lora_state_dict(str(lora.path), return_lora_metadata=True,
+                                           **({"return_alphas": True} if with_alphas else {}))
+            state, alphas, metadata = found if with_alphas else (found[0], None, found[1])
         except Exception as e:
             raise SvdExportError(f"diffusers cannot read the LoRA {lora.path}: {str(e).splitlines()[0]}") from None
         prefix = f"{loader.transformer_name}."
@@ -107,8 +111,9 @@ def fuse(transformer: nn.Module, loader_name: str, loras: list[LoraFile]) -> Fus
                                  f"{type(transformer).__name__} module (after diffusers' Kohya/BFL conversion)")
         try:
             with quiet():  # diffusers logs the failure before raising it; the raised line is the one shown
-                loader.load_lora_into_transformer(state, network_alphas=alphas, transformer=transformer,
-                                                  adapter_name=f"svdexport_{i}", metadata=metadata)
+                loader.load_lora_into_transformer(state, transformer=transformer, adapter_name=f"svdexport_{i}",
+                                                  metadata=metadata,
+                                                  **({"network_alphas": alphas} if with_alphas else {}))
         except Exception as e:  # PEFT: "Target modules {...} not found in the base model", shape mismatches
             raise SvdExportError(f"the LoRA {lora.path} does not fit this model: {str(e).splitlines()[0]}") from None
         params = adapted_parameters(transformer)
