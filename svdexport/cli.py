@@ -13,13 +13,13 @@ from pathlib import Path
 
 from svdexport.cache.config import GRANULARITIES, CacheConfig
 from svdexport.cache.predictors import PREDICTORS
-from svdexport.commands import Parser, add_force, add_trust_args, apply_trust_args, cmd_bench, cmd_keygen, cmd_run
-from svdexport.commands import cmd_sign
+from svdexport.commands import Parser, add_force, add_trust_args, apply_trust_args, cmd_keygen, cmd_run, cmd_sign
 from svdexport.commands import model_help
 from svdexport.errors import SvdExportError
 from svdexport.outputs import check_files
 from svdexport import quiet
 from svdexport.runtime import trust
+from svdexport.commands import cmd_bench_lora, lora_args
 
 DEFAULTS = CacheConfig()
 
@@ -153,10 +153,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--plan", help="calibrated | uniform (default: the engine's; --interval/--warmup imply uniform)")
     r.add_argument("--full-steps", type=int, help="full steps of the calibrated plan (default: the engine's)")
     r.add_argument("--label", type=int, help="class to generate, for class-conditioned models (bundled digits)")
-    r.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="LoRA .safetensors (diffusers, Kohya or "
-                   "BFL names) fused into the engine's weights without a rebuild (SCALE default 1); repeatable")
     add_force(r)
     add_trust_args(r)
+    lora_args(r, "run")
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("compare", help="quality and speed against eager, every predictor and the peer libraries, "
@@ -201,11 +200,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--step-calls", type=int, default=10, help="calls per step timing (default 10)")
     m.add_argument("--e2e-repeats", type=int, default=3, help="interleaved repeats of whole generations")
     m.add_argument("--json", help="also write the measurements to this JSON file")
-    m.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="instead: seconds to load these LoRAs "
-                   "into the engine against a rebuild of it, in the same run (repeatable)")
-    m.add_argument("--no-rebuild", action="store_true", help="with --lora: time only the LoRA load and unload")
     add_force(m)
     add_trust_args(m)
+    lora_args(m, "bench")
     m.set_defaults(func=cmd_bench)
     k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing engines")
     k.add_argument("--out", required=True, help="private key file (mode 0600); the public key goes to OUT.pub")
@@ -292,6 +289,24 @@ def cmd_batch(a: argparse.Namespace) -> None:
         first = next(iter(summary.failed.items()))
         raise SvdExportError(f"{len(summary.failed)} items failed (item {first[0]}: {first[1]}); rerun to retry "
                              f"them, the finished ones are kept (see {a.out}/summary.json)")
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    from svdexport.bench.latency import bench, format_report
+    from svdexport.media import json_text, write_text
+    from svdexport.runtime import manifest as manifest_io
+
+    if a.lora or a.no_rebuild:
+        return cmd_bench_lora(a)
+    if min(a.steps, a.repeats, a.e2e_repeats, a.step_calls) < 1:
+        raise SvdExportError("--steps, --repeats, --step-calls and --e2e-repeats must be >= 1")
+    apply_trust_args(a)
+    manifest_io.read(Path(a.engine), check_versions=False, hash_files=False)  # a missing engine fails first
+    check_files([("--json", a.json)], a.force)
+    report = bench(a.engine, steps=a.steps, repeats=a.repeats, step_calls=a.step_calls, e2e_repeats=a.e2e_repeats)
+    print(format_report(report))
+    if a.json:
+        write_text(json_text(report), Path(a.json))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 """What every command shares before its work (one-line argparse errors, trust options, the help's defaults)
-and the commands that write files beside an engine: `run`, `keygen`, `sign`; and `bench`."""
+and the commands that write files beside an engine: `run`, `keygen`, `sign`; and `bench --lora`."""
 
 from __future__ import annotations
 
@@ -231,25 +231,32 @@ def _run_prompt(a: argparse.Namespace, engine, steps: int, overrides: dict, plan
     engine.close()
 
 
-def cmd_bench(a: argparse.Namespace) -> None:
-    from svdexport.bench.latency import bench, format_report
-    from svdexport.models import family
+def lora_args(p: argparse.ArgumentParser, command: str) -> None:
+    if command == "run":
+        p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="LoRA .safetensors (diffusers, "
+                       "Kohya or BFL names) fused into the engine's weights without a rebuild (SCALE default 1); "
+                       "repeatable")
+        return
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="instead: seconds to load these LoRAs "
+                   "into the engine against a rebuild of it, in the same run (repeatable)")
+    p.add_argument("--no-rebuild", action="store_true", help="with --lora: time only the LoRA load and unload")
+
+
+def cmd_bench_lora(a: argparse.Namespace) -> None:
+    """`bench --lora`: LoRA load and unload against a rebuild of the engine (bench/lora.py)."""
+    from svdexport.bench.lora import bench_lora, format_lora_report
     from svdexport.media import json_text, write_text
+    from svdexport.models import family
     from svdexport.runtime import manifest as manifest_io
 
-    if min(a.steps, a.repeats, a.e2e_repeats, a.step_calls) < 1:
-        raise SvdExportError("--steps, --repeats, --step-calls and --e2e-repeats must be >= 1")
+    if a.repeats < 1:
+        raise SvdExportError("--repeats must be >= 1")
     apply_trust_args(a)
     peek = manifest_io.read(Path(a.engine), check_versions=False, hash_files=False)  # a missing engine fails first
     loras = check_loras(a.lora or [], peek.backend, family(peek.model.family), a.no_rebuild)
     check_files([("--json", a.json)], a.force)
-    if loras:
-        from svdexport.bench.lora import bench_lora, format_lora_report
-
-        report = bench_lora(a.engine, loras, repeats=a.repeats, rebuild=not a.no_rebuild)
-    else:
-        report = bench(a.engine, steps=a.steps, repeats=a.repeats, step_calls=a.step_calls, e2e_repeats=a.e2e_repeats)
-    print(format_lora_report(report) if loras else format_report(report))
+    report = bench_lora(a.engine, loras, repeats=a.repeats, rebuild=not a.no_rebuild)
+    print(format_lora_report(report))
     if a.json:
         write_text(json_text(report), Path(a.json))
 
