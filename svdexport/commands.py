@@ -156,8 +156,8 @@ def cmd_run(a: argparse.Namespace) -> None:
     if a.prompt and a.label is not None:
         raise SvdExportError("--label is for class-conditioned models; --prompt for text-conditioned ones")
     peek = manifest_io.read(Path(a.engine), check_versions=False, hash_files=False)  # the options' checks only
+    loras = check_loras(a.lora or [], peek.backend, family(peek.model.family))
     fam = family(peek.model.family)
-    loras = check_loras(a.lora or [], peek.backend, fam)
     plan = run_outputs(a, fam.is_video, int(peek.shapes.build.get("batch", 1)))
     engine = svdexport.load(a.engine)  # verifies everything (and the signature, when required)
     if loras:
@@ -182,24 +182,6 @@ def cmd_run(a: argparse.Namespace) -> None:
         print(line)
     print(f"{steps} steps: {result.full_steps} full, {result.cached_steps} cached, {result.seconds:.2f} s")
     engine.close()
-
-
-def check_loras(specs: list[str], backend_name: str, fam, no_rebuild: bool = False) -> list:
-    """`--lora FILE[:SCALE]` options, checked before any work: each file a readable LoRA, a number for
-    SCALE, a backend that can take new weights and a family with a LoRA loader."""
-    from svdexport.export import backend
-    from svdexport.models.lora import LoraFile
-
-    if no_rebuild and not specs:
-        raise SvdExportError("--no-rebuild is for --lora")
-    if not specs:
-        return []
-    be = backend(backend_name)
-    if be.fixed_weights is not None:
-        raise SvdExportError(f"--lora: backend {backend_name!r} cannot load a LoRA into a built engine: {be.fixed_weights}")
-    if fam.lora_loader is None:
-        raise SvdExportError(f"--lora: LoRAs are not supported for {fam.name} models (no diffusers LoRA loader)")
-    return [LoraFile.parse(s) for s in specs]
 
 
 def _run_prompt(a: argparse.Namespace, engine, steps: int, overrides: dict, plan: dict) -> None:
@@ -229,6 +211,24 @@ def _run_prompt(a: argparse.Namespace, engine, steps: int, overrides: dict, plan
     full = sum(run.plan)
     print(f"{steps} steps: {full} full, {steps - full} cached, {run.seconds:.2f} s with text encoders and VAE")
     engine.close()
+
+
+def check_loras(specs: list[str], backend_name: str, fam, no_rebuild: bool = False) -> list:
+    """`--lora FILE[:SCALE]` options, checked before any work: each file a readable LoRA, a number for
+    SCALE, a backend that can take new weights and a family with a LoRA loader."""
+    from svdexport.export import backend
+    from svdexport.models.lora import LoraFile
+
+    if no_rebuild and not specs:
+        raise SvdExportError("--no-rebuild is for --lora")
+    if not specs:
+        return []
+    be = backend(backend_name)
+    if be.fixed_weights is not None:
+        raise SvdExportError(f"--lora: backend {backend_name!r} cannot load a LoRA into a built engine: {be.fixed_weights}")
+    if fam.lora_loader is None:
+        raise SvdExportError(f"--lora: LoRAs are not supported for {fam.name} models (no diffusers LoRA loader)")
+    return [LoraFile.parse(s) for s in specs]
 
 
 def lora_args(p: argparse.ArgumentParser, command: str) -> None:

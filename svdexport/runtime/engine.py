@@ -13,11 +13,11 @@ from svdexport.errors import SvdExportError
 from svdexport.export import backend
 from svdexport.models import family
 from svdexport.models.lora import LoraFile, fuse
+from svdexport.runtime.lora import WeightSwap, graph_weights, to_push
 from svdexport.models.weights import load_table
 from svdexport.runtime import manifest as manifest_io
 from svdexport.cache.plan import load_stats
 from svdexport.runtime import static
-from svdexport.runtime.lora import WeightSwap, graph_weights, to_push
 from svdexport.runtime.manifest import BASES_FILE, PLAN_STATS_FILE, ConditioningKind, Manifest
 from svdexport.runtime.plans import RequestPlan, plan_for, schedule_weights
 from svdexport.runtime.scheduler import CachedSampler, Generation, StepCache
