@@ -19,7 +19,7 @@ from svdexport.errors import SvdExportError
 from svdexport.outputs import check_files
 from svdexport import quiet
 from svdexport.runtime import trust
-from svdexport.commands import cmd_bench_lora, lora_args
+from svdexport.commands import bench_with_lora, lora_args
 
 DEFAULTS = CacheConfig()
 
@@ -155,7 +155,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--label", type=int, help="class to generate, for class-conditioned models (bundled digits)")
     add_force(r)
     add_trust_args(r)
-    lora_args(r, "run")
+    lora_args(r)
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("compare", help="quality and speed against eager, every predictor and the peer libraries, "
@@ -202,8 +202,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--json", help="also write the measurements to this JSON file")
     add_force(m)
     add_trust_args(m)
-    lora_args(m, "bench")
-    m.set_defaults(func=cmd_bench)
+    m.set_defaults(func=bench_with_lora(m, cmd_bench))
     k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing engines")
     k.add_argument("--out", required=True, help="private key file (mode 0600); the public key goes to OUT.pub")
     add_force(k, "key files")
@@ -296,8 +295,6 @@ def cmd_bench(a: argparse.Namespace) -> None:
     from svdexport.media import json_text, write_text
     from svdexport.runtime import manifest as manifest_io
 
-    if a.lora or a.no_rebuild:
-        return cmd_bench_lora(a)
     if min(a.steps, a.repeats, a.e2e_repeats, a.step_calls) < 1:
         raise SvdExportError("--steps, --repeats, --step-calls and --e2e-repeats must be >= 1")
     apply_trust_args(a)

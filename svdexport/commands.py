@@ -7,6 +7,7 @@ import argparse
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 from svdexport.errors import SvdExportError
 from svdexport.outputs import check_files
@@ -231,15 +232,17 @@ def check_loras(specs: list[str], backend_name: str, fam, no_rebuild: bool = Fal
     return [LoraFile.parse(s) for s in specs]
 
 
-def lora_args(p: argparse.ArgumentParser, command: str) -> None:
-    if command == "run":
-        p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="LoRA .safetensors (diffusers, "
-                       "Kohya or BFL names) fused into the engine's weights without a rebuild (SCALE default 1); "
-                       "repeatable")
-        return
+def lora_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="LoRA .safetensors (diffusers, Kohya or "
+                   "BFL names) fused into the engine's weights without a rebuild (SCALE default 1); repeatable")
+
+
+def bench_with_lora(p: argparse.ArgumentParser, bench: Callable) -> Callable:
+    """Adds bench's --lora and --no-rebuild; returns the command: `cmd_bench_lora` when they are given, else `bench`."""
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="instead: seconds to load these LoRAs "
                    "into the engine against a rebuild of it, in the same run (repeatable)")
     p.add_argument("--no-rebuild", action="store_true", help="with --lora: time only the LoRA load and unload")
+    return lambda a: cmd_bench_lora(a) if a.lora or a.no_rebuild else bench(a)
 
 
 def cmd_bench_lora(a: argparse.Namespace) -> None:
