@@ -1,8 +1,6 @@
-"""Command line: `svdexport build | calibrate | run | compare | batch | bench | keygen | sign`.
-
-User errors (SvdExportError, bad arguments) print one line and exit with status 2; nothing else is caught,
-so a bug still shows its traceback. Every command checks its options and output paths before its work.
-"""
+"""Command line: `svdexport build | calibrate | run | compare | batch | bench | keygen | sign`. User errors
+(SvdExportError, bad arguments) print one line and exit with status 2; nothing else is caught, so a bug still
+shows its traceback. Every command checks its options and output paths before its work."""
 
 from __future__ import annotations
 
