@@ -53,10 +53,11 @@ class AotiBackend(Backend):
     def update_weights(self, graphs: tuple, weights: dict[str, dict[str, torch.Tensor]], spec: LoadSpec) -> None:
         """AOTInductor's constant-buffer update: the package's constants are the parameters by FQN (no
         compile-time folding of weights), copied into the loaded model's buffers."""
+        for name, graph in zip(GRAPHS, graphs):  # both checked before either changes
+            missing_weights(name, weights.get(name) or {}, graph.fn.get_constant_fqns())
         for name, graph in zip(GRAPHS, graphs):
             given = weights.get(name) or {}
             if given:
-                missing_weights(name, given, graph.fn.get_constant_fqns())
                 graph.fn.load_constants({k: v.detach().to(spec.device).contiguous() for k, v in given.items()},
                                         check_full_update=False)
 

@@ -181,14 +181,14 @@ class OnnxBackend(Backend):
         """ONNX Runtime initializers supplied at session creation, by the parameter FQNs the exporter kept."""
         import onnx
 
+        external = {}
+        for name, graph in zip(GRAPHS, graphs):  # both checked before either changes
+            initializers = onnx.load(str(graph.fn.path), load_external_data=False).graph.initializer
+            missing_weights(name, weights.get(name) or {}, {t.name for t in initializers})
+            external[name] = {t.name for t in initializers if t.data_location == onnx.TensorProto.EXTERNAL}
         for name, graph in zip(GRAPHS, graphs):
-            given = weights.get(name) or {}
-            if given:
-                ort_graph = graph.fn
-                model = onnx.load(str(ort_graph.path), load_external_data=False)
-                missing_weights(name, given, {t.name for t in model.graph.initializer})
-                ort_graph.replace(given, {t.name for t in model.graph.initializer
-                                          if t.data_location == onnx.TensorProto.EXTERNAL})
+            if weights.get(name):
+                graph.fn.replace(weights[name], external[name])
 
 
 def _check_external_data(path: Path, engine_dir: Path, spec: LoadSpec) -> None:
