@@ -1,88 +1,27 @@
 """LoRAs loaded into built engines without a rebuild: LoRAs made with PEFT on the bundled digits model (small
-rank, non-zero B), against eager PyTorch with the LoRA fused by diffusers, and unloaded back to the base."""
-
-import importlib.util
+rank, non-zero B), against eager PyTorch with the LoRA fused by diffusers, and unloaded back to the base.
+The compiled backends' LoRA test is in test_backends.py, on the engines it builds anyway."""
 
 import pytest
 import torch
-from diffusers import FluxPipeline
 from peft import LoraConfig, get_peft_model_state_dict
 
 import svdexport
-from helpers import FAST, assert_one_line_error, quick_engine, run_cli
+from helpers import assert_one_line_error, check_lora_engine, digits_model, graph_inputs, make_lora, quick_engine
+from helpers import run_cli
 from svdexport.errors import SvdExportError
-from svdexport.files import sha256_file
-from svdexport.models.flux import FLUX
-from svdexport.runtime import manifest as manifest_io
-
-HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]  # proj_out: in both graphs at final granularity
-
-
-def make_lora(path, model, seed=0, rank=4, targets=TARGETS, scale=0.5):
-    """A PEFT LoRA of `model` with random A and B (PEFT starts B at zero), saved as diffusers saves LoRAs."""
-    torch.manual_seed(seed)
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=targets))
-    state = {k: v * scale for k, v in get_peft_model_state_dict(model).items()}
-    model.unload_lora()
-    FluxPipeline.save_lora_weights(path.parent, transformer_lora_layers=state, weight_name=path.name)
-    return path
-
-
-def digits_model():
-    return FLUX.load(FLUX.inspect("bundled:digits"), torch.float32)
-
 
 @pytest.fixture(scope="module")
 def lora(tmp_path_factory):
     return make_lora(tmp_path_factory.mktemp("lora") / "digits_lora.safetensors", digits_model())
 
 
-def fused_graphs(lora_path, scale):
-    """The reference: diffusers' own LoRA loading and fusing on the base transformer, then its eager graphs."""
-    model = digits_model()
-    model.load_lora_adapter(str(lora_path), prefix="transformer")
-    model.fuse_lora(lora_scale=scale)
-    return FLUX.graphs(model, "final")
-
-
-def graph_inputs(engine, name, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    spec = engine.manifest.graphs[name]
-    return [torch.randn(s, generator=g).to(getattr(torch, d)) for s, d in zip(spec.input_shapes, spec.input_dtypes)]
-
-
-def check_engine(engine, lora, tol):
-    """LoRA changes the output, equals the fused eager graphs within `tol` of the output scale, stacks, and
-    unloading restores the base output bit for bit; the engine folder is not touched."""
-    files = {f: sha256_file(engine.folder / f) for f in engine.manifest.files}
-    base_gen = engine.generate(seed=0, steps=8).latents
-    base_out = [engine.full(*graph_inputs(engine, "full"))[0], engine.cached(*graph_inputs(engine, "cached"))]
-    engine.load_lora(lora, scale=0.8)
-    ref_full, ref_cached = fused_graphs(lora, 0.8)
-    with torch.no_grad():
-        for graph, ref, name, base in ((engine.full, ref_full, "full", base_out[0]),
-                                       (engine.cached, ref_cached, "cached", base_out[1])):
-            inputs = graph_inputs(engine, name)
-            got, want = graph(*inputs), ref(*inputs)
-            got, want = (got[0], want[0]) if name == "full" else (got, want)
-            assert (got - base).abs().max() > 100 * tol * want.abs().max(), name  # the LoRA changes it
-            assert (got - want).abs().max() <= tol * want.abs().max(), name
-    lora_gen = engine.generate(seed=0, steps=8).latents
-    eager = engine.eager_reference().generate(seed=0, steps=8).latents
-    assert (lora_gen - eager).abs().max() <= tol * eager.abs().max()
-    assert (lora_gen - base_gen).abs().max() > 1e-2
-    engine.load_lora(lora, scale=0.8)  # stacked: twice the delta, differs again
-    assert len(engine.loras) == 2 and not torch.equal(engine.generate(seed=0, steps=8).latents, lora_gen)
-    engine.unload_lora()
-    assert torch.equal(engine.generate(seed=0, steps=8).latents, base_gen)
-    assert torch.equal(engine.full(*graph_inputs(engine, "full"))[0], base_out[0])
-    assert files == {f: sha256_file(engine.folder / f) for f in engine.manifest.files}
-    manifest_io.read(engine.folder)  # still verifies
-
-
-def test_eager_engine_loads_and_unloads_a_lora(tmp_path_factory, lora):
-    check_engine(svdexport.load(quick_engine(tmp_path_factory, "eager-lora")), lora, 1e-5)
+def test_eager_engine_loads_and_unloads_a_lora(tmp_path_factory, tmp_path, lora, capsys):
+    folder = quick_engine(tmp_path_factory, "eager-lora")
+    check_lora_engine(svdexport.load(folder), lora, 1e-5)
+    png = tmp_path / "digit.png"
+    code, out, _ = run_cli(capsys, "run", folder, "--lora", f"{lora}:0.5", "--lora", lora, "--out", png, "--steps", "4")
+    assert code == 0 and png.exists() and f"LoRA {lora}:0.5, {lora}:1:" in out and "(no rebuild)" in out
 
 
 def test_lora_options_are_checked_in_one_line(tmp_path_factory, tmp_path, capsys, lora):
@@ -103,19 +42,6 @@ def test_lora_options_are_checked_in_one_line(tmp_path_factory, tmp_path, capsys
     assert not (tmp_path / "x.png").exists()
     with pytest.raises(SvdExportError, match="scale must be a number"):
         svdexport.load(engine).load_lora(lora, scale="x")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", ["aoti", pytest.param("onnx", marks=pytest.mark.skipif(not HAS_ONNX,
-                                                                                      reason="onnx extra"))])
-def test_compiled_engine_loads_and_unloads_a_lora(backend, tmp_path_factory, lora, capsys):
-    out = tmp_path_factory.mktemp(backend) / "engine"
-    assert run_cli(capsys, "build", "--backend", backend, "--out", out, "--graphs", out.parent / "g", *FAST)[0] == 0
-    with svdexport.load(out) as engine:
-        check_engine(engine, lora, 1e-4)  # the backends' parity tolerance (test_backends)
-    png = out.parent / "lora.png"
-    code, printed, _ = run_cli(capsys, "run", out, "--lora", f"{lora}:0.5", "--out", png, "--steps", "4")
-    assert code == 0 and "no rebuild" in printed and png.exists()
 
 
 @pytest.mark.slow
