@@ -183,6 +183,7 @@ class HunyuanVideoFamily(mmdit.MMDiTFamily):
     # "digits": the same size, 1 channel, trained on moving digits (scripts/train_reference_video.py).
     bundled = {"random": BUNDLED_DIR / "hunyuanvideo_tiny.json", "digits": BUNDLED_DIR / "hunyuanvideo_digits"}
     default_weights = "bundled:random"
+    lora_loader = "HunyuanVideoLoraLoaderMixin"
     pipeline_parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
     default_sampler = SAMPLER_CONFIG
     is_video = True
