@@ -1,6 +1,6 @@
 """The check to run on a lent GPU (scripts/gpu_check.sh sets up its packages, then runs this).
 
-Builds FLUX.1's full width (bundled:flux1-reduced) at 1024x1024 in bf16 with each backend (aoti, tensorrt,
+Builds FLUX.1's full width (bundled:flux1-reduced) at 1024x1024 in bf16 with each backend (aoti, inductor, tensorrt,
 onnx on the CUDA / TensorRT providers), checks one full and one cached step of each against eager bf16, and
 prints one markdown table: full and cached step, 50 steps with SVD-Cache against eager without cache,
 achieved TFLOP/s and fraction of this GPU's bf16 matmul peak (measured in the same run), peak GPU memory,
@@ -16,7 +16,9 @@ import argparse
 import dataclasses
 import json
 import resource
+import signal
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -55,8 +57,9 @@ class Plan:
     reserve_s: float = 90.0  # time a backend needs at least (build and measurement) to be started
 
 
-GPU = Plan("bundled:flux1-reduced", {"height": 1024, "width": 1024}, "cuda", ("aoti", "tensorrt", "onnx"),
-           {"aoti": "bf16", "tensorrt": "bf16", "onnx": "bf16"})
+# inductor (torch.compile at load) second: a compiled GPU row even where AOTInductor's loader crashes.
+GPU = Plan("bundled:flux1-reduced", {"height": 1024, "width": 1024}, "cuda", ("aoti", "inductor", "tensorrt", "onnx"),
+           {"aoti": "bf16", "inductor": "bf16", "tensorrt": "bf16", "onnx": "bf16"})
 # On a CPU: aoti in bf16 as on the GPU (the digits model's own default is fp32), onnx as `build` picks (fp32:
 # ONNX Runtime's CPU provider has no bf16 kernels).
 TINY = Plan("bundled:digits", {}, "cpu", ("aoti", "onnx"), {"aoti": "bf16", "onnx": "auto"}, budget_s=300.0,
@@ -150,8 +153,8 @@ class Memory:
 class Check:
     """Runs the plan: per backend a build, a parity check and the timings; eager references per dtype."""
 
-    def __init__(self, plan: Plan, out: Path, log=print):
-        self.plan, self.out, self.log = plan, out, log
+    def __init__(self, plan: Plan, out: Path, log=print, isolate: bool = False):
+        self.plan, self.out, self.log, self.isolate = plan, out, log, isolate
         self.start = time.perf_counter()
         self.refs: dict[str, dict] = {}  # dtype -> eager engine, its timings, FLOPs and the matmul peak
 
@@ -221,16 +224,33 @@ class Check:
         return row
 
     def run(self) -> list[Row]:
-        rows = []
-        for name in self.plan.backends:
-            try:
-                rows.append(self.run_backend(name))
-            except SvdExportError as e:  # a build or load refused in one line: the others still run
-                rows.append(Row(name, skipped=f"failed: {e}"))
-            except Exception as e:  # a first run on a new machine: record it, keep the other backends
-                traceback.print_exc()
-                rows.append(Row(name, skipped=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"))
-        return rows
+        return [self.run_isolated(name) if self.isolate else self.run_one(name) for name in self.plan.backends]
+
+    def run_isolated(self, name: str) -> Row:
+        """`run_one` in a child process: a backend that crashes the interpreter (an AOTInductor package
+        segfaulted in aoti_load_package on an H200, docs/gpu.md) is a row saying so, and the others still run."""
+        result = self.out / f"{name}.row.json"
+        result.unlink(missing_ok=True)
+        budget = max(self.plan.budget_s - self.elapsed(), 0.0)
+        argv = [sys.executable, __file__, "--child", name, "--out", str(self.out), "--budget-s", f"{budget:.0f}",
+                "--json", str(result)] + (["--tiny"] if self.plan.device == "cpu" else [])
+        code = subprocess.run(argv).returncode
+        if not result.exists():
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+            return Row(name, skipped=f"failed: the process died ({how}) before it reported; its log is above")
+        saved = json.loads(result.read_text())
+        for dtype, peak in saved["peaks"].items():
+            self.refs.setdefault(dtype, {"peak": hardware.Peak(**{**peak, "shape": tuple(peak["shape"])})})
+        return Row(**saved["rows"][0])
+
+    def run_one(self, name: str) -> Row:
+        try:
+            return self.run_backend(name)
+        except SvdExportError as e:  # a build or load refused in one line: the others still run
+            return Row(name, skipped=f"failed: {e}")
+        except Exception as e:  # a first run on a new machine: record it, keep the other backends
+            traceback.print_exc()
+            return Row(name, skipped=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
 
 def _f(x, fmt: str) -> str:
@@ -274,24 +294,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="/tmp/svdexport-gpu-check", help="folder for the engines it builds")
     ap.add_argument("--backends", help="comma list (default: aoti,tensorrt,onnx; --tiny: aoti,onnx)")
     ap.add_argument("--budget-s", type=float, help="seconds the whole check may take (default 480; --tiny 300)")
-    ap.add_argument("--json", help="also write the rows as JSON")
+    ap.add_argument("--json", help="also write the rows (and the measured matmul peaks) as JSON")
+    ap.add_argument("--in-process", action="store_true", help="run the backends in this process, not one child each")
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # one backend, for the parent's run_isolated
     a = ap.parse_args(argv)
     plan = TINY if a.tiny else GPU
-    if a.backends:
-        plan = dataclasses.replace(plan, backends=tuple(a.backends.split(",")))
-    if a.budget_s:
+    if a.backends or a.child:
+        plan = dataclasses.replace(plan, backends=tuple((a.child or a.backends).split(",")))
+    if a.budget_s is not None:
         plan = dataclasses.replace(plan, budget_s=a.budget_s)
     if plan.device == "cuda" and not torch.cuda.is_available():
         print("svdexport: error: no CUDA GPU is visible (use --tiny to run this check on a CPU)", file=sys.stderr)
         return 2
-    check = Check(plan, Path(a.out), log=lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True))
+    isolate = not (a.in_process or a.child)
+    check = Check(plan, Path(a.out), log=lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True),
+                  isolate=isolate)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
     rows = check.run()
     peaks = {k: v["peak"] for k, v in check.refs.items()}
+    if a.json:
+        Path(a.json).write_text(json.dumps({"rows": [r.__dict__ for r in rows],
+                                            "peaks": {k: p.to_dict() for k, p in peaks.items()}}, indent=2) + "\n")
+    if a.child:
+        return 0
     print()
     print(table(rows, plan, device_name(plan.device), peaks))
     print(f"\ntotal {check.elapsed():.0f} s")
-    if a.json:
-        Path(a.json).write_text(json.dumps([r.__dict__ for r in rows], indent=2) + "\n")
     failed = [r for r in rows if (r.skipped or "").startswith("failed") or (not r.skipped and not r.parity_ok)]
     return 1 if failed else 0
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared check for a lent GPU (docs/gpu.md): sets up what the bare machine lacks, then runs
-# scripts/gpu_check.py, which builds bundled:flux1-reduced at 1024x1024 in bf16 with aoti, tensorrt and onnx,
+# scripts/gpu_check.py, which builds bundled:flux1-reduced at 1024x1024 in bf16 with aoti, inductor, tensorrt and onnx,
 # checks each against eager bf16 and prints one markdown table. Meant to finish within 8 minutes on one H100.
 #
 #   scripts/gpu_check.sh [--out DIR] [--backends aoti,onnx] [--budget-s 480] [--json FILE]

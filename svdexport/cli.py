@@ -1,8 +1,6 @@
-"""Command line: `svdexport build | calibrate | run | compare | batch | bench | keygen | sign`.
-
-User errors (SvdExportError, bad arguments) print one line and exit with status 2; nothing else is caught,
-so a bug still shows its traceback. Every command checks its options and output paths before its work.
-"""
+"""Command line: `svdexport build | calibrate | run | compare | batch | bench | keygen | sign`. User errors
+(SvdExportError, bad arguments) print one line and exit with status 2; nothing else is caught, so a bug still
+shows its traceback. Every command checks its options and output paths before its work."""
 
 from __future__ import annotations
 
@@ -19,6 +17,7 @@ from svdexport.errors import SvdExportError
 from svdexport.outputs import check_files
 from svdexport import quiet
 from svdexport.runtime import trust
+from svdexport.commands import bench_with_lora, lora_args
 
 DEFAULTS = CacheConfig()
 
@@ -157,6 +156,7 @@ def parser() -> argparse.ArgumentParser:
     add_shape_args(r, "run")
     add_force(r)
     add_trust_args(r)
+    lora_args(r)
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("compare", help="quality and speed against eager, every predictor and the peer libraries, "
@@ -204,7 +204,7 @@ def parser() -> argparse.ArgumentParser:
     add_shape_args(m, "bench")
     add_force(m)
     add_trust_args(m)
-    m.set_defaults(func=cmd_bench)
+    m.set_defaults(func=bench_with_lora(m, cmd_bench))
     k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing engines")
     k.add_argument("--out", required=True, help="private key file (mode 0600); the public key goes to OUT.pub")
     add_force(k, "key files")

@@ -1,11 +1,13 @@
 """What every command shares before its work (one-line argparse errors, trust options, the help's defaults)
-and the commands that write files beside an engine: `run`, `keygen`, `sign`."""
+and the commands that write files beside an engine: `run`, `keygen`, `sign`; and `bench --lora`."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import time
 from pathlib import Path
+from typing import Callable
 
 from svdexport.errors import SvdExportError
 from svdexport.outputs import check_files
@@ -232,10 +234,16 @@ def cmd_run(a: argparse.Namespace) -> None:
     if a.prompt and a.label is not None:
         raise SvdExportError("--label is for class-conditioned models; --prompt for text-conditioned ones")
     peek = manifest_io.read(Path(a.engine), check_versions=False, hash_files=False)  # the options' checks only
+    loras = check_loras(a.lora or [], peek.backend, family(peek.model.family))
     fam = family(peek.model.family)
     shapes = peek.shapes.range(fam).request(batch=a.batch, height=a.height, width=a.width)  # in range, or one line
     plan = run_outputs(a, fam.is_video, shapes.batch)
     engine = svdexport.load(a.engine)  # verifies everything (and the signature, when required)
+    if loras:
+        start = time.perf_counter()
+        engine.set_loras(loras)
+        print(f"LoRA {', '.join(map(str, loras))}: {engine.lora_weights()} weights replaced in the compiled "
+              f"graphs in {time.perf_counter() - start:.1f} s (no rebuild)")
     steps = a.steps or engine.steps
     overrides = {k: v for k, v in (("interval", a.interval), ("warmup", a.warmup), ("plan", a.plan),
                                    ("full_steps", a.full_steps)) if v is not None}
@@ -282,6 +290,56 @@ def _run_prompt(a: argparse.Namespace, engine, steps: int, overrides: dict, plan
     full = sum(run.plan)
     print(f"{steps} steps: {full} full, {steps - full} cached, {run.seconds:.2f} s with text encoders and VAE")
     engine.close()
+
+
+def check_loras(specs: list[str], backend_name: str, fam, no_rebuild: bool = False) -> list:
+    """`--lora FILE[:SCALE]` options, checked before any work: each file a readable LoRA, a number for
+    SCALE, a backend that can take new weights and a family with a LoRA loader."""
+    from svdexport.export import backend
+    from svdexport.models.lora import LoraFile
+
+    if no_rebuild and not specs:
+        raise SvdExportError("--no-rebuild is for --lora")
+    if not specs:
+        return []
+    be = backend(backend_name)
+    if be.fixed_weights is not None:
+        raise SvdExportError(f"--lora: backend {backend_name!r} cannot load a LoRA into a built engine: {be.fixed_weights}")
+    if fam.lora_loader is None:
+        raise SvdExportError(f"--lora: LoRAs are not supported for {fam.name} models (no diffusers LoRA loader)")
+    return [LoraFile.parse(s) for s in specs]
+
+
+def lora_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="LoRA .safetensors (diffusers, Kohya or "
+                   "BFL names) fused into the engine's weights without a rebuild (SCALE default 1); repeatable")
+
+
+def bench_with_lora(p: argparse.ArgumentParser, bench: Callable) -> Callable:
+    """Adds bench's --lora and --no-rebuild; returns the command: `cmd_bench_lora` when they are given, else `bench`."""
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="instead: seconds to load these LoRAs "
+                   "into the engine against a rebuild of it, in the same run (repeatable)")
+    p.add_argument("--no-rebuild", action="store_true", help="with --lora: time only the LoRA load and unload")
+    return lambda a: cmd_bench_lora(a) if a.lora or a.no_rebuild else bench(a)
+
+
+def cmd_bench_lora(a: argparse.Namespace) -> None:
+    """`bench --lora`: LoRA load and unload against a rebuild of the engine (bench/lora.py)."""
+    from svdexport.bench.lora import bench_lora, format_lora_report
+    from svdexport.media import json_text, write_text
+    from svdexport.models import family
+    from svdexport.runtime import manifest as manifest_io
+
+    if a.repeats < 1:
+        raise SvdExportError("--repeats must be >= 1")
+    apply_trust_args(a)
+    peek = manifest_io.read(Path(a.engine), check_versions=False, hash_files=False)  # a missing engine fails first
+    loras = check_loras(a.lora or [], peek.backend, family(peek.model.family), a.no_rebuild)
+    check_files([("--json", a.json)], a.force)
+    report = bench_lora(a.engine, loras, repeats=a.repeats, rebuild=not a.no_rebuild)
+    print(format_lora_report(report))
+    if a.json:
+        write_text(json_text(report), Path(a.json))
 
 
 def add_force(p: argparse.ArgumentParser, what: str = "output files") -> None:

@@ -3,11 +3,14 @@ diffusers sampling loop, a CachedSampler over a tiny model, and the CLI runners.
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from peft import LoraConfig, get_peft_model_state_dict
 
 from svdexport.cache.config import CacheConfig
 from svdexport.cli import main
+from svdexport.files import sha256_file
 from svdexport.models.flux import FLUX, SAMPLER_CONFIG, FluxShapes
+from svdexport.runtime import manifest as manifest_io
 from svdexport.runtime.scheduler import CachedSampler
 
 TINY = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
@@ -101,3 +104,64 @@ def quick_engine(tmp_path_factory, name: str):
     out = tmp_path_factory.mktemp(name) / "engine"
     assert main(["build", "--out", str(out), *FAST, "--calib-steps", "1"]) == 0
     return out
+
+
+# ---------------------------------------------------------------------------------------------- LoRAs
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]  # proj_out: in both graphs at final granularity
+
+
+def make_lora(path, model, seed=0, rank=4, targets=LORA_TARGETS, scale=0.5):
+    """A PEFT LoRA of `model` with random A and B (PEFT starts B at zero), saved as diffusers saves LoRAs."""
+    torch.manual_seed(seed)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=targets))
+    state = {k: v * scale for k, v in get_peft_model_state_dict(model).items()}
+    model.unload_lora()
+    FluxPipeline.save_lora_weights(path.parent, transformer_lora_layers=state, weight_name=path.name)
+    return path
+
+
+def digits_model():
+    return FLUX.load(FLUX.inspect("bundled:digits"), torch.float32)
+
+
+def fused_graphs(lora_path, scale):
+    """The reference: diffusers' own LoRA loading and fusing on the base transformer, then its eager graphs."""
+    model = digits_model()
+    model.load_lora_adapter(str(lora_path), prefix="transformer")
+    model.fuse_lora(lora_scale=scale)
+    return FLUX.graphs(model, "final")
+
+
+def graph_inputs(engine, name, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    spec = engine.manifest.graphs[name]
+    return [torch.randn(s, generator=g).to(getattr(torch, d)) for s, d in zip(spec.input_shapes, spec.input_dtypes)]
+
+
+def check_lora_engine(engine, lora, tol):
+    """LoRA changes the output, equals the fused eager graphs within `tol` of the output scale, stacks, and
+    unloading restores the base output bit for bit; the engine folder is not touched."""
+    files = {f: sha256_file(engine.folder / f) for f in engine.manifest.files}
+    base_gen = engine.generate(seed=0, steps=8).latents
+    base_out = [engine.full(*graph_inputs(engine, "full"))[0], engine.cached(*graph_inputs(engine, "cached"))]
+    engine.load_lora(lora, scale=0.8)
+    ref_full, ref_cached = fused_graphs(lora, 0.8)
+    with torch.no_grad():
+        for graph, ref, name, base in ((engine.full, ref_full, "full", base_out[0]),
+                                       (engine.cached, ref_cached, "cached", base_out[1])):
+            inputs = graph_inputs(engine, name)
+            got, want = graph(*inputs), ref(*inputs)
+            got, want = (got[0], want[0]) if name == "full" else (got, want)
+            assert (got - base).abs().max() > 100 * tol * want.abs().max(), name  # the LoRA changes it
+            assert (got - want).abs().max() <= tol * want.abs().max(), name
+    lora_gen = engine.generate(seed=0, steps=8).latents
+    eager = engine.eager_reference().generate(seed=0, steps=8).latents
+    assert (lora_gen - eager).abs().max() <= tol * eager.abs().max()
+    assert (lora_gen - base_gen).abs().max() > 1e-2
+    engine.load_lora(lora, scale=0.8)  # stacked: twice the delta, differs again
+    assert len(engine.loras) == 2 and not torch.equal(engine.generate(seed=0, steps=8).latents, lora_gen)
+    engine.unload_lora()
+    assert torch.equal(engine.generate(seed=0, steps=8).latents, base_gen)
+    assert torch.equal(engine.full(*graph_inputs(engine, "full"))[0], base_out[0])
+    assert files == {f: sha256_file(engine.folder / f) for f in engine.manifest.files}
+    manifest_io.read(engine.folder)  # still verifies

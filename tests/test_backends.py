@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 
-from helpers import FAST
+from helpers import FAST, check_lora_engine, digits_model, make_lora
 import svdexport
 from svdexport.bench.metrics import psnr
 from svdexport.cli import main
@@ -244,3 +244,9 @@ def test_check_parity_script(built):
     assert proc.returncode == 0, proc.stderr
     diffs = [float(m) for m in re.findall(r"max\|d\|/scale ([0-9.e+-]+)", proc.stdout)]
     assert len(diffs) == 4 and max(diffs) <= 1e-4  # noise_pred, coeffs, residuals, cached noise_pred
+
+
+def test_lora_loads_without_a_rebuild(built, tmp_path):
+    """A PEFT LoRA (rank 4, random B) pushed into the compiled engine: changes it, equals eager with the LoRA
+    fused within the parity tolerance, stacks, unloads to the base output bit for bit (test_lora.py: the rest)."""
+    check_lora_engine(built[2], make_lora(tmp_path / "adapter.safetensors", digits_model()), 1e-4)

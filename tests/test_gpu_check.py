@@ -67,7 +67,7 @@ def test_tiny_mode_runs_the_whole_check_on_this_cpu(tmp_path):
                            "--json", str(tmp_path / "rows.json")], capture_output=True, text=True, env=env,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    rows = {r["backend"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
+    rows = {r["backend"]: r for r in json.loads((tmp_path / "rows.json").read_text())["rows"]}
     assert set(rows) == {"aoti", "onnx"} and not any(r["skipped"] for r in rows.values())
     assert rows["aoti"]["dtype"] == "bf16" and rows["onnx"]["dtype"] == "fp32"
     for r in rows.values():
@@ -75,3 +75,16 @@ def test_tiny_mode_runs_the_whole_check_on_this_cpu(tmp_path):
         assert r["speedup"] == pytest.approx(r["eager_uncached_50_s"] / r["cached_50_s"])
     table = proc.stdout[proc.stdout.index("| backend |"):]
     assert table.count("\n| aoti |") + table.count("\n| onnx |") == 2
+
+
+def test_each_backend_runs_in_a_child_and_reports_its_row(tmp_path):
+    plan = gpu_check.dataclasses.replace(gpu_check.TINY, budget_s=0.0)  # the child skips at once: no build
+    row = gpu_check.Check(plan, tmp_path, log=lambda s: None, isolate=True).run_isolated("aoti")
+    assert row.backend == "aoti" and row.skipped.startswith("time budget")
+
+
+def test_a_child_that_crashes_is_a_row_naming_the_signal(tmp_path, monkeypatch):
+    crashed = subprocess.CompletedProcess([], returncode=-11)
+    monkeypatch.setattr(gpu_check.subprocess, "run", lambda *a, **k: crashed)
+    row = gpu_check.Check(gpu_check.TINY, tmp_path, log=lambda s: None, isolate=True).run_isolated("aoti")
+    assert row.skipped.startswith("failed: the process died (signal SIGSEGV)")

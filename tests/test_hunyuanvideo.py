@@ -140,7 +140,9 @@ def test_compare_reports_temporal_consistency(tmp_path, capsys):
     rows = {r["method"]: r for r in result["rows"]}
     assert rows["eager full compute"]["temporal_psnr_db"] == pytest.approx(np.mean(result["temporal"]["reference"]))
     assert all(r["temporal_psnr_db"] is not None for r in rows.values())
-    assert result["config"]["peers"] == [] and "temporal PSNR" in stdout
+    assert set(result["config"]["peers"]) == set(HV.peer_libraries) - set(result["config"]["peers_unavailable"])
+    assert {r["peer"] for r in rows.values() if r["peer"]} == set(result["config"]["peers"])  # a row each
+    assert "temporal PSNR" in stdout
     width, height = Image.open(tmp_path / "t.png").size
     assert width > height > 100  # the 9 x 5 inch temporal plot
 

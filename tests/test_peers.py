@@ -124,3 +124,36 @@ def test_missing_library_raises_the_reason(monkeypatch):
     with pytest.raises(SvdExportError, match="cache-dit is not installed"):
         peers.run_peer("cachedit-dbcache", tiny_model(), dataclasses.replace(LOOP, steps=STEPS), {}, WARMUP,
                        INTERVAL)
+
+
+VIDEO = dict(in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=16, num_layers=1,
+             num_single_layers=2, num_refiner_layers=1, text_embed_dim=16, pooled_projection_dim=8,
+             rope_axes_dim=(4, 6, 6), guidance_embeds=True)
+
+
+@pytest.mark.parametrize("name", peers.PEERS)
+def test_peer_on_hunyuanvideo(name):
+    """Every peer on the tiny HunyuanVideo transformer: it skips steps, stays near the plain loop (the same
+    loop with no cache), and leaves the model as it was."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from svdexport.models import hunyuanvideo as hv
+
+    reason = peers.available(name, hv.HUNYUANVIDEO)
+    if reason is not None:
+        pytest.skip(reason)
+    torch.manual_seed(0)
+    model = HunyuanVideoTransformer3DModel(**VIDEO).eval().requires_grad_(False)
+    shapes = hv.VideoShapes(batch=1, frames=9, height=64, width=64, text_len=8)
+    inputs = hv.HUNYUANVIDEO.example_inputs(dict(model.config), shapes, seed=0)
+    loop = peers.PeerLoop(hv.HUNYUANVIDEO, hv.HUNYUANVIDEO.sampling(hv.SAMPLER_CONFIG), shapes, STEPS)
+    plain, _ = peers._sample(model, loop, inputs)
+    weights = [v.clone() for v in model.state_dict().values()]
+
+    r = peers.run_peer(name, model, loop, inputs, WARMUP, INTERVAL)
+    assert torch.isfinite(r.latents).all() and 0 < r.full_steps < STEPS
+    if name.startswith("cachedit"):
+        assert r.full_steps == sum(step_plan(STEPS, WARMUP, INTERVAL))
+    assert rel_l2(r.latents, plain) < 0.5
+    assert torch.equal(peers._sample(model, loop, inputs)[0], plain)  # no cache left behind
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), weights))

@@ -134,6 +134,23 @@ class Backend:
         """(full graph, cached graph) ready to call."""
         raise NotImplementedError
 
+    # Why this backend's loaded graphs cannot take new weights (None: `update_weights` does it).
+    fixed_weights: str | None = "it has no way to replace a compiled engine's weights"
+
+    def update_weights(self, graphs: tuple, weights: dict[str, dict[str, torch.Tensor]], spec: LoadSpec) -> None:
+        """Replaces weights of the loaded (full, cached) graphs in place, without recompiling them: `weights`
+        maps a graph name to {parameter FQN in that graph: new value}; FQNs not given keep their values."""
+        raise SvdExportError(f"backend {self.name!r} cannot load a LoRA into a built engine: {self.fixed_weights}")
+
+
+def missing_weights(name: str, given, known) -> None:
+    """Refuses, in one line, weights a compiled graph does not hold under their parameter names."""
+    missing = sorted(set(given) - set(known))
+    if missing:
+        raise SvdExportError(f"the {name} graph of this engine holds no weight named {missing[0]} (and "
+                             f"{len(missing) - 1} more): the compiler folded it into a derived constant, so "
+                             "new weights cannot be pushed into it; rebuild the engine with this svdexport")
+
 
 def open_engine_file(path: Path, what: str, opener: Callable[[], object]):
     """`opener()`, with whatever a damaged file makes the loader raise turned into one line naming the file

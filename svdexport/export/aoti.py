@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from svdexport.errors import SvdExportError
-from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, compiled_pair, open_engine_file
+from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, compiled_pair, missing_weights, open_engine_file
 from svdexport.files import Scratch
 from svdexport.quiet import quiet
 
@@ -45,6 +47,19 @@ class AotiBackend(Backend):
         for graph in pair:
             graph.scratch = scratch  # lives as long as either graph; Engine.close removes it at once
         return pair
+
+    fixed_weights = None
+
+    def update_weights(self, graphs: tuple, weights: dict[str, dict[str, torch.Tensor]], spec: LoadSpec) -> None:
+        """AOTInductor's constant-buffer update: the package's constants are the parameters by FQN (no
+        compile-time folding of weights), copied into the loaded model's buffers."""
+        for name, graph in zip(GRAPHS, graphs):  # both checked before either changes
+            missing_weights(name, weights.get(name) or {}, graph.fn.get_constant_fqns())
+        for name, graph in zip(GRAPHS, graphs):
+            given = weights.get(name) or {}
+            if given:
+                graph.fn.load_constants({k: v.detach().to(spec.device).contiguous() for k, v in given.items()},
+                                        check_full_update=False)
 
 
 BACKEND = AotiBackend()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from svdexport.export import Backend, GraphExport, LoadSpec
+import torch
+
+from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, missing_weights
 
 
 class EagerBackend(Backend):
@@ -17,6 +19,22 @@ class EagerBackend(Backend):
 
     def load(self, engine_dir: Path, spec: LoadSpec):
         return spec.eager_graphs()
+
+    fixed_weights = None
+
+    def update_weights(self, graphs: tuple, weights: dict[str, dict[str, torch.Tensor]], spec: LoadSpec) -> None:
+        copy_into_modules(dict(zip(GRAPHS, graphs)), weights)
+
+
+def copy_into_modules(modules: dict[str, torch.nn.Module], weights: dict[str, dict[str, torch.Tensor]]) -> None:
+    """New values copied into the modules' own parameters (same storage: whatever runs them sees them)."""
+    for name, module in modules.items():
+        given = weights.get(name) or {}
+        own = module.state_dict(keep_vars=True)
+        missing_weights(name, given, own)
+        with torch.no_grad():
+            for fqn, value in given.items():
+                own[fqn].copy_(value)
 
 
 BACKEND = EagerBackend()

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, compiled_pair, link_or_copy, open_engine_file
+from svdexport.export.eager import copy_into_modules
 
 
 class InductorBackend(Backend):
@@ -39,6 +40,13 @@ class InductorBackend(Backend):
             return compiled
 
         return compiled_pair(spec, compile_one)
+
+    fixed_weights = None
+
+    def update_weights(self, graphs: tuple, weights: dict[str, dict[str, torch.Tensor]], spec: LoadSpec) -> None:
+        # torch.compile reads the program module's parameters as graph inputs (inlined nn modules, no
+        # freezing): new values copied into them take effect without recompiling.
+        copy_into_modules({n: g.fn._orig_mod for n, g in zip(GRAPHS, graphs)}, weights)
 
 
 BACKEND = InductorBackend()

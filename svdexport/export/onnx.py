@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from svdexport.errors import SvdExportError
-from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, compiled_pair, open_engine_file
+from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, compiled_pair, missing_weights, open_engine_file
 from svdexport.quiet import quiet
 
 # torch dtype <-> ONNX element type (onnx.TensorProto values; ORT binds bfloat16 only by this number).
@@ -50,6 +50,15 @@ class OrtGraph:
     """One ONNX Runtime session called with positional torch tensors through I/O binding."""
 
     def __init__(self, path: Path, input_names: list[str]):
+        self.path, self.overrides = path, {}
+        self._open()
+        self.device = session_device(self.session.get_providers())
+        position = {n: i for i, n in enumerate(input_names)}
+        # The exporter may drop an input the graph does not read; bind only what the session declares.
+        self.inputs = [(i.name, position[i.name]) for i in self.session.get_inputs()]
+        self.outputs = [(o.name, tuple(o.shape), _TORCH[o.type]) for o in self.session.get_outputs()]
+
+    def _open(self) -> None:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -60,15 +69,33 @@ class OrtGraph:
         # ORT's idle threads spin by default; between calls they would take the cores from PyTorch's
         # sampler and predictor work (measured: 2x slower 50-step loops on 2 cores).
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Replaced weights (LoRAs): given at session creation, before ORT's own constant folding and weight
+        # pre-packing, which then see them. The session reads their memory: kept alive in self.overrides.
+        # ORT replaces an initializer stored in the model file with add_initializer, one stored as external data
+        # (every large weight) only with add_external_initializers, and refuses the other way round.
+        external = [(n, v) for n, (v, _, ext) in self.overrides.items() if ext]
+        if external:
+            so.add_external_initializers([n for n, _ in external], [v for _, v in external])
+        for name, (value, _, ext) in self.overrides.items():
+            if not ext:
+                so.add_initializer(name, value)
         try:
-            self.session = ort.InferenceSession(str(path), so, providers=providers())
+            self.session = ort.InferenceSession(str(self.path), so, providers=providers())
         except Exception as e:
-            raise SvdExportError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from None
-        self.device = session_device(self.session.get_providers())
-        position = {n: i for i, n in enumerate(input_names)}
-        # The exporter may drop an input the graph does not read; bind only what the session declares.
-        self.inputs = [(i.name, position[i.name]) for i in self.session.get_inputs()]
-        self.outputs = [(o.name, tuple(o.shape), _TORCH[o.type]) for o in self.session.get_outputs()]
+            raise SvdExportError(f"ONNX Runtime cannot load {self.path}: {str(e).splitlines()[0]}") from None
+
+    def replace(self, weights: dict[str, torch.Tensor], external: set[str]) -> None:
+        """A new session with these initializers replaced (the others from the engine's files); `external`:
+        the names the model stores as external data."""
+        import onnxruntime as ort
+
+        for name, value in weights.items():
+            t = value.detach().cpu().contiguous()
+            array = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+            ortvalue = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, _ELEM[t.dtype])
+            self.overrides[name] = (ortvalue, t, name in external)  # t owns the memory the OrtValue reads
+        self.session = None  # the old session's memory goes before the new one is made
+        self._open()
 
     def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
         binding = self.session.io_binding()
@@ -114,6 +141,7 @@ class OnnxBackend(Backend):
         return {"models": {n: f"{n}.onnx" for n in GRAPHS}, "providers": providers(),
                 "optimizer": "onnxruntime.transformers mmdit, then ORT_ENABLE_ALL at load",
                 "checked": "exported model: onnx.checker and strict shape inference, both from the file path",
+                "weights": "initializers named by parameter FQN (replaceable at session creation)",
                 "intra_op_threads": "cores available to the process at load"}
 
     def _build_graphs(self, graphs: dict[str, GraphExport], engine_dir: Path, graphs_dir: Path) -> None:
@@ -128,9 +156,11 @@ class OnnxBackend(Backend):
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    torch.onnx.export(g.program, g.args, str(raw), input_names=g.input_names,
-                                      output_names=g.output_names, dynamo=True, external_data=True,
-                                      optimize=True, verbose=False, custom_translation_table=_translations())
+                    program = torch.onnx.export(g.program, g.args, input_names=g.input_names,
+                                                output_names=g.output_names, dynamo=True, optimize=False,
+                                                verbose=False, custom_translation_table=_translations())
+                    _optimize_keeping_weights(program, g.program)
+                    program.save(str(raw), external_data=True)
             except Exception as e:
                 raise SvdExportError(f"ONNX export failed on the {name} graph: {str(e).splitlines()[0]}") from e
             _check(raw)  # the standard ONNX model; the optimized one has ORT's own ops, which ORT checks at load
@@ -154,6 +184,21 @@ class OnnxBackend(Backend):
 
         return compiled_pair(spec, one)
 
+    fixed_weights = None
+
+    def update_weights(self, graphs: tuple, weights: dict[str, dict[str, torch.Tensor]], spec: LoadSpec) -> None:
+        """ONNX Runtime initializers supplied at session creation, by the parameter FQNs the exporter kept."""
+        import onnx
+
+        external = {}
+        for name, graph in zip(GRAPHS, graphs):  # both checked before either changes
+            initializers = onnx.load(str(graph.fn.path), load_external_data=False).graph.initializer
+            missing_weights(name, weights.get(name) or {}, {t.name for t in initializers})
+            external[name] = {t.name for t in initializers if t.data_location == onnx.TensorProto.EXTERNAL}
+        for name, graph in zip(GRAPHS, graphs):
+            if weights.get(name):
+                graph.fn.replace(weights[name], external[name])
+
 
 def _check_external_data(path: Path, engine_dir: Path, spec: LoadSpec) -> None:
     """ONNX Runtime opens the weights files a model names; each must be one the manifest lists, inside the
@@ -168,6 +213,21 @@ def _check_external_data(path: Path, engine_dir: Path, spec: LoadSpec) -> None:
             name = location if prefix in ("", ".") else f"{prefix}/{location}"
             if spec.resolve is not None:
                 spec.resolve(name)
+
+
+def _optimize_keeping_weights(onnx_program, exported) -> None:
+    """The exporter's own optimizer (onnxscript), except that no node reading a parameter is constant-folded:
+    every weight stays an initializer named by its FQN (ORT folds the transposes at session creation), so a
+    LoRA's fused weights can replace it by name. torch.onnx's optimize=True folds small weights' transposes
+    into anonymous constants."""
+    from onnxscript.optimizer import optimize_ir
+
+    names = set(exported.graph_signature.parameters) | set(exported.graph_signature.buffers)
+
+    def should_fold(node) -> bool | None:
+        return False if any(v is not None and v.name in names for v in node.inputs) else None
+
+    optimize_ir(onnx_program.model, should_fold=should_fold)
 
 
 def _drop_gpu_notice(record) -> bool:

@@ -34,6 +34,10 @@ class TensorRTBackend(Backend):
     extra = "tensorrt"
     weight_copies = 3.5  # export and engine: estimated from the steps, not measured
     carried = (TIMING_CACHE,)
+    # torch_tensorrt builds with immutable_weights=True by default, which TensorRT cannot refit; a refittable
+    # build (immutable_weights=False) and refit_module_weights from a fused export are not wired up yet.
+    fixed_weights = ("its TensorRT engines are built with immutable weights, which TensorRT cannot refit "
+                     "(refittable builds are not implemented yet); use the aoti or onnx backend for LoRAs")
 
     def check(self) -> None:
         super().check()

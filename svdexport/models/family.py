@@ -135,6 +135,9 @@ class Family(ABC):
     prompts: PromptEncoder | None = None  # ability: text encoders (None: synthetic or class conditioning)
     is_video: ClassVar[bool] = False  # ability: outputs are videos (`video_frames`)
     peer_libraries: ClassVar[tuple[str, ...]] = ()  # peers of bench.peers known to run on this family
+    # Ability: the diffusers LoRA loader mixin of the family's pipeline (its Kohya/BFL conversions included),
+    # by name; None: LoRAs are refused for this family.
+    lora_loader: ClassVar[str | None] = None
 
     # ------------------------------------------------------------------ weights
     @abstractmethod

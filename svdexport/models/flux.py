@@ -238,6 +238,7 @@ class FluxFamily(mmdit.MMDiTFamily):
     pipeline_parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
     default_sampler = SAMPLER_CONFIG
     prompts = FluxPrompts(rotary)
+    lora_loader = "FluxLoraLoaderMixin"
     peer_libraries = ("diffusers-taylorseer", "diffusers-fbcache", "diffusers-magcache", "cachedit-dbcache",
                       "cachedit-dbcache-taylorseer")
 

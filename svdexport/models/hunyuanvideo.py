@@ -183,10 +183,15 @@ class HunyuanVideoFamily(mmdit.MMDiTFamily):
     # "digits": the same size, 1 channel, trained on moving digits (scripts/train_reference_video.py).
     bundled = {"random": BUNDLED_DIR / "hunyuanvideo_tiny.json", "digits": BUNDLED_DIR / "hunyuanvideo_digits"}
     default_weights = "bundled:random"
+    lora_loader = "HunyuanVideoLoraLoaderMixin"
     pipeline_parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
     default_sampler = SAMPLER_CONFIG
     is_video = True
     prompts = HunyuanVideoPrompts()  # Llama + CLIP through HunyuanVideoPipeline (hunyuanvideo_prompts.py)
+    # diffusers' hooks find HunyuanVideo's blocks by their registered classes, and cache-dit registers a
+    # HunyuanVideo adapter: every peer runs on it as on FLUX (tests/test_peers.py runs each on both).
+    peer_libraries = ("diffusers-taylorseer", "diffusers-fbcache", "diffusers-magcache", "cachedit-dbcache",
+                      "cachedit-dbcache-taylorseer")
 
     def load(self, info: WeightsInfo, dtype: torch.dtype) -> nn.Module:
         model = super().load(info, dtype)

@@ -12,6 +12,8 @@ from svdexport.cache.svd import Bases
 from svdexport.errors import SvdExportError
 from svdexport.export import backend
 from svdexport.models import family
+from svdexport.models.lora import LoraFile, fuse
+from svdexport.runtime.lora import WeightSwap, graph_weights, to_push
 from svdexport.models.weights import load_table
 from svdexport.runtime import manifest as manifest_io
 from svdexport.cache.plan import load_stats
@@ -52,6 +54,8 @@ class Engine:
         has_stats = PLAN_STATS_FILE in manifest.files
         self.plan_stats = load_stats(manifest.path(folder, PLAN_STATS_FILE)) if has_stats else None
         self._weights: dict[int, object] = {}
+        self.loras: list[LoraFile] = []  # fused into the graphs' weights now, in load order
+        self._swap = WeightSwap()  # the weights they changed and the base values under them
 
     def request_shapes(self, batch: int | None = None, height: int | None = None, width: int | None = None,
                        text_len: int | None = None) -> Shapes:
@@ -156,7 +160,54 @@ class Engine:
         elif manifest.backend == "eager":
             return self
         full, cached = backend("eager").load(self.folder, manifest.load_spec(lambda: eager_graphs(manifest), self.folder))
-        return Engine(self.folder, manifest, full, cached, self.bases)
+        twin = Engine(self.folder, manifest, full, cached, self.bases)
+        if self._swap.new:  # the same LoRAs, fused
+            backend("eager").update_weights((full, cached), self._swap.new, manifest.load_spec())
+            twin.loras, twin._swap = list(self.loras), self._swap
+        return twin
+
+    def load_lora(self, path, scale: float = 1.0) -> None:
+        """Fuses one more LoRA file (diffusers, PEFT, Kohya or BFL names) into the engine's weights and pushes
+        the changed weights into the compiled graphs, without recompiling them; the engine folder is untouched.
+        LoRAs stack: each load fuses all loaded ones into the base weights again, in order."""
+        try:
+            scale = float(scale)
+        except (TypeError, ValueError):
+            raise SvdExportError(f"LoRA scale must be a number, got {scale!r}") from None
+        self.set_loras([*self.loras, LoraFile(Path(path), scale).check()])
+
+    def unload_lora(self) -> None:
+        """Pushes the base weights back (bit for bit: the values the engine was built with)."""
+        self.set_loras([])
+
+    def set_loras(self, loras: list[LoraFile]) -> None:
+        """Exactly these LoRAs fused, in order, into the base weights (none: the base engine)."""
+        be = backend(self.manifest.backend)
+        if be.fixed_weights is not None and (loras or self.loras):
+            raise SvdExportError(f"backend {be.name!r} cannot load a LoRA into a built engine: {be.fixed_weights}")
+        if self.family.lora_loader is None and loras:
+            raise SvdExportError(f"LoRAs are not supported for {self.family.name} models (no diffusers LoRA loader)")
+        wanted = WeightSwap()
+        if loras:
+            model = base_model(self.manifest, device="cpu")  # the weights the engine was built from, checked
+            wanted = graph_weights(self.family, model, self.cache.granularity,
+                                   fuse(model, self.family.lora_loader, loras))
+        self.push_weights(wanted)
+        self.loras = list(loras)
+
+    def lora_weights(self) -> int:
+        """How many distinct weights the loaded LoRAs replaced."""
+        return self._swap.count()
+
+    def push_weights(self, wanted: WeightSwap) -> None:
+        """Makes the graphs' weights the base ones except `wanted.new` (`apply` gives a pipeline's LoRAs so)."""
+        be = backend(self.manifest.backend)
+        push, merged = to_push(self._swap, wanted.cast(self.dtype))
+        be.update_weights((_inner(self.full), _inner(self.cached)), push, self.manifest.load_spec(folder=self.folder))
+        for graph in (self.full, self.cached):
+            if isinstance(graph, static.StaticGraph):
+                graph.recapture()  # a captured CUDA graph may hold the old weight buffers' addresses
+        self._swap = merged if merged.new else WeightSwap()
 
     def preview(self, latents: torch.Tensor, shapes: Shapes | None = None):
         return self.family.preview(latents, shapes or self.shapes)
@@ -175,8 +226,8 @@ class Engine:
         self.close()
 
 
-def eager_graphs(manifest: Manifest) -> tuple:
-    """The engine's two graphs in eager PyTorch, from the weights it was built from (checked unchanged)."""
+def base_model(manifest: Manifest, device: str | None = None) -> torch.nn.Module:
+    """The diffusers transformer of the weights the engine was built from (checked unchanged), in its dtype."""
     fam = family(manifest.model.family)
     recorded = dataclasses.asdict(manifest.model.weights)
     info = fam.inspect(recorded["source"])
@@ -184,7 +235,17 @@ def eager_graphs(manifest: Manifest) -> tuple:
         info.verify(recorded)
     model = fam.load(info, getattr(torch, manifest.dtype))
     info.verify(recorded)
-    return fam.graphs(model.to(manifest.device), manifest.cache.granularity)
+    return model.to(device or manifest.device)
+
+
+def eager_graphs(manifest: Manifest) -> tuple:
+    """The engine's two graphs in eager PyTorch, from the weights it was built from (checked unchanged)."""
+    return family(manifest.model.family).graphs(base_model(manifest), manifest.cache.granularity)
+
+
+def _inner(graph):
+    """The backend's own graph under a CUDA-graph wrapper."""
+    return graph.graph if isinstance(graph, static.StaticGraph) else graph
 
 
 def load(folder, trusted_keys: list | None = None) -> Engine:

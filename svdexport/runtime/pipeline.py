@@ -145,6 +145,7 @@ def _serves(engine: Engine, axis: str, name: str | None = None) -> str:
 
 def apply(pipe, engine: Engine | str | Path, **cache_overrides):
     """Replaces `pipe.transformer` with the engine (an Engine or its folder) and returns the pipeline.
+    LoRAs loaded into the pipeline's transformer are fused into the engine's weights (no rebuild).
 
     `cache_overrides` (interval, warmup, predictor, beta, order) change the step plan or the forecast for
     this pipeline without rebuilding; interval=1 runs every step in full.
@@ -162,8 +163,24 @@ def apply(pipe, engine: Engine | str | Path, **cache_overrides):
         if differ:
             raise SvdExportError(f"the engine's model differs from the pipeline's transformer ({differ[0]}: "
                                  f"{engine.config.get(differ[0])} vs {own.config[differ[0]]})")
+    if own is not None and getattr(own, "peft_config", None):
+        engine_loras_from(own, engine)
     pipe.transformer = EngineTransformer(engine, pipe, **cache_overrides)
     return pipe
+
+
+def engine_loras_from(transformer: torch.nn.Module, engine: Engine) -> None:
+    """The LoRAs loaded into a pipeline's transformer (`pipe.load_lora_weights`, with their `set_adapters`
+    weights) fused by PEFT on a copy of it, and the weights they change pushed into the engine, replacing
+    whatever LoRAs it had. The pipeline's own base weights are taken to be the engine's (same config)."""
+    from svdexport.models.lora import fuse_loaded
+    from svdexport.runtime.lora import graph_weights
+
+    if engine.family.lora_loader is None:
+        raise SvdExportError(f"the pipeline has LoRAs loaded, which {engine.family.name} engines do not take")
+    model, fused = fuse_loaded(transformer)
+    engine.push_weights(graph_weights(engine.family, model, engine.cache.granularity, fused))
+    engine.loras = []  # the pipeline's adapters, not files
 
 
 def pipeline_for(engine: Engine, **cache_overrides):

@@ -80,6 +80,10 @@ class StaticGraph:
         self.calls = 0
         self.captured = False  # whether replays run (False: warming up, or capture failed and it runs plainly)
 
+    def recapture(self) -> None:
+        """Forget the capture (the graph's weights moved): the next calls warm up and capture again."""
+        self.outputs, self.replay, self.calls, self.captured = None, None, 0, False
+
     def _load(self, args: tuple[torch.Tensor, ...]) -> None:
         if self.buffers is None:
             self.buffers = [a.clone() for a in args]

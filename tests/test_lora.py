@@ -1,0 +1,132 @@
+"""LoRAs loaded into built engines without a rebuild: LoRAs made with PEFT on the bundled digits model (small
+rank, non-zero B), against eager PyTorch with the LoRA fused by diffusers, and unloaded back to the base.
+The compiled backends' LoRA test is in test_backends.py, on the engines it builds anyway."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model_state_dict
+
+import svdexport
+from helpers import assert_one_line_error, check_lora_engine, digits_model, graph_inputs, make_lora, quick_engine
+from helpers import run_cli
+from svdexport.errors import SvdExportError
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory):
+    return make_lora(tmp_path_factory.mktemp("lora") / "digits_lora.safetensors", digits_model())
+
+
+def test_eager_engine_loads_and_unloads_a_lora(tmp_path_factory, tmp_path, lora, capsys):
+    folder = quick_engine(tmp_path_factory, "eager-lora")
+    check_lora_engine(svdexport.load(folder), lora, 1e-5)
+    png = tmp_path / "digit.png"
+    code, out, _ = run_cli(capsys, "run", folder, "--lora", f"{lora}:0.5", "--lora", lora, "--out", png, "--steps", "4")
+    assert code == 0 and png.exists() and f"LoRA {lora}:0.5, {lora}:1:" in out and "(no rebuild)" in out
+
+
+def test_lora_options_are_checked_in_one_line(tmp_path_factory, tmp_path, capsys, lora):
+    from safetensors.torch import save_file
+
+    engine = quick_engine(tmp_path_factory, "lora-options")
+    capsys.readouterr()  # the build's progress
+    out = ["--out", tmp_path / "x.png"]
+    save_file({"transformer.no_block.attn.to_q.lora_A.weight": torch.randn(4, 128),
+               "transformer.no_block.attn.to_q.lora_B.weight": torch.randn(128, 4)}, str(tmp_path / "nomatch.st"))
+    save_file({"unet.up.lora_A.weight": torch.randn(4, 8)}, str(tmp_path / "other.st"))
+    cases = [(tmp_path / "missing.safetensors", "not found"), (f"{lora}:big", "SCALE must be a number"),
+             (engine / "bases.safetensors", "is not a LoRA"), (tmp_path / "nomatch.st", "not found in the base model"),
+             (tmp_path / "other.st", "matches nothing")]
+    for spec, words in cases:
+        code, _, err = run_cli(capsys, "run", engine, "--lora", spec, *out)
+        assert_one_line_error(code, err, words)
+    assert not (tmp_path / "x.png").exists()
+    with pytest.raises(SvdExportError, match="scale must be a number"):
+        svdexport.load(engine).load_lora(lora, scale="x")
+
+
+@pytest.mark.slow
+def test_apply_fuses_the_pipelines_loras(tmp_path_factory):
+    from svdexport.build.builder import BuildOptions, build
+    from tiny_pipeline import prompt_embeds, tiny_pipeline
+
+    def call(pipe):
+        return pipe(generator=torch.Generator().manual_seed(1), num_inference_steps=6, height=128, width=128,
+                    guidance_scale=3.5, output_type="pt", **prompt_embeds()).images
+
+    root = tmp_path_factory.mktemp("lora-pipe")
+    tiny_pipeline().save_pretrained(root / "pipe")
+    build(BuildOptions(weights=str(root / "pipe"), shapes=dict(height=128, width=128, text_len=8), calib_samples=1,
+                       calib_steps=4), root / "engine", progress=False)
+    engine = svdexport.load(root / "engine")
+    path = make_lora(root / "tiny_lora.safetensors", tiny_pipeline().transformer, scale=1.0)
+    pipe = tiny_pipeline()
+    base = call(pipe)
+    pipe.load_lora_weights(str(path), adapter_name="style")
+    pipe.set_adapters(["style"], adapter_weights=[0.7])
+    reference = call(pipe)  # eager diffusers with the PEFT adapter active
+    got = call(svdexport.apply(pipe, engine, interval=1))
+    assert (reference - base).abs().max() > 1e-2
+    assert (got - reference).abs().max() <= 1e-4
+    assert pipe.transformer.engine.lora_weights() > 0
+
+
+def test_bench_times_the_lora_load(tmp_path_factory, lora, capsys):
+    engine = quick_engine(tmp_path_factory, "lora-bench")
+    capsys.readouterr()
+    code, out, _ = run_cli(capsys, "bench", engine, "--lora", lora, "--no-rebuild", "--repeats", "1")
+    assert code == 0 and "LoRA load" in out and "26 weights replaced" in out
+    assert_one_line_error(*run_cli(capsys, "bench", engine, "--no-rebuild")[::2], "--no-rebuild is for --lora")
+
+
+def test_kohya_names_are_converted_by_diffusers(tmp_path_factory, tmp_path):
+    """The same LoRA in Kohya's names (BFL module names, lora_down/lora_up, alpha) and in diffusers' names."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    down, up = torch.randn(4, 128, generator=g) * 0.1, torch.randn(128, 4, generator=g) * 0.1
+    kohya = {"lora_unet_double_blocks_1_img_attn_proj.lora_down.weight": down,
+             "lora_unet_double_blocks_1_img_attn_proj.lora_up.weight": up,
+             "lora_unet_double_blocks_1_img_attn_proj.alpha": torch.tensor(4.0)}
+    ours = {"transformer.transformer_blocks.1.attn.to_out.0.lora_A.weight": down,
+            "transformer.transformer_blocks.1.attn.to_out.0.lora_B.weight": up}
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
+    save_file(ours, str(tmp_path / "diffusers.safetensors"))
+    engine = svdexport.load(quick_engine(tmp_path_factory, "lora-kohya"))
+    base = engine.generate(seed=0, steps=4).latents
+    outs = []
+    for name in ("kohya", "diffusers"):
+        engine.load_lora(tmp_path / f"{name}.safetensors")
+        assert engine.lora_weights() == 1
+        outs.append(engine.generate(seed=0, steps=4).latents)
+        engine.unload_lora()
+    assert (outs[0] - base).abs().max() > 1e-3
+    assert (outs[0] - outs[1]).abs().max() <= 1e-6
+
+
+def test_hunyuanvideo_engine_takes_a_lora(tmp_path_factory, capsys):
+    from diffusers import HunyuanVideoPipeline
+
+    from svdexport.models.hunyuanvideo import HUNYUANVIDEO as HV
+
+    out = tmp_path_factory.mktemp("hv-lora") / "engine"
+    assert run_cli(capsys, "build", "--model", "hunyuanvideo", "--weights", "bundled:digits", "--calib-samples", "1",
+                   "--calib-steps", "1", "--out", out)[0] == 0
+    engine = svdexport.load(out)
+    model = HV.load(HV.inspect("bundled:digits"), engine.dtype)
+    torch.manual_seed(0)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "proj_out"]))
+    state = {k: v * 0.5 for k, v in get_peft_model_state_dict(model).items()}
+    model.unload_lora()
+    HunyuanVideoPipeline.save_lora_weights(out.parent, transformer_lora_layers=state, weight_name="hv.safetensors")
+    base = engine.generate(seed=0, steps=4).latents
+    engine.load_lora(out.parent / "hv.safetensors")
+    model.load_lora_adapter(str(out.parent / "hv.safetensors"), prefix="transformer")
+    model.fuse_lora()
+    full, _ = HV.graphs(model, engine.cache.granularity)
+    inputs = graph_inputs(engine, "full")
+    with torch.no_grad():
+        got, want = engine.full(*inputs)[0], full(*inputs)[0]
+    assert (got - want).abs().max() <= 1e-2 * want.abs().max()  # eager engine in the model's bf16
+    assert (engine.generate(seed=0, steps=4).latents - base).abs().max() > 1e-2
+    engine.unload_lora()
+    assert torch.equal(engine.generate(seed=0, steps=4).latents, base)
