@@ -236,6 +236,44 @@ def table_cost(err: np.ndarray, plan: list[int], weights=None) -> float:
     return float(cost)
 
 
+@dataclass
+class Refined:
+    full_steps: list[int]
+    score: float  # the score of `full_steps` (higher is better)
+    evaluations: int  # distinct plans scored
+
+
+def refine(full_steps: list[int], steps: int, score, shifts=(1, 2, 3), max_evaluations: int = 300) -> Refined:
+    """Closed-loop local search: from `full_steps`, move one full step (never step 0) by +-shift while that
+    raises `score(plan)` (e.g. the mean PSNR of cached sampling against full compute on calibration
+    inputs), until no single move does or `max_evaluations` plans were scored. The budget stays the same
+    and the result is again a static list of step indices."""
+    seen: dict[tuple, float] = {}
+
+    def value(plan: list[int]) -> float:
+        key = tuple(plan)
+        if key not in seen:
+            seen[key] = float(score(list(plan)))
+        return seen[key]
+
+    best = sorted(full_steps)
+    best_score = value(best)
+    improved = True
+    while improved and len(seen) < max_evaluations:
+        improved = False
+        for idx in range(1, len(best)):
+            for d in (s * sign for s in shifts for sign in (1, -1)):
+                cand = sorted(best[:idx] + [best[idx] + d] + best[idx + 1 :])
+                if best[idx] + d in best or not 0 < best[idx] + d < steps or tuple(cand) in seen:
+                    continue
+                if len(seen) >= max_evaluations:
+                    break
+                if (v := value(cand)) > best_score:
+                    best, best_score, improved = cand, v, True
+                    break
+    return Refined(best, best_score, len(seen))
+
+
 def uniform_plan(steps: int, warmup: int, interval: int) -> list[int]:
     """Today's TaylorSeer-phase schedule (`config.step_plan`) as a list of full-step indices."""
     if steps < 1:
