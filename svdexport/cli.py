@@ -59,6 +59,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     k.add_argument("--calib-samples", type=int, default=8, help="reference inputs (default: %(default)s)")
     k.add_argument("--calib-steps", type=int, help="sampling steps per input (default: the model's steps, as for "
                    "--interval)")
+    for flag, default, what in (("evaluations", 150, "closed-loop plan refinement: plans scored per budget, 0: off"),
+                                ("samples", 16, "inputs it scores on"), ("budgets", None, "budgets it refines (b-2,b,b+3)")):
+        k.add_argument(f"--refine-{flag}", type=int if default else str, default=default, help=f"{what} (default: %(default)s)")
     k.add_argument("--calibration-prompts", metavar="FILE",
                    help="prompts, one per line, for models with text encoders (default: a built-in list of 16)")
     k.add_argument("--no-memory-check", action="store_true",
@@ -66,6 +69,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     k.add_argument("--verbose", action="store_true",
                    help="show the exporters', optimizers' and compilers' own output and warnings (captured otherwise)")
     add_force(p, "outputs")
+
+
+def _int_list(text: str | None, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(i) for i in text.split(",")) if text else ()
+    except ValueError:
+        raise SvdExportError(f"{option} must be a comma list of integers, got {text!r}") from None
 
 
 def _build_options(a: argparse.Namespace, backend: str = "eager"):
@@ -81,7 +91,9 @@ def _build_options(a: argparse.Namespace, backend: str = "eager"):
     quiet.set_verbose(a.verbose)  # read by the backends' quiet() and inherited by subprocesses
     return BuildOptions(model=a.model, weights=a.weights, backend=backend, cache=cache, shapes=shapes,
                         dtype=a.dtype, device=a.device, calib_samples=a.calib_samples, calib_steps=a.calib_steps,
-                        calibration_prompts=a.calibration_prompts, check_memory=not a.no_memory_check, force=a.force)
+                        calibration_prompts=a.calibration_prompts, check_memory=not a.no_memory_check, force=a.force,
+                        **{f"refine_{k}": getattr(a, f"refine_{k}") for k in ("evaluations", "samples")},
+                        refine_budgets=list(_int_list(a.refine_budgets, "--refine-budgets")) or None)
 
 
 def cmd_build(a: argparse.Namespace) -> None:
@@ -103,8 +115,8 @@ def cmd_build(a: argparse.Namespace) -> None:
     print(f"ranks (tau {m.calibration.tau}, k_max {m.calibration.k_max}): {ranks}")
     for plan in m.plans:
         than = f"; {plan.cost / plan.uniform_cost:.2f}x the uniform plan's" if plan.uniform_cost else ""
-        print(f"calibrated plan of {plan.steps} steps: full steps {' '.join(map(str, plan.full_steps))} "
-              f"(forecast error on the calibration inputs{than})")
+        how = f"refined: {plan.score:.2f} dB on the calibration inputs" if plan.refined else f"forecast error{than}"
+        print(f"calibrated plan of {plan.steps} steps: full steps {' '.join(map(str, plan.full_steps))} ({how})")
     mem, gib = m.memory, 2**30
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"memory: estimated peak {mem['peak_bytes'] / gib:.1f} GiB, measured peak RSS "
@@ -218,12 +230,6 @@ def cmd_compare(a: argparse.Namespace) -> None:
     from svdexport.bench.compare import compare
     from svdexport.media import markdown_text, write_text
     from svdexport.bench.stats import parse_seeds
-
-    def _int_list(text: str | None, option: str) -> tuple[int, ...]:
-        try:
-            return tuple(int(i) for i in text.split(",")) if text else ()
-        except ValueError:
-            raise SvdExportError(f"{option} must be a comma list of integers, got {text!r}") from None
 
     budgets, intervals = _int_list(a.full_steps, "--full-steps"), _int_list(a.intervals, "--intervals")
     if min((*budgets, *intervals, a.samples, a.steps)) < 1:

@@ -130,6 +130,7 @@ def main():
     ap.add_argument("--calib", type=int, default=16, help="calibration seeds for the closed-loop refinement")
     ap.add_argument("--eval", default="0:16", help="START:COUNT of the measured seeds")
     ap.add_argument("--forecasts", nargs="+", default=["t1", "c2"])
+    ap.add_argument("--multistart", action="store_true", help="refine from the best of dp, dp-flat and uniform")
     ap.add_argument("--out", default="out/objective_study.json")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -146,12 +147,14 @@ def main():
     for b in a.budgets:
         base = {"dp": plans.search(stats, b, 1, 1.0, w).full_steps,
                 "dp-flat": plans.search(stats, b, 1, 1.0).full_steps}
+        if a.multistart:
+            base["uniform"] = plans.uniform_plan(steps, 3, {7: 10, 9: 7, 12: 5}[b])
         rows = []
         for fc in a.forecasts:
             def score(p, fc=fc):
                 return statistics.mean(psnrs(engine, generate(engine, cal, steps, p, fc), ref_cal))
             t0 = time.time()
-            found = plans.refine(base["dp"], steps, score)
+            found = plans.refine(list(base.values()) if a.multistart else [base["dp"]], steps, score)
             print(f"[{b}] refine {fc}: {found.full_steps} calib {found.score:.2f} "
                   f"(from {score(base['dp']):.2f}, {found.evaluations} evaluations, {time.time() - t0:.0f} s)", flush=True)
             for name, p in (*base.items(), ("loop-" + fc, found.full_steps)):

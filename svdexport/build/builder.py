@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from safetensors.torch import save_file
 
 from svdexport.build import memory, precision
-from svdexport.build.calibrate import CalibrationSettings, calibrate, plan_statistics
+from svdexport.build import calibrate as calibrate_mod
+from svdexport.build.calibrate import CALIBRATION_SEED, CalibrationSettings, calibrate, plan_statistics
 from svdexport.cache import plan as plans
 from svdexport.cache.config import CacheConfig
 from svdexport.cache.svd import Bases
@@ -32,6 +34,8 @@ from svdexport.runtime import manifest as mf
 from svdexport.runtime.manifest import BASES_FILE, PLAN_STATS_FILE, TABLE_FILE, ConditioningKind
 from svdexport.runtime.plans import SEARCH_ORDER, schedule_weights
 
+# Inputs with a leading batch axis, for families without a prompt encoder that lists them.
+BATCHED = ("hidden_states", "encoder_hidden_states", "pooled_projections", "encoder_attention_mask", "guidance")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -50,6 +54,12 @@ class BuildOptions:
     check_memory: bool = True  # refuse a build whose estimated peak memory exceeds what is available
     force: bool = False  # replace an output that svdexport did not write
     dtype_reason: str = ""  # why this dtype (set by prepare: "auto: this CPU has AVX512-BF16 ...")
+    # Closed-loop refinement of calibrated plans (plan.refine): plans scored by cached sampling against full
+    # compute on `refine_samples` calibration inputs, at most `refine_evaluations` plans per budget (0: the
+    # DP's plan as it is), for the build's budget and `refine_budgets` (None: REFINE_OFFSETS around it).
+    refine_evaluations: int = 150
+    refine_samples: int = 16
+    refine_budgets: list[int] | None = None
 
     def validate(self) -> "BuildOptions":
         self.cache.validate()
@@ -63,6 +73,8 @@ class BuildOptions:
             raise SvdExportError(f"unknown dtype {self.dtype!r} (choose from {', '.join(DTYPES)}, auto)")
         if self.calib_samples < 1 or (self.calib_steps is not None and self.calib_steps < 1):
             raise SvdExportError("calibration needs at least one sample and one step")
+        if self.refine_evaluations < 0 or self.refine_samples < 1 or any(b < 1 for b in self.refine_budgets or ()):
+            raise SvdExportError("refinement needs evaluations >= 0, samples >= 1 and budgets >= 1")
         return self
 
 
@@ -134,10 +146,25 @@ def run_calibration(p: Prepared, opts: BuildOptions, progress: bool) -> Bases:
                      lambda seed: p.inputs(seed, opts), settings, progress=progress)
 
 
+# Budgets refined besides the build's own b (b + offset, clamped to the steps): the ladder that
+# docs/benchmarks.md reports (7, 9, 12 of 50 around FLUX's 9). Other budgets get the DP's plan at run time.
+REFINE_OFFSETS = (-2, 0, 3)
+
+
+def refine_budgets(budget: int, steps: int, given: list[int] | None) -> list[int]:
+    """The build's budget and the other budgets to refine: those of 2 to steps - 1 full steps (one full
+    step or all of them leave nothing to choose)."""
+    chosen = given if given else [budget + d for d in REFINE_OFFSETS]
+    return sorted({b for b in chosen if 1 < b < steps} | {budget})
+
+
 def calibrate_plan(p: Prepared, opts: BuildOptions, bases: Bases,
-                   progress: bool) -> tuple[plans.PlanStats, mf.PlanRecord]:
-    """The plan statistics of the calibration trajectories and the calibrated plan of the build's step
-    count, with as many full steps as `--full-steps` or the uniform plan of warmup and interval."""
+                   progress: bool) -> tuple[plans.PlanStats, list[mf.PlanRecord]]:
+    """The plan statistics of the calibration trajectories and the calibrated plans of the build's step
+    count: the build's budget (`--full-steps`, or as many as the uniform plan of warmup and interval has)
+    first, then the other refined budgets. Each starts as the DP's plan of least forecast error (with and
+    without schedule weights, and the uniform plan where one has that budget: the best-scoring start) and is
+    refined in closed loop on the calibration inputs (`plan.refine`) unless `refine_evaluations` is 0."""
     settings = CalibrationSettings(opts.calib_samples, opts.calib_steps, opts.cache.tau, opts.cache.k_max)
     stats = plan_statistics(p.full, p.cached, p.sampling, p.shapes, bases.vectors.to(opts.device),
                             lambda seed: p.inputs(seed, opts), settings, progress=progress)
@@ -145,9 +172,34 @@ def calibrate_plan(p: Prepared, opts: BuildOptions, bases: Bases,
     uniform = plans.uniform_plan(steps, c.warmup, c.interval)
     budget = min(c.full_steps or len(uniform), steps)
     weights, order = schedule_weights(p.sampling, p.shapes, steps), SEARCH_ORDER[c.predictor]
-    found = plans.search(stats, budget, order, c.gamma, weights)
-    uniform_cost = plans.plan_cost(stats, uniform, order, c.gamma, weights) if len(uniform) == budget else None
-    return stats, mf.PlanRecord(steps, found.full_steps, found.cost, uniform_cost, c.gamma, order)
+    budgets = refine_budgets(budget, steps, opts.refine_budgets) if opts.refine_evaluations else [budget]
+    score = None
+    if opts.refine_evaluations:
+        batched = p.fam.prompts.batched if p.fam.prompts is not None else BATCHED
+        x = calibrate_mod.batch_inputs([p.inputs(CALIBRATION_SEED + i, opts) for i in range(opts.refine_samples)],
+                                       batched)
+        score = calibrate_mod.closed_loop_score(p.full, p.cached, p.sampling, p.shapes, bases.vectors.to(opts.device),
+                                                c, x, steps)
+    records = []
+    for b in sorted(budgets, key=lambda b: b != budget):  # the build's budget first
+        found = plans.search(stats, b, order, c.gamma, weights)
+        full_steps, refined = found.full_steps, None
+        if score is not None and 1 < b < steps:
+            starts = [found.full_steps, plans.search(stats, b, order, c.gamma).full_steps]
+            starts += [u for iv in range(1, steps + 1) if len(u := plans.uniform_plan(steps, c.warmup, iv)) == b][:1]
+            with tqdm(desc=f"refining the plan of {b} full steps", unit="plan", disable=not progress) as bar:
+                def counted(plan, bar=bar):
+                    bar.update()
+                    return score(plan)
+
+                refined = plans.refine(starts, steps, counted, max_evaluations=opts.refine_evaluations)
+            full_steps = refined.full_steps
+        cost = plans.plan_cost(stats, full_steps, order, c.gamma, weights)
+        uniform_cost = plans.plan_cost(stats, uniform, order, c.gamma, weights) if len(uniform) == b else None
+        records.append(mf.PlanRecord(steps, full_steps, cost, uniform_cost, c.gamma, order,
+                                     score=None if refined is None else round(refined.score, 3),
+                                     refined=refined is not None))
+    return stats, records
 
 
 def calibrate_to_file(opts: BuildOptions, out: Path, progress: bool = True) -> Bases:
@@ -178,7 +230,8 @@ def build_key(p: Prepared, opts: BuildOptions) -> str:
     """Digest of everything an engine depends on: same key, same engine."""
     parts = {"model": opts.model, "weights": p.info.digest(), "backend": opts.backend, "cache": opts.cache.to_dict(),
              "shapes": p.shapes.to_dict(), "dtype": opts.dtype, "device": opts.device,
-             "calibration": [opts.calib_samples, opts.calib_steps, p.prompts], "sampler": p.sampling.config,
+             "calibration": [opts.calib_samples, opts.calib_steps, p.prompts],
+             "refine": [opts.refine_evaluations, opts.refine_samples, opts.refine_budgets], "sampler": p.sampling.config,
              "versions": mf.library_versions()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -239,7 +292,7 @@ def _build(opts: BuildOptions, out: Path, graphs_dir: Path, progress: bool, be) 
     if (manifest := existing(out, key)) is not None:
         return manifest, True
     bases = run_calibration(p, opts, progress)
-    stats, plan = calibrate_plan(p, opts, bases, progress) if opts.cache.plan == "calibrated" else (None, None)
+    stats, plan_records = calibrate_plan(p, opts, bases, progress) if opts.cache.plan == "calibrated" else (None, [])
     example = p.inputs(0, opts)
     graphs = graph_exports(p, bases, example, opts)
     graphs_ctx = atomic_dir(graphs_dir, opts.force) if be.needs_export else contextlib.nullcontext(None)
@@ -281,6 +334,6 @@ def _build(opts: BuildOptions, out: Path, graphs_dir: Path, progress: bool, be) 
             build_seconds=round(time.perf_counter() - start, 1),
             sampler=p.sampling.config,
             graphs=_describe(graphs),
-            plans=[plan] if plan is not None else [],
+            plans=plan_records,
         )
         return mf.write(tmp, manifest), False

@@ -243,11 +243,11 @@ class Refined:
     evaluations: int  # distinct plans scored
 
 
-def refine(full_steps: list[int], steps: int, score, shifts=(1, 2, 3), max_evaluations: int = 300) -> Refined:
-    """Closed-loop local search: from `full_steps`, move one full step (never step 0) by +-shift while that
-    raises `score(plan)` (e.g. the mean PSNR of cached sampling against full compute on calibration
-    inputs), until no single move does or `max_evaluations` plans were scored. The budget stays the same
-    and the result is again a static list of step indices."""
+def refine(starts: list[list[int]], steps: int, score, shifts=(1, 2, 3), max_evaluations: int = 300) -> Refined:
+    """Closed-loop local search: from the best-scoring plan of `starts` (all of one budget), move one full
+    step (never step 0) by +-shift while that raises `score(plan)` (e.g. the mean PSNR of cached sampling
+    against full compute on calibration inputs), until no single move does or `max_evaluations` plans were
+    scored. The budget stays the same and the result is again a static list of step indices."""
     seen: dict[tuple, float] = {}
 
     def value(plan: list[int]) -> float:
@@ -256,7 +256,9 @@ def refine(full_steps: list[int], steps: int, score, shifts=(1, 2, 3), max_evalu
             seen[key] = float(score(list(plan)))
         return seen[key]
 
-    best = sorted(full_steps)
+    if len({len(p) for p in starts}) != 1 or any(0 not in p for p in starts):
+        raise ValueError("refine: every start must have the same number of full steps and include step 0")
+    best = max((sorted(p) for p in starts), key=value)
     best_score = value(best)
     improved = True
     while improved and len(seen) < max_evaluations:
