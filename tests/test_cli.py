@@ -301,13 +301,16 @@ def test_failed_rebuild_keeps_the_previous_engine(engine, tmp_path, capsys, monk
 
 def test_calibrated_plan_is_stored_searched_and_shown(engine, tmp_path, capsys):
     import svdexport
+    from svdexport.build.builder import refine_budgets
     from svdexport.cache.plan import search, uniform_plan
 
     e = svdexport.load(engine)  # built with 4 calibration steps: its plan is for 4 steps
-    record = e.manifest.plans[0]  # the build's budget first; the other refined budgets (of 2-3 full steps) after it
+    record = e.manifest.plans[0]  # the build's budget first, then the other refined budgets
     assert record.steps == 4 and record.full_steps[0] == 0 and len(record.full_steps) == len(uniform_plan(4, 3, 7))
     assert record.refined and record.score is not None and all(r.refined for r in e.manifest.plans)
-    assert sorted(len(r.full_steps) for r in e.manifest.plans) == [3]  # 3 - 2 = 1 and 3 + 3 = 6 leave nothing to choose in 4 steps
+    # 3 - 2 = 1 and 3 + 3 = 6 full steps leave nothing to choose in 4 steps: only the build's budget.
+    assert [len(r.full_steps) for r in e.manifest.plans] == [3] and refine_budgets(9, 50, None) == [7, 9, 12]
+    assert refine_budgets(9, 50, [12, 1, 50]) == [9, 12]
     assert e.plan(4).full_steps == record.full_steps and e.plan(4).how == "calibrated"
     # Another budget at the calibrated step count: searched at run time from the stored statistics.
     two = e.plan(4, e.cache_config(full_steps=2))

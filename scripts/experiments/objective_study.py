@@ -131,6 +131,8 @@ def main():
     ap.add_argument("--eval", default="0:16", help="START:COUNT of the measured seeds")
     ap.add_argument("--forecasts", nargs="+", default=["t1", "c2"])
     ap.add_argument("--multistart", action="store_true", help="refine from the best of dp, dp-flat and uniform")
+    ap.add_argument("--tails", action="store_true", help="refine also by shifting a full step and all later ones")
+    ap.add_argument("--evaluations", type=int, default=300)
     ap.add_argument("--out", default="out/objective_study.json")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -154,7 +156,8 @@ def main():
             def score(p, fc=fc):
                 return statistics.mean(psnrs(engine, generate(engine, cal, steps, p, fc), ref_cal))
             t0 = time.time()
-            found = plans.refine(list(base.values()) if a.multistart else [base["dp"]], steps, score)
+            found = plans.refine(list(base.values()) if a.multistart else [base["dp"]], steps, score,
+                                 max_evaluations=a.evaluations, tails=a.tails)
             print(f"[{b}] refine {fc}: {found.full_steps} calib {found.score:.2f} "
                   f"(from {score(base['dp']):.2f}, {found.evaluations} evaluations, {time.time() - t0:.0f} s)", flush=True)
             for name, p in (*base.items(), ("loop-" + fc, found.full_steps)):

@@ -243,11 +243,13 @@ class Refined:
     evaluations: int  # distinct plans scored
 
 
-def refine(starts: list[list[int]], steps: int, score, shifts=(1, 2, 3), max_evaluations: int = 300) -> Refined:
+def refine(starts: list[list[int]], steps: int, score, shifts=(1, 2, 3), max_evaluations: int = 300,
+           tails: bool = False) -> Refined:
     """Closed-loop local search: from the best-scoring plan of `starts` (all of one budget), move one full
     step (never step 0) by +-shift while that raises `score(plan)` (e.g. the mean PSNR of cached sampling
-    against full compute on calibration inputs), until no single move does or `max_evaluations` plans were
-    scored. The budget stays the same and the result is again a static list of step indices."""
+    against full compute on calibration inputs), with `tails` also it and all later full steps together,
+    until no single move does or `max_evaluations` plans were scored. The budget stays the same and the
+    result is again a static list of step indices."""
     seen: dict[tuple, float] = {}
 
     def value(plan: list[int]) -> float:
@@ -264,9 +266,11 @@ def refine(starts: list[list[int]], steps: int, score, shifts=(1, 2, 3), max_eva
     while improved and len(seen) < max_evaluations:
         improved = False
         for idx in range(1, len(best)):
-            for d in (s * sign for s in shifts for sign in (1, -1)):
-                cand = sorted(best[:idx] + [best[idx] + d] + best[idx + 1 :])
-                if best[idx] + d in best or not 0 < best[idx] + d < steps or tuple(cand) in seen:
+            # One full step moved by d, or (tails) it and every later one shifted together.
+            for d, end in itertools.product([s * sign for s in shifts for sign in (1, -1)],
+                                            (idx + 1, len(best)) if tails else (idx + 1,)):
+                cand = sorted(best[:idx] + [f + d for f in best[idx:end]] + best[end:])
+                if len(set(cand)) < len(best) or cand[0] != 0 or cand[-1] >= steps or tuple(cand) in seen:
                     continue
                 if len(seen) >= max_evaluations:
                     break
