@@ -57,8 +57,8 @@ class BuildOptions:
     # Closed-loop refinement of calibrated plans (plan.refine): plans scored by cached sampling against full
     # compute on `refine_samples` calibration inputs, at most `refine_evaluations` plans per budget (0: the
     # DP's plan as it is), for the build's budget and `refine_budgets` (None: REFINE_OFFSETS around it).
-    refine_evaluations: int = 150
-    refine_samples: int = 16
+    refine_evaluations: int = 200
+    refine_samples: int = 32
     refine_budgets: list[int] | None = None
 
     def validate(self) -> "BuildOptions":
@@ -192,7 +192,7 @@ def calibrate_plan(p: Prepared, opts: BuildOptions, bases: Bases,
                     bar.update()
                     return score(plan)
 
-                refined = plans.refine(starts, steps, counted, max_evaluations=opts.refine_evaluations)
+                refined = plans.refine(starts, steps, counted, max_evaluations=opts.refine_evaluations, tails=True)
             full_steps = refined.full_steps
         cost = plans.plan_cost(stats, full_steps, order, c.gamma, weights)
         uniform_cost = plans.plan_cost(stats, uniform, order, c.gamma, weights) if len(uniform) == b else None
