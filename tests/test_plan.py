@@ -148,6 +148,18 @@ def test_refine_reaches_the_best_plan_from_a_worse_start():
         refine([[0, 1], [0, 1, 2]], steps, score)
 
 
+@pytest.mark.parametrize("seed", range(3, 8))
+def test_refine_with_tail_moves_escapes_where_single_moves_stop(seed):
+    """Shifting a full step together with all later ones (the build's setting) reaches the exact optimum
+    from both ends of the schedule on these trajectories; single moves stop short on most of them."""
+    steps, budget = 12, 4
+    stats = _stats(_random_walk(steps, seed=seed), _orthonormal(2, 6, 3, seed=1))
+    best = search(stats, budget, 1, 0.0)
+    for start in ([0, 1, 2, 3], [0, 9, 10, 11]):
+        found = refine([start], steps, lambda p: -plan_cost(stats, p, 1, 0.0), tails=True)
+        assert found.full_steps == best.full_steps and found.score == pytest.approx(-best.cost, rel=1e-9)
+
+
 def test_refine_stops_at_its_evaluation_cap():
     scored = []
     found = refine([[0, 1, 2, 3]], 40, lambda p: scored.append(p) or sum(p), max_evaluations=7)
