@@ -59,9 +59,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     k.add_argument("--calib-samples", type=int, default=8, help="reference inputs (default: %(default)s)")
     k.add_argument("--calib-steps", type=int, help="sampling steps per input (default: the model's steps, as for "
                    "--interval)")
-    for flag, default, what in (("evaluations", 200, "closed-loop plan refinement: plans scored per budget, 0: off"),
+    for flag, default, what in (("evaluations", 0, "closed-loop plan refinement: plans scored per budget (e.g. 200), 0: off"),
                                 ("samples", 32, "inputs it scores on"), ("budgets", None, "budgets it refines (b-2,b,b+3)")):
-        k.add_argument(f"--refine-{flag}", type=int if default else str, default=default, help=f"{what} (default: %(default)s)")
+        k.add_argument(f"--refine-{flag}", type=str if flag == "budgets" else int, default=default, help=f"{what} (default: %(default)s)")
     k.add_argument("--calibration-prompts", metavar="FILE",
                    help="prompts, one per line, for models with text encoders (default: a built-in list of 16)")
     k.add_argument("--no-memory-check", action="store_true",

@@ -133,6 +133,7 @@ def main():
     ap.add_argument("--multistart", action="store_true", help="refine from the best of dp, dp-flat and uniform")
     ap.add_argument("--tails", action="store_true", help="refine also by shifting a full step and all later ones")
     ap.add_argument("--evaluations", type=int, default=300)
+    ap.add_argument("--objective", default="mean", help="mean: mean PSNR; pooled: PSNR of the mean MSE")
     ap.add_argument("--out", default="out/objective_study.json")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -154,7 +155,10 @@ def main():
         rows = []
         for fc in a.forecasts:
             def score(p, fc=fc):
-                return statistics.mean(psnrs(engine, generate(engine, cal, steps, p, fc), ref_cal))
+                db = psnrs(engine, generate(engine, cal, steps, p, fc), ref_cal)
+                if a.objective == "pooled":  # PSNR of the mean squared error: the worst samples dominate
+                    return -10 * math.log10(statistics.mean(10 ** (-x / 10) for x in db))
+                return statistics.mean(db)
             t0 = time.time()
             found = plans.refine(list(base.values()) if a.multistart else [base["dp"]], steps, score,
                                  max_evaluations=a.evaluations, tails=a.tails)
