@@ -13,6 +13,17 @@ Forecasts run on the whole final feature (identity bases: what the default gamma
   c2  cache-dit's TaylorSeer order 2        F_j + m d1 + m^2/2 (d1_j - d1_k) / (j - k)
 Plans: "dp" the build's DP on the feature error (schedule-weighted), "dp-flat" unweighted, and "loop"
 the closed-loop refinement (plan.refine) of dp for that forecast on the calibration seeds.
+
+Runs of issue 12 (eval seeds 0-15; mean / worst dB; paired against cache-dit TaylorSeer o2 on the same plan):
+  --budgets 9 --forecasts t1 --calib 16                       9: dp 44.71/42.49 (8 of 16 wins), refined
+      0 2 3 11 22 30 38 44 48: 47.97/40.23 (12 of 16, +1.01 ± 3.58)
+  --budgets 7 9 --forecasts t1 c2 --calib 16                  7: dp 37.93/34.33, dp-flat 39.28/35.42, refined
+      t1 0 2 6 21 30 40 47: 42.96/36.01; c2: dp 34.27, refined 39.64 (order 2 loses)
+  --budgets 9 7 --calib 32 --multistart                       9: 0 2 3 10 21 29 35 42 47: 47.48/42.34 (16 of 16,
+      +4.62); 7: 0 2 3 15 29 38 46: 41.79/34.71
+  --budgets 7 9 --calib 32 --multistart --tails --evaluations 200 (what --refine-evaluations 200 builds):
+      7: 0 2 7 21 31 40 47: 43.40/35.36 (9 of 16); 9: 0 2 3 11 22 30 38 44 48 as above
+Held out (docs/benchmarks_refined.md): means 42.86 / 47.09 dB at 7 / 9, worst 21.5 / 27.7 dB (seed 1001).
 """
 
 from __future__ import annotations
