@@ -23,7 +23,8 @@ Runs of issue 12 (eval seeds 0-15; mean / worst dB; paired against cache-dit Tay
       +4.62); 7: 0 2 3 15 29 38 46: 41.79/34.71
   --budgets 7 9 --calib 32 --multistart --tails --evaluations 200 (what --refine-evaluations 200 builds):
       7: 0 2 7 21 31 40 47: 43.40/35.36 (9 of 16); 9: 0 2 3 11 22 30 38 44 48 as above
-  the same with --objective pooled: 9: 0 2 3 10 22 31 38 44 48: 48.00/39.81 (16 of 16): the early gap stays.
+  the same with --objective pooled: 9: 0 2 3 10 22 31 38 44 48: 48.00/39.81 (16 of 16): the early gap stays;
+      7: 0 2 3 15 29 38 46: 41.79/34.71 (12 of 16).
 Held out (docs/benchmarks_refined.md): means 42.86 / 47.09 dB at 7 / 9, worst 21.5 / 27.7 dB (seed 1001).
 """
 
