@@ -12,12 +12,14 @@ from pathlib import Path
 from svdexport.cache.config import GRANULARITIES, CacheConfig
 from svdexport.cache.predictors import PREDICTORS
 from svdexport.commands import Parser, add_force, add_trust_args, apply_trust_args, cmd_keygen, cmd_run, cmd_sign
-from svdexport.commands import add_shape_args, cmd_bench_shapes, model_help, range_options, shapes_line
+from svdexport.commands import cmd_bench_shapes, model_help
+from svdexport.options import add_shape_args, int_list, lora_args, range_options, refine_args, refine_options
+from svdexport.options import shapes_line
 from svdexport.errors import SvdExportError
 from svdexport.outputs import check_files
 from svdexport import quiet
 from svdexport.runtime import trust
-from svdexport.commands import bench_with_lora, lora_args
+from svdexport.commands import bench_with_lora
 
 DEFAULTS = CacheConfig()
 
@@ -58,6 +60,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     k.add_argument("--calib-samples", type=int, default=8, help="reference inputs (default: %(default)s)")
     k.add_argument("--calib-steps", type=int, help="sampling steps per input (default: the model's steps, as for "
                    "--interval)")
+    refine_args(k)
     k.add_argument("--calibration-prompts", metavar="FILE",
                    help="prompts, one per line, for models with text encoders (default: a built-in list of 16)")
     k.add_argument("--no-memory-check", action="store_true",
@@ -81,7 +84,8 @@ def _build_options(a: argparse.Namespace, backend: str = "eager"):
     return BuildOptions(model=a.model, weights=a.weights, backend=backend, cache=cache, shapes=shapes,
                         **range_options(a),
                         dtype=a.dtype, device=a.device, calib_samples=a.calib_samples, calib_steps=a.calib_steps,
-                        calibration_prompts=a.calibration_prompts, check_memory=not a.no_memory_check, force=a.force)
+                        calibration_prompts=a.calibration_prompts, check_memory=not a.no_memory_check, force=a.force,
+                        **refine_options(a))
 
 
 def cmd_build(a: argparse.Namespace) -> None:
@@ -103,8 +107,8 @@ def cmd_build(a: argparse.Namespace) -> None:
     print(f"ranks (tau {m.calibration.tau}, k_max {m.calibration.k_max}): {ranks}")
     for plan in m.plans:
         than = f"; {plan.cost / plan.uniform_cost:.2f}x the uniform plan's" if plan.uniform_cost else ""
-        print(f"calibrated plan of {plan.steps} steps: full steps {' '.join(map(str, plan.full_steps))} "
-              f"(forecast error on the calibration inputs{than})")
+        how = f"refined: {plan.score:.2f} dB on the calibration inputs" if plan.refined else f"forecast error{than}"
+        print(f"calibrated plan of {plan.steps} steps: full steps {' '.join(map(str, plan.full_steps))} ({how})")
     mem, gib = m.memory, 2**30
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"memory: estimated peak {mem['peak_bytes'] / gib:.1f} GiB, measured peak RSS "
@@ -223,13 +227,7 @@ def cmd_compare(a: argparse.Namespace) -> None:
     from svdexport.media import markdown_text, write_text
     from svdexport.bench.stats import parse_seeds
 
-    def _int_list(text: str | None, option: str) -> tuple[int, ...]:
-        try:
-            return tuple(int(i) for i in text.split(",")) if text else ()
-        except ValueError:
-            raise SvdExportError(f"{option} must be a comma list of integers, got {text!r}") from None
-
-    budgets, intervals = _int_list(a.full_steps, "--full-steps"), _int_list(a.intervals, "--intervals")
+    budgets, intervals = int_list(a.full_steps, "--full-steps"), int_list(a.intervals, "--intervals")
     if min((*budgets, *intervals, a.samples, a.steps)) < 1:
         raise SvdExportError("--full-steps, --intervals, --samples and --steps must be >= 1")
     if max(budgets, default=1) > a.steps:

@@ -1,5 +1,5 @@
 """What every command shares before its work (one-line argparse errors, trust options, the help's defaults)
-and the commands that write files beside an engine: `run`, `keygen`, `sign`; and `bench --lora`."""
+and the commands that write files beside an engine: `run`, `keygen`, `sign`; `bench --lora` and the ranged benches."""
 
 from __future__ import annotations
 
@@ -60,56 +60,6 @@ def model_help() -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------ shapes
-
-
-def add_shape_args(p: argparse.ArgumentParser, command: str) -> None:
-    """Issue 15's options: build's shape range, run's request shapes, bench's ranged measurements."""
-    {"build": _add_range_args, "run": _add_request_shape_args, "bench": _add_shape_bench_args}[command](p)
-
-
-def shapes_line(record) -> str:
-    """'static, shapes {...}' or 'ranged, shapes {...}, range {...} .. {...}' of a manifest's shapes."""
-    ranged = f", range {record.min} .. {record.max}" if record.max else ""
-    return f"{record.kind.value}, shapes {record.build}{ranged}"
-
-
-def _add_range_args(p: argparse.ArgumentParser) -> None:
-    """build's --min-* / --max-*: one engine for a range of shapes (issue 15)."""
-    g = p.add_argument_group("shape range (a ranged engine; the build shapes above are the ones it is optimised "
-                             "for; give none for a static engine)")
-    for axis, what in (("batch", "samples per call"), ("height", "pixels, a multiple of 16"),
-                       ("width", "pixels, a multiple of 16"), ("text-len", "text tokens")):
-        g.add_argument(f"--max-{axis}", type=int, metavar="N", help=f"largest {what} served (default: the build's)")
-        g.add_argument(f"--min-{axis}", type=int, metavar="N", help=f"smallest {what} served (default: 1, 16 px or 1 "
-                       "token when the axis ranges, else the build's)")
-    g.add_argument("--calib-shapes", metavar="HxW,...", help="also calibrate the bases on inputs of these resolutions "
-                   "(in range; the calibration inputs take turns with the build shapes; default: the build shapes only)")
-
-
-def range_options(a: argparse.Namespace) -> dict[str, dict]:
-    """BuildOptions' min_shapes and max_shapes (--min-* / --max-* values by shape axis, None: not given) and
-    calib_shapes (calibrate has none of these options)."""
-    from svdexport.models.ranges import parse_sizes
-
-    axes = ("batch", "height", "width", "text_len")
-    out = {f"{end}_shapes": {k: getattr(a, f"{end}_{k}", None) for k in axes} for end in ("min", "max")}
-    return {**out, "calib_shapes": parse_sizes(getattr(a, "calib_shapes", None), "--calib-shapes")}
-
-
-def _add_request_shape_args(p: argparse.ArgumentParser) -> None:
-    """run's shape of one request: any shape in a ranged engine's range (default: the build shapes)."""
-    g = p.add_argument_group("request shapes (a ranged engine takes any in its range; default: the build shapes)")
-    g.add_argument("--batch", type=int, help="samples in this request")
-    g.add_argument("--height", type=int, help="pixels, a multiple of 16")
-    g.add_argument("--width", type=int, help="pixels, a multiple of 16")
-
-
-def _add_shape_bench_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("shape ranges (issue 15; either option runs these measurements instead)")
-    g.add_argument("--against", metavar="STATIC", help="a static engine of ENGINE's optimal shape: full step, cached "
-                   "step and generation of the ranged ENGINE against it, side by side")
-    g.add_argument("--resolutions", metavar="HxW,...", help="latency of the ranged ENGINE per resolution, e.g. "
-                   "96x96,128x128,160x160")
 
 
 def cmd_bench_shapes(a: argparse.Namespace) -> None:
@@ -308,11 +258,6 @@ def check_loras(specs: list[str], backend_name: str, fam, no_rebuild: bool = Fal
     if fam.lora_loader is None:
         raise SvdExportError(f"--lora: LoRAs are not supported for {fam.name} models (no diffusers LoRA loader)")
     return [LoraFile.parse(s) for s in specs]
-
-
-def lora_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="LoRA .safetensors (diffusers, Kohya or "
-                   "BFL names) fused into the engine's weights without a rebuild (SCALE default 1); repeatable")
 
 
 def bench_with_lora(p: argparse.ArgumentParser, bench: Callable) -> Callable:

@@ -304,8 +304,9 @@ def test_calibrated_plan_is_stored_searched_and_shown(engine, tmp_path, capsys):
     from svdexport.cache.plan import search, uniform_plan
 
     e = svdexport.load(engine)  # built with 4 calibration steps: its plan is for 4 steps
-    (record,) = e.manifest.plans
+    record = e.manifest.plans[0]  # the build's budget first, then the other refined budgets
     assert record.steps == 4 and record.full_steps[0] == 0 and len(record.full_steps) == len(uniform_plan(4, 3, 7))
+    assert len(e.manifest.plans) == 1 and not record.refined and record.score is None  # refinement is opt-in
     assert e.plan(4).full_steps == record.full_steps and e.plan(4).how == "calibrated"
     # Another budget at the calibrated step count: searched at run time from the stored statistics.
     two = e.plan(4, e.cache_config(full_steps=2))
@@ -318,6 +319,24 @@ def test_calibrated_plan_is_stored_searched_and_shown(engine, tmp_path, capsys):
     assert e.plan(20, e.cache_config(interval=5)).full_steps == uniform_plan(20, 3, 5)
     code, out, _ = run_cli(capsys, "run", engine, "--steps", 4, "--out", tmp_path / "p.png")
     assert code == 0 and f"full steps (calibrated): {' '.join(map(str, record.full_steps))}" in out
+
+
+def test_refined_plans_are_stored_and_used(tmp_path, capsys):
+    import svdexport
+    from svdexport.build.step_plans import refine_budgets
+
+    code, out, err = run_cli(capsys, "build", "--out", tmp_path / "r", *FAST[:2], "--calib-steps", "8",
+                             *FAST[4:], "--full-steps", "4", "--refine-evaluations", "30", "--refine-samples", "2")
+    assert code == 0, err
+    e = svdexport.load(tmp_path / "r")
+    # The build's budget first, then b - 2 and b + 3 (2 and 7 full steps of 8), each refined and scored.
+    assert [len(r.full_steps) for r in e.manifest.plans] == [4, 2, 7]
+    assert all(r.refined and r.score is not None and r.full_steps[0] == 0 for r in e.manifest.plans)
+    for r in e.manifest.plans:  # the engine runs the refined plan of each recorded budget
+        assert e.plan(8, e.cache_config(full_steps=len(r.full_steps))).full_steps == r.full_steps
+    assert "refined: " in out
+    assert refine_budgets(9, 50, None) == [7, 9, 12] and refine_budgets(9, 50, [12, 1, 50]) == [9, 12]
+    assert refine_budgets(3, 4, None) == [3]  # 1 and 6 full steps of 4 leave nothing to choose
 
 
 def test_uniform_build_stores_no_plan(tmp_path, capsys):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from svdexport.cache.config import step_plan
-from svdexport.cache.plan import (PlanAccumulator, calibrate_gamma, forecast_errors, plan_cost, search,
+from svdexport.cache.plan import (PlanAccumulator, calibrate_gamma, forecast_errors, plan_cost, refine, search,
                                   site_weights, uniform_plan)
 from svdexport.cache.predictors import ResidualForecast, SvdTaylor, damped_taylor
 from svdexport.cache.svd import reconstruct, split
@@ -112,6 +112,58 @@ def test_kink_gets_a_full_step(gamma):
     best = search(stats, 4, 1, gamma, w)
     assert kink in best.full_steps and kink + 1 in best.full_steps
     assert best.cost < 1e-9 * plan_cost(stats, uniform_plan(steps, 1, 9), 1, gamma, w)
+
+
+def test_refine_reaches_the_best_plan_from_a_worse_start():
+    """Closed-loop refinement on a score it can only query: with the (negated) forecast error as the score
+    it climbs from the uniform plan to the exact optimum the DP finds, keeping step 0 and the budget."""
+    steps, budget = 12, 4
+    traj, bases = _random_walk(steps, seed=3), _orthonormal(2, 6, 3, seed=1)
+    stats = _stats(traj, bases)
+    calls = []
+
+    def score(plan):
+        calls.append(plan)
+        assert plan[0] == 0 and len(plan) == budget and plan == sorted(set(plan)) and plan[-1] < steps
+        return -plan_cost(stats, plan, 1, 0.0)
+
+    start = [0, 1, 6, 11]
+    found = refine([start], steps, score)
+    assert found.full_steps == search(stats, budget, 1, 0.0).full_steps
+    assert found.score == pytest.approx(-search(stats, budget, 1, 0.0).cost, rel=1e-9)
+    assert found.score > score(start) and found.evaluations == len({tuple(p) for p in calls[:-1]})
+    # The best start wins; a plan that no move improves comes back as it is.
+    optimum = found.full_steps
+    again = refine([start, optimum], steps, score)
+    assert again.full_steps == optimum and again.score == found.score
+    # A local search: from a far start it may stop short of the optimum, but never below its start and
+    # only where no single move of one full step by up to 3 improves.
+    stuck = refine([[0, 9, 10, 11]], steps, score)
+    assert stuck.score >= score([0, 9, 10, 11])
+    for i, d in itertools.product(range(1, budget), (-3, -2, -1, 1, 2, 3)):
+        moved = stuck.full_steps[:i] + [stuck.full_steps[i] + d] + stuck.full_steps[i + 1:]
+        if 0 < moved[i] < steps and len(set(moved)) == budget:
+            assert score(sorted(moved)) <= stuck.score
+    with pytest.raises(ValueError):
+        refine([[0, 1], [0, 1, 2]], steps, score)
+
+
+@pytest.mark.parametrize("seed", range(3, 8))
+def test_refine_with_tail_moves_escapes_where_single_moves_stop(seed):
+    """Shifting a full step together with all later ones (the build's setting) reaches the exact optimum
+    from both ends of the schedule on these trajectories; single moves stop short on most of them."""
+    steps, budget = 12, 4
+    stats = _stats(_random_walk(steps, seed=seed), _orthonormal(2, 6, 3, seed=1))
+    best = search(stats, budget, 1, 0.0)
+    for start in ([0, 1, 2, 3], [0, 9, 10, 11]):
+        found = refine([start], steps, lambda p: -plan_cost(stats, p, 1, 0.0), tails=True)
+        assert found.full_steps == best.full_steps and found.score == pytest.approx(-best.cost, rel=1e-9)
+
+
+def test_refine_stops_at_its_evaluation_cap():
+    scored = []
+    found = refine([[0, 1, 2, 3]], 40, lambda p: scored.append(p) or sum(p), max_evaluations=7)
+    assert len(scored) == found.evaluations == 7 and found.score == sum(found.full_steps) > 6
 
 
 def test_gamma_zero_is_reuse_exactly():

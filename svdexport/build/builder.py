@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from svdexport.build import memory, precision
-from svdexport.build.calibrate import CALIBRATION_SEED, CalibrationSettings, calibrate, plan_statistics
+from svdexport.build.calibrate import CALIBRATION_SEED, CalibrationSettings, calibrate
+from svdexport.build.step_plans import calibrate_plan
 from svdexport.build.ranged import range_states, shapes_record
 from svdexport.cache import plan as plans
 from svdexport.cache.config import CacheConfig
@@ -32,7 +33,6 @@ from svdexport.models.ranges import ShapeRange, shape_range
 from svdexport.models.weights import WeightsInfo, load_table, read_prompts
 from svdexport.runtime import manifest as mf
 from svdexport.runtime.manifest import BASES_FILE, PLAN_STATS_FILE, TABLE_FILE, ConditioningKind
-from svdexport.runtime.plans import SEARCH_ORDER, schedule_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,6 +55,12 @@ class BuildOptions:
     check_memory: bool = True  # refuse a build whose estimated peak memory exceeds what is available
     force: bool = False  # replace an output that svdexport did not write
     dtype_reason: str = ""  # why this dtype (set by prepare: "auto: this CPU has AVX512-BF16 ...")
+    # Closed-loop refinement of calibrated plans (plan.refine): plans scored by cached sampling against full
+    # compute on `refine_samples` calibration inputs, at most `refine_evaluations` plans per budget (0: the
+    # DP's plan as it is), for the build's budget and `refine_budgets` (None: REFINE_OFFSETS around it).
+    refine_evaluations: int = 0  # opt-in: see README (on held-out seeds it raised the mean, lost the worst sample)
+    refine_samples: int = 32
+    refine_budgets: list[int] | None = None
 
     def validate(self) -> "BuildOptions":
         self.cache.validate()
@@ -68,6 +74,8 @@ class BuildOptions:
             raise SvdExportError(f"unknown dtype {self.dtype!r} (choose from {', '.join(DTYPES)}, auto)")
         if self.calib_samples < 1 or (self.calib_steps is not None and self.calib_steps < 1):
             raise SvdExportError("calibration needs at least one sample and one step")
+        if self.refine_evaluations < 0 or self.refine_samples < 1 or any(b < 1 for b in self.refine_budgets or ()):
+            raise SvdExportError("refinement needs evaluations >= 0, samples >= 1 and budgets >= 1")
         return self
 
 
@@ -151,22 +159,6 @@ def run_calibration(p: Prepared, opts: BuildOptions, progress: bool) -> Bases:
                      shapes_of=shapes_of)
 
 
-def calibrate_plan(p: Prepared, opts: BuildOptions, bases: Bases,
-                   progress: bool) -> tuple[plans.PlanStats, mf.PlanRecord]:
-    """The plan statistics of the calibration trajectories and the calibrated plan of the build's step
-    count, with as many full steps as `--full-steps` or the uniform plan of warmup and interval."""
-    settings = CalibrationSettings(opts.calib_samples, opts.calib_steps, opts.cache.tau, opts.cache.k_max)
-    stats = plan_statistics(p.full, p.cached, p.sampling, p.shapes, bases.vectors.to(opts.device),
-                            lambda seed: p.inputs(seed, opts), settings, progress=progress)
-    c, steps = opts.cache, opts.calib_steps
-    uniform = plans.uniform_plan(steps, c.warmup, c.interval)
-    budget = min(c.full_steps or len(uniform), steps)
-    weights, order = schedule_weights(p.sampling, p.shapes, steps), SEARCH_ORDER[c.predictor]
-    found = plans.search(stats, budget, order, c.gamma, weights)
-    uniform_cost = plans.plan_cost(stats, uniform, order, c.gamma, weights) if len(uniform) == budget else None
-    return stats, mf.PlanRecord(steps, found.full_steps, found.cost, uniform_cost, c.gamma, order)
-
-
 def calibrate_to_file(opts: BuildOptions, out: Path, progress: bool = True) -> Bases:
     """`svdexport calibrate`: only the bases file, written atomically."""
     out = Path(out)
@@ -210,7 +202,8 @@ def build_key(p: Prepared, opts: BuildOptions) -> str:
     """Digest of everything an engine depends on: same key, same engine."""
     parts = {"model": opts.model, "weights": p.info.digest(), "backend": opts.backend, "cache": opts.cache.to_dict(),
              "shapes": p.shapes.to_dict(), "dtype": opts.dtype, "device": opts.device,
-             "calibration": [opts.calib_samples, opts.calib_steps, p.prompts], "sampler": p.sampling.config,
+             "calibration": [opts.calib_samples, opts.calib_steps, p.prompts],
+             "refine": [opts.refine_evaluations, opts.refine_samples, opts.refine_budgets], "sampler": p.sampling.config,
              "versions": mf.library_versions()}
     # Issue 15's settings enter the key only when used: a static engine keeps the key it had before.
     if p.range.ranged:
@@ -276,7 +269,7 @@ def _build(opts: BuildOptions, out: Path, graphs_dir: Path, progress: bool, be) 
     if (manifest := existing(out, key)) is not None:
         return manifest, True
     bases = run_calibration(p, opts, progress)
-    stats, plan = calibrate_plan(p, opts, bases, progress) if opts.cache.plan == "calibrated" else (None, None)
+    stats, plan_records = calibrate_plan(p, opts, bases, progress) if opts.cache.plan == "calibrated" else (None, [])
     example = p.inputs(0, opts)
     graphs = graph_exports(p, bases, example, opts)
     graphs_ctx = atomic_dir(graphs_dir, opts.force) if be.needs_export else contextlib.nullcontext(None)
@@ -319,6 +312,6 @@ def _build(opts: BuildOptions, out: Path, graphs_dir: Path, progress: bool, be) 
             build_seconds=round(time.perf_counter() - start, 1),
             sampler=p.sampling.config,
             graphs=_describe(graphs),
-            plans=[plan] if plan is not None else [],
+            plans=plan_records,
         )
         return mf.write(tmp, manifest), False

@@ -79,3 +79,36 @@ def plan_statistics(full: Graph, cached: Graph, sampling: Sampling, shapes: Shap
 
             loop.generate(make_inputs(CALIBRATION_SEED + i), steps, on_full_step=on_full_step)
     return acc.stats()
+
+
+def batch_inputs(inputs: list[dict[str, torch.Tensor]], batched: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Several samples' inputs as one batch: the `batched` keys joined on their leading axis, the rest
+    (position tables, ids) taken from the first sample."""
+    out = dict(inputs[0])
+    for k in batched:
+        if k in out and out[k] is not None and out[k].dim() > 0:
+            out[k] = torch.cat([x[k] for x in inputs])
+    return out
+
+
+def latent_psnr(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB per batch row of x against reference, the peak being each reference row's range."""
+    x, reference = x.double().flatten(1), reference.double().flatten(1)
+    mse = (x - reference).pow(2).mean(1).clamp_min(1e-30)
+    peak = reference.max(1).values - reference.min(1).values
+    return 10 * torch.log10(peak * peak / mse)
+
+
+def closed_loop_score(full: Graph, cached: Graph, sampling: Sampling, shapes: Shapes, bases: torch.Tensor,
+                      cache: CacheConfig, inputs: dict[str, torch.Tensor], steps: int) -> Callable[[list[int]], float]:
+    """score(plan): the mean PSNR of the final latents of cached sampling with `plan` (and `cache`'s
+    forecast) against full compute, over the batch rows of `inputs`. What the closed-loop plan refinement
+    (`plan.refine`) maximises: the error that reaches the sample, after the output head and the sampler."""
+    loop = CachedSampler(full, cached, bases, cache, sampling, shapes)
+    reference = loop.generate(inputs, steps, plan=[True] * steps).latents
+
+    def score(full_steps: list[int]) -> float:
+        latents = loop.generate(inputs, steps, plan=plans.plan_mask(full_steps, steps)).latents
+        return float(latent_psnr(latents, reference).clamp_max(99.0).mean())
+
+    return score

@@ -236,6 +236,50 @@ def table_cost(err: np.ndarray, plan: list[int], weights=None) -> float:
     return float(cost)
 
 
+@dataclass
+class Refined:
+    full_steps: list[int]
+    score: float  # the score of `full_steps` (higher is better)
+    evaluations: int  # distinct plans scored
+
+
+def refine(starts: list[list[int]], steps: int, score, shifts=(1, 2, 3), max_evaluations: int = 300,
+           tails: bool = False) -> Refined:
+    """Closed-loop local search: from the best-scoring plan of `starts` (all of one budget), move one full
+    step (never step 0) by +-shift while that raises `score(plan)` (e.g. the mean PSNR of cached sampling
+    against full compute on calibration inputs), with `tails` also it and all later full steps together,
+    until no single move does or `max_evaluations` plans were scored. The budget stays the same and the
+    result is again a static list of step indices."""
+    seen: dict[tuple, float] = {}
+
+    def value(plan: list[int]) -> float:
+        key = tuple(plan)
+        if key not in seen:
+            seen[key] = float(score(list(plan)))
+        return seen[key]
+
+    if len({len(p) for p in starts}) != 1 or any(0 not in p for p in starts):
+        raise ValueError("refine: every start must have the same number of full steps and include step 0")
+    best = max((sorted(p) for p in starts), key=value)
+    best_score = value(best)
+    improved = True
+    while improved and len(seen) < max_evaluations:
+        improved = False
+        for idx in range(1, len(best)):
+            # One full step moved by d, or (tails) it and every later one shifted together.
+            for d, end in itertools.product([s * sign for s in shifts for sign in (1, -1)],
+                                            (idx + 1, len(best)) if tails else (idx + 1,)):
+                cand = sorted(best[:idx] + [f + d for f in best[idx:end]] + best[end:])
+                if len(set(cand)) < len(best) or cand[0] != 0 or cand[-1] >= steps or tuple(cand) in seen:
+                    continue
+                if len(seen) >= max_evaluations:
+                    break
+                if (v := value(cand)) > best_score:
+                    best, best_score, improved = cand, v, True
+                    break
+    return Refined(best, best_score, len(seen))
+
+
 def uniform_plan(steps: int, warmup: int, interval: int) -> list[int]:
     """Today's TaylorSeer-phase schedule (`config.step_plan`) as a list of full-step indices."""
     if steps < 1:

@@ -94,6 +94,8 @@ class PlanRecord:
     uniform_cost: float | None  # the same for the uniform plan, when it has as many full steps
     gamma: float  # residual damping the plan was searched with
     order: int = 1  # forecast order of the error model it was searched with (1: Taylor, 0: reuse)
+    score: float | None = None  # mean PSNR (dB) of its cached sampling against full compute on the calibration inputs
+    refined: bool = False  # refined in closed loop (plan.refine) from the DP's plan of least forecast error
 
 
 class EngineKind(str, Enum):

@@ -1,0 +1,76 @@
+"""The calibrated step plans of a build: the DP's plan of least forecast error per budget, optionally refined
+in closed loop on the calibration inputs (`plan.refine`), with the plan statistics they come from."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tqdm import tqdm
+
+from svdexport.build import calibrate as calibrate_mod
+from svdexport.build.calibrate import CALIBRATION_SEED, CalibrationSettings, plan_statistics
+from svdexport.cache import plan as plans
+from svdexport.cache.svd import Bases
+from svdexport.runtime import manifest as mf
+from svdexport.runtime.plans import SEARCH_ORDER, schedule_weights
+
+if TYPE_CHECKING:  # builder imports this module
+    from svdexport.build.builder import BuildOptions, Prepared
+
+# Inputs with a leading batch axis, for families without a prompt encoder that lists them.
+BATCHED = ("hidden_states", "encoder_hidden_states", "pooled_projections", "encoder_attention_mask", "guidance")
+
+# Budgets refined besides the build's own b (b + offset, clamped to the steps): the ladder that
+# docs/benchmarks.md reports (7, 9, 12 of 50 around FLUX's 9). Other budgets get the DP's plan at run time.
+REFINE_OFFSETS = (-2, 0, 3)
+
+
+def refine_budgets(budget: int, steps: int, given: list[int] | None) -> list[int]:
+    """The build's budget and the other budgets to refine: those of 2 to steps - 1 full steps (one full
+    step or all of them leave nothing to choose)."""
+    chosen = given if given else [budget + d for d in REFINE_OFFSETS]
+    return sorted({b for b in chosen if 1 < b < steps} | {budget})
+
+
+def calibrate_plan(p: Prepared, opts: BuildOptions, bases: Bases,
+                   progress: bool) -> tuple[plans.PlanStats, list[mf.PlanRecord]]:
+    """The plan statistics of the calibration trajectories and the calibrated plans of the build's step
+    count: the build's budget (`--full-steps`, or as many as the uniform plan of warmup and interval has)
+    first, then the other refined budgets. Each starts as the DP's plan of least forecast error (with and
+    without schedule weights, and the uniform plan where one has that budget: the best-scoring start) and is
+    refined in closed loop on the calibration inputs (`plan.refine`) unless `refine_evaluations` is 0."""
+    settings = CalibrationSettings(opts.calib_samples, opts.calib_steps, opts.cache.tau, opts.cache.k_max)
+    stats = plan_statistics(p.full, p.cached, p.sampling, p.shapes, bases.vectors.to(opts.device),
+                            lambda seed: p.inputs(seed, opts), settings, progress=progress)
+    c, steps = opts.cache, opts.calib_steps
+    uniform = plans.uniform_plan(steps, c.warmup, c.interval)
+    budget = min(c.full_steps or len(uniform), steps)
+    weights, order = schedule_weights(p.sampling, p.shapes, steps), SEARCH_ORDER[c.predictor]
+    budgets = refine_budgets(budget, steps, opts.refine_budgets) if opts.refine_evaluations else [budget]
+    score = None
+    if opts.refine_evaluations:
+        batched = p.fam.prompts.batched if p.fam.prompts is not None else BATCHED
+        x = calibrate_mod.batch_inputs([p.inputs(CALIBRATION_SEED + i, opts) for i in range(opts.refine_samples)],
+                                       batched)
+        score = calibrate_mod.closed_loop_score(p.full, p.cached, p.sampling, p.shapes, bases.vectors.to(opts.device),
+                                                c, x, steps)
+    records = []
+    for b in sorted(budgets, key=lambda b: b != budget):  # the build's budget first
+        found = plans.search(stats, b, order, c.gamma, weights)
+        full_steps, refined = found.full_steps, None
+        if score is not None and 1 < b < steps:
+            starts = [found.full_steps, plans.search(stats, b, order, c.gamma).full_steps]
+            starts += [u for iv in range(1, steps + 1) if len(u := plans.uniform_plan(steps, c.warmup, iv)) == b][:1]
+            with tqdm(desc=f"refining the plan of {b} full steps", unit="plan", disable=not progress) as bar:
+                def counted(plan, bar=bar):
+                    bar.update()
+                    return score(plan)
+
+                refined = plans.refine(starts, steps, counted, max_evaluations=opts.refine_evaluations, tails=True)
+            full_steps = refined.full_steps
+        cost = plans.plan_cost(stats, full_steps, order, c.gamma, weights)
+        uniform_cost = plans.plan_cost(stats, uniform, order, c.gamma, weights) if len(uniform) == b else None
+        records.append(mf.PlanRecord(steps, full_steps, cost, uniform_cost, c.gamma, order,
+                                     score=None if refined is None else round(refined.score, 3),
+                                     refined=refined is not None))
+    return stats, records
