@@ -18,3 +18,19 @@ def model(request):
 @pytest.fixture
 def shapes():
     return TINY_SHAPES
+
+
+@pytest.fixture(scope="session")
+def default_aoti_engine(tmp_path_factory):
+    """`svdexport build --backend aoti` with no other flag and this machine's own --dtype auto: the engine the
+    latency floors are for, shared with the tests that need any AOTInductor engine (one build, not two)."""
+    from svdexport.cli import main
+
+    out = tmp_path_factory.mktemp("default-aoti") / "engine"
+    pinned = os.environ.pop("SVDEXPORT_CPU_BF16", None)  # the shipped default: this machine's own --dtype auto
+    try:
+        assert main(["build", "--backend", "aoti", "--out", str(out), "--graphs", str(out.parent / "graphs")]) == 0
+    finally:
+        if pinned is not None:
+            os.environ["SVDEXPORT_CPU_BF16"] = pinned
+    return out

@@ -24,10 +24,8 @@ ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
 
 
 @pytest.fixture(scope="module")
-def aoti(tmp_path_factory):
-    out = tmp_path_factory.mktemp("aoti") / "engine"
-    assert main(["build", "--backend", "aoti", "--out", str(out), "--graphs", str(out.parent / "g"), *FAST]) == 0
-    return out
+def aoti(default_aoti_engine):
+    return default_aoti_engine  # any AOTInductor engine: the latency tests' build, shared (conftest.py)
 
 
 @pytest.fixture

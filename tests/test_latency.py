@@ -6,7 +6,6 @@ Floors live in tests/baselines/latency.json with the measurement they came from;
 """
 
 import json
-import os
 import statistics
 from pathlib import Path
 
@@ -15,22 +14,15 @@ import pytest
 import svdexport
 from svdexport.bench.latency import bench
 from svdexport.bench.metrics import psnr
-from svdexport.cli import main
 
 pytestmark = [pytest.mark.latency, pytest.mark.slow]
 BASELINE = json.loads((Path(__file__).parent / "baselines" / "latency.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def measured(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lat") / "engine"
-    pinned = os.environ.pop("SVDEXPORT_CPU_BF16", None)  # the shipped default: this machine's own --dtype auto
-    try:
-        assert main(["build", "--backend", BASELINE["backend"], "--out", str(out),
-                     "--graphs", str(out.parent / "graphs")]) == 0
-    finally:
-        if pinned is not None:
-            os.environ["SVDEXPORT_CPU_BF16"] = pinned
+def measured(default_aoti_engine):
+    assert BASELINE["backend"] == "aoti"  # the floors are for conftest's default aoti engine
+    out = default_aoti_engine
     report = bench(str(out), steps=50, repeats=3, step_calls=5, e2e_repeats=5)
     engine = svdexport.load(out)
     eager = engine.eager_reference()
