@@ -83,25 +83,22 @@ class Engine:
     def check_inputs(self, inputs: dict[str, torch.Tensor], shapes: Shapes | None = None) -> None:
         """Refuses, in one line, inputs that are not of `shapes` (default: the build shapes); a ranged engine
         without `shapes` (a pipeline's call) takes inputs whose every dimension lies in its range."""
-        if shapes is None and self.range.ranged:
-            lo, hi = self.input_shapes(self.range.min), self.input_shapes(self.range.max)
-            for name in self.manifest.shapes.inputs:
-                got = inputs.get(name)
-                if got is None:
-                    raise SvdExportError(f"input {name!r} is missing")
-                if len(got.shape) != len(lo[name]) or not all(a <= g <= b for a, g, b in zip(lo[name], got.shape, hi[name])):
-                    raise SvdExportError(f"input {name!r} has shape {tuple(got.shape)}; this ranged engine takes "
-                                         f"{tuple(lo[name])} to {tuple(hi[name])}")
-            return
+        span = shapes is None and self.range.ranged
         build = shapes is None or shapes == self.shapes
+        if span:
+            lo, hi = self.input_shapes(self.range.min), self.input_shapes(self.range.max)
         wanted = self.manifest.shapes.inputs if build else self.input_shapes(shapes)
         for name, want in wanted.items():
             got = inputs.get(name)
             if got is None:
                 raise SvdExportError(f"input {name!r} is missing")
-            if list(got.shape) != want:
+            shape = list(got.shape)
+            if span and (len(shape) != len(lo[name]) or not all(a <= g <= b for a, g, b in zip(lo[name], shape, hi[name]))):
+                raise SvdExportError(f"input {name!r} has shape {tuple(shape)}; this ranged engine takes "
+                                     f"{tuple(lo[name])} to {tuple(hi[name])}")
+            if not span and shape != want:
                 at = "this engine was built for" if build else f"at {shapes.to_dict()} it must be"
-                raise SvdExportError(f"input {name!r} has shape {tuple(got.shape)}; {at} {tuple(want)}")
+                raise SvdExportError(f"input {name!r} has shape {tuple(shape)}; {at} {tuple(want)}")
 
     def generate(self, inputs: dict[str, torch.Tensor] | None = None, seed: int = 0, steps: int | None = None,
                  progress: bool = False, labels: list[int] | None = None, batch: int | None = None,
