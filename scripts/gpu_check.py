@@ -5,6 +5,9 @@ onnx on the CUDA / TensorRT providers), checks one full and one cached step of e
 prints one markdown table: full and cached step, 50 steps with SVD-Cache against eager without cache,
 achieved TFLOP/s and fraction of this GPU's bf16 matmul peak (measured in the same run), peak GPU memory,
 build time. A backend that cannot run (package missing, no time left in the budget) is a row with its reason.
+For the backends in the plan's `lora` (tensorrt on the GPU: TensorRT refit), a LoRA step follows: a random
+PEFT LoRA loaded into the built engine (timed), its steps against eager with the same LoRA fused, unloaded
+(timed) back to the base output bit for bit; a second table.
 
 `--tiny` runs the same logic on a CPU with the bundled digits model and the CPU backends (aoti in bf16 as on
 the GPU, onnx in fp32), so the first GPU run is not the first run of this code.
@@ -55,15 +58,19 @@ class Plan:
     step_calls: int = 5  # timed calls per step measurement (median)
     budget_s: float = 480.0  # the whole check, builds included; a backend that would not fit is skipped
     reserve_s: float = 90.0  # time a backend needs at least (build and measurement) to be started
+    lora: tuple[str, ...] = ()  # backends whose row gets the LoRA step
+    lora_reserve_s: float = 90.0  # time the LoRA step needs at least (two loads of the base weights, two pushes)
 
 
 # inductor (torch.compile at load) second: a compiled GPU row even where AOTInductor's loader crashes.
+# The LoRA step on the GPU for tensorrt (the refit no CPU test reaches); aoti and onnx take it on the CPU
+# (--tiny), and on the GPU with --lora-backends (each costs two loads of the base weights).
 GPU = Plan("bundled:flux1-reduced", {"height": 1024, "width": 1024}, "cuda", ("aoti", "inductor", "tensorrt", "onnx"),
-           {"aoti": "bf16", "inductor": "bf16", "tensorrt": "bf16", "onnx": "bf16"})
+           {"aoti": "bf16", "inductor": "bf16", "tensorrt": "bf16", "onnx": "bf16"}, lora=("tensorrt",))
 # On a CPU: aoti in bf16 as on the GPU (the digits model's own default is fp32), onnx as `build` picks (fp32:
 # ONNX Runtime's CPU provider has no bf16 kernels).
 TINY = Plan("bundled:digits", {}, "cpu", ("aoti", "onnx"), {"aoti": "bf16", "onnx": "auto"}, budget_s=300.0,
-            reserve_s=5.0)
+            reserve_s=5.0, lora=("aoti", "onnx"), lora_reserve_s=5.0)
 
 
 @dataclass
@@ -82,6 +89,8 @@ class Row:
     fraction_of_peak: float | None = None
     peak_memory_gib: float | None = None
     build_s: float | None = None
+    lora: dict = field(default_factory=dict)  # the LoRA step's timings and checks (`lora_step`)
+    lora_skipped: str | None = None  # why the LoRA step did not run or failed
 
 
 def unavailable(name: str, device: str) -> str | None:
@@ -122,6 +131,68 @@ def step_state(engine, reference) -> dict:
     with torch.inference_mode():
         _, state["coeffs"], state["residuals"] = reference.full(*[state[n] for n in reference.full.input_names])
     return state
+
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]  # proj_out: in both graphs (tests/helpers.py)
+
+
+def make_lora(engine, path: Path, rank: int = 4, scale: float = 0.5, seed: int = 0) -> Path:
+    """A random rank-`rank` LoRA of the engine's FLUX transformer, saved as diffusers saves LoRAs: PEFT names
+    it on a meta-device model (nothing allocated: FLUX.1's width need not be loaded for it) and the values
+    are seeded, A and B uniform as nn.Linear's init, B scaled by `scale` (so B @ A moves the adapted weights
+    by about `scale` times their own init scale)."""
+    from diffusers import FluxPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from svdexport.models.weights import config_kwargs
+
+    with torch.device("meta"):
+        model = engine.family.transformer_class().from_config(config_kwargs(engine.config))
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=LORA_TARGETS))
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, meta in sorted(get_peft_model_state_dict(model).items()):
+        bound = 1 / meta.shape[1] ** 0.5  # nn.Linear's: 1/sqrt(fan_in)
+        value = (torch.rand(meta.shape, generator=g) * 2 - 1) * bound
+        state[key] = (value * (scale if "lora_B" in key else 1.0)).to(getattr(torch, engine.manifest.dtype))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FluxPipeline.save_lora_weights(path.parent, transformer_lora_layers=state, weight_name=path.name)
+    return path
+
+
+def lora_step(engine, state: dict, lora: Path, device: str, scale: float = 1.0) -> dict:
+    """Loads `lora` into the built engine (timed with the first full step after it, which pays a CUDA-graph
+    recapture), compares its full and cached steps with eager running the same fused weights (the engine's
+    eager twin), unloads it (timed likewise) and compares the steps with the base ones bit for bit."""
+    full_args = [state[n] for n in engine.full.input_names]
+    cached_args = [state[n] for n in engine.cached.input_names]
+    base, base_c = engine.full(*full_args)[0].clone(), engine.cached(*cached_args).clone()
+    sync(device)
+    start = time.perf_counter()
+    engine.load_lora(lora, scale)
+    got = engine.full(*full_args)[0]
+    sync(device)
+    load_s = time.perf_counter() - start
+    weights = engine.lora_weights()
+    got_c = engine.cached(*cached_args)
+    twin = engine.eager_reference()  # eager PyTorch with the LoRA fused the same way
+    want = twin.full(*[state[n] for n in twin.full.input_names])[0]
+    want_c = twin.cached(*[state[n] for n in twin.cached.input_names])
+    del twin
+    sync(device)
+    start = time.perf_counter()
+    engine.unload_lora()
+    back = engine.full(*full_args)[0]
+    sync(device)
+    unload_s = time.perf_counter() - start
+    back_c = engine.cached(*cached_args)
+    tol = TOLERANCE[engine.manifest.dtype]
+    result = {"load_s": load_s, "unload_s": unload_s, "weights": weights,
+              "parity": {"full": rel_l2(got, want), "cached": rel_l2(got_c, want_c)},
+              "change": rel_l2(got, base),  # how far the LoRA moves the step: parity means something above tol
+              "exact_unload": bool(torch.equal(back, base) and torch.equal(back_c, base_c))}
+    result["ok"] = max(result["parity"].values()) <= tol < result["change"] and result["exact_unload"]
+    return result
 
 
 class Memory:
@@ -221,7 +292,28 @@ class Check:
         row.peak_memory_gib = memory.peak_gib()
         self.log(f"{name}: parity {row.parity} ({'ok' if row.parity_ok else 'FAILED'}), full {row.full_ms:.2f} ms, "
                  f"cached {row.cached_ms:.2f} ms, {p.steps} steps {row.cached_50_s:.3f} s")
+        if name in p.lora:
+            self.run_lora(engine, state, row)
         return row
+
+    def run_lora(self, engine, state: dict, row: Row) -> None:
+        """The LoRA step into `row`; a failure there is the row's LoRA result, not the end of the row."""
+        p = self.plan
+        if self.elapsed() + p.lora_reserve_s > p.budget_s:
+            row.lora_skipped = f"time budget: {self.elapsed():.0f} s of {p.budget_s:.0f} s spent before it"
+            return
+        try:
+            # Made again for each row (cheap: nothing allocated), so a file of another model left in --out
+            # by an earlier run is never reused; seeded, so every backend of a run gets the same LoRA.
+            lora = make_lora(engine, self.out / f"{row.backend}-lora" / "lora.safetensors")
+            with torch.inference_mode():
+                row.lora = lora_step(engine, state, lora, p.device)
+        except SvdExportError as e:
+            row.lora_skipped = f"failed: {e}"
+        except Exception as e:
+            traceback.print_exc()
+            row.lora_skipped = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        self.log(f"{row.backend}: LoRA {row.lora or row.lora_skipped}")
 
     def run(self) -> list[Row]:
         return [self.run_isolated(name) if self.isolate else self.run_one(name) for name in self.plan.backends]
@@ -233,7 +325,8 @@ class Check:
         result.unlink(missing_ok=True)
         budget = max(self.plan.budget_s - self.elapsed(), 0.0)
         argv = [sys.executable, __file__, "--child", name, "--out", str(self.out), "--budget-s", f"{budget:.0f}",
-                "--json", str(result)] + (["--tiny"] if self.plan.device == "cpu" else [])
+                "--json", str(result), "--lora-backends", ",".join(self.plan.lora) or "none"]
+        argv += ["--tiny"] if self.plan.device == "cpu" else []
         code = subprocess.run(argv).returncode
         if not result.exists():
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
@@ -281,6 +374,23 @@ def table(rows: list[Row], plan: Plan, device_name: str, peaks: dict) -> str:
     return "\n".join(lines)
 
 
+def lora_table(rows: list[Row]) -> str:
+    """The LoRA step's table (rows that have one): load and unload seconds, parity against eager with the
+    same LoRA fused, how far the LoRA moved the step, and whether unloading gave the base step back exactly."""
+    lines = ["| backend | LoRA load s | unload s | parity vs eager fused (full / cached rel. L2) "
+             "| change from base (rel. L2) | unload bit-exact |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.lora_skipped:
+            lines.append(f"| {r.backend} | {r.lora_skipped} |" + " |" * 4)
+        elif r.lora:
+            x = r.lora
+            lines.append(f"| {r.backend} | {x['load_s']:.2f} | {x['unload_s']:.2f} | {x['parity']['full']:.1e} / "
+                         f"{x['parity']['cached']:.1e} ({'ok' if x['ok'] else 'FAILED'}) | {x['change']:.2e} "
+                         f"| {'yes' if x['exact_unload'] else 'NO'} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name(0)
@@ -295,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backends", help="comma list (default: aoti,tensorrt,onnx; --tiny: aoti,onnx)")
     ap.add_argument("--budget-s", type=float, help="seconds the whole check may take (default 480; --tiny 300)")
     ap.add_argument("--json", help="also write the rows (and the measured matmul peaks) as JSON")
+    ap.add_argument("--lora-backends", help="comma list of backends that get the LoRA step, or 'none' "
+                    "(default: tensorrt; --tiny: aoti,onnx)")
     ap.add_argument("--in-process", action="store_true", help="run the backends in this process, not one child each")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # one backend, for the parent's run_isolated
     a = ap.parse_args(argv)
@@ -303,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = dataclasses.replace(plan, backends=tuple((a.child or a.backends).split(",")))
     if a.budget_s is not None:
         plan = dataclasses.replace(plan, budget_s=a.budget_s)
+    if a.lora_backends is not None:
+        plan = dataclasses.replace(plan, lora=() if a.lora_backends == "none" else tuple(a.lora_backends.split(",")))
     if plan.device == "cuda" and not torch.cuda.is_available():
         print("svdexport: error: no CUDA GPU is visible (use --tiny to run this check on a CPU)", file=sys.stderr)
         return 2
@@ -319,8 +433,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print()
     print(table(rows, plan, device_name(plan.device), peaks))
+    if lora := lora_table(rows):
+        print(f"\nLoRA (random, rank 4, {', '.join(LORA_TARGETS)}):\n\n{lora}")
     print(f"\ntotal {check.elapsed():.0f} s")
-    failed = [r for r in rows if (r.skipped or "").startswith("failed") or (not r.skipped and not r.parity_ok)]
+    failed = [r for r in rows if (r.skipped or "").startswith("failed") or (not r.skipped and not r.parity_ok)
+              or (r.lora_skipped or "").startswith("failed") or (r.lora and not r.lora["ok"])]
     return 1 if failed else 0
 
 

@@ -184,7 +184,7 @@ def cmd_run(a: argparse.Namespace) -> None:
     if a.prompt and a.label is not None:
         raise SvdExportError("--label is for class-conditioned models; --prompt for text-conditioned ones")
     peek = manifest_io.read(Path(a.engine), check_versions=False, hash_files=False)  # the options' checks only
-    loras = check_loras(a.lora or [], peek.backend, family(peek.model.family))
+    loras = check_loras(a.lora or [], peek.backend, family(peek.model.family), options=peek.backend_options)
     fam = family(peek.model.family)
     shapes = peek.shapes.range(fam).request(batch=a.batch, height=a.height, width=a.width)  # in range, or one line
     plan = run_outputs(a, fam.is_video, shapes.batch)
@@ -242,9 +242,11 @@ def _run_prompt(a: argparse.Namespace, engine, steps: int, overrides: dict, plan
     engine.close()
 
 
-def check_loras(specs: list[str], backend_name: str, fam, no_rebuild: bool = False) -> list:
+def check_loras(specs: list[str], backend_name: str, fam, no_rebuild: bool = False,
+                options: dict | None = None) -> list:
     """`--lora FILE[:SCALE]` options, checked before any work: each file a readable LoRA, a number for
-    SCALE, a backend that can take new weights and a family with a LoRA loader."""
+    SCALE, an engine that can take new weights (its backend, and `options`, its manifest's backend_options)
+    and a family with a LoRA loader."""
     from svdexport.export import backend
     from svdexport.models.lora import LoraFile
 
@@ -253,8 +255,8 @@ def check_loras(specs: list[str], backend_name: str, fam, no_rebuild: bool = Fal
     if not specs:
         return []
     be = backend(backend_name)
-    if be.fixed_weights is not None:
-        raise SvdExportError(f"--lora: backend {backend_name!r} cannot load a LoRA into a built engine: {be.fixed_weights}")
+    if (refusal := be.weights_refusal(options or {})) is not None:
+        raise SvdExportError(f"--lora: backend {backend_name!r} cannot load a LoRA into a built engine: {refusal}")
     if fam.lora_loader is None:
         raise SvdExportError(f"--lora: LoRAs are not supported for {fam.name} models (no diffusers LoRA loader)")
     return [LoraFile.parse(s) for s in specs]
@@ -279,7 +281,7 @@ def cmd_bench_lora(a: argparse.Namespace) -> None:
         raise SvdExportError("--repeats must be >= 1")
     apply_trust_args(a)
     peek = manifest_io.read(Path(a.engine), check_versions=False, hash_files=False)  # a missing engine fails first
-    loras = check_loras(a.lora or [], peek.backend, family(peek.model.family), a.no_rebuild)
+    loras = check_loras(a.lora or [], peek.backend, family(peek.model.family), a.no_rebuild, peek.backend_options)
     check_files([("--json", a.json)], a.force)
     report = bench_lora(a.engine, loras, repeats=a.repeats, rebuild=not a.no_rebuild)
     print(format_lora_report(report))

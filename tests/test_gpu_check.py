@@ -33,6 +33,20 @@ def test_table_has_one_row_per_backend_and_names_skips():
     assert header.count("|") == aoti.count("|") == trt.count("|") == 13
     assert "| aoti | bf16 | 3.0e-03 / 1.0e-03 (ok) | 8.25 | 0.41 | 0.112 | 0.620 | 5.54x | 640.000 | 81% | 3.50 | 95 |" == aoti
     assert "skipped: backend 'tensorrt' needs torch_tensorrt" in trt and "peak GPU memory GiB" in header
+    assert gpu_check.lora_table(rows) == ""  # no LoRA step ran: no second table
+
+
+def test_the_lora_table_has_a_row_per_lora_step():
+    """The GPU plan's LoRA step is tensorrt's refit (aoti and onnx take theirs on the CPU); its table."""
+    assert gpu_check.GPU.lora == ("tensorrt",) and gpu_check.TINY.lora == ("aoti", "onnx")
+    step = {"load_s": 1.234, "unload_s": 0.5, "weights": 34, "parity": {"full": 3e-3, "cached": 2e-3},
+            "change": 0.31, "exact_unload": True, "ok": True}
+    rows = [gpu_check.Row("tensorrt", "bf16", lora=step), gpu_check.Row("aoti", "bf16", lora_skipped="time budget"),
+            gpu_check.Row("onnx", skipped="no CUDA provider")]
+    lines = gpu_check.lora_table(rows).splitlines()
+    assert len(lines) == 4 and all(line.count("|") == 7 for line in lines)
+    assert lines[2] == "| tensorrt | 1.23 | 0.50 | 3.0e-03 / 2.0e-03 (ok) | 3.10e-01 | yes |"
+    assert lines[3].startswith("| aoti | time budget |")
 
 
 def test_a_backend_that_cannot_run_is_skipped_with_its_reason(tmp_path):
@@ -61,7 +75,7 @@ def test_the_script_refuses_a_machine_without_a_gpu_before_installing_anything()
 @pytest.mark.slow
 def test_tiny_mode_runs_the_whole_check_on_this_cpu(tmp_path):
     """The script end to end on a CPU, one backend in its child process: onnx in the fp32 --dtype auto picks
-    for it, each step within tolerance of eager, one table. (The tiny plan's aoti row builds the bf16 engine
+    for it, each step within tolerance of eager, its LoRA step, the tables. (The tiny plan's aoti row builds the bf16 engine
     that tests/test_precision.py already checks against eager bf16; running it here too cost 35 s.)"""
     assert gpu_check.TINY.dtypes["aoti"] == "bf16" and gpu_check.TINY.backends == ("aoti", "onnx")
     env = {**os.environ, "PYTHON": sys.executable}
@@ -77,7 +91,10 @@ def test_tiny_mode_runs_the_whole_check_on_this_cpu(tmp_path):
     assert r["speedup"] == pytest.approx(r["eager_uncached_50_s"] / r["cached_50_s"])
     assert saved["peaks"]["float32"]["flops_per_s"] > 0  # the child's measured peak reaches the parent's table
     table = proc.stdout[proc.stdout.index("| backend |"):]
-    assert table.count("\n| onnx |") == 1 and "float32 matmul peak" in proc.stdout
+    assert table.count("\n| onnx |") == 2 and "float32 matmul peak" in proc.stdout  # the LoRA table's too
+    lora = r["lora"]  # loaded into the built engine, as eager with it fused, unloaded to the base exactly
+    assert lora["ok"] and lora["exact_unload"] and lora["weights"] > 0 and lora["load_s"] > 0
+    assert max(lora["parity"].values()) <= 1e-3 < lora["change"]
 
 
 def test_each_backend_runs_in_a_child_and_reports_its_row(tmp_path):

@@ -137,6 +137,11 @@ class Backend:
     # Why this backend's loaded graphs cannot take new weights (None: `update_weights` does it).
     fixed_weights: str | None = "it has no way to replace a compiled engine's weights"
 
+    def weights_refusal(self, options: dict) -> str | None:
+        """Why an engine of this backend, whose manifest records `options` (backend_options), cannot take new
+        weights; None when it can. Per engine, not only per backend: engines an older build made may not."""
+        return self.fixed_weights
+
     def update_weights(self, graphs: tuple, weights: dict[str, dict[str, torch.Tensor]], spec: LoadSpec) -> None:
         """Replaces weights of the loaded (full, cached) graphs in place, without recompiling them: `weights`
         maps a graph name to {parameter FQN in that graph: new value}; FQNs not given keep their values."""

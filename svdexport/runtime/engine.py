@@ -180,8 +180,9 @@ class Engine:
     def set_loras(self, loras: list[LoraFile]) -> None:
         """Exactly these LoRAs fused, in order, into the base weights (none: the base engine)."""
         be = backend(self.manifest.backend)
-        if be.fixed_weights is not None and (loras or self.loras):
-            raise SvdExportError(f"backend {be.name!r} cannot load a LoRA into a built engine: {be.fixed_weights}")
+        refusal = be.weights_refusal(self.manifest.backend_options)
+        if refusal is not None and (loras or self.loras):
+            raise SvdExportError(f"backend {be.name!r} cannot load a LoRA into a built engine: {refusal}")
         if self.family.lora_loader is None and loras:
             raise SvdExportError(f"LoRAs are not supported for {self.family.name} models (no diffusers LoRA loader)")
         wanted = WeightSwap()
