@@ -18,6 +18,10 @@ So the mean and the worst sample trade against each other: an objective that can
 (capped at 40 dB) keeps the DP plan at 9 and reaches only 40.9 dB at 7 (the target is 42.35).
 Forecasts tried on the same plans and seeds, all worse than Taylor o1 on every plan: Taylor o1 in sigma
 instead of step units (-2.6 to -3.2 dB), cache-dit's order-2 term damped by 0.25 / 0.5 / 1 (-0.5 to -17 dB).
+DP step weights from the measured output sensitivity (final-latent change per unit feature perturbation at
+step i along the feature's motion, 16 calibration seeds; it grows about 40x from step 0 to 48) instead of
+|d sigma|: worse at every budget (7: 39.00 / 24.71, 9: 43.33 / 30.07, 12: 46.77 / 35.78 against 38.47 /
+28.88, 45.03 / 37.31, 49.98 / 40.97): the DP's additive one-step error is what limits it, not its weights.
 """
 import sys, statistics, math, time, json, torch
 sys.path.insert(0, 'scripts/experiments')
