@@ -196,6 +196,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, help="sampling steps (default: the engine's)")
     t.add_argument("--guidance-scale", type=float, default=3.5, help="for engines with text encoders")
     t.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs each actor reserves (1 on a GPU cluster)")
+    lora_args(t)
     add_trust_args(t)
     t.set_defaults(func=cmd_batch)
     m = sub.add_parser("bench", help="step and end-to-end latency against eager PyTorch, as ratios")
@@ -281,7 +282,7 @@ def cmd_batch(a: argparse.Namespace) -> None:
 
     keys = apply_trust_args(a)
     summary = run(BatchOptions(engine=a.engine, items=a.prompts, out=a.out, workers=a.workers, address=a.address,
-                               seed=a.seed, steps=a.steps, guidance_scale=a.guidance_scale,
+                               seed=a.seed, steps=a.steps, guidance_scale=a.guidance_scale, loras=a.lora or [],
                                gpus_per_worker=a.gpus_per_worker, trusted_keys=[str(k) for k in keys]))
     print(f"{a.out}: {summary.line()}")
     if summary.failed:

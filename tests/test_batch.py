@@ -4,14 +4,16 @@ import json
 import threading
 import time
 
+import numpy as np
 import pytest
+from PIL import Image
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'svdexport[ray]'")
 
 from svdexport.batch.runner import NAMESPACE, BatchOptions, run  # noqa: E402
 from svdexport.cache.config import step_plan  # noqa: E402
 from svdexport.cli import main  # noqa: E402
-from helpers import assert_one_line_error, run_cli  # noqa: E402
+from helpers import assert_one_line_error, digits_model, make_lora, run_cli  # noqa: E402
 
 pytestmark = pytest.mark.slow  # engines of every backend or whole pipelines: the full suite only
 
@@ -59,23 +61,39 @@ def test_killed_worker_loses_nothing_and_duplicates_nothing(engine, tmp_path):
     assert all((m["full_steps"], m["cached_steps"]) == (full, 200 - full) for m in lines)
 
 
+def pixels(path):
+    return np.asarray(Image.open(path))
+
+
 def test_rerun_skips_finished_items_and_redoes_missing_ones(engine, tmp_path, capsys):
+    """A job with a LoRA (one Ray start for both checks): its items are what `run --lora` makes of them, and
+    a rerun skips the finished ones; with other LoRAs or another seed it is another job."""
+    lora = make_lora(tmp_path / "style.safetensors", digits_model())
     items, out = items_file(tmp_path / "items.txt", 6), tmp_path / "out"
-    argv = ["batch", engine, "--prompts", items, "--out", out, "--steps", "10"]
+    argv = ["batch", engine, "--prompts", items, "--out", out, "--steps", "10", "--lora", f"{lora}:0.8"]
     assert run_cli(capsys, *argv)[0] == 0
+    same = ["run", engine, "--label", "2", "--seed", "2", "--steps", "10"]  # item 2: class 2, seed 0 + 2
+    assert run_cli(capsys, *same, "--lora", f"{lora}:0.8", "--out", tmp_path / "lora.png")[0] == 0
+    assert run_cli(capsys, *same, "--out", tmp_path / "base.png")[0] == 0
+    assert np.array_equal(pixels(out / "000002.png"), pixels(tmp_path / "lora.png"))
+    assert not np.array_equal(pixels(out / "000002.png"), pixels(tmp_path / "base.png"))
+    assert json.loads((out / "000002.json").read_text())["loras"] == [f"{lora.resolve()}:0.8"]
     before = (out / "000002.png").read_bytes()
     (out / "000004.json").unlink()  # as if the run had died between the image and its metadata
     code, stdout, _ = run_cli(capsys, *argv)
     assert code == 0 and "1 done, 5 skipped" in stdout
     assert (out / "000002.png").read_bytes() == before and len(outputs(out)[0]) == 6
-    code, _, err = run_cli(capsys, *argv[:-2], "--seed", "7", "--steps", "10")
+    code, _, err = run_cli(capsys, *argv[:-4], "--seed", "7", "--steps", "10", "--lora", f"{lora}:0.8")
     assert_one_line_error(code, err, "another job", "seed")
+    assert_one_line_error(*run_cli(capsys, *argv[:-2])[::2], "another job", "loras")
 
 
 @pytest.mark.parametrize("lines,argv,words", [
     ("0\n11\n", [], ["'11' is not a class"]),
     ("# only a comment\n", [], ["has no items"]),
     ("0\n", ["--workers", "0"], ["--workers"]),
+    ("0\n", ["--lora", "missing.safetensors:0.5"], ["LoRA file not found: missing.safetensors"]),
+    ("0\n", ["--lora", "missing.safetensors:big"], ["SCALE must be a number"]),
 ])
 def test_batch_bad_input(engine, tmp_path, capsys, lines, argv, words):
     (tmp_path / "items.txt").write_text(lines)

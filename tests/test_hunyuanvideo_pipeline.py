@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from diffusers import HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
+from peft import LoraConfig, get_peft_model_state_dict
 from PIL import Image
 
 import svdexport
@@ -133,6 +134,30 @@ def test_interval_1_matches_the_uncached_pipeline(folder, engine, tmp_path, back
     # int64 it was built with; everything else is the same computation (eager) or its ONNX Runtime form.
     assert got.shape == reference.shape == (1, 9, 3, 64, 64)
     assert (got - reference).abs().max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_loras_loaded_after_apply_reach_the_engine(folder, engine, tmp_path):
+    """HunyuanVideoPipeline's LoRA loader reaches the engine's stand-in as FLUX's does (test_pipeline.py)."""
+    model = transformer()
+    torch.manual_seed(0)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "proj_out"]))
+    state = {k: v * 0.5 for k, v in get_peft_model_state_dict(model).items()}
+    HunyuanVideoPipeline.save_lora_weights(tmp_path, transformer_lora_layers=state, weight_name="hv.safetensors")
+    reference = HunyuanVideoPipeline.from_pretrained(folder)
+    pipe = svdexport.apply(HunyuanVideoPipeline.from_pretrained(folder), engine, interval=1)
+    base = pipe_call(pipe, steps=6)
+    try:
+        for p in (reference, pipe):
+            p.load_lora_weights(str(tmp_path / "hv.safetensors"), adapter_name="style")
+            p.set_adapters(["style"], adapter_weights=[0.7])
+        want = pipe_call(reference, steps=6)  # diffusers with the PEFT adapter active
+        assert (want - base).abs().max() > 1e-2
+        assert (pipe_call(pipe, steps=6) - want).abs().max() <= 1e-4
+        pipe.unload_lora_weights()
+        assert torch.equal(pipe_call(pipe, steps=6), base)
+    finally:
+        engine.unload_lora()  # the module's engine: base weights for the other tests, whatever happened
 
 
 @pytest.mark.slow

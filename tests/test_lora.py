@@ -70,6 +70,42 @@ def test_apply_fuses_the_pipelines_loras(tmp_path_factory):
     assert pipe.transformer.engine.lora_weights() > 0
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # PEFT, on the second adapter: intended
+def test_hollow_transformer_takes_loras_without_its_weights(lora):
+    """What a pipeline running an engine keeps of its transformer: diffusers loads a LoRA into it as into the
+    real model, with no memory for the base weights; its adapter state changes with every LoRA operation; and
+    fused onto the real weights it gives diffusers' own fused model bit for bit."""
+    from svdexport.models.lora import adapter_state, fuse_active, hollow, materialize
+
+    model = digits_model()
+    shell = hollow(model)
+    assert sum(p.untyped_storage().nbytes() for p in shell.parameters()) < 1e-3 * sum(
+        p.untyped_storage().nbytes() for p in model.parameters())
+    states = [adapter_state(shell)]
+    shell.load_lora_adapter(str(lora), prefix="transformer", adapter_name="a")
+    states.append(adapter_state(shell))
+    shell.set_adapters(["a"], [0.6])
+    states += [adapter_state(shell), adapter_state(shell)]
+    assert states[0] == () and states[1] != states[2] and states[2] == states[3]
+    shell.disable_lora()
+    assert adapter_state(shell) != states[2] and not fuse_active(materialize(shell, digits_model())).params
+    shell.enable_lora()
+    reference = digits_model()
+    reference.load_lora_adapter(str(lora), prefix="transformer", adapter_name="a")
+    reference.set_adapters(["a"], [0.6])
+    reference.fuse_lora()
+    reference.unload_lora()
+    fused = materialize(shell, digits_model())
+    want, base = dict(reference.named_parameters()), dict(model.named_parameters())
+    changed = fuse_active(fused).params
+    assert changed and set(changed) == {n for n, p in want.items() if not torch.equal(p, base[n])}
+    assert all(torch.equal(p, want[n]) for n, p in fused.named_parameters())
+    shell.load_lora_adapter(str(lora), prefix="transformer", adapter_name="b")  # a second adapter is a change
+    assert adapter_state(shell) != states[2]
+    shell.unload_lora()
+    assert adapter_state(shell) == ()
+
+
 def test_bench_times_the_lora_load(tmp_path_factory, lora, capsys):
     engine = quick_engine(tmp_path_factory, "lora-bench")
     capsys.readouterr()

@@ -1,5 +1,6 @@
 """Engines inside diffusers' FluxPipeline: svdexport.apply against the uncached pipeline."""
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -9,7 +10,7 @@ import svdexport
 from svdexport.cache.config import step_plan
 from svdexport.errors import SvdExportError
 from svdexport.build.builder import BuildOptions, build
-from helpers import Recording
+from helpers import Recording, make_lora
 from tiny_pipeline import prompt_embeds, tiny_pipeline
 
 pytestmark = pytest.mark.slow  # engines of every backend or whole pipelines: the full suite only
@@ -149,6 +150,52 @@ def test_mismatched_requests_are_refused(engine):
         svdexport.apply(tiny_pipeline(guidance=False), engine)
     with pytest.raises(SvdExportError, match="cannot override"):
         svdexport.apply(tiny_pipeline(), engine, tau=0.5)
+
+
+def test_loras_loaded_after_apply_reach_the_engine(engine, tmp_path):
+    """pipe.load_lora_weights / set_adapters / unload_lora_weights on a pipeline running the engine: diffusers'
+    own loader fills the stand-in's hollow transformer, and the next call pushes what changed into the engine."""
+    lora = make_lora(tmp_path / "style.safetensors", tiny_pipeline().transformer, scale=1.0)
+    pipe = svdexport.apply(tiny_pipeline(), engine)
+    base = pipe_call(pipe, steps=6)  # warmup 3: three full steps, three cached (the LoRA changes both graphs)
+    pipe.load_lora_weights(str(lora), adapter_name="style")
+    pipe.set_adapters(["style"], adapter_weights=[0.7])
+    pipe.to("cpu")  # moves nothing of the stand-in (its hollow model's placeholders stay one element each)
+    got = pipe_call(pipe, steps=6)
+    try:
+        engine.load_lora(lora, scale=0.7)  # the same LoRA through the engine's own loader
+        want = pipe_call(svdexport.apply(tiny_pipeline(), engine), steps=6)  # no adapters: leaves the engine's
+    finally:
+        engine.unload_lora()
+    assert (got - base).abs().max() > 1e-2
+    assert (got - want).abs().max() <= 1e-5
+    assert torch.equal(pipe_call(pipe, steps=6), got)  # the engine's weights changed under it: pushed again
+    pipe.set_adapters(["style"], adapter_weights=[0.0])  # the weight is honoured: 0 is the base engine
+    assert torch.equal(pipe_call(pipe, steps=6), base)
+    pipe.set_adapters(["style"], adapter_weights=[0.7])
+    assert torch.equal(pipe_call(pipe, steps=6), got)
+    pipe.unload_lora_weights()
+    assert torch.equal(pipe_call(pipe, steps=6), base) and engine.lora_weights() == 0  # bit for bit
+
+
+def test_pipeline_loras_an_engine_cannot_take_are_refused(folder, tmp_path_factory, tmp_path):
+    engine = engine_of(folder, tmp_path_factory, "eager")
+    lora = make_lora(tmp_path / "style.safetensors", tiny_pipeline().transformer)
+    fused = tiny_pipeline()
+    fused.load_lora_weights(str(lora), adapter_name="style")
+    fused.fuse_lora()
+    with pytest.raises(SvdExportError, match="has fused LoRAs") as refused:
+        svdexport.apply(fused, engine)
+    pipe = svdexport.apply(tiny_pipeline(), engine)
+    pipe.load_lora_weights(str(lora), adapter_name="style")
+    with pytest.raises(SvdExportError, match="drop fuse_lora") as fuse:
+        pipe.fuse_lora()
+    engine.manifest = dataclasses.replace(engine.manifest, backend="tensorrt")  # built with immutable weights
+    with pytest.raises(SvdExportError, match="'tensorrt' cannot load a LoRA") as load:
+        pipe.load_lora_weights(str(lora), adapter_name="other")
+    with pytest.raises(SvdExportError, match="'tensorrt' cannot load a LoRA") as call:
+        pipe_call(pipe, steps=2)  # the adapter loaded before: refused when the call would push it
+    assert all("\n" not in str(e.value) for e in (refused, fuse, load, call))
 
 
 def _image_to_image(kind: str):

@@ -1,8 +1,8 @@
 """The items of a batch job and their outputs on disk.
 
 Layout of an output folder:
-  job.json             what the folder holds: engine (build key), items file digest, seed; a rerun with
-                       another engine or list is refused instead of mixing outputs
+  job.json             what the folder holds: engine (build key), items file digest, seed, LoRAs (digest and
+                       scale); a rerun with another engine, list or LoRAs is refused instead of mixing outputs
   NNNNNN.png           one image (or frame grid) per item, written atomically
   NNNNNN.json          its metadata, written atomically after the image: its presence marks the item done
   metadata.jsonl       every finished item's metadata in item order, rewritten at the end of each run
@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from svdexport.errors import SvdExportError
-from svdexport.files import atomic_file
+from svdexport.files import atomic_file, sha256_file
 
 
 @dataclass
@@ -43,18 +43,20 @@ def read_items(path: Path, seed: int) -> list[Item]:
     return [Item(i, t, seed + i) for i, t in enumerate(texts)]
 
 
-def open_job(out: Path, engine_key: str, items_path: Path, seed: int) -> None:
-    """Creates the output folder or checks that it belongs to this job (same engine, list and seed)."""
+def open_job(out: Path, engine_key: str, items_path: Path, seed: int, loras: list | None = None) -> None:
+    """Creates the output folder or checks that it belongs to this job (same engine, list, seed and LoRAs)."""
     out = Path(out)
     record = {"engine_build_key": engine_key, "items_sha256": hashlib.sha256(Path(items_path).read_bytes()).hexdigest(),
               "seed": seed}
+    if loras:  # recorded only when given: job folders written before LoRAs existed stay valid
+        record["loras"] = [{"sha256": sha256_file(lora.path), "scale": lora.scale} for lora in loras]
     job = out / "job.json"
     if job.exists():
         try:
             old = json.loads(job.read_text())
         except json.JSONDecodeError:
             raise SvdExportError(f"{job} is damaged; use another --out") from None
-        differs = [k for k in record if old.get(k) != record[k]]
+        differs = [k for k in {**old, **record} if old.get(k) != record.get(k)]
         if differs:
             raise SvdExportError(f"{out} holds the outputs of another job (different {differs[0].replace('_', ' ')}); "
                                  "use another --out")

@@ -23,7 +23,9 @@ from tqdm import tqdm
 
 from svdexport.batch import items as store
 from svdexport.batch.worker import Worker
+from svdexport.commands import check_loras
 from svdexport.errors import SvdExportError
+from svdexport.models import family
 from svdexport.runtime import manifest as manifest_io
 from svdexport.files import atomic_file
 from svdexport.outputs import engine_folder_of, writable_parent
@@ -45,6 +47,7 @@ class BatchOptions:
     gpus_per_worker: float = 0  # e.g. 1 on a GPU cluster
     max_retries: int = 2  # extra attempts of an item whose generation raised
     trusted_keys: list[str] = field(default_factory=list)  # public keys; non-empty: engines must be signed
+    loras: list[str] = field(default_factory=list)  # FILE[:SCALE], fused into every worker's engine before its first item
 
 
 @dataclass
@@ -69,12 +72,14 @@ class Summary:
                 f"with {self.workers} workers")
 
 
-def _validate(opts: BatchOptions) -> tuple[dict, list[store.Item]]:
+def _validate(opts: BatchOptions) -> tuple[dict, list[store.Item], list]:
     if opts.workers < 1:
         raise SvdExportError(f"--workers must be >= 1, got {opts.workers}")
     if opts.steps is not None and opts.steps < 1:
         raise SvdExportError(f"--steps must be >= 1, got {opts.steps}")
     manifest = manifest_io.read(Path(opts.engine), trusted_keys=opts.trusted_keys or None)  # workers verify again
+    # Each file readable and a LoRA, each SCALE a number, a backend that takes new weights: before any work.
+    loras = check_loras(opts.loras, manifest.backend, family(manifest.model.family))
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise SvdExportError(f"--out {out} is a file, not a folder")
@@ -88,7 +93,7 @@ def _validate(opts: BatchOptions) -> tuple[dict, list[store.Item]]:
         if unknown:
             raise SvdExportError(f"{opts.items}: {unknown[0]!r} is not a class of this engine "
                                  f"({', '.join(labels)})")
-    return manifest, items
+    return manifest, items, loras
 
 
 def start_ray(opts: BatchOptions) -> bool:
@@ -152,16 +157,16 @@ def watch_ray():
 
 
 def run(opts: BatchOptions, progress: bool = True) -> Summary:
-    manifest, items = _validate(opts)
+    manifest, items, loras = _validate(opts)
     out = Path(opts.out)
-    store.open_job(out, manifest.build_key, Path(opts.items), opts.seed)
+    store.open_job(out, manifest.build_key, Path(opts.items), opts.seed, loras)
     todo = deque(i for i in items if not store.done(out, i))
     summary = Summary(total=len(items), skipped=len(items) - len(todo))
     if todo:
         started = start_ray(opts)
         try:
             with ray_stopped_on_exit(started):
-                _drive(opts, todo, out, summary, progress)
+                _drive(opts, todo, out, summary, progress, loras)
         finally:
             if started:
                 import ray
@@ -173,7 +178,7 @@ def run(opts: BatchOptions, progress: bool = True) -> Summary:
     return summary
 
 
-def _drive(opts: BatchOptions, todo: deque, out: Path, summary: Summary, progress: bool) -> None:
+def _drive(opts: BatchOptions, todo: deque, out: Path, summary: Summary, progress: bool, loras: list) -> None:
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
@@ -181,11 +186,12 @@ def _drive(opts: BatchOptions, todo: deque, out: Path, summary: Summary, progres
     cpus = max(1, int(ray.available_resources().get("CPU", 1)) // opts.workers) if opts.address is None else 1
     remote = ray.remote(Worker)
     names = iter(f"svdexport-worker-{k}" for k in range(10**6))
+    lora_args = [(str(lora.path.resolve()), lora.scale) for lora in loras]  # workers may run in another folder
 
     def start_actor():
         return remote.options(name=next(names), num_cpus=cpus, num_gpus=opts.gpus_per_worker,
                               max_restarts=0).remote(str(Path(opts.engine).resolve()), cpus, opts.steps,
-                                                     opts.guidance_scale, opts.trusted_keys)
+                                                     opts.guidance_scale, opts.trusted_keys, lora_args)
 
     actors = [start_actor() for _ in range(opts.workers)]
     summary.workers = len(actors)
@@ -256,4 +262,5 @@ def _drive(opts: BatchOptions, todo: deque, out: Path, summary: Summary, progres
 def _reason(e: Exception) -> str:
     cause = getattr(e, "cause", None) or e
     text = str(cause).strip().splitlines()
-    return text[-1] if text else type(cause).__name__
+    # Ray's last line names the exception's class; an SvdExportError's message is the whole story.
+    return text[-1].removeprefix("svdexport.errors.SvdExportError: ") if text else type(cause).__name__

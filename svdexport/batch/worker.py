@@ -9,11 +9,14 @@ from __future__ import annotations
 import io
 import os
 import time
+from pathlib import Path
+
+from svdexport.models.lora import LoraFile
 
 
 class Worker:
     def __init__(self, engine_dir: str, threads: int, steps: int | None, guidance_scale: float,
-                 trusted_keys: list[str] | None = None):
+                 trusted_keys: list[str] | None = None, loras: list[tuple[str, float]] | None = None):
         import torch
 
         import svdexport
@@ -21,6 +24,11 @@ class Worker:
         torch.set_num_threads(max(1, threads))
         # Verifies the manifest and hashes on this node, and the signature when the job requires one.
         self.engine = svdexport.load(engine_dir, trusted_keys=trusted_keys or None)
+        # Before the first item, and before the pipeline: its transformer stand-in keeps the engine's LoRAs.
+        # A file that fits no module of the model fails here, so the driver's ready() wait reports it in one line.
+        self.loras = [LoraFile(Path(path), scale) for path, scale in loras or []]
+        if self.loras:
+            self.engine.set_loras(self.loras)
         self.steps = steps or self.engine.steps
         self.guidance_scale = guidance_scale
         self.pipe = None
@@ -58,6 +66,7 @@ class Worker:
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         meta = {"steps": self.steps, "full_steps": full, "cached_steps": self.steps - full,
+                **({"loras": [str(lora) for lora in self.loras]} if self.loras else {}),
                 "sampling_seconds": sampling, "seconds": time.perf_counter() - start,
                 "worker": f"{os.uname().nodename}:{os.getpid()}"}
         return buf.getvalue(), meta

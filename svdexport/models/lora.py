@@ -4,12 +4,18 @@ A file goes through the family's diffusers LoRA loader (`lora_state_dict`: diffu
 BFL names converted by diffusers), is injected as a PEFT adapter (`load_lora_into_transformer`), merged with
 its scale (`fuse_lora`) and the adapter removed again (`unload_lora`): what stays is the plain transformer
 with the fused weights in its original parameters. Only the parameters of the modules PEFT wrapped change.
+
+A pipeline running an engine keeps a `hollow` transformer instead of the real one: the same modules and
+adapters, with placeholders for the base weights, into which diffusers loads LoRAs as usual; `materialize`
+puts the engine's base weights under its adapters and `fuse_active` fuses them.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import inspect
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,16 +134,82 @@ def fuse(transformer: nn.Module, loader_name: str, loras: list[LoraFile]) -> Fus
     return changed
 
 
-def fuse_loaded(transformer: nn.Module) -> tuple[nn.Module, Fused]:
-    """A plain copy of a transformer with the adapters loaded into it (a pipeline's `load_lora_weights`,
-    with their `set_adapters` weights) fused, and the parameters that differ from the original's base weights.
-    The original keeps its adapters."""
-    import copy
+def adapter_tensors(transformer: nn.Module) -> list[torch.Tensor]:
+    """The adapters' own weights (LoRA A and B, DoRA magnitudes): every tensor of a PEFT-wrapped module that is
+    not its base layer's."""
+    out = []
+    for module in tuner_modules(transformer).values():
+        base = module.get_base_layer()
+        own = {id(t) for t in (*base.parameters(), *base.buffers())}
+        out += [t for t in (*module.parameters(), *module.buffers()) if id(t) not in own]
+    return out
 
-    fused = copy.deepcopy(transformer)
-    base = {n: p.detach().clone() for n, p in adapted_parameters(fused).items()}
+
+def hollow(transformer: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A copy of a diffusers transformer (module tree, config, PEFT adapters) whose base weights take no memory:
+    each is a CPU placeholder of its shape and dtype viewing one element (stride 0). diffusers' LoRA loader and
+    PEFT load adapters into it as into the real model (PEFT puts them on the base weight's device and dtype);
+    it cannot run, and PEFT cannot merge into it (`materialize` first). `dtype`: the placeholders' floating
+    dtype, instead of the model's."""
+    keep = {id(t) for t in adapter_tensors(transformer)}
+    memo = {}
+    for t in (*transformer.parameters(), *transformer.buffers()):
+        if id(t) not in keep:
+            empty = torch.zeros((), dtype=dtype if dtype and t.is_floating_point() else t.dtype).expand(t.shape)
+            memo[id(t)] = nn.Parameter(empty, requires_grad=False) if isinstance(t, nn.Parameter) else empty
+    return copy.deepcopy(transformer, memo)
+
+
+def hollow_of(cls: type, config: dict, dtype: torch.dtype) -> nn.Module:
+    """A hollow transformer of class `cls` and `config` (a pipeline loaded without its transformer)."""
+    from svdexport.models.weights import config_kwargs
+
+    with torch.device("meta"):  # nothing allocated; the placeholders replace the meta tensors
+        model = cls.from_config(config_kwargs(config))
+    return hollow(model.eval().requires_grad_(False), dtype)
+
+
+def materialize(hollowed: nn.Module, base: nn.Module) -> nn.Module:
+    """A copy of a hollow transformer on the CPU whose base weights are `base`'s (the plain model of the same
+    config, shared, not copied) and whose adapters are the hollow one's: what PEFT can fuse."""
+    plain = {**dict(base.named_parameters()), **dict(base.named_buffers())}
+    keep = {id(t) for t in adapter_tensors(hollowed)}
+    named = (*hollowed.named_parameters(), *hollowed.named_buffers())
+    # PEFT moves a wrapped module's weights under `base_layer`; the plain model's names lack it.
+    memo = {id(t): plain[name.replace(".base_layer", "")] for name, t in named if id(t) not in keep}
+    return copy.deepcopy(hollowed, memo).to("cpu")
+
+
+_serials = itertools.count()
+
+
+def adapter_state(transformer: nn.Module) -> tuple:
+    """What the fused weights depend on, compared without reading a tensor: per adapted module its active,
+    disabled and merged adapters, their scalings (set_adapters weights), and each adapter weight's identity
+    (a serial number given on first sight: a reloaded adapter is new even where Python reuses an id) and
+    version (an in-place hotswap bumps it)."""
+    state = []
+    for name, module in tuner_modules(transformer).items():
+        weights = []
+        for t in adapter_tensors(module):
+            if not hasattr(t, "_svdexport_serial"):
+                t._svdexport_serial = next(_serials)
+            weights.append((t._svdexport_serial, t._version))
+        state.append((name, tuple(module.active_adapters), module.disable_adapters, tuple(module.merged_adapters),
+                      tuple(sorted(getattr(module, "scaling", {}).items())), tuple(weights)))
+    return tuple(state)
+
+
+def fuse_active(transformer: nn.Module) -> Fused:
+    """Fuses, in place, the adapters loaded into `transformer` as its forward would apply them (PEFT's merge of
+    each adapted module's active adapters with their `set_adapters` weights; modules whose adapters are
+    disabled left as they are), removes the adapters, and returns the parameters whose values changed."""
+    layers = tuner_modules(transformer)
+    base = {n: p.detach().clone() for n, p in adapted_parameters(transformer).items()}
     with torch.no_grad():
-        fused.fuse_lora()
-    fused.unload_lora()
-    own = dict(fused.named_parameters())
-    return fused, Fused({n: own[n] for n in base if not torch.equal(own[n], base[n])}, base)
+        for module in layers.values():
+            if not module.disable_adapters:
+                module.merge()
+    transformer.unload_lora()
+    own = dict(transformer.named_parameters())
+    return Fused({n: own[n] for n in base if not torch.equal(own[n], base[n])}, base)

@@ -56,6 +56,7 @@ class Engine:
         self._weights: dict[int, object] = {}
         self.loras: list[LoraFile] = []  # fused into the graphs' weights now, in load order
         self._swap = WeightSwap()  # the weights they changed and the base values under them
+        self.weights_from = None  # who pushed the weights now loaded: None (set_loras, or the build), or a pipeline
 
     def request_shapes(self, batch: int | None = None, height: int | None = None, width: int | None = None,
                        text_len: int | None = None) -> Shapes:
@@ -179,12 +180,8 @@ class Engine:
 
     def set_loras(self, loras: list[LoraFile]) -> None:
         """Exactly these LoRAs fused, in order, into the base weights (none: the base engine)."""
-        be = backend(self.manifest.backend)
-        refusal = be.weights_refusal(self.manifest.backend_options)
-        if refusal is not None and (loras or self.loras):
-            raise SvdExportError(f"backend {be.name!r} cannot load a LoRA into a built engine: {refusal}")
-        if self.family.lora_loader is None and loras:
-            raise SvdExportError(f"LoRAs are not supported for {self.family.name} models (no diffusers LoRA loader)")
+        if loras or self.loras:
+            self.check_lora_support()
         wanted = WeightSwap()
         if loras:
             model = base_model(self.manifest, device="cpu")  # the weights the engine was built from, checked
@@ -193,12 +190,22 @@ class Engine:
         self.push_weights(wanted)
         self.loras = list(loras)
 
+    def check_lora_support(self) -> None:
+        """Refuses, in one line, an engine that cannot take LoRAs (its backend cannot replace weights, or its
+        family has no diffusers LoRA loader)."""
+        be = backend(self.manifest.backend)
+        if (refusal := be.weights_refusal(self.manifest.backend_options)) is not None:
+            raise SvdExportError(f"backend {be.name!r} cannot load a LoRA into a built engine: {refusal}")
+        if self.family.lora_loader is None:
+            raise SvdExportError(f"LoRAs are not supported for {self.family.name} models (no diffusers LoRA loader)")
+
     def lora_weights(self) -> int:
         """How many distinct weights the loaded LoRAs replaced."""
         return self._swap.count()
 
-    def push_weights(self, wanted: WeightSwap) -> None:
-        """Makes the graphs' weights the base ones except `wanted.new` (`apply` gives a pipeline's LoRAs so)."""
+    def push_weights(self, wanted: WeightSwap, source: object = None) -> None:
+        """Makes the graphs' weights the base ones except `wanted.new`; `source` says who asked (a pipeline
+        running the engine gives its adapters so, and compares `weights_from` before pushing again)."""
         be = backend(self.manifest.backend)
         push, merged = to_push(self._swap, wanted.cast(self.dtype))
         be.update_weights((_inner(self.full), _inner(self.cached)), push, self.manifest.load_spec(folder=self.folder))
@@ -206,6 +213,7 @@ class Engine:
             if isinstance(graph, static.StaticGraph):
                 graph.recapture()  # a captured CUDA graph may hold the old weight buffers' addresses
         self._swap = merged if merged.new else WeightSwap()
+        self.weights_from = source
 
     def preview(self, latents: torch.Tensor, shapes: Shapes | None = None):
         return self.family.preview(latents, shapes or self.shapes)

@@ -9,7 +9,8 @@ The stand-in knows the step from the pipeline's scheduler (`step_index`, None be
 call; `begin_index` where img2img starts partway through), so its cache state starts fresh at the first
 step of every call, and the step plan covers the steps the call actually runs. True CFG
 calls the transformer twice per step under `cache_context("cond")` / `("uncond")`: each context keeps
-its own cache state.
+its own cache state. LoRAs loaded into the pipeline, before or after `apply`, go into the engine's weights
+(pipeline_loras.py).
 """
 
 from __future__ import annotations
@@ -21,18 +22,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers.models.modeling_utils import ModelMixin
 
 from svdexport.errors import SvdExportError
+from svdexport.models.lora import hollow, hollow_of
 from svdexport.models.weights import from_pretrained
 from svdexport.runtime.engine import Engine
 from svdexport.runtime.engine import load as load_engine
+from svdexport.runtime.pipeline_loras import PipelineLoras
 
 UNSUPPORTED = ("controlnet_block_samples", "controlnet_single_block_samples")
 
 
-class EngineTransformer(torch.nn.Module):
+class EngineTransformer(PipelineLoras, ModelMixin):
     """What the family's pipeline needs of its transformer (config, dtype, device, cache_context, forward),
-    backed by a compiled engine.
+    backed by a compiled engine; and what its LoRA methods need (PipelineLoras). A ModelMixin only because
+    diffusers' pipeline LoRA methods skip components that are not.
 
     Inputs with a leading batch axis (the family's `prompts.batched`) are padded with their last row when
     the call has fewer samples than the engine's smallest batch (a static engine's only one; a batch range
@@ -41,7 +46,7 @@ class EngineTransformer(torch.nn.Module):
     HunyuanVideo's text mask in int64), whatever dtype the pipeline passes.
     """
 
-    def __init__(self, engine: Engine, pipe, **cache_overrides):
+    def __init__(self, engine: Engine, pipe, hollowed: torch.nn.Module, **cache_overrides):
         super().__init__()
         from diffusers.configuration_utils import FrozenDict
 
@@ -54,6 +59,7 @@ class EngineTransformer(torch.nn.Module):
         self._memo: dict = {}  # what the family's call_inputs keeps between steps (FLUX: the rotary table)
         self._dtypes = {n: getattr(torch, d) for g in engine.manifest.graphs.values()
                         for n, d in zip(g.inputs, g.input_dtypes)}  # graph input -> its build dtype
+        self._hold(hollowed)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -106,12 +112,15 @@ class EngineTransformer(torch.nn.Module):
         # FluxPipeline passes joint_attention_kwargs, HunyuanVideoPipeline attention_kwargs.
         for name, given in (("joint_attention_kwargs", joint_attention_kwargs), ("attention_kwargs", attention_kwargs)):
             if given:
-                raise SvdExportError(f"an engine takes no {name} (got {sorted(given)}: "
-                                     "IP-Adapter and LoRA scales must be baked in before the build)")
+                raise SvdExportError(f"an engine takes no {name} (got {sorted(given)}: IP-Adapter is not an "
+                                     "engine input; set LoRA scales with pipe.set_adapters(names, adapter_weights=...))")
         used = [k for k in UNSUPPORTED if kwargs.get(k) is not None]
         if used:
             raise SvdExportError(f"an engine takes no {used[0]} (ControlNet residuals are not engine inputs)")
         engine = self.engine
+        i, steps = self._step()
+        if i == 0:
+            self.sync_loras()  # once per call (and context): adapters loaded, weighted or unloaded since the last
         inputs = engine.family.prompts.call_inputs(engine.config, {**kwargs, "hidden_states": hidden_states,
                                                            "timestep": timestep}, self._memo)
         text_len = inputs["encoder_hidden_states"].shape[1]
@@ -123,7 +132,6 @@ class EngineTransformer(torch.nn.Module):
         batch = self._fit_batch(inputs)
         inputs = {k: v.to(engine.device, self._dtypes.get(k, v.dtype)) for k, v in inputs.items()}
         engine.check_inputs(inputs)
-        i, steps = self._step()
         if i == 0:
             self._caches[self._context] = engine.step_cache(steps, self.cache)
         cache = self._caches.get(self._context)
@@ -145,7 +153,8 @@ def _serves(engine: Engine, axis: str, name: str | None = None) -> str:
 
 def apply(pipe, engine: Engine | str | Path, **cache_overrides):
     """Replaces `pipe.transformer` with the engine (an Engine or its folder) and returns the pipeline.
-    LoRAs loaded into the pipeline's transformer are fused into the engine's weights (no rebuild).
+    LoRAs loaded into the pipeline, before `apply` or after it, are fused into the engine's weights at the
+    next pipeline call (no rebuild; see pipeline_loras.py).
 
     `cache_overrides` (interval, warmup, predictor, beta, order) change the step plan or the forecast for
     this pipeline without rebuilding; interval=1 runs every step in full.
@@ -163,24 +172,20 @@ def apply(pipe, engine: Engine | str | Path, **cache_overrides):
         if differ:
             raise SvdExportError(f"the engine's model differs from the pipeline's transformer ({differ[0]}: "
                                  f"{engine.config.get(differ[0])} vs {own.config[differ[0]]})")
-    if own is not None and getattr(own, "peft_config", None):
-        engine_loras_from(own, engine)
-    pipe.transformer = EngineTransformer(engine, pipe, **cache_overrides)
+    pipe.transformer = EngineTransformer(engine, pipe, _hollow_of_pipeline(own, engine), **cache_overrides)
     return pipe
 
 
-def engine_loras_from(transformer: torch.nn.Module, engine: Engine) -> None:
-    """The LoRAs loaded into a pipeline's transformer (`pipe.load_lora_weights`, with their `set_adapters`
-    weights) fused by PEFT on a copy of it, and the weights they change pushed into the engine, replacing
-    whatever LoRAs it had. The pipeline's own base weights are taken to be the engine's (same config)."""
-    from svdexport.models.lora import fuse_loaded
-    from svdexport.runtime.lora import graph_weights
+def _hollow_of_pipeline(own, engine: Engine) -> torch.nn.Module:
+    """The pipeline's transformer made hollow, with the adapters loaded into it (its own base weights are taken
+    to be the engine's: same config); built from the engine's config when the pipeline has none."""
+    import diffusers
 
-    if engine.family.lora_loader is None:
-        raise SvdExportError(f"the pipeline has LoRAs loaded, which {engine.family.name} engines do not take")
-    model, fused = fuse_loaded(transformer)
-    engine.push_weights(graph_weights(engine.family, model, engine.cache.granularity, fused))
-    engine.loras = []  # the pipeline's adapters, not files
+    if isinstance(own, EngineTransformer):  # apply on a pipeline that runs an engine already
+        return hollow(own.hollow)
+    if isinstance(own, ModelMixin):
+        return hollow(own)
+    return hollow_of(getattr(diffusers, engine.family.class_name), engine.config, engine.dtype)
 
 
 def pipeline_for(engine: Engine, **cache_overrides):
