@@ -114,6 +114,37 @@ def test_engine_matches_eager(built):
 
 
 @pytest.mark.slow
+def test_compiled_engine_takes_a_lora(built, tmp_path):
+    """A HunyuanVideo LoRA (PEFT, saved by diffusers' HunyuanVideoPipeline) pushed into the aoti and onnx
+    engines equals diffusers' transformer with it fused, and unloading gives the base output bit for bit."""
+    from diffusers import HunyuanVideoPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    _, engine, _ = built
+    model = HV.load(HV.inspect(engine.manifest.model.weights.source), engine.dtype)
+    torch.manual_seed(0)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "proj_out"]))
+    state = {k: v * 0.5 for k, v in get_peft_model_state_dict(model).items()}
+    HunyuanVideoPipeline.save_lora_weights(tmp_path, transformer_lora_layers=state, weight_name="hv.safetensors")
+    model.unload_lora()  # the reference is the file as diffusers loads it, fused
+    model.load_lora_adapter(str(tmp_path / "hv.safetensors"), prefix="transformer")
+    model.fuse_lora()
+    fused_full, _ = HV.graphs(model, engine.cache.granularity)
+    state = {**engine.example_inputs(5), "bases": engine.sampler.bases, "timestep": torch.tensor([410.0])}
+    inputs = [state[n] for n in engine.full.input_names]
+    base = engine.full(*inputs)[0]
+    engine.load_lora(tmp_path / "hv.safetensors")
+    try:
+        with torch.no_grad():
+            got, want = engine.full(*inputs)[0], fused_full(*inputs)[0]
+        assert (got - base).abs().max() > 1e-2 * want.abs().max()  # the LoRA changes the output
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    finally:
+        engine.unload_lora()
+    assert torch.equal(engine.full(*inputs)[0], base)
+
+
+@pytest.mark.slow
 def test_run_writes_the_video_and_a_frame_grid(built, tmp_path, capsys):
     out, _, _ = built
     code, _, err = run_cli(capsys, "run", out, "--out", tmp_path / "v.png")
