@@ -24,6 +24,38 @@ def test_eager_engine_loads_and_unloads_a_lora(tmp_path_factory, tmp_path, lora,
     assert code == 0 and png.exists() and f"LoRA {lora}:0.5, {lora}:1:" in out and "(no rebuild)" in out
 
 
+def test_only_the_adapted_weights_are_read_and_fuse_as_on_the_whole_model(tmp_path_factory, lora, monkeypatch):
+    """engine.load_lora fuses on a hollow transformer with only the adapted modules' base weights read from the
+    safetensors (`base_weights`): the pushed weights equal those of fusing into the whole base model, bitwise;
+    where the files do not hold a name, the whole model is loaded instead, with the same values."""
+    from svdexport.models.lora import LoraFile, fuse, hollow_of
+    from svdexport.runtime import engine as engine_mod
+    from svdexport.runtime.lora import graph_weights
+
+    engine = svdexport.load(quick_engine(tmp_path_factory, "lora-partial"))
+    fam, gran, loras = engine.family, engine.cache.granularity, [LoraFile(lora, 0.8), LoraFile(lora, -0.3)]
+    model = engine_mod.base_model(engine.manifest, device="cpu")
+    whole = graph_weights(fam, model, gran, fuse(model, fam.lora_loader, loras))
+    asked = []
+
+    def fill(names):
+        asked.extend(names)
+        return engine_mod.base_weights(engine.manifest, names)
+
+    hollow = hollow_of(fam.transformer_class(), engine.config, engine.dtype)
+    partial = graph_weights(fam, hollow, gran, fuse(hollow, fam.lora_loader, loras, fill=fill))
+    for swap in ("new", "base"):
+        a, b = getattr(whole, swap), getattr(partial, swap)
+        assert a.keys() == b.keys() and all(a[g].keys() == b[g].keys() for g in a)
+        assert all(torch.equal(a[g][k], b[g][k]) for g in a for k in a[g])
+    params = dict(model.named_parameters())
+    assert len(asked) == len(set(asked)) and 0 < len(asked) < len(params) / 2  # each adapted weight read once
+    read = engine_mod.base_weights(engine.manifest, asked)
+    monkeypatch.setattr(engine_mod, "read_tensors", lambda files, names, dtype: {})  # as for generated weights
+    whole_read = engine_mod.base_weights(engine.manifest, asked)
+    assert read.keys() == whole_read.keys() and all(torch.equal(read[n], whole_read[n]) for n in read)
+
+
 def test_lora_options_are_checked_in_one_line(tmp_path_factory, tmp_path, capsys, lora):
     from safetensors.torch import save_file
 

@@ -6,8 +6,9 @@ its scale (`fuse_lora`) and the adapter removed again (`unload_lora`): what stay
 with the fused weights in its original parameters. Only the parameters of the modules PEFT wrapped change.
 
 A pipeline running an engine keeps a `hollow` transformer instead of the real one: the same modules and
-adapters, with placeholders for the base weights, into which diffusers loads LoRAs as usual; `materialize`
-puts the engine's base weights under its adapters and `fuse_active` fuses them.
+adapters, with placeholders for the base weights, into which diffusers loads LoRAs as usual; `install` puts
+the engine's base weights of the adapted modules under them (`materialize`: all of a plain model's) and
+`fuse_active` fuses them. `engine.load_lora` fuses on a hollow transformer the same way (`fuse(fill=...)`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import inspect
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -93,9 +95,21 @@ class Fused:
     base: dict[str, torch.Tensor]
 
 
-def fuse(transformer: nn.Module, loader_name: str, loras: list[LoraFile]) -> Fused:
+def install(transformer: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Puts base weights (by their plain names) under the adapted modules of a hollow transformer."""
+    for name, module in tuner_modules(transformer).items():
+        base = module.get_base_layer()
+        for pname, _ in list(base.named_parameters(recurse=False)):
+            if (t := tensors.get(f"{name}.{pname}")) is not None:
+                setattr(base, pname, nn.Parameter(t, requires_grad=False))
+
+
+def fuse(transformer: nn.Module, loader_name: str, loras: list[LoraFile],
+         fill: Callable[[list[str]], dict[str, torch.Tensor]] | None = None) -> Fused:
     """Fuses `loras` into `transformer` in place, one after the other.
 
+    `fill`: `transformer` is hollow, and fill(names) gives the base weights of the modules a LoRA adapts, which
+    are put under them before PEFT merges (only those are read: a LoRA's modules, not the whole model).
     A file whose keys match no module of this transformer is refused in one line (PEFT's own message). Only
     parameters whose values changed are returned (a LoRA without bias terms leaves the biases as they are)."""
     from diffusers import loaders
@@ -125,6 +139,9 @@ def fuse(transformer: nn.Module, loader_name: str, loras: list[LoraFile]) -> Fus
         params = adapted_parameters(transformer)
         if not params:
             raise SvdExportError(f"the LoRA {lora.path} matches nothing in this model: PEFT adapted no module")
+        if fill is not None and (missing := [n for n in params if n not in changed.base]):
+            install(transformer, fill(missing))
+            params = adapted_parameters(transformer)
         for name, p in params.items():
             changed.base.setdefault(name, p.detach().clone())  # unloading pushes these back, bit for bit
         with torch.no_grad():

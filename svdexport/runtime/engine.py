@@ -8,17 +8,17 @@ from pathlib import Path
 import torch
 
 from svdexport.cache.config import CacheConfig
+from svdexport.cache.plan import load_stats
 from svdexport.cache.svd import Bases
 from svdexport.errors import SvdExportError
 from svdexport.export import backend
 from svdexport.models import family
-from svdexport.models.lora import LoraFile, fuse
-from svdexport.runtime.lora import WeightSwap, graph_weights, to_push
+from svdexport.models.family import Shapes
+from svdexport.models.lora import LoraFile, fuse, hollow_of
 from svdexport.models.weights import load_table
 from svdexport.runtime import manifest as manifest_io
-from svdexport.cache.plan import load_stats
 from svdexport.runtime import static
-from svdexport.models.family import Shapes
+from svdexport.runtime.lora import WeightSwap, graph_weights, to_push
 from svdexport.runtime.manifest import BASES_FILE, PLAN_STATS_FILE, ConditioningKind, EngineKind, Manifest
 from svdexport.runtime.plans import RequestPlan, plan_for, schedule_weights
 from svdexport.runtime.scheduler import CachedSampler, Generation, StepCache
@@ -183,10 +183,10 @@ class Engine:
         if loras or self.loras:
             self.check_lora_support()
         wanted = WeightSwap()
-        if loras:
-            model = base_model(self.manifest, device="cpu")  # the weights the engine was built from, checked
-            wanted = graph_weights(self.family, model, self.cache.granularity,
-                                   fuse(model, self.family.lora_loader, loras))
+        if loras:  # fused on a hollow transformer, into which only the adapted modules' base weights are read
+            model = hollow_of(self.family.transformer_class(), self.config, self.dtype)
+            fused = fuse(model, self.family.lora_loader, loras, fill=lambda names: base_weights(self.manifest, names))
+            wanted = graph_weights(self.family, model, self.cache.granularity, fused)
         self.push_weights(wanted)
         self.loras = list(loras)
 
@@ -242,6 +242,37 @@ def base_model(manifest: Manifest, device: str | None = None) -> torch.nn.Module
     model = fam.load(info, getattr(torch, manifest.dtype))
     info.verify(recorded)
     return model.to(device or manifest.device)
+
+
+def base_weights(manifest: Manifest, names: list[str]) -> dict[str, torch.Tensor]:
+    """Some of the engine's base weights, by their names in the diffusers transformer, in its dtype and checked
+    unchanged (by the files' recorded fingerprints, else their hashes). Read alone from the safetensors files of
+    a diffusers folder (a LoRA's modules: a few hundred MB of FLUX.1's 23 GB); where a name is not in them
+    (generated weights, single files in other layouts) taken from the whole model, loaded as a build loads it."""
+    fam = family(manifest.model.family)
+    recorded = dataclasses.asdict(manifest.model.weights)
+    info = fam.inspect(recorded["source"])
+    files = [f for f in info.files if f.endswith(".safetensors")]
+    if files:
+        info.verify(recorded)
+        found = read_tensors(files, set(names), getattr(torch, manifest.dtype))
+        if len(found) == len(set(names)):
+            return found
+    plain = dict(base_model(manifest, device="cpu").named_parameters())
+    return {n: plain[n].detach() for n in names}
+
+
+def read_tensors(files: list[str], names: set[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors `names` found in safetensors `files`, floating ones cast to `dtype` (as from_pretrained does)."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            for name in names & set(st.keys()):
+                t = st.get_tensor(name)
+                out[name] = t.to(dtype) if t.is_floating_point() else t
+    return out
 
 
 def eager_graphs(manifest: Manifest) -> tuple:

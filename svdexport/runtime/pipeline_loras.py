@@ -6,18 +6,20 @@ The stand-in keeps a hollow copy of the pipeline's transformer (`models.lora.hol
 and adapters, with placeholders that take no memory for its base weights) and hands diffusers' calls on
 `pipe.transformer` to it, so the LoRA loader converts and injects the files as it would into the real model.
 At the first step of each pipeline call the stand-in compares the adapters' state with the one it pushed;
-when it changed, PEFT fuses the adapters onto the engine's base weights (read from the files the manifest
-names, as `engine.load_lora` reads them) and the weights that changed go into the compiled graphs. No adapter
+when it changed, PEFT fuses the adapters onto the engine's base weights of the adapted modules (read alone
+from the files the manifest names, as `engine.load_lora` reads them) and the weights that changed go into the compiled graphs. No adapter
 left pushes the base weights back, bit for bit.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from svdexport.errors import SvdExportError
-from svdexport.models.lora import adapter_state, fuse_active, materialize, tuner_modules
-from svdexport.runtime.engine import Engine, base_model
+from svdexport.models.lora import adapted_parameters, adapter_state, fuse_active, install, tuner_modules
+from svdexport.runtime.engine import Engine, base_weights
 from svdexport.runtime.lora import WeightSwap, graph_weights
 
 
@@ -26,7 +28,9 @@ def fused_swap(hollowed: torch.nn.Module, engine: Engine) -> WeightSwap:
     if not tuner_modules(hollowed):
         return WeightSwap()
     engine.check_lora_support()
-    model = materialize(hollowed, base_model(engine.manifest, device="cpu"))  # the engine's own, hash-checked
+    model = copy.deepcopy(hollowed).to("cpu")  # placeholders stay one element each
+    # Only the adapted modules' base weights are read (the engine's own, checked unchanged).
+    install(model, base_weights(engine.manifest, list(adapted_parameters(model))))
     fused = fuse_active(model)
     return graph_weights(engine.family, model, engine.cache.granularity, fused)
 
