@@ -3,7 +3,9 @@ PEFT, push the changed weights into the compiled graphs) against rebuilding the 
 
 The rebuild is the engine's own build again (same weights, backend, shapes, dtype, cache settings and
 calibration, into a temporary folder): what a LoRA costs without weight replacement, since a rebuild from
-fused weights does the same work. Swap and unload are timed over repeats (medians); the rebuild once.
+fused weights does the same work. Swap and unload are timed over repeats (medians); the rebuild once. A load
+is timed with the first request after it (which pays what a backend defers); the ratio to the rebuild takes
+the load less a plain request's time, since a rebuild serves no request.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def bench_lora(engine_dir: str, loras: list, repeats: int = 3, rebuild: bool = T
     from svdexport.build.builder import build
 
     engine = svdexport.load(engine_dir)
-    swaps, unloads = [], []
+    swaps, unloads, requests = [], [], []
     for _ in range(repeats):
         start = time.perf_counter()
         engine.set_loras(loras)
@@ -56,24 +58,29 @@ def bench_lora(engine_dir: str, loras: list, repeats: int = 3, rebuild: bool = T
         engine.unload_lora()
         engine.generate(seed=0, steps=2)
         unloads.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    engine.generate(seed=0, steps=2)
-    request = time.perf_counter() - start  # a 2-step request alone: what the swap timings include besides it
+        start = time.perf_counter()
+        engine.generate(seed=0, steps=2)
+        requests.append(time.perf_counter() - start)  # a 2-step request alone: what the timings above include
     engine.close()
     m = engine.manifest
+    request = statistics.median(requests)
     result = {"engine": str(engine_dir), "backend": m.backend, "device": m.device, "dtype": m.dtype,
               "loras": [str(x) for x in loras], "weights_replaced": weights, "repeats": repeats,
               "swap_seconds": statistics.median(swaps), "first_swap_seconds": swaps[0],
-              "unload_seconds": statistics.median(unloads),
-              "request_2_steps_seconds": request, "recorded_build_seconds": m.build_seconds}
+              "unload_seconds": statistics.median(unloads), "request_2_steps_seconds": request,
+              # what a LoRA costs before the engine serves as it did: the load less the request it ran (a
+              # rebuild runs none), so whatever the backend deferred to that request stays counted
+              "swap_net_seconds": max(statistics.median(swaps) - request, 1e-3),
+              "first_swap_net_seconds": max(swaps[0] - request, 1e-3),
+              "recorded_build_seconds": m.build_seconds}
     if rebuild:
         with tempfile.TemporaryDirectory(prefix="svdexport-rebuild-") as tmp:
             opts = rebuild_options(m, Path(tmp))
             start = time.perf_counter()
             build(opts, Path(tmp) / "engine", graphs_dir=Path(tmp) / "graphs", progress=False)
             result["rebuild_seconds"] = time.perf_counter() - start
-        result["rebuild_over_swap"] = result["rebuild_seconds"] / result["swap_seconds"]
-        result["rebuild_over_first_swap"] = result["rebuild_seconds"] / result["first_swap_seconds"]
+        result["rebuild_over_swap"] = result["rebuild_seconds"] / result["swap_net_seconds"]
+        result["rebuild_over_first_swap"] = result["rebuild_seconds"] / result["first_swap_net_seconds"]
         result["target"] = {"rebuild_over_swap_at_least": TARGET_RATIO,
                             "met": result["rebuild_over_swap"] >= TARGET_RATIO}
     return result
@@ -84,10 +91,11 @@ def format_lora_report(r: dict) -> str:
              f"{r['weights_replaced']} weights replaced",
              f"LoRA load (fuse + push + a 2-step request): {r['swap_seconds']:.2f} s, unload: "
              f"{r['unload_seconds']:.2f} s (medians of {r['repeats']}; the first load, with the LoRA libraries' "
-             f"imports, {r['first_swap_seconds']:.2f} s; a 2-step request alone {r['request_2_steps_seconds']:.2f} s)"]
+             f"imports, {r['first_swap_seconds']:.2f} s; a 2-step request alone {r['request_2_steps_seconds']:.2f} s, "
+             f"so the load less it {r['swap_net_seconds']:.2f} s, the first {r['first_swap_net_seconds']:.2f} s)"]
     if "rebuild_seconds" in r:
         met = "met" if r["target"]["met"] else "NOT met"
-        lines.append(f"rebuild of the same engine: {r['rebuild_seconds']:.1f} s; rebuild / LoRA load = "
+        lines.append(f"rebuild of the same engine: {r['rebuild_seconds']:.1f} s; rebuild / LoRA load (less the request) = "
                      f"{r['rebuild_over_swap']:.1f}x, against the first load {r['rebuild_over_first_swap']:.1f}x "
                      f"(target >= {TARGET_RATIO:g}x, issue 15: {met})")
     else:
