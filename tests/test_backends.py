@@ -18,6 +18,7 @@ import svdexport
 from svdexport.bench.metrics import psnr
 from svdexport.cli import main
 from svdexport.errors import SvdExportError
+from torch._dynamo.utils import counters
 
 pytestmark = pytest.mark.slow  # engines of every backend or whole pipelines: the full suite only
 
@@ -100,6 +101,7 @@ def test_ranged_inductor_engine_matches_eager(tmp_path_factory):
                  *RANGE]) == 0
     engine = svdexport.load(root / "e")
     eager = engine.eager_reference()
+    compiled = counters["stats"]["unique_graphs"]
     for shape in ((2, 96, 160), (1, 160, 112)):
         state, expected = one_step_state(engine, eager.full, shapes=engine.request_shapes(*shape))
         got = engine.full(*[state[n] for n in engine.full.input_names])
@@ -109,6 +111,8 @@ def test_ranged_inductor_engine_matches_eager(tmp_path_factory):
             want = eager.cached(*[state[n] for n in eager.cached.input_names])
         got = engine.cached(*[state[n] for n in engine.cached.input_names])
         assert (got - want).abs().max() <= 1e-4 * want.abs().max(), shape
+        if shape[0] == 2:  # the load compiled the whole range (autograd on here: still no new compile)
+            assert counters["stats"]["unique_graphs"] == compiled
     with pytest.raises(SvdExportError, match=re.escape("batch 3 is outside this ranged engine's range: batch 1..2")):
         engine.generate(batch=3, steps=3)
 
@@ -149,7 +153,7 @@ def test_other_shapes_and_batches_generate_as_eager_and_out_of_range_is_refused(
 
 
 def test_loads_and_runs_without_the_diffusers_transformer(built):
-    _, out, _, _ = built
+    backend, out, _, _ = built
     script = textwrap.dedent(f"""
         import sys
         class Block:  # any import of diffusers' FLUX transformer module fails
@@ -162,6 +166,8 @@ def test_loads_and_runs_without_the_diffusers_transformer(built):
         engine = svdexport.load({str(out)!r})
         result = engine.generate(seed=0, steps=5)
         print("ok", result.full_steps, result.cached_steps)
+        from torch._dynamo.utils import counters
+        print("graphs compiled", counters["stats"]["unique_graphs"])  # inductor: at load only, not by generate
         try:
             from diffusers import FluxTransformer2DModel
         except Exception:  # diffusers' lazy module turns the ImportError into a RuntimeError
@@ -170,6 +176,7 @@ def test_loads_and_runs_without_the_diffusers_transformer(built):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ok 3 2" in proc.stdout and "transformer blocked" in proc.stdout  # 5 steps: warmup 3
+    assert f"graphs compiled {2 if backend == 'inductor' else 0}" in proc.stdout
 
 
 def test_rebuild_with_same_settings_reuses_and_other_settings_rebuild(tmp_path, capsys):

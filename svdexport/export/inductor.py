@@ -34,10 +34,15 @@ class InductorBackend(Backend):
             compiled = torch.compile(program.module(), dynamic=spec.ranged, fullgraph=True)
             # Compile now, at load, so that the first generation is not charged with it.
             g = spec.graphs[name]
-            with torch.no_grad():
-                compiled(*(torch.zeros(s, dtype=getattr(torch, d), device=spec.device)
-                           for s, d in zip(g.input_shapes, g.input_dtypes)))
-            return compiled
+            with torch.inference_mode():  # inference tensors: Inference passes them on as they are, marks included
+                inputs = [torch.zeros(s, dtype=getattr(torch, d), device=spec.device)
+                          for s, d in zip(g.input_shapes, g.input_dtypes)]
+            for tensor, dims in zip(inputs, dynamic_dims(program) if spec.ranged else []):
+                for dim in dims:  # dynamic=True alone compiled these inputs' sizes as constants (measured)
+                    torch._dynamo.mark_dynamic(tensor, dim)
+            run = Inference(compiled)
+            run(*inputs)
+            return run
 
         return compiled_pair(spec, compile_one)
 
@@ -46,7 +51,40 @@ class InductorBackend(Backend):
     def update_weights(self, graphs: tuple, weights: dict[str, dict[str, torch.Tensor]], spec: LoadSpec) -> None:
         # torch.compile reads the program module's parameters as graph inputs (inlined nn modules, no
         # freezing): new values copied into them take effect without recompiling.
-        copy_into_modules({n: g.fn._orig_mod for n, g in zip(GRAPHS, graphs)}, weights)
+        copy_into_modules({n: g.fn.compiled._orig_mod for n, g in zip(GRAPHS, graphs)}, weights)
+
+
+def dynamic_dims(program) -> list[list[int]]:
+    """The dimensions of each user input that the exported program declares dynamic (its symbolic sizes)."""
+    from torch.export.graph_signature import InputKind
+
+    names = [i.arg.name for i in program.graph_signature.input_specs if i.kind == InputKind.USER_INPUT]
+    values = {n.name: n.meta["val"] for n in program.graph.nodes if n.op == "placeholder"}
+    return [[i for i, size in enumerate(values[n].shape) if not isinstance(size, int)] for n in names]
+
+
+class Inference:
+    """A compiled program, always run in inference mode on inference tensors. Dynamo guards on the grad mode
+    and on each input's dispatch keys, which differ between tensors made in and out of inference mode: without
+    this, the compile at load was repeated by the first generation (which runs in inference mode: two more
+    compiles of the full graph, one of the cached) and by a direct call with autograd on (a compile for
+    training). Outputs are inference tensors, as every backend's are inside `generate`."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    def __call__(self, *inputs: torch.Tensor):
+        with torch.inference_mode():
+            return self.compiled(*(as_inference(t) for t in inputs))
+
+
+def as_inference(t: torch.Tensor) -> torch.Tensor:
+    """`t` as an inference tensor over the same memory (no copy): a tensor DLPack makes in inference mode is
+    one. CPU tensors only: a GPU tensor's DLPack hand-over may synchronise streams, which a CUDA-graph capture
+    refuses (GPU engines replay captured graphs over fixed buffers instead)."""
+    if t.is_inference() or t.device.type != "cpu":
+        return t
+    return torch.from_dlpack(t.detach())
 
 
 BACKEND = InductorBackend()

@@ -291,6 +291,9 @@ def load(folder, trusted_keys: list | None = None) -> Engine:
     be = backend(manifest.backend)
     be.check()
     bases = Bases.load(manifest.path(folder, BASES_FILE))
+    # The scheduler first: its import registers diffusers' output classes as pytree nodes, whose count guards
+    # a graph compiled at load (inductor): imported after that compile, the first call would compile again.
+    family(manifest.model.family).sampling(manifest.sampler).scheduler()
     full, cached = be.load(folder, manifest.load_spec(lambda: eager_graphs(manifest), folder))
     # The GPU hot path: CUDA graphs over static buffers (one shape: not for ranged engines).
     if static.enabled(manifest.backend, manifest.device) and manifest.shapes.kind is EngineKind.STATIC:
