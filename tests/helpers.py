@@ -59,6 +59,7 @@ def random_bases(model, granularity, k, seed=0, family=FLUX):
 def cached_sampler(model, granularity, shapes, bases=None, **cache):
     full, cached = FLUX.graphs(model, granularity)
     bases = random_bases(model, granularity, 8) if bases is None else bases
+    cache.setdefault("predictor", "svd-taylor")  # random bases and no calibration: nothing to fit weights on
     cfg = CacheConfig(granularity=granularity, **cache).validate()
     return CachedSampler(full, cached, bases, cfg, FLUX.sampling(SAMPLER_CONFIG), shapes)
 

@@ -53,8 +53,10 @@ def test_run_writes_image_latents_and_reports_steps(engine, tmp_path, capsys):
     latents = load_file(str(png.with_suffix(".safetensors")))["latents"]
     assert latents.shape == (1, 64, 4) and torch.isfinite(latents).all()
     # The engine's plan is calibrated for 4 steps: 20 steps get it rescaled, with the uniform plan's 5 full
-    # steps (warmup 3, interval 7), and the plan is printed.
-    assert "full steps (calibrated for 4 steps, rescaled to 20): " in out and "20 steps: 5 full, 15 cached" in out
+    # steps (warmup 3, interval 7), and the plan is printed; the fitted weights exist for 4 steps only, so
+    # the stated rule gives Taylor's at 20.
+    assert ("full steps (calibrated for 4 steps, rescaled to 20; svd-fitted is fitted for 4 steps, Taylor order 1 "
+            "weights at 20): ") in out and "20 steps: 5 full, 15 cached" in out
 
 
 def test_build_from_local_folder_matches_plain_loop_at_interval_one(tiny_folder, tmp_path, capsys):
@@ -342,10 +344,18 @@ def test_refined_plans_are_stored_and_used(tmp_path, capsys):
 def test_uniform_build_stores_no_plan(tmp_path, capsys):
     import svdexport
 
-    code, out, err = run_cli(capsys, "build", "--out", tmp_path / "u", "--plan", "uniform", *FAST)
+    code, out, err = run_cli(capsys, "build", "--out", tmp_path / "u", "--plan", "uniform", "--predictor",
+                             "svd-taylor", *FAST)
     assert code == 0, err
     e = svdexport.load(tmp_path / "u")
     assert e.manifest.plans == [] and e.plan_stats is None and e.plan(50).how == "uniform"
     assert e.generate(seed=0, steps=12).full_steps == 3 + 1  # warmup 0-2, then step 8
+    # The fitted predictor (the default) keeps the statistics its weights come from, and no plan.
+    code, out, err = run_cli(capsys, "build", "--out", tmp_path / "f", "--plan", "uniform", *FAST)
+    assert code == 0, err
+    e = svdexport.load(tmp_path / "f")
+    assert e.manifest.plans == [] and e.plan_stats is not None
+    plan = e.plan(4)
+    assert plan.how == "uniform" and set(plan.fitted) == set(range(4)) - set(plan.full_steps)
     code, _, err = run_cli(capsys, "build", "--out", tmp_path / "v", "--plan", "best", *FAST)
     assert_one_line_error(code, err, "unknown plan 'best'")

@@ -268,7 +268,7 @@ def test_help_shows_the_default_models_values_and_every_name(capsys, monkeypatch
     for name, fam in FAMILIES.items():
         assert name in text and all(f"bundled:{b}" in text for b in fam.bundled)
     assert all(b in text for b in BACKENDS) and all(p in text for p in PREDICTORS)
-    for default in ("block | final (default: final)", "(default: svd-taylor)", "(default: 0.95)", "(default: 64)",
+    for default in ("block | final (default: final)", "(default: svd-fitted)", "(default: 0.95)", "(default: 64)",
                     "(default: 0.9)", "svd-taylor order, 1 or 2 (default: 1)"):
         assert default in text, default
 

@@ -24,11 +24,13 @@ import torch
 
 from svdexport.bench import peers as peer_lib
 from svdexport.cache import plan as plans
+from svdexport.cache.predictors import FITTED
 from svdexport.runtime.plans import SEARCH_ORDER
 from svdexport.runtime.scheduler import CachedSampler, Generation
 
 # Eager predictor variants compared: (label, overrides of the engine's cache settings).
 PREDICTOR_VARIANTS = [
+    ("svd-fitted", {"predictor": "svd-fitted"}),
     ("svd-taylor o1", {"predictor": "svd-taylor", "order": 1}),
     ("svd-taylor o2", {"predictor": "svd-taylor", "order": 2}),
     ("ema-velocity b0.5", {"predictor": "ema-velocity", "beta": 0.5}),
@@ -108,7 +110,8 @@ class Setup:
 
 
 def predictor_label(cache) -> str:
-    return {"svd-taylor": f"svd-taylor o{cache.order}"}.get(cache.predictor, f"{cache.predictor} b{cache.beta}")
+    return {"svd-taylor": f"svd-taylor o{cache.order}", "svd-fitted": "svd-fitted"}.get(
+        cache.predictor, f"{cache.predictor} b{cache.beta}")
 
 
 def project_methods(s: Setup) -> list[Method]:
@@ -134,12 +137,15 @@ def project_methods(s: Setup) -> list[Method]:
             gammas[b] = s.gamma(b)
         return gammas[b]
 
-    ms.append(Method(f"SVD-Cache {label} + residual forecast (engine)", backend, kind,
-                     lambda x, b: engine.generate(x, steps=steps, gamma=gamma(b), **s.overrides(b)),
-                     steps_of=lambda b: s.plan(b, gamma=gamma(b)),
-                     settings=lambda b: {"gamma": gamma(b), "gamma_chosen_by": "least forecast error on the "
-                                         "calibration trajectories" if engine.plan_stats else "fixed"}))
+    if engine.cache.predictor not in FITTED:  # a fitted predictor forecasts the residual by its own weights
+        ms.append(Method(f"SVD-Cache {label} + residual forecast (engine)", backend, kind,
+                         lambda x, b: engine.generate(x, steps=steps, gamma=gamma(b), **s.overrides(b)),
+                         steps_of=lambda b: s.plan(b, gamma=gamma(b)),
+                         settings=lambda b: {"gamma": gamma(b), "gamma_chosen_by": "least forecast error on the "
+                                             "calibration trajectories" if engine.plan_stats else "fixed"}))
     for name, over in PREDICTOR_VARIANTS:
+        if over["predictor"] in FITTED and eager.plan_stats is None:
+            continue  # no statistics to fit on
         ms.append(Method(f"SVD-Cache {name}", "eager", kind,
                          lambda x, b, over=over: eager.generate(x, steps=steps, **s.overrides(b), **over),
                          steps_of=lambda b, over=over: s.plan(b, **over)))

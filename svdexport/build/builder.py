@@ -22,6 +22,7 @@ from svdexport.build.step_plans import calibrate_plan
 from svdexport.build.ranged import range_states, shapes_record
 from svdexport.cache import plan as plans
 from svdexport.cache.config import CacheConfig
+from svdexport.cache.predictors import FITTED
 from svdexport.cache.svd import Bases
 from svdexport.errors import SvdExportError
 from svdexport.export import GraphExport, GraphSpec, backend, export_programs
@@ -269,7 +270,10 @@ def _build(opts: BuildOptions, out: Path, graphs_dir: Path, progress: bool, be) 
     if (manifest := existing(out, key)) is not None:
         return manifest, True
     bases = run_calibration(p, opts, progress)
-    stats, plan_records = calibrate_plan(p, opts, bases, progress) if opts.cache.plan == "calibrated" else (None, [])
+    # A fitted predictor's weights come from the plan statistics, so it keeps them with a uniform plan too.
+    planned = opts.cache.plan == "calibrated" or opts.cache.predictor in FITTED
+    stats, plan_records = calibrate_plan(p, opts, bases, progress) if planned else (None, [])
+    plan_records = plan_records if opts.cache.plan == "calibrated" else []
     example = p.inputs(0, opts)
     graphs = graph_exports(p, bases, example, opts)
     graphs_ctx = atomic_dir(graphs_dir, opts.force) if be.needs_export else contextlib.nullcontext(None)

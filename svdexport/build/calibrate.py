@@ -100,15 +100,18 @@ def latent_psnr(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 def closed_loop_score(full: Graph, cached: Graph, sampling: Sampling, shapes: Shapes, bases: torch.Tensor,
-                      cache: CacheConfig, inputs: dict[str, torch.Tensor], steps: int) -> Callable[[list[int]], float]:
+                      cache: CacheConfig, inputs: dict[str, torch.Tensor], steps: int,
+                      fitted: Callable[[list[int]], dict] | None = None) -> Callable[[list[int]], float]:
     """score(plan): the mean PSNR of the final latents of cached sampling with `plan` (and `cache`'s
-    forecast) against full compute, over the batch rows of `inputs`. What the closed-loop plan refinement
-    (`plan.refine`) maximises: the error that reaches the sample, after the output head and the sampler."""
+    forecast; `fitted(plan)` gives a fitted predictor's weights) against full compute, over the batch rows
+    of `inputs`. What the closed-loop plan refinement (`plan.refine`) maximises: the error that reaches the
+    sample, after the output head and the sampler."""
     loop = CachedSampler(full, cached, bases, cache, sampling, shapes)
     reference = loop.generate(inputs, steps, plan=[True] * steps).latents
 
     def score(full_steps: list[int]) -> float:
-        latents = loop.generate(inputs, steps, plan=plans.plan_mask(full_steps, steps)).latents
+        latents = loop.generate(inputs, steps, plan=plans.plan_mask(full_steps, steps),
+                                fitted=None if fitted is None else fitted(full_steps)).latents
         return float(latent_psnr(latents, reference).clamp_max(99.0).mean())
 
     return score

@@ -12,6 +12,8 @@ from svdexport.build.calibrate import CALIBRATION_SEED, CalibrationSettings, pla
 from svdexport.cache import plan as plans
 from svdexport.cache.svd import Bases
 from svdexport.runtime import manifest as mf
+from svdexport.cache import fitted as fit
+from svdexport.runtime import plans as run_plans
 from svdexport.runtime.plans import SEARCH_ORDER, schedule_weights
 
 if TYPE_CHECKING:  # builder imports this module
@@ -52,14 +54,15 @@ def calibrate_plan(p: Prepared, opts: BuildOptions, bases: Bases,
         batched = p.fam.prompts.batched if p.fam.prompts is not None else BATCHED
         x = calibrate_mod.batch_inputs([p.inputs(CALIBRATION_SEED + i, opts) for i in range(opts.refine_samples)],
                                        batched)
+        fitted = (lambda plan: fit.weights(stats, plan, steps)) if run_plans.forecast_kind(c.predictor) == "fitted" else None
         score = calibrate_mod.closed_loop_score(p.full, p.cached, p.sampling, p.shapes, bases.vectors.to(opts.device),
-                                                c, x, steps)
+                                                c, x, steps, fitted)
     records = []
     for b in sorted(budgets, key=lambda b: b != budget):  # the build's budget first
-        found = plans.search(stats, b, order, c.gamma, weights)
+        found = run_plans.search(stats, b, c, weights)
         full_steps, refined = found.full_steps, None
         if score is not None and 1 < b < steps:
-            starts = [found.full_steps, plans.search(stats, b, order, c.gamma).full_steps]
+            starts = [found.full_steps, run_plans.search(stats, b, c).full_steps]
             starts += [u for iv in range(1, steps + 1) if len(u := plans.uniform_plan(steps, c.warmup, iv)) == b][:1]
             with tqdm(desc=f"refining the plan of {b} full steps", unit="plan", disable=not progress) as bar:
                 def counted(plan, bar=bar):
@@ -68,9 +71,9 @@ def calibrate_plan(p: Prepared, opts: BuildOptions, bases: Bases,
 
                 refined = plans.refine(starts, steps, counted, max_evaluations=opts.refine_evaluations, tails=True)
             full_steps = refined.full_steps
-        cost = plans.plan_cost(stats, full_steps, order, c.gamma, weights)
-        uniform_cost = plans.plan_cost(stats, uniform, order, c.gamma, weights) if len(uniform) == b else None
+        cost = run_plans.cost(stats, full_steps, c, weights)
+        uniform_cost = run_plans.cost(stats, uniform, c, weights) if len(uniform) == b else None
         records.append(mf.PlanRecord(steps, full_steps, cost, uniform_cost, c.gamma, order,
                                      score=None if refined is None else round(refined.score, 3),
-                                     refined=refined is not None))
+                                     refined=refined is not None, forecast=run_plans.forecast_kind(c.predictor)))
     return stats, records

@@ -14,7 +14,9 @@ PLANS = ("calibrated", "uniform")
 @dataclass
 class CacheConfig:
     granularity: str = "final"  # "final": last hidden state only; "block": per-module sites inside every block
-    predictor: str = "svd-taylor"  # how the principal coefficients are forecast on cached steps
+    # How cached steps forecast the feature: "svd-fitted" (weights fitted per step on the calibration
+    # trajectories, principal part and residual apart: cache/fitted.py) or a rule (svd-taylor, ema, ...).
+    predictor: str = "svd-fitted"
     beta: float = 0.9  # EMA weight on the old value (ema, ema-velocity)
     order: int = 1  # finite-difference order of svd-taylor (1 or 2)
     tau: float = 0.95  # energy fraction the kept principal directions must reach
@@ -25,7 +27,7 @@ class CacheConfig:
     # trajectories, see cache/plan.py) or "uniform" (warmup, then every `interval`). Either way a static list.
     plan: str = "calibrated"
     full_steps: int | None = None  # full steps of a calibrated plan (None: as many as the uniform plan has)
-    gamma: float = 1.0  # residual forecast: Taylor step of the residual damped by gamma (0: reuse it, as the paper)
+    gamma: float = 1.0  # rule predictors' residual: Taylor step damped by gamma (0: reuse it, as the paper)
 
     def validate(self) -> "CacheConfig":
         if self.granularity not in GRANULARITIES:

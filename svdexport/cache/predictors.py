@@ -1,8 +1,9 @@
 """Forecasts of the principal coefficients C on cached steps.
 
 Each predictor sees C on every full step (`update`) and returns the coefficients P to use on a cached
-step (`predict`); the residual is always reused from the last full step. Steps are sampler step indices,
-so forecasts are in step units and handle the uneven spacing between warmup and interval.
+step (`predict`); the residual is reused or forecast by `ResidualForecast`, except under `Fitted`, whose
+weights cover both parts. Steps are sampler step indices, so forecasts are in step units and handle the
+uneven spacing between warmup and interval.
 """
 
 from __future__ import annotations
@@ -110,6 +111,34 @@ class SvdTaylor(Predictor):
         return out
 
 
+class Fitted(Predictor):
+    """Weights fitted on the calibration trajectories (cache/fitted.py): on cached step i, a X_j + b X_k of
+    the last two full steps' values, with (a, b) per site given per step of the request's static plan.
+    One instance forecasts the principal coefficients, another the residuals."""
+
+    def __init__(self, weights: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+        self.weights = weights  # step -> (a, b), each [sites] float32
+        self.ready: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # on the tensors' device and dtype
+
+    def reset(self) -> None:
+        self.last: torch.Tensor | None = None
+        self.prev: torch.Tensor | None = None
+
+    def update(self, step: int, coeffs: torch.Tensor) -> None:
+        self.prev, self.last = self.last, coeffs
+
+    def predict(self, step: int) -> torch.Tensor:
+        key = (step, self.last.device, self.last.dtype)
+        if key not in self.ready:  # [sites] -> [sites, 1, ...] against X [sites, batch, tokens, dim]
+            shape = (-1,) + (1,) * (self.last.dim() - 1)
+            self.ready[key] = tuple(w.to(self.last.device, self.last.dtype).view(shape) for w in self.weights[step])
+        a, b = self.ready[key]
+        return a * self.last if self.prev is None else a * self.last + b * self.prev
+
+
+# Predictors whose weights come from the engine's plan statistics and plan, not from (beta, order).
+FITTED = ("svd-fitted",)
+
 # The one registry of predictors: name -> constructor from (beta, order). The CLI's choices, the config's
 # validation and the compare variants all read it.
 PREDICTORS: dict[str, Callable[[float, int], Predictor]] = {
@@ -117,14 +146,22 @@ PREDICTORS: dict[str, Callable[[float, int], Predictor]] = {
     "ema-velocity": lambda beta, order: EmaVelocity(beta),
     "ema": lambda beta, order: Ema(beta),
     "reuse": lambda beta, order: Reuse(),
+    "svd-fitted": lambda beta, order: _needs_weights(),
 }
 
 
-def make_predictor(name: str, beta: float = 0.9, order: int = 1) -> Predictor:
-    """A fresh predictor, already reset; an unknown name is the user's one-line error."""
+def _needs_weights() -> Predictor:
+    raise SvdExportError("predictor svd-fitted takes its weights from an engine's plan statistics and plan "
+                         "(engine.generate, engine.step_cache)")
+
+
+def make_predictor(name: str, beta: float = 0.9, order: int = 1,
+                   weights: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Predictor:
+    """A fresh predictor, already reset; an unknown name is the user's one-line error. `weights` are a
+    fitted predictor's (a, b) per cached step."""
     if name not in PREDICTORS:
         raise SvdExportError(f"unknown predictor {name!r} (choose from {', '.join(PREDICTORS)})")
-    predictor = PREDICTORS[name](beta, order)
+    predictor = Fitted(weights) if name in FITTED and weights is not None else PREDICTORS[name](beta, order)
     predictor.reset()
     return predictor
 

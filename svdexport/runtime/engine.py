@@ -121,8 +121,9 @@ class Engine:
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         steps = steps or self.steps
         cache = self.cache_config(**cache_overrides)
-        return self.sampler.generate(inputs, steps, cache=cache, progress=progress,
-                                     plan=self.plan(steps, cache).mask, shapes=shapes)
+        plan = self.plan(steps, cache)
+        return self.sampler.generate(inputs, steps, cache=cache, progress=progress, plan=plan.mask, shapes=shapes,
+                                     fitted=plan.fitted)
 
     def cache_config(self, **overrides) -> CacheConfig:
         """The engine's cache settings with run-time overrides of the step plan or the forecast. Giving
@@ -147,7 +148,8 @@ class Engine:
     def step_cache(self, steps: int, cache: CacheConfig | None = None) -> StepCache:
         """Fresh cache state for one request of `steps` steps (used when something else owns the loop)."""
         cache = cache or self.cache
-        return StepCache(self.full, self.cached, self.sampler.bases, cache, steps, self.plan(steps, cache).mask)
+        plan = self.plan(steps, cache)
+        return StepCache(self.full, self.cached, self.sampler.bases, cache, steps, plan.mask, plan.fitted)
 
     def eager_reference(self, dtype: torch.dtype | None = None) -> "Engine":
         """The same weights, bases and settings run by eager PyTorch: what every backend is measured against.

@@ -96,6 +96,7 @@ class PlanRecord:
     order: int = 1  # forecast order of the error model it was searched with (1: Taylor, 0: reuse)
     score: float | None = None  # mean PSNR (dB) of its cached sampling against full compute on the calibration inputs
     refined: bool = False  # refined in closed loop (plan.refine) from the DP's plan of least forecast error
+    forecast: str = "taylor"  # the error model searched: "taylor" (order, gamma) or "fitted" (cache/fitted.py)
 
 
 class EngineKind(str, Enum):

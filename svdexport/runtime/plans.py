@@ -9,13 +9,39 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
+from svdexport.cache import fitted as fit
 from svdexport.cache import plan as plans
 from svdexport.cache.config import CacheConfig
+from svdexport.cache.predictors import FITTED
+from svdexport.errors import SvdExportError
 from svdexport.models.family import Sampling, Shapes
 from svdexport.runtime.manifest import PlanRecord
 
 # The error model of the plan search forecasts from the last two full steps (order 1) or reuses (order 0).
-SEARCH_ORDER = {"svd-taylor": 1, "ema-velocity": 1, "ema": 0, "reuse": 0}
+SEARCH_ORDER = {"svd-taylor": 1, "ema-velocity": 1, "ema": 0, "reuse": 0, "svd-fitted": 1}
+
+
+def forecast_kind(predictor: str) -> str:
+    """What a plan record was searched for: "fitted" weights (cache/fitted.py) or the Taylor error model."""
+    return "fitted" if predictor in FITTED else "taylor"
+
+
+def search(stats: plans.PlanStats, budget: int, cache: CacheConfig, weights=None) -> plans.Plan:
+    """The DP's plan of `budget` full steps for `cache`'s forecast: on the fitted forecast's errors for a
+    fitted predictor, else on the Taylor error model of its order and gamma."""
+    if cache.predictor in FITTED:
+        found = plans.search_table(fit.errors(stats), budget, weights)
+        return plans.Plan(found.full_steps, found.cost, 1, cache.gamma)
+    return plans.search(stats, budget, SEARCH_ORDER[cache.predictor], cache.gamma, weights)
+
+
+def cost(stats: plans.PlanStats, full_steps: list[int], cache: CacheConfig, weights=None) -> float:
+    """The DP's objective for a given plan under `cache`'s forecast (see `search`)."""
+    if cache.predictor in FITTED:
+        return plans.table_cost(fit.errors(stats), full_steps, weights)
+    return plans.plan_cost(stats, full_steps, SEARCH_ORDER[cache.predictor], cache.gamma, weights)
 
 
 @dataclass
@@ -23,6 +49,7 @@ class RequestPlan:
     full_steps: list[int]  # indices of the steps that run the full graph
     steps: int
     how: str  # "uniform", "calibrated", or the rule that made it from a calibrated plan
+    fitted: dict[int, np.ndarray] | None = None  # a fitted predictor's weights per cached step ([4, sites])
 
     @property
     def mask(self) -> list[bool]:
@@ -34,21 +61,39 @@ class RequestPlan:
 
 def plan_for(steps: int, cache: CacheConfig, records: list[PlanRecord], stats: plans.PlanStats | None,
              weights) -> RequestPlan:
-    """The plan of one request. `weights(steps)` gives the per-step weights of the family's schedule."""
+    """The plan of one request. `weights(steps)` gives the per-step weights of the family's schedule.
+    A fitted predictor gets its weights for the plan, fitted at the calibrated step count."""
+    plan = _plan_for(steps, cache, records, stats, weights)
+    if cache.predictor not in FITTED:
+        return plan
+    if stats is None:
+        raise SvdExportError(f"predictor {cache.predictor} needs the plan statistics of a build; this engine "
+                             "keeps none (rebuild it, or run another predictor)")
+    if stats.steps == steps:
+        plan.fitted = fit.weights(stats, plan.full_steps, steps)
+    else:  # the stated rule: weights are fitted per step of the calibrated count only
+        plan.fitted = fit.taylor_weights(plan.full_steps, steps, stats.gram.shape[0])
+        plan.how += f"; {cache.predictor} is fitted for {stats.steps} steps, Taylor order 1 weights at {steps}"
+    return plan
+
+
+def _plan_for(steps: int, cache: CacheConfig, records: list[PlanRecord], stats: plans.PlanStats | None,
+              weights) -> RequestPlan:
     uniform = plans.uniform_plan(steps, cache.warmup, cache.interval)
     if cache.plan == "uniform" or (stats is None and not records):
         return RequestPlan(uniform, steps, "uniform")
     budget = min(cache.full_steps or len(uniform), steps)
     for r in records:
-        if (r.steps == steps and len(r.full_steps) == budget and r.gamma == cache.gamma
-                and r.order == SEARCH_ORDER[cache.predictor]):  # a plan searched for this very forecast
+        if (r.steps == steps and len(r.full_steps) == budget and r.forecast == forecast_kind(cache.predictor)
+                and (r.forecast == "fitted" or (r.gamma == cache.gamma and r.order == SEARCH_ORDER[cache.predictor]))):
+            # a plan searched for this very forecast
             return RequestPlan(list(r.full_steps), steps, "calibrated")
     if stats is None:  # only the recorded plan: map it onto this request
         r = records[0]
         return RequestPlan(plans.rescale(r.full_steps, r.steps, steps, budget), steps,
                            f"calibrated for {r.steps} steps, rescaled to {steps}")
     at = stats.steps
-    found = plans.search(stats, min(budget, at), SEARCH_ORDER[cache.predictor], cache.gamma, weights(at))
+    found = search(stats, min(budget, at), cache, weights(at))
     if at == steps:
         return RequestPlan(found.full_steps, steps, "calibrated")
     return RequestPlan(plans.rescale(found.full_steps, at, steps, budget), steps,

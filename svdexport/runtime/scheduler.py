@@ -10,7 +10,8 @@ import torch
 from tqdm import tqdm
 
 from svdexport.cache.config import CacheConfig, step_plan
-from svdexport.cache.predictors import ResidualForecast, make_predictor
+from svdexport.cache.predictors import FITTED, ResidualForecast, make_predictor
+from svdexport.errors import SvdExportError
 from svdexport.models.family import Sampling, Shapes
 
 
@@ -43,14 +44,22 @@ class StepCache:
     """
 
     def __init__(self, full: Graph, cached: Graph, bases: torch.Tensor, cache: CacheConfig, steps: int,
-                 plan: list[bool] | None = None):
+                 plan: list[bool] | None = None, fitted: dict | None = None):
         self.full, self.cached = full, cached
         # A static list: which graph a step runs never depends on tensor values. Default: the uniform plan.
         self.plan = list(plan) if plan is not None else step_plan(steps, cache.warmup, cache.interval)
         if len(self.plan) != steps or not self.plan[0]:
             raise ValueError(f"a plan of {steps} steps must start with a full step, got {self.plan}")
-        self.predictor = make_predictor(cache.predictor, cache.beta, cache.order)
-        self.residual = ResidualForecast(cache.gamma) if cache.gamma > 0 else None  # None: reuse R as it is
+        if cache.predictor in FITTED:  # the plan's fitted weights cover the residual too
+            if fitted is None and not all(self.plan):
+                raise SvdExportError(f"predictor {cache.predictor} needs the fitted weights of its plan "
+                                     "(engine.plan(...).fitted)")
+            fitted = {i: torch.as_tensor(w, dtype=torch.float32) for i, w in (fitted or {}).items()}
+            self.predictor = make_predictor(cache.predictor, weights={i: (w[0], w[1]) for i, w in fitted.items()})
+            self.residual = make_predictor(cache.predictor, weights={i: (w[2], w[3]) for i, w in fitted.items()})
+        else:
+            self.predictor = make_predictor(cache.predictor, cache.beta, cache.order)
+            self.residual = ResidualForecast(cache.gamma) if cache.gamma > 0 else None  # None: reuse R as it is
         self.state: dict[str, torch.Tensor] = {"bases": bases}
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # (C, R) of the latest full step
 
@@ -89,10 +98,12 @@ class CachedSampler:
     @torch.inference_mode()
     def generate(self, inputs: dict[str, torch.Tensor], steps: int, cache: CacheConfig | None = None,
                  progress: bool = False, on_full_step: FullStepHook | None = None,
-                 plan: list[bool] | None = None, shapes: Shapes | None = None) -> Generation:
+                 plan: list[bool] | None = None, shapes: Shapes | None = None,
+                 fitted: dict | None = None) -> Generation:
         """One request; `plan` (which steps run in full) defaults to the uniform plan of `cache`. `shapes` are
-        the request's (default: the sampler's): the family's resolution-dependent shift follows them."""
-        step = StepCache(self.full, self.cached, self.bases, cache or self.cache, steps, plan)
+        the request's (default: the sampler's): the family's resolution-dependent shift follows them.
+        `fitted`: the plan's weights per cached step, for a fitted predictor (`RequestPlan.fitted`)."""
+        step = StepCache(self.full, self.cached, self.bases, cache or self.cache, steps, plan, fitted)
         shapes = shapes or self.shapes
         timesteps = self.sampling.set_timesteps(self.scheduler, steps, shapes)
         latents = inputs["hidden_states"]

@@ -1,0 +1,109 @@
+"""The fitted forecast (predictor svd-fitted): least-squares weights from the plan statistics, their error
+table for the DP, the predictor that applies them, and the plan rule around them."""
+
+import numpy as np
+import pytest
+import torch
+
+from svdexport.cache import fitted as fit
+from svdexport.cache.config import CacheConfig
+from svdexport.cache.plan import forecast_errors, plan_mask, search_table, table_cost
+from svdexport.cache.predictors import SvdTaylor, make_predictor
+from svdexport.cache.svd import reconstruct, split
+from svdexport.errors import SvdExportError
+from svdexport.runtime.plans import plan_for
+from svdexport.runtime.scheduler import StepCache
+from test_plan import _orthonormal, _random_walk, _stats, site_weights_direct
+
+
+def _direct_cost(traj, bases, plan, weights, table):
+    """Runs the runtime's predictor (`Fitted`, built as StepCache builds it) and measures the error."""
+    steps = traj.shape[0]
+    fitted = {i: torch.as_tensor(w) for i, w in table.items()}
+    coeff = make_predictor("svd-fitted", weights={i: (w[0], w[1]) for i, w in fitted.items()})
+    res = make_predictor("svd-fitted", weights={i: (w[2], w[3]) for i, w in fitted.items()})
+    sites, v, cost = site_weights_direct(traj), bases.double(), 0.0
+    for i in range(steps):
+        if i in plan:
+            c, r = split(traj[i], v)
+            coeff.update(i, c)
+            res.update(i, r)
+        else:
+            err = (reconstruct(coeff.predict(i), res.predict(i), v) - traj[i]).pow(2).sum(dim=(1, 2, 3)).numpy()
+            cost += weights[i] * float((sites * err).sum())
+    return cost
+
+
+def test_table_equals_the_error_of_the_runtime_predictor():
+    traj, bases = _random_walk(9, seed=2), _orthonormal(2, 6, 2, seed=3)
+    stats = _stats(traj, bases)
+    w = np.linspace(0.5, 1.5, 9)
+    err = fit.errors(stats)
+    for plan in ([0, 1, 4], [0, 2, 3, 7], [0, 5], [0, 1, 2, 3, 4, 5, 6, 7, 8]):
+        direct = _direct_cost(traj, bases, plan, w, fit.weights(stats, plan, 9))
+        assert table_cost(err, plan, w) == pytest.approx(direct, rel=1e-7, abs=1e-12)
+
+
+def test_fit_is_never_worse_than_taylor_on_the_calibration_trajectories():
+    traj, bases = _random_walk(10, seed=5), _orthonormal(2, 6, 3, seed=4)
+    stats = _stats(traj, bases)
+    fitted, taylor = fit.errors(stats), forecast_errors(stats, 1, 1.0)  # gamma 1: Taylor on both parts
+    assert np.all(fitted <= taylor * (1 + 1e-9) + 1e-12)
+    assert fitted.sum() < 0.9 * taylor.sum()  # a random walk is no line: the fit learns to damp
+    best = search_table(fitted, 4)
+    assert best.cost <= search_table(taylor, 4).cost
+
+
+def test_a_decaying_feature_is_forecast_exactly_where_taylor_overshoots():
+    # F_p = 0.7^p F_0: every gap is the same ratio, which two points fit exactly and a line does not.
+    g = torch.Generator().manual_seed(0)
+    f0 = torch.randn(1, 2, 3, 6, generator=g, dtype=torch.float64)
+    traj = torch.stack([0.7**p * f0 for p in range(8)])
+    stats = _stats(traj, _orthonormal(1, 6, 2))
+    fitted, taylor = fit.errors(stats), forecast_errors(stats, 1, 1.0)
+    scale = float(traj.pow(2).sum())
+    for k, j, i in [(0, 1, 3), (2, 4, 7), (8, 0, 5)]:  # k = 8: only one full step before i
+        assert fitted[k, j, i] < 1e-9 * scale < taylor[k, j, i]
+    weights = fit.weights(stats, [0, 2, 4], 8)
+    a, b = weights[3][0, 0], weights[3][1, 0]  # i = 3 from j = 2, k = 0: F_2 and F_0 are collinear, so only
+    assert a * 0.7**2 + b == pytest.approx(0.7**3, rel=1e-6)  # their combination is fixed: 0.7^3 F_0
+
+
+def test_taylor_weights_reproduce_svd_taylor_order_one():
+    traj = _random_walk(7, seed=1)[:, :1]
+    plan, table = [0, 2, 3], fit.taylor_weights([0, 2, 3], 7, 1)
+    pred = make_predictor("svd-fitted", weights={i: (torch.as_tensor(w[0]), torch.as_tensor(w[1]))
+                                                 for i, w in table.items()})
+    ref = SvdTaylor(1)
+    ref.reset()
+    for i, f in enumerate(traj):
+        if i in plan:
+            pred.update(i, f)
+            ref.update(i, f)
+        else:
+            torch.testing.assert_close(pred.predict(i), ref.predict(i), rtol=1e-12, atol=1e-12)
+
+
+def test_fitted_predictor_refuses_without_weights():
+    with pytest.raises(SvdExportError, match="plan statistics"):
+        make_predictor("svd-fitted")
+    cache = CacheConfig(predictor="svd-fitted").validate()
+    with pytest.raises(SvdExportError, match="fitted weights"):
+        StepCache(None, None, torch.zeros(1, 4, 2), cache, 4, plan_mask([0, 2], 4))
+
+
+def test_plan_rule_for_the_fitted_predictor():
+    traj, bases = _random_walk(10, seed=7), _orthonormal(2, 6, 2)
+    stats = _stats(traj, bases)
+    cache = CacheConfig(predictor="svd-fitted", full_steps=4).validate()
+    ones = lambda steps: np.ones(steps)  # noqa: E731
+    plan = plan_for(10, cache, [], stats, ones)
+    assert plan.how == "calibrated" and plan.full_steps == search_table(fit.errors(stats), 4, ones(10)).full_steps
+    assert set(plan.fitted) == set(range(10)) - set(plan.full_steps)
+    assert all(w.shape == (4, 2) for w in plan.fitted.values())
+    other = plan_for(20, cache, [], stats, ones)  # not the calibrated count: Taylor weights, and it says so
+    assert "Taylor order 1 weights at 20" in other.how and len(other.full_steps) == 4
+    expected = fit.taylor_weights(other.full_steps, 20, 2)
+    assert set(other.fitted) == set(expected) and all(np.array_equal(other.fitted[i], expected[i]) for i in expected)
+    with pytest.raises(SvdExportError, match="plan statistics"):
+        plan_for(10, cache, [], None, ones)
