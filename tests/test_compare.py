@@ -41,17 +41,20 @@ def test_every_row_has_full_steps_and_paired_statistics(engine, result):
     assert ref["paired"] is None and ref["reference"]
     e = svdexport.load(engine)
     want = e.plan(STEPS, e.cache_config(full_steps=BUDGET)).full_steps
-    own = rows["SVD-Cache svd-taylor o1 (engine)"]
+    own = rows["SVD-Cache svd-fitted (engine)"]  # the default predictor
     assert own["plan"] == want and own["full_steps"] == len(want) == BUDGET and own["plan_kind"] == "calibrated"
     assert result["config"]["paired_against"] == own["method"] and result["config"]["budgets"] == [BUDGET]
-    for name in ("SVD-Cache svd-taylor o1 uniform plan (engine)", "SVD-Cache svd-taylor o1 + residual forecast (engine)",
+    for name in ("SVD-Cache svd-fitted uniform plan (engine)", "SVD-Cache svd-taylor o1", "SVD-Cache svd-fitted",
                  "TaylorSeer whole feature o1 (calibrated plan)", "TaylorSeer whole feature o2 (uniform plan)",
                  "SVD-Cache ema b0.9 (paper)", "diffusers-taylorseer lite o1 (own plan)", "cachedit-dbcache (same plan)",
                  "diffusers-fbcache (swept threshold)", "cachedit-dbcache (swept threshold)"):
         assert name in rows, name
     assert rows["TaylorSeer whole feature o1 (calibrated plan)"]["plan"] == want  # the plan's gain apart
     assert rows["cachedit-dbcache (same plan)"]["full_steps"] == BUDGET  # the engine's plan, run by cache-dit
-    assert rows["SVD-Cache svd-taylor o1 + residual forecast (engine)"]["settings"]["gamma"] > 0
+    # The fitted weights forecast the residual themselves: no gamma row, and the row says what the weights are.
+    assert not any("residual forecast" in name for name in rows)
+    assert own["settings"] == {"weights": "least squares on the calibration trajectories"}
+    assert rows["SVD-Cache svd-fitted"]["plan"] == want  # the eager twin runs the same plan and weights
     classifier, labels = _classifier(), [0, 1]  # samples 0 and 1 ask for digits 0 and 1
     base = own["psnr_per_sample"]
     for r in result["rows"]:

@@ -123,7 +123,8 @@ def project_methods(s: Setup) -> list[Method]:
                  uncached=True, steps_of=lambda b: list(range(steps)))]
     ms.append(Method(f"SVD-Cache {label} (engine)", backend, kind,
                      lambda x, b: engine.generate(x, steps=steps, **s.overrides(b)), steps_of=s.plan,
-                     settings=lambda b: {"gamma": engine.cache.gamma}))
+                     settings=lambda b: {"weights": "least squares on the calibration trajectories"}
+                     if engine.cache.predictor in FITTED else {"gamma": engine.cache.gamma}))
     if kind != "uniform":
         ms.append(Method(f"SVD-Cache {label} uniform plan (engine)", backend, "uniform",
                          lambda x, b: engine.generate(x, steps=steps, plan="uniform", warmup=s.warmup,

@@ -60,6 +60,12 @@ def table(rows: list[dict], budget: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def _forecast(cache: dict) -> str:
+    if cache["predictor"] == "svd-fitted":
+        return "svd-fitted (weights fitted per step on the calibration trajectories)"
+    return f"{cache['predictor']} order {cache['order']}, gamma {cache['gamma']}"
+
+
 def markdown(result: dict) -> str:
     c = result["config"]
     seeds = c["seeds"]
@@ -68,8 +74,7 @@ def markdown(result: dict) -> str:
     out = [f"# svdexport compare: {c['model']} ({c['backend']} engine)", "",
            f"{c['samples']} samples ({seed_text}), {c['steps']} steps, budgets of {', '.join(map(str, c['budgets']))} "
            f"full steps; engine: warmup {c['cache']['warmup']}, plan {c['cache']['plan']} (at {c['steps']} steps: "
-           f"{' '.join(map(str, c['engine_plan']))}), predictor {c['cache']['predictor']} order {c['cache']['order']}, "
-           f"gamma {c['cache']['gamma']}, granularity {c['cache']['granularity']}, tau {c['cache']['tau']}, k_max "
+           f"{' '.join(map(str, c['engine_plan']))}), predictor {_forecast(c['cache'])}, granularity {c['cache']['granularity']}, tau {c['cache']['tau']}, k_max "
            f"{c['cache']['k_max']}; machine: {result['machine']['platform']}, torch {result['machine']['torch']}, "
            f"{result['machine']['threads']} threads.", "",
            "Every method runs with the budget's number of full steps. Plan: where its full steps fall (calibrated: "
