@@ -2,6 +2,12 @@
 9 of 50? Plans are chosen on calibration seeds (1_000_000 + i) only and scored on seeds 16-79.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/experiments/fitted_refine.py ENGINE BUDGETS NCAL EVALUATIONS
+
+Results (2026-11-27, the default aoti digits build's eager twin, 32 calibration inputs, 150 evaluations;
+seeds 16-79, mean / worst dB, samples under 35 dB):
+  7: dp 42.58 / 33.26 (1)   dp-flat 42.54 / 34.47 (1)   refined 0 2 11 21 29 39 47: 45.14 / 24.88 (2)
+  9: dp 49.83 / 35.86 (0)   dp-flat 47.33 / 37.88 (0)   refined 0 2 10 19 23 32 39 46 49: 51.18 / 26.86 (1)
+As with Taylor, the closed-loop refinement buys mean with a lost sample; the default stays the DP's plan.
 """
 import statistics
 import sys
