@@ -7,6 +7,10 @@ against the same LoRA's full-compute generations, once with the base model's bas
 recalibrated ones, under the default forecast and under forecasts that lean on the bases more.
 
     python scripts/experiments/lora_bases.py LORA.safetensors [LORA2.safetensors ...]
+    python scripts/experiments/lora_bases.py --fitted LORA.safetensors [...]
+
+With --fitted, the default predictor svd-fitted on its calibrated plan of 9 full steps: the plan statistics
+(and so the plan and the fitted weights) are recalibrated with the LoRA as well as the bases.
 """
 
 import statistics
@@ -16,12 +20,16 @@ import torch
 
 from svdexport.bench.metrics import psnr
 from svdexport.build.builder import BuildOptions, prepare, run_calibration
+from svdexport.build.calibrate import CalibrationSettings, plan_statistics
+from svdexport.cache import fitted as fit
+from svdexport.cache import plan as plans
 from svdexport.cache.config import CacheConfig
 from svdexport.models.lora import LoraFile, fuse
+from svdexport.runtime import plans as run_plans
 from svdexport.runtime.scheduler import CachedSampler
 
 SEEDS = range(16)  # calibration uses seeds from 1_000_000: these are held out
-FORECASTS = {"default (svd-taylor, gamma 1)": {}, "gamma 0": {"gamma": 0.0}, "gamma 0.5": {"gamma": 0.5},
+FORECASTS = {"svd-taylor, gamma 1": {"predictor": "svd-taylor"}, "gamma 0": {"gamma": 0.0}, "gamma 0.5": {"gamma": 0.5},
              "ema": {"predictor": "ema"}}
 
 
@@ -38,6 +46,43 @@ def psnrs(p, opts, bases, lora_model_graphs, **forecast) -> float:
         got, ref = loop.generate(inputs, 50).latents, exact.generate(inputs, 50).latents
         out.append(psnr(p.fam.unpack(got, p.shapes), p.fam.unpack(ref, p.shapes)))
     return statistics.mean(out)
+
+
+def fitted_psnrs(p, opts, bases, stats, graphs, budget: int = 9) -> float:
+    """svd-fitted with `stats`' plan of `budget` full steps and its weights, on the LoRA model's graphs."""
+    full, cached = graphs
+    cache = CacheConfig(predictor="svd-fitted", full_steps=budget).validate()
+    weights = run_plans.schedule_weights(p.sampling, p.shapes, 50)
+    plan = run_plans.search(stats, budget, cache, weights).full_steps
+    loop = CachedSampler(full, cached, bases.vectors, cache, p.sampling, p.shapes)
+    out = []
+    for s in SEEDS:
+        inputs = p.fam.example_inputs(p.info.config, p.shapes, s, table=p.table, labels=[s % 10] * p.shapes.batch)
+        got = loop.generate(inputs, 50, plan=plans.plan_mask(plan, 50), fitted=fit.weights(stats, plan, 50)).latents
+        ref = loop.generate(inputs, 50, plan=[True] * 50).latents
+        out.append(psnr(p.fam.unpack(got, p.shapes), p.fam.unpack(ref, p.shapes)))
+    return statistics.mean(out)
+
+
+def calibrated(p, opts):
+    bases = run_calibration(p, opts, progress=False)
+    settings = CalibrationSettings(opts.calib_samples, 50, opts.cache.tau, opts.cache.k_max)
+    stats = plan_statistics(p.full, p.cached, p.sampling, p.shapes, bases.vectors, lambda seed: p.inputs(seed, opts),
+                            settings, progress=False)
+    return bases, stats
+
+
+@torch.no_grad()
+def main_fitted(loras: list[str]) -> None:
+    opts = BuildOptions(cache=CacheConfig(), calib_samples=8)
+    base = calibrated(prepare(opts), opts)
+    for path in loras:
+        p = prepare(opts)
+        fuse(p.model, p.fam.lora_loader, [LoraFile.parse(path)])
+        a = fitted_psnrs(p, opts, *base, (p.full, p.cached))
+        b = fitted_psnrs(p, opts, *calibrated(p, opts), (p.full, p.cached))
+        print(f"final {path}: svd-fitted, 9 of 50: base bases and statistics {a:.2f} dB, recalibrated {b:.2f} dB "
+              f"({b - a:+.2f})", flush=True)
 
 
 @torch.no_grad()
@@ -58,4 +103,4 @@ def main(loras: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main_fitted(sys.argv[2:]) if sys.argv[1:2] == ["--fitted"] else main(sys.argv[1:])
