@@ -1,12 +1,8 @@
 import os
-import subprocess
-import sys
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from helpers import FAST, TINY_SHAPES, tiny_model
+from helpers import TINY_SHAPES, tiny_model
 
 # --dtype auto picks bf16 on CPUs with bf16 matrix units: the engines the suite builds must not depend on the
 # test machine's CPU, so auto means fp32 here (subprocesses inherit it). test_precision.py tests the rule with
@@ -39,15 +35,3 @@ def default_aoti_engine(tmp_path_factory):
             os.environ["SVDEXPORT_CPU_BF16"] = pinned
     return out
 
-
-@pytest.fixture(scope="session")
-def onnx_cli_build(tmp_path_factory):
-    """`python -m svdexport.cli build --backend onnx` of the bundled model (helpers.FAST) as a command, its
-    output captured: test_cleanup checks what it prints, test_backends rebuilds (a copy of) its engine."""
-    root = tmp_path_factory.mktemp("onnx-cli")
-    engine, graphs = root / "e", root / "g"
-    cmd = [sys.executable, "-m", "svdexport.cli", "build", "--backend", "onnx", "--out", str(engine),
-           "--graphs", str(graphs), *FAST]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    return SimpleNamespace(proc=proc, engine=engine, graphs=graphs)

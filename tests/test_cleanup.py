@@ -107,8 +107,10 @@ def test_a_killed_batch_driver_takes_its_ray_runtime_with_it(tmp_path):
 
 
 @pytest.mark.skipif(not HAS_ONNX, reason="onnx extra not installed")
-def test_onnx_build_prints_only_svdexports_lines(onnx_cli_build):
-    proc = onnx_cli_build.proc  # `python -m svdexport.cli build --backend onnx ...` (conftest.py)
+def test_onnx_build_prints_only_svdexports_lines(tmp_path):
+    cmd = [sys.executable, "-m", "svdexport.cli", "build", "--backend", "onnx", "--out", str(tmp_path / "e"),
+           "--graphs", str(tmp_path / "g"), *FAST]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "onnxruntime-gpu" not in proc.stdout + proc.stderr
     prefixes = ("dtype ", "built ", "exported graphs", "parameters:", "ranks ", "calibrated plan of ", "memory:")
