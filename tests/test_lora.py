@@ -146,6 +146,13 @@ def test_bench_times_the_lora_load(tmp_path_factory, lora, capsys):
     assert_one_line_error(*run_cli(capsys, "bench", engine, "--no-rebuild")[::2], "--no-rebuild is for --lora")
 
 
+def test_the_steady_load_time_leaves_the_first_load_out():
+    from svdexport.bench.lora import steady_median
+
+    assert steady_median([17.0, 5.0, 6.0, 100.0]) == 6.0 and steady_median([17.0, 5.0]) == 5.0
+    assert steady_median([3.0]) == 3.0  # one load: it is both
+
+
 def test_kohya_names_are_converted_by_diffusers(tmp_path_factory, tmp_path):
     """The same LoRA in Kohya's names (BFL module names, lora_down/lora_up, alpha) and in diffusers' names."""
     from safetensors.torch import save_file
