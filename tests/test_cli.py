@@ -54,9 +54,9 @@ def test_run_writes_image_latents_and_reports_steps(engine, tmp_path, capsys):
     assert latents.shape == (1, 64, 4) and torch.isfinite(latents).all()
     # The engine's plan is calibrated for 4 steps: 20 steps get it rescaled, with the uniform plan's 5 full
     # steps (warmup 3, interval 7), and the plan is printed; the fitted weights exist for 4 steps only, so
-    # the stated rule gives Taylor's at 20.
-    assert ("full steps (calibrated for 4 steps, rescaled to 20; svd-fitted is fitted for 4 steps, Taylor order 1 "
-            "weights at 20): ") in out and "20 steps: 5 full, 15 cached" in out
+    # the stated rule runs svd-taylor's plan and weights at 20.
+    assert ("full steps (calibrated for 4 steps, rescaled to 20; svd-fitted is fitted for 4 steps: svd-taylor's "
+            "plan and weights at 20): ") in out and "20 steps: 5 full, 15 cached" in out
 
 
 def test_build_from_local_folder_matches_plain_loop_at_interval_one(tiny_folder, tmp_path, capsys):

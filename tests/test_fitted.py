@@ -101,8 +101,9 @@ def test_plan_rule_for_the_fitted_predictor():
     assert plan.how == "calibrated" and plan.full_steps == search_table(fit.errors(stats), 4, ones(10)).full_steps
     assert set(plan.fitted) == set(range(10)) - set(plan.full_steps)
     assert all(w.shape == (4, 2) for w in plan.fitted.values())
-    other = plan_for(20, cache, [], stats, ones)  # not the calibrated count: Taylor weights, and it says so
-    assert "Taylor order 1 weights at 20" in other.how and len(other.full_steps) == 4
+    other = plan_for(20, cache, [], stats, ones)  # not the calibrated count: Taylor's plan and weights, stated
+    taylor = plan_for(20, CacheConfig(predictor="svd-taylor", full_steps=4).validate(), [], stats, ones)
+    assert "svd-taylor's plan and weights at 20" in other.how and other.full_steps == taylor.full_steps
     expected = fit.taylor_weights(other.full_steps, 20, 2)
     assert set(other.fitted) == set(expected) and all(np.array_equal(other.fitted[i], expected[i]) for i in expected)
     with pytest.raises(SvdExportError, match="plan statistics"):

@@ -7,6 +7,7 @@ step count gets the stated rule: the calibrated plan of that budget, rescaled to
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,17 +64,21 @@ def plan_for(steps: int, cache: CacheConfig, records: list[PlanRecord], stats: p
              weights) -> RequestPlan:
     """The plan of one request. `weights(steps)` gives the per-step weights of the family's schedule.
     A fitted predictor gets its weights for the plan, fitted at the calibrated step count."""
-    plan = _plan_for(steps, cache, records, stats, weights)
     if cache.predictor not in FITTED:
-        return plan
+        return _plan_for(steps, cache, records, stats, weights)
     if stats is None:
         raise SvdExportError(f"predictor {cache.predictor} needs the plan statistics of a build; this engine "
                              "keeps none (rebuild it, or run another predictor)")
     if stats.steps == steps:
+        plan = _plan_for(steps, cache, records, stats, weights)
         plan.fitted = fit.weights(stats, plan.full_steps, steps)
-    else:  # the stated rule: weights are fitted per step of the calibrated count only
-        plan.fitted = fit.taylor_weights(plan.full_steps, steps, stats.gram.shape[0])
-        plan.how += f"; {cache.predictor} is fitted for {stats.steps} steps, Taylor order 1 weights at {steps}"
+        return plan
+    # The stated rule: weights are fitted at the calibrated step count only. Elsewhere run Taylor order 1 on
+    # both parts, on Taylor's own plan (rescaled): the fitted plan's long gaps are the fit's, not Taylor's.
+    taylor = dataclasses.replace(cache, predictor="svd-taylor", order=1, gamma=1.0)
+    plan = _plan_for(steps, taylor, records, stats, weights)
+    plan.fitted = fit.taylor_weights(plan.full_steps, steps, stats.gram.shape[0])
+    plan.how += f"; {cache.predictor} is fitted for {stats.steps} steps: svd-taylor's plan and weights at {steps}"
     return plan
 
 
