@@ -10,6 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from svdexport.bench.stats import PSNR_CAP
+from svdexport.cache.predictors import FITTED
 from svdexport.files import atomic_file
 from svdexport.media import MARK, json_text, png_info
 
@@ -61,7 +62,7 @@ def table(rows: list[dict], budget: int | None = None) -> str:
 
 
 def _forecast(cache: dict) -> str:
-    if cache["predictor"] == "svd-fitted":
+    if cache["predictor"] in FITTED:
         return "svd-fitted (weights fitted per step on the calibration trajectories)"
     return f"{cache['predictor']} order {cache['order']}, gamma {cache['gamma']}"
 

@@ -273,7 +273,6 @@ def _build(opts: BuildOptions, out: Path, graphs_dir: Path, progress: bool, be) 
     # A fitted predictor's weights come from the plan statistics, so it keeps them with a uniform plan too.
     planned = opts.cache.plan == "calibrated" or opts.cache.predictor in FITTED
     stats, plan_records = calibrate_plan(p, opts, bases, progress) if planned else (None, [])
-    plan_records = plan_records if opts.cache.plan == "calibrated" else []
     example = p.inputs(0, opts)
     graphs = graph_exports(p, bases, example, opts)
     graphs_ctx = atomic_dir(graphs_dir, opts.force) if be.needs_export else contextlib.nullcontext(None)

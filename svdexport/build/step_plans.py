@@ -11,8 +11,9 @@ from svdexport.build import calibrate as calibrate_mod
 from svdexport.build.calibrate import CALIBRATION_SEED, CalibrationSettings, plan_statistics
 from svdexport.cache import plan as plans
 from svdexport.cache.svd import Bases
-from svdexport.runtime import manifest as mf
 from svdexport.cache import fitted as fit
+from svdexport.cache.predictors import FITTED
+from svdexport.runtime import manifest as mf
 from svdexport.runtime import plans as run_plans
 from svdexport.runtime.plans import SEARCH_ORDER, schedule_weights
 
@@ -40,11 +41,14 @@ def calibrate_plan(p: Prepared, opts: BuildOptions, bases: Bases,
     count: the build's budget (`--full-steps`, or as many as the uniform plan of warmup and interval has)
     first, then the other refined budgets. Each starts as the DP's plan of least forecast error (with and
     without schedule weights, and the uniform plan where one has that budget: the best-scoring start) and is
-    refined in closed loop on the calibration inputs (`plan.refine`) unless `refine_evaluations` is 0."""
+    refined in closed loop on the calibration inputs (`plan.refine`) unless `refine_evaluations` is 0. A
+    uniform-plan build gets the statistics alone (a fitted predictor's weights come from them)."""
     settings = CalibrationSettings(opts.calib_samples, opts.calib_steps, opts.cache.tau, opts.cache.k_max)
     stats = plan_statistics(p.full, p.cached, p.sampling, p.shapes, bases.vectors.to(opts.device),
                             lambda seed: p.inputs(seed, opts), settings, progress=progress)
     c, steps = opts.cache, opts.calib_steps
+    if c.plan != "calibrated":
+        return stats, []
     uniform = plans.uniform_plan(steps, c.warmup, c.interval)
     budget = min(c.full_steps or len(uniform), steps)
     weights, order = schedule_weights(p.sampling, p.shapes, steps), SEARCH_ORDER[c.predictor]
@@ -54,7 +58,7 @@ def calibrate_plan(p: Prepared, opts: BuildOptions, bases: Bases,
         batched = p.fam.prompts.batched if p.fam.prompts is not None else BATCHED
         x = calibrate_mod.batch_inputs([p.inputs(CALIBRATION_SEED + i, opts) for i in range(opts.refine_samples)],
                                        batched)
-        fitted = (lambda plan: fit.weights(stats, plan, steps)) if run_plans.forecast_kind(c.predictor) == "fitted" else None
+        fitted = (lambda plan: fit.weights(stats, plan, steps)) if c.predictor in FITTED else None
         score = calibrate_mod.closed_loop_score(p.full, p.cached, p.sampling, p.shapes, bases.vectors.to(opts.device),
                                                 c, x, steps, fitted)
     records = []

@@ -26,8 +26,10 @@ RIDGE = 1e-6
 
 def _parts(stats: PlanStats) -> tuple[np.ndarray, np.ndarray]:
     """Gram matrices [sites, S, S] of the principal part P F and of the residual (I - P) F."""
-    cross = stats.cross  # <F_p, P F_q>
-    return stats.proj, stats.gram - cross - cross.transpose(0, 2, 1) + stats.proj
+    if "parts" not in stats.derived:
+        cross = stats.cross  # <F_p, P F_q>
+        stats.derived["parts"] = stats.proj, stats.gram - cross - cross.transpose(0, 2, 1) + stats.proj
+    return stats.derived["parts"]
 
 
 def _fit(M: np.ndarray, K: np.ndarray, J: np.ndarray, I: np.ndarray, ridge: float):
@@ -50,7 +52,15 @@ def _fit(M: np.ndarray, K: np.ndarray, J: np.ndarray, I: np.ndarray, ridge: floa
 
 def errors(stats: PlanStats, sites: np.ndarray | None = None, ridge: float = RIDGE) -> np.ndarray:
     """err[k, j, i]: site-weighted squared error of the fitted forecast (the layout of
-    `plan.forecast_errors`, so `plan.search_table` runs the DP on it)."""
+    `plan.forecast_errors`, so `plan.search_table` runs the DP on it). Computed once per statistics, site
+    weights and ridge: every plan search of an engine reads the same table."""
+    key = ("errors", ridge, None if sites is None else np.asarray(sites, dtype=np.float64).tobytes())
+    if key not in stats.derived:
+        stats.derived[key] = _errors(stats, sites, ridge)
+    return stats.derived[key]
+
+
+def _errors(stats: PlanStats, sites: np.ndarray | None, ridge: float) -> np.ndarray:
     S = stats.steps
     w = site_weights(stats) if sites is None else np.asarray(sites, dtype=np.float64)
     K, J, I = np.meshgrid(np.arange(S + 1), np.arange(S), np.arange(S), indexing="ij")

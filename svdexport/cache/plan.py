@@ -34,6 +34,8 @@ class PlanStats:
     cross: np.ndarray  # [sites, S, S] <s_p, t_q>
     proj: np.ndarray  # [sites, S, S] <t_p, t_q>
     trajectories: int  # batch rows seen at step 0
+    # Tables derived from the above, kept so that repeated plan searches compute them once (cache/fitted.py).
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def steps(self) -> int:

@@ -118,7 +118,6 @@ class Fitted(Predictor):
 
     def __init__(self, weights: dict[int, tuple[torch.Tensor, torch.Tensor]]):
         self.weights = weights  # step -> (a, b), each [sites] float32
-        self.ready: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # on the tensors' device and dtype
 
     def reset(self) -> None:
         self.last: torch.Tensor | None = None
@@ -128,11 +127,8 @@ class Fitted(Predictor):
         self.prev, self.last = self.last, coeffs
 
     def predict(self, step: int) -> torch.Tensor:
-        key = (step, self.last.device, self.last.dtype)
-        if key not in self.ready:  # [sites] -> [sites, 1, ...] against X [sites, batch, tokens, dim]
-            shape = (-1,) + (1,) * (self.last.dim() - 1)
-            self.ready[key] = tuple(w.to(self.last.device, self.last.dtype).view(shape) for w in self.weights[step])
-        a, b = self.ready[key]
+        shape = (-1,) + (1,) * (self.last.dim() - 1)  # [sites] against X [sites, batch, tokens, dim]
+        a, b = (w.to(self.last.device, self.last.dtype).view(shape) for w in self.weights[step])
         return a * self.last if self.prev is None else a * self.last + b * self.prev
 
 
