@@ -273,7 +273,9 @@ def read_tensors(files: list[str], names: set[str], dtype: torch.dtype) -> dict[
         with safe_open(f, framework="pt") as st:
             for name in names & set(st.keys()):
                 t = st.get_tensor(name)
-                out[name] = t.to(dtype) if t.is_floating_point() else t
+                # A copy, never the file's mapping: PEFT merges in place, and a write into mapped pages faults
+                # each 4 KiB page copy-on-write (1.6 s for FLUX.1's 0.9 GB of adapted weights; 0.3 s copied).
+                out[name] = t.to(dtype, copy=True) if t.is_floating_point() else t.clone()
     return out
 
 
