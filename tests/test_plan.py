@@ -7,28 +7,11 @@ import pytest
 import torch
 
 from svdexport.cache.config import step_plan
-from svdexport.cache.plan import (PlanAccumulator, calibrate_gamma, forecast_errors, plan_cost, refine, search,
+from svdexport.cache.plan import (calibrate_gamma, forecast_errors, plan_cost, refine, search,
                                   site_weights, uniform_plan)
 from svdexport.cache.predictors import ResidualForecast, SvdTaylor, damped_taylor
 from svdexport.cache.svd import reconstruct, split
-
-
-def _orthonormal(sites, dim, k, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.linalg.qr(torch.randn(sites, dim, dim, generator=g, dtype=torch.float64))[0][:, :, :k].float()
-
-
-def _random_walk(steps, sites=2, batch=2, tokens=3, dim=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    f = torch.cumsum(torch.randn(steps, sites, batch, tokens, dim, generator=g, dtype=torch.float64), 0)
-    return f + 3 * torch.randn(sites, batch, tokens, dim, generator=g, dtype=torch.float64)
-
-
-def _stats(traj, bases, sketch=None):
-    acc = PlanAccumulator(traj.shape[0], bases, sketch=sketch)
-    for i, f in enumerate(traj):
-        acc.add(i, f)
-    return acc.stats()
+from trajectories import orthonormal, random_walk, trajectory_stats, site_weights_direct
 
 
 def _direct_cost(traj, bases, plan, gamma, weights, order=1):
@@ -50,14 +33,10 @@ def _direct_cost(traj, bases, plan, gamma, weights, order=1):
     return cost
 
 
-def site_weights_direct(traj):
-    return 1.0 / traj.pow(2).sum(dim=(2, 3, 4)).mean(0).numpy()
-
-
 @pytest.mark.parametrize("gamma", [0.0, 0.6, 1.0])
 def test_gram_error_equals_direct_error(gamma):
-    traj, bases = _random_walk(8), _orthonormal(2, 6, 2)
-    stats = _stats(traj, bases)
+    traj, bases = random_walk(8), orthonormal(2, 6, 2)
+    stats = trajectory_stats(traj, bases)
     np.testing.assert_allclose(site_weights(stats), site_weights_direct(traj), rtol=1e-12)
     w = np.linspace(0.5, 1.5, 8)
     for plan in ([0, 1, 4], [0, 2, 3, 7], [0, 5]):
@@ -66,17 +45,17 @@ def test_gram_error_equals_direct_error(gamma):
 
 
 def test_sketch_approximates_the_exact_errors():
-    traj, bases = _random_walk(8, tokens=16, dim=32), _orthonormal(2, 32, 4)
-    exact = forecast_errors(_stats(traj, bases), 1, 0.5)
-    sketched = forecast_errors(_stats(traj, bases, sketch=4096), 1, 0.5)
+    traj, bases = random_walk(8, tokens=16, dim=32), orthonormal(2, 32, 4)
+    exact = forecast_errors(trajectory_stats(traj, bases), 1, 0.5)
+    sketched = forecast_errors(trajectory_stats(traj, bases, sketch=4096), 1, 0.5)
     mask = exact > 0
     assert np.median(np.abs(sketched[mask] / exact[mask] - 1)) < 0.05
 
 
 def test_dp_equals_brute_force():
     steps, budget = 10, 4
-    traj, bases = _random_walk(steps, seed=3), _orthonormal(2, 6, 3, seed=1)
-    stats = _stats(traj, bases)
+    traj, bases = random_walk(steps, seed=3), orthonormal(2, 6, 3, seed=1)
+    stats = trajectory_stats(traj, bases)
     w = np.random.default_rng(0).uniform(0.2, 1.0, steps)
     for order, gamma in [(1, 0.0), (1, 0.5), (0, 0.0)]:
         brute = min(
@@ -90,8 +69,8 @@ def test_dp_equals_brute_force():
 
 
 def test_full_budget_and_one_step():
-    traj, bases = _random_walk(6), _orthonormal(2, 6, 2)
-    stats = _stats(traj, bases)
+    traj, bases = random_walk(6), orthonormal(2, 6, 2)
+    stats = trajectory_stats(traj, bases)
     assert search(stats, 6).full_steps == list(range(6)) and search(stats, 6).cost == 0.0
     assert search(stats, 1).full_steps == [0]
 
@@ -101,13 +80,13 @@ def test_kink_gets_a_full_step(gamma):
     """Piecewise-linear principal motion with a kink at step 13: the zero-error plans put full steps on the
     kink and right after it; the residual (constant) is exact under reuse too."""
     steps, kink, dim, k = 30, 13, 8, 3
-    bases = _orthonormal(1, dim, k, seed=2)
+    bases = orthonormal(1, dim, k, seed=2)
     g = torch.Generator().manual_seed(5)
     a = torch.randn(1, 1, 4, dim, generator=g, dtype=torch.float64)
     b, c = (torch.randn(1, 1, 4, k, generator=g, dtype=torch.float64) @ bases.double().transpose(1, 2).unsqueeze(1)
             for _ in range(2))
     traj = torch.stack([a + i * b if i <= kink else a + kink * b + (i - kink) * c for i in range(steps)])
-    stats = _stats(traj, bases)
+    stats = trajectory_stats(traj, bases)
     w = np.abs(np.diff(np.linspace(1.0, 0.0, steps + 1) ** 1.5))
     best = search(stats, 4, 1, gamma, w)
     assert kink in best.full_steps and kink + 1 in best.full_steps
@@ -118,8 +97,8 @@ def test_refine_reaches_the_best_plan_from_a_worse_start():
     """Closed-loop refinement on a score it can only query: with the (negated) forecast error as the score
     it climbs from the uniform plan to the exact optimum the DP finds, keeping step 0 and the budget."""
     steps, budget = 12, 4
-    traj, bases = _random_walk(steps, seed=3), _orthonormal(2, 6, 3, seed=1)
-    stats = _stats(traj, bases)
+    traj, bases = random_walk(steps, seed=3), orthonormal(2, 6, 3, seed=1)
+    stats = trajectory_stats(traj, bases)
     calls = []
 
     def score(plan):
@@ -153,7 +132,7 @@ def test_refine_with_tail_moves_escapes_where_single_moves_stop(seed):
     """Shifting a full step together with all later ones (the build's setting) reaches the exact optimum
     from both ends of the schedule on these trajectories; single moves stop short on most of them."""
     steps, budget = 12, 4
-    stats = _stats(_random_walk(steps, seed=seed), _orthonormal(2, 6, 3, seed=1))
+    stats = trajectory_stats(random_walk(steps, seed=seed), orthonormal(2, 6, 3, seed=1))
     best = search(stats, budget, 1, 0.0)
     for start in ([0, 1, 2, 3], [0, 9, 10, 11]):
         found = refine([start], steps, lambda p: -plan_cost(stats, p, 1, 0.0), tails=True)
@@ -181,8 +160,8 @@ def test_gamma_zero_is_reuse_exactly():
 
 
 def test_calibrated_gamma_is_no_worse_than_reuse_or_whole_feature():
-    traj, bases = _random_walk(12, seed=4), _orthonormal(2, 6, 2)
-    stats = _stats(traj, bases)
+    traj, bases = random_walk(12, seed=4), orthonormal(2, 6, 2)
+    stats = trajectory_stats(traj, bases)
     best = calibrate_gamma(stats, 4)
     assert best.cost <= min(best.costs[0.0], best.costs[1.0]) + 1e-12
     fixed = calibrate_gamma(stats, 4, plan=[0, 1, 5, 9])

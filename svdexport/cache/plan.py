@@ -34,6 +34,9 @@ class PlanStats:
     cross: np.ndarray  # [sites, S, S] <s_p, t_q>
     proj: np.ndarray  # [sites, S, S] <t_p, t_q>
     trajectories: int  # batch rows seen at step 0
+    # [sites, k, S, S] <c_p, c_q> per principal coefficient c = V^T s (the fitted forecast's weight per
+    # component, cache/fitted.py); None where the accumulator sketched, or in files written before it.
+    comp: np.ndarray | None = None
     # Tables derived from the above, kept so that repeated plan searches compute them once (cache/fitted.py).
     derived: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -56,6 +59,11 @@ class PlanAccumulator:
         self.bases = bases.detach().double()  # [sites, D, k]; zero columns are harmless
         sites = bases.shape[0]
         self.gram, self.cross, self.proj = (torch.zeros(sites, steps, steps, dtype=torch.float64) for _ in range(3))
+        # Per-component Grams of the coefficients, exact only (they are N x k per row, but FLUX-sized sketches
+        # run where memory is short): [sites, k, S, S], and the current trajectory's [sites, S, B, N, k].
+        self.comp = None if sketch is not None else torch.zeros(sites, bases.shape[-1], steps, steps,
+                                                                dtype=torch.float64)
+        self.cbuf: torch.Tensor | None = None
         self.trajectories = 0
         self.buckets: torch.Tensor | None = None  # sketch hash per coordinate, made at the first add
         self.signs: torch.Tensor | None = None
@@ -81,12 +89,20 @@ class PlanAccumulator:
             raise ValueError(f"steps must arrive in order 0..{self.steps - 1}; got {step} after {self.next - 1}")
         f = features.detach().double()
         v = self.bases.to(f.device).unsqueeze(1)  # [sites, 1, D, k]
-        sq, tq = self._embed(f), self._embed(f @ v @ v.transpose(-1, -2))
+        c = f @ v  # [sites, B, N, k]
+        sq, tq = self._embed(f), self._embed(c @ v.transpose(-1, -2))
         if step == 0:
             self.trajectories += f.shape[1]
             if self.buf is None or self.buf.shape[-2:] != sq.shape[-2:]:  # preallocated: no copies per step
                 self.buf = sq.new_empty(2, sq.shape[0], self.steps, *sq.shape[1:])
+            if self.comp is not None and (self.cbuf is None or self.cbuf.shape[2:] != c.shape[1:]):
+                self.cbuf = c.new_empty(c.shape[0], self.steps, *c.shape[1:])
         self.buf[0, :, step], self.buf[1, :, step] = sq, tq
+        if self.comp is not None:
+            self.cbuf[:, step] = c
+            col = torch.einsum("spbnk,sbnk->skp", self.cbuf[:, : step + 1], c).cpu()
+            self.comp[:, :, : step + 1, step] += col
+            self.comp[:, :, step, :step] += col[..., :step]
         s_all, t_all = self.buf[0, :, : step + 1], self.buf[1, :, : step + 1]
         self.next = step + 1
         # Row and column `step` against every earlier step of this trajectory, summed over batch rows.
@@ -101,7 +117,7 @@ class PlanAccumulator:
 
     def stats(self) -> PlanStats:
         return PlanStats(self.gram.numpy().copy(), self.cross.numpy().copy(), self.proj.numpy().copy(),
-                         self.trajectories)
+                         self.trajectories, None if self.comp is None else self.comp.numpy().copy())
 
 
 def step_weights(sigmas) -> np.ndarray:
@@ -300,7 +316,8 @@ def save_stats(stats: PlanStats, path) -> None:
     """The plan statistics as safetensors (float64), so an engine can plan other budgets at run time."""
     from safetensors.torch import save_file
 
-    tensors = {k: torch.from_numpy(getattr(stats, k)).contiguous() for k in ("gram", "cross", "proj")}
+    names = ("gram", "cross", "proj") + (("comp",) if stats.comp is not None else ())
+    tensors = {k: torch.from_numpy(getattr(stats, k)).contiguous() for k in names}
     save_file(tensors, str(path), metadata={"format": "svdexport.plan_stats/1", "trajectories": str(stats.trajectories)})
 
 
@@ -312,8 +329,8 @@ def load_stats(path) -> PlanStats:
             meta = f.metadata() or {}
             if meta.get("format") != "svdexport.plan_stats/1":
                 raise ValueError("not an svdexport plan statistics file")
-            arrays = {k: f.get_tensor(k).numpy() for k in ("gram", "cross", "proj")}
-        return PlanStats(arrays["gram"], arrays["cross"], arrays["proj"], int(meta["trajectories"]))
+            arrays = {k: f.get_tensor(k).numpy() for k in ("gram", "cross", "proj", "comp") if k in f.keys()}
+        return PlanStats(arrays["gram"], arrays["cross"], arrays["proj"], int(meta["trajectories"]), arrays.get("comp"))
     except Exception as e:  # safetensors raises its own error type for damaged files
         raise SvdExportError(f"cannot read plan statistics {path}: {e}") from None
 

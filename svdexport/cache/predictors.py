@@ -113,11 +113,11 @@ class SvdTaylor(Predictor):
 
 class Fitted(Predictor):
     """Weights fitted on the calibration trajectories (cache/fitted.py): on cached step i, a X_j + b X_k of
-    the last two full steps' values, with (a, b) per site given per step of the request's static plan.
-    One instance forecasts the principal coefficients, another the residuals."""
+    the last two full steps' values, with (a, b) per site (or per site and coefficient) given per step of the
+    request's static plan. One instance forecasts the principal coefficients, another the residuals."""
 
     def __init__(self, weights: dict[int, tuple[torch.Tensor, torch.Tensor]]):
-        self.weights = weights  # step -> (a, b), each [sites] float32
+        self.weights = weights  # step -> (a, b), each [sites] or [sites, k] float32
 
     def reset(self) -> None:
         self.last: torch.Tensor | None = None
@@ -127,8 +127,10 @@ class Fitted(Predictor):
         self.prev, self.last = self.last, coeffs
 
     def predict(self, step: int) -> torch.Tensor:
-        shape = (-1,) + (1,) * (self.last.dim() - 1)  # [sites] against X [sites, batch, tokens, dim]
-        a, b = (w.to(self.last.device, self.last.dtype).view(shape) for w in self.weights[step])
+        a, b = self.weights[step]
+        # [sites] or [sites, k] against X [sites, batch, tokens, dim]: k is the coefficients' dim (or 1)
+        shape = (a.shape[0],) + (1,) * (self.last.dim() - a.dim()) + tuple(a.shape[1:])
+        a, b = (w.to(self.last.device, self.last.dtype).view(shape) for w in (a, b))
         return a * self.last if self.prev is None else a * self.last + b * self.prev
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import numpy as np
 
 from svdexport.cache import fitted as fit
 from svdexport.cache import plan as plans
@@ -50,7 +49,7 @@ class RequestPlan:
     full_steps: list[int]  # indices of the steps that run the full graph
     steps: int
     how: str  # "uniform", "calibrated", or the rule that made it from a calibrated plan
-    fitted: dict[int, np.ndarray] | None = None  # a fitted predictor's weights per cached step ([4, sites])
+    fitted: dict[int, fit.Weights] | None = None  # a fitted predictor's weights per cached step
 
     @property
     def mask(self) -> list[bool]:

@@ -54,9 +54,10 @@ class StepCache:
             if fitted is None and not all(self.plan):
                 raise SvdExportError(f"predictor {cache.predictor} needs the fitted weights of its plan "
                                      "(engine.plan(...).fitted)")
-            fitted = {i: torch.as_tensor(w, dtype=torch.float32) for i, w in (fitted or {}).items()}
-            self.predictor = make_predictor(cache.predictor, weights={i: (w[0], w[1]) for i, w in fitted.items()})
-            self.residual = make_predictor(cache.predictor, weights={i: (w[2], w[3]) for i, w in fitted.items()})
+            parts = [{i: tuple(torch.as_tensor(w[part], dtype=torch.float32)) for i, w in (fitted or {}).items()}
+                     for part in (0, 1)]  # (principal, residual) weights per cached step
+            self.predictor = make_predictor(cache.predictor, weights=parts[0])
+            self.residual = make_predictor(cache.predictor, weights=parts[1])
         else:
             self.predictor = make_predictor(cache.predictor, cache.beta, cache.order)
             self.residual = ResidualForecast(cache.gamma) if cache.gamma > 0 else None  # None: reuse R as it is
