@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, "scripts/experiments")
 import svdexport
-from ls_forecast import ls_table
+from ls_forecast import generate, ls_table
 from objective_study import batch_inputs, psnrs
 from svdexport.build.calibrate import CALIBRATION_SEED
 from svdexport.cache import plan as plans
@@ -53,31 +53,6 @@ def trajectories(engine, x, steps):
         rs.append(r.double())
         latents = scheduler.step(out, t, latents, return_dict=False)[0]
     return latents, torch.stack(cs), torch.stack(rs)
-
-
-@torch.inference_mode()
-def generate(engine, x, steps, full_steps, coef_p, coef_r):
-    """coef_p: (a, b) [S+1, S, S, r] (one pair per component) or [S+1, S, S]; coef_r: [S+1, S, S]."""
-    full = set(full_steps)
-    sampling, scheduler = engine.sampling, engine.sampling.scheduler()
-    timesteps = sampling.set_timesteps(scheduler, steps, engine.shapes)
-    state = dict(x, bases=engine.sampler.bases)
-    latents, hist = x["hidden_states"], []
-    for i, t in enumerate(timesteps):
-        state.update(hidden_states=latents, timestep=sampling.model_timestep(t, latents))
-        if i in full:
-            out, c, r = engine.full(*[state[n] for n in engine.full.input_names])
-            hist = (hist + [(i, c, r)])[-2:]
-        else:
-            j, cj, rj = hist[-1]
-            k, ck, rk = hist[0] if len(hist) == 2 else (steps, cj, rj)
-            ap, bp = (torch.as_tensor(np.asarray(v[k, j, i]), dtype=cj.dtype) for v in coef_p)
-            ar, br = (float(v[k, j, i]) for v in coef_r)
-            state["coeffs"] = ap * cj + bp * ck
-            state["residuals"] = ar * rj + br * rk
-            out = engine.cached(*[state[n] for n in engine.cached.input_names])
-        latents = scheduler.step(out, t, latents, return_dict=False)[0]
-    return latents
 
 
 def shrunk_table(M, lam, ta, tb):

@@ -64,7 +64,7 @@ def taylor_coeffs(S):
 
 @torch.inference_mode()
 def generate(engine, x, steps, full_steps, coef_p, coef_r):
-    """coef_*: (a, b) arrays [S+1, S, S]."""
+    """coef_*: (a, b) arrays [S+1, S, S]; coef_p's may carry a last dim, one pair per component."""
     full = set(full_steps)
     sampling, scheduler = engine.sampling, engine.sampling.scheduler()
     timesteps = sampling.set_timesteps(scheduler, steps, engine.shapes)
@@ -79,7 +79,9 @@ def generate(engine, x, steps, full_steps, coef_p, coef_r):
         else:
             j, cj, rj = hist[-1]
             k, ck, rk = hist[0] if len(hist) == 2 else (steps, cj, rj)
-            (ap, bp), (ar, br) = ((float(a[k, j, i]), float(b[k, j, i])) for a, b in (coef_p, coef_r))
+            # a pair per site, or per principal component (component_fit.py: [S+1, S, S, r] arrays)
+            ap, bp = (torch.as_tensor(np.asarray(v[k, j, i]), dtype=cj.dtype) for v in coef_p)
+            ar, br = (float(v[k, j, i]) for v in coef_r)
             state["coeffs"] = ap * cj + bp * ck
             state["residuals"] = ar * rj + br * rk
             out = engine.cached(*[state[n] for n in engine.cached.input_names])
