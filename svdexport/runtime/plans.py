@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-
 from svdexport.cache import fitted as fit
 from svdexport.cache import plan as plans
 from svdexport.cache.config import CacheConfig
