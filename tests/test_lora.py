@@ -102,12 +102,27 @@ def test_apply_fuses_the_pipelines_loras(tmp_path_factory):
     assert pipe.transformer.engine.lora_weights() > 0
 
 
+def materialize(hollowed, base):
+    """A copy of a hollow transformer whose base weights are `base`'s (the plain model of the same config,
+    shared) and whose adapters are the hollow one's: what PEFT can fuse, for comparing with diffusers."""
+    import copy
+
+    from svdexport.models.lora import adapter_tensors
+
+    plain = {**dict(base.named_parameters()), **dict(base.named_buffers())}
+    keep = {id(t) for t in adapter_tensors(hollowed)}
+    named = (*hollowed.named_parameters(), *hollowed.named_buffers())
+    # PEFT moves a wrapped module's weights under `base_layer`; the plain model's names lack it.
+    memo = {id(t): plain[name.replace(".base_layer", "")] for name, t in named if id(t) not in keep}
+    return copy.deepcopy(hollowed, memo)
+
+
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # PEFT, on the second adapter: intended
 def test_hollow_transformer_takes_loras_without_its_weights(lora):
     """What a pipeline running an engine keeps of its transformer: diffusers loads a LoRA into it as into the
     real model, with no memory for the base weights; its adapter state changes with every LoRA operation; and
     fused onto the real weights it gives diffusers' own fused model bit for bit."""
-    from svdexport.models.lora import adapter_state, fuse_active, hollow, materialize
+    from svdexport.models.lora import adapter_state, fuse_active, hollow
 
     model = digits_model()
     shell = hollow(model)

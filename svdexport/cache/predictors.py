@@ -118,6 +118,7 @@ class Fitted(Predictor):
 
     def __init__(self, weights: dict[int, tuple[torch.Tensor, torch.Tensor]]):
         self.weights = weights  # step -> (a, b), each [sites] or [sites, k] float32
+        self.placed: tuple | None = None  # (device, dtype, dims) the weights were last made ready for
 
     def reset(self) -> None:
         self.last: torch.Tensor | None = None
@@ -125,12 +126,18 @@ class Fitted(Predictor):
 
     def update(self, step: int, coeffs: torch.Tensor) -> None:
         self.prev, self.last = self.last, coeffs
+        if self.placed != (where := (coeffs.device, coeffs.dtype, coeffs.dim())):
+            # Once, not per cached step: on the features' device and dtype, viewed to broadcast over
+            # X [sites, batch, tokens, dim] ([sites] weights per site, [sites, k] per coefficient too).
+            def ready(w: torch.Tensor) -> torch.Tensor:
+                shape = (w.shape[0],) + (1,) * (coeffs.dim() - w.dim()) + tuple(w.shape[1:])
+                return w.to(coeffs.device, coeffs.dtype).view(shape)
+
+            self.weights = {i: (ready(a), ready(b)) for i, (a, b) in self.weights.items()}
+            self.placed = where
 
     def predict(self, step: int) -> torch.Tensor:
         a, b = self.weights[step]
-        # [sites] or [sites, k] against X [sites, batch, tokens, dim]: k is the coefficients' dim (or 1)
-        shape = (a.shape[0],) + (1,) * (self.last.dim() - a.dim()) + tuple(a.shape[1:])
-        a, b = (w.to(self.last.device, self.last.dtype).view(shape) for w in (a, b))
         return a * self.last if self.prev is None else a * self.last + b * self.prev
 
 

@@ -7,8 +7,7 @@ with the fused weights in its original parameters. Only the parameters of the mo
 
 A pipeline running an engine keeps a `hollow` transformer instead of the real one: the same modules and
 adapters, with placeholders for the base weights, into which diffusers loads LoRAs as usual; `install` puts
-the engine's base weights of the adapted modules under them (`materialize`: all of a plain model's) and
-`fuse_active` fuses them. `engine.load_lora` fuses on a hollow transformer the same way (`fuse(fill=...)`).
+the engine's base weights of the adapted modules under them and `fuse_active` fuses them. `engine.load_lora` fuses on a hollow transformer the same way (`fuse(fill=...)`).
 """
 
 from __future__ import annotations
@@ -147,7 +146,7 @@ def fuse(transformer: nn.Module, loader_name: str, loras: list[LoraFile],
         with torch.no_grad():
             transformer.fuse_lora(lora_scale=lora.scale)
         transformer.unload_lora()  # back to the plain modules; the fused values stay in their parameters
-        changed.params.update({n: p for n, p in params.items() if not torch.equal(p, changed.base[n])})
+        changed.params.update(_differing(params, changed.base))
     return changed
 
 
@@ -166,7 +165,7 @@ def hollow(transformer: nn.Module, dtype: torch.dtype | None = None) -> nn.Modul
     """A copy of a diffusers transformer (module tree, config, PEFT adapters) whose base weights take no memory:
     each is a CPU placeholder of its shape and dtype viewing one element (stride 0). diffusers' LoRA loader and
     PEFT load adapters into it as into the real model (PEFT puts them on the base weight's device and dtype);
-    it cannot run, and PEFT cannot merge into it (`materialize` first). `dtype`: the placeholders' floating
+    it cannot run, and PEFT cannot merge into it (`install` the base weights first). `dtype`: the placeholders' floating
     dtype, instead of the model's."""
     keep = {id(t) for t in adapter_tensors(transformer)}
     memo = {}
@@ -184,17 +183,6 @@ def hollow_of(cls: type, config: dict, dtype: torch.dtype) -> nn.Module:
     with torch.device("meta"):  # nothing allocated; the placeholders replace the meta tensors
         model = cls.from_config(config_kwargs(config))
     return hollow(model.eval().requires_grad_(False), dtype)
-
-
-def materialize(hollowed: nn.Module, base: nn.Module) -> nn.Module:
-    """A copy of a hollow transformer on the CPU whose base weights are `base`'s (the plain model of the same
-    config, shared, not copied) and whose adapters are the hollow one's: what PEFT can fuse."""
-    plain = {**dict(base.named_parameters()), **dict(base.named_buffers())}
-    keep = {id(t) for t in adapter_tensors(hollowed)}
-    named = (*hollowed.named_parameters(), *hollowed.named_buffers())
-    # PEFT moves a wrapped module's weights under `base_layer`; the plain model's names lack it.
-    memo = {id(t): plain[name.replace(".base_layer", "")] for name, t in named if id(t) not in keep}
-    return copy.deepcopy(hollowed, memo).to("cpu")
 
 
 _serials = itertools.count()
@@ -229,4 +217,9 @@ def fuse_active(transformer: nn.Module) -> Fused:
                 module.merge()
     transformer.unload_lora()
     own = dict(transformer.named_parameters())
-    return Fused({n: own[n] for n in base if not torch.equal(own[n], base[n])}, base)
+    return Fused(_differing({n: own[n] for n in base}, base), base)
+
+
+def _differing(params: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The parameters whose values fusing changed (a LoRA without bias terms leaves the biases as they are)."""
+    return {n: p for n, p in params.items() if not torch.equal(p, base[n])}

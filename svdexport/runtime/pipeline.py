@@ -179,13 +179,11 @@ def apply(pipe, engine: Engine | str | Path, **cache_overrides):
 def _hollow_of_pipeline(own, engine: Engine) -> torch.nn.Module:
     """The pipeline's transformer made hollow, with the adapters loaded into it (its own base weights are taken
     to be the engine's: same config); built from the engine's config when the pipeline has none."""
-    import diffusers
-
     if isinstance(own, EngineTransformer):  # apply on a pipeline that runs an engine already
         return hollow(own.hollow)
     if isinstance(own, ModelMixin):
         return hollow(own)
-    return hollow_of(getattr(diffusers, engine.family.class_name), engine.config, engine.dtype)
+    return hollow_of(engine.family.transformer_class(), engine.config, engine.dtype)
 
 
 def pipeline_for(engine: Engine, **cache_overrides):
