@@ -13,7 +13,7 @@ from svdexport.cache.config import GRANULARITIES, CacheConfig
 from svdexport.cache.predictors import PREDICTORS
 from svdexport.commands import Parser, add_force, add_trust_args, apply_trust_args, cmd_keygen, cmd_run, cmd_sign
 from svdexport.commands import cmd_bench_shapes, model_help
-from svdexport.options import add_shape_args, int_list, lora_args, range_options, refine_args, refine_options
+from svdexport.options import add_shape_args, int_list, lora_args, plan_args, plan_options, range_options
 from svdexport.options import shapes_line
 from svdexport.errors import SvdExportError
 from svdexport.outputs import check_files
@@ -60,7 +60,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     k.add_argument("--calib-samples", type=int, default=8, help="reference inputs (default: %(default)s)")
     k.add_argument("--calib-steps", type=int, help="sampling steps per input (default: the model's steps, as for "
                    "--interval)")
-    refine_args(k)
+    plan_args(k)
     k.add_argument("--calibration-prompts", metavar="FILE",
                    help="prompts, one per line, for models with text encoders (default: a built-in list of 16)")
     k.add_argument("--no-memory-check", action="store_true",
@@ -85,7 +85,7 @@ def _build_options(a: argparse.Namespace, backend: str = "eager"):
                         **range_options(a),
                         dtype=a.dtype, device=a.device, calib_samples=a.calib_samples, calib_steps=a.calib_steps,
                         calibration_prompts=a.calibration_prompts, check_memory=not a.no_memory_check, force=a.force,
-                        **refine_options(a))
+                        **plan_options(a))
 
 
 def cmd_build(a: argparse.Namespace) -> None:

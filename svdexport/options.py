@@ -65,16 +65,20 @@ def int_list(text: str | None, option: str) -> tuple[int, ...]:
         raise SvdExportError(f"{option} must be a comma list of integers, got {text!r}") from None
 
 
-def refine_args(k) -> None:
-    """build's closed-loop plan refinement options (opt-in: README, "Step plans")."""
+def plan_args(k) -> None:
+    """build's step plan options: other step counts to plan for, and closed-loop plan refinement (opt-in:
+    README, "Step plans")."""
+    k.add_argument("--plan-steps", metavar="N,...", help="also fit plans and forecast weights for requests of these "
+                   "step counts, e.g. 28 (one more pass over the calibration inputs each; default: --calib-steps only)")
     k.add_argument("--refine-evaluations", type=int, default=0, help="closed-loop plan refinement: plans scored "
                    "per budget (e.g. 200); 0: off (default: %(default)s)")
     k.add_argument("--refine-samples", type=int, default=32, help="inputs it scores on (default: %(default)s)")
     k.add_argument("--refine-budgets", help="budgets it refines, a comma list (default: b-2,b,b+3)")
 
 
-def refine_options(a: argparse.Namespace) -> dict:
-    return {"refine_evaluations": a.refine_evaluations, "refine_samples": a.refine_samples,
+def plan_options(a: argparse.Namespace) -> dict:
+    return {"plan_steps": list(int_list(a.plan_steps, "--plan-steps")),
+            "refine_evaluations": a.refine_evaluations, "refine_samples": a.refine_samples,
             "refine_budgets": list(int_list(a.refine_budgets, "--refine-budgets")) or None}
 
 

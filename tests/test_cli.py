@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -56,7 +57,7 @@ def test_run_writes_image_latents_and_reports_steps(engine, tmp_path, capsys):
     # steps (warmup 3, interval 7), and the plan is printed; the fitted weights exist for 4 steps only, so
     # the stated rule runs svd-taylor's plan and weights at 20.
     assert ("full steps (calibrated for 4 steps, rescaled to 20; svd-fitted is fitted for 4 steps: svd-taylor's "
-            "plan and weights at 20): ") in out and "20 steps: 5 full, 15 cached" in out
+            "plan and weights at 20 (build with --plan-steps 20 to fit it there)): ") in out and "20 steps: 5 full, 15 cached" in out
 
 
 def test_build_from_local_folder_matches_plain_loop_at_interval_one(tiny_folder, tmp_path, capsys):
@@ -321,6 +322,33 @@ def test_calibrated_plan_is_stored_searched_and_shown(engine, tmp_path, capsys):
     assert e.plan(20, e.cache_config(interval=5)).full_steps == uniform_plan(20, 3, 5)
     code, out, _ = run_cli(capsys, "run", engine, "--steps", 4, "--out", tmp_path / "p.png")
     assert code == 0 and f"full steps (calibrated): {' '.join(map(str, record.full_steps))}" in out
+
+
+def test_plan_steps_fit_the_forecast_at_other_step_counts(tmp_path, capsys):
+    import svdexport
+    from svdexport.cache import fitted as fit
+
+    code, out, err = run_cli(capsys, "build", "--out", tmp_path / "p", *FAST, "--plan-steps", "6,4,6")
+    assert code == 0, err
+    e = svdexport.load(tmp_path / "p")
+    assert e.manifest.calibration.plan_steps == [6]  # the build's own count (4) and repeats dropped
+    assert e.plan_stats.steps == 4 and e.stats_for(6).steps == 6 and e.stats_for(20) is e.plan_stats
+    assert e.stats_for(6).trajectories == e.plan_stats.trajectories == 1
+    assert [r.steps for r in e.manifest.plans] == [4, 6]
+    assert "calibrated plan of 6 steps: full steps" in out
+    # A request of 6 steps: the recorded plan and weights fitted on the 6-step trajectories, not Taylor's.
+    plan = e.plan(6)
+    assert plan.how == "calibrated" and plan.full_steps == e.manifest.plans[1].full_steps
+    expected = fit.weights(e.stats_for(6), plan.full_steps, 6)
+    assert set(plan.fitted) == set(expected)
+    assert all(np.array_equal(x, y) for i in expected for x, y in zip(plan.fitted[i], expected[i]))
+    assert e.generate(seed=0, steps=6).full_steps == len(plan.full_steps)
+    # Other step counts keep the stated rule, and say how to fit them.
+    assert "build with --plan-steps 20 to fit it there" in e.plan(20).how
+    for bad in ("1", "x", "6,,8"):
+        code, _, err = run_cli(capsys, "build", "--out", tmp_path / "bad", *FAST, "--plan-steps", bad)
+        assert code != 0 and "--plan-steps" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "bad").exists()
 
 
 def test_refined_plans_are_stored_and_used(tmp_path, capsys):

@@ -9,7 +9,8 @@ import torch
 
 from svdexport.cache import fitted as fit
 from svdexport.cache.config import CacheConfig
-from svdexport.cache.plan import forecast_errors, load_stats, plan_mask, save_stats, search_table, table_cost
+from svdexport.cache.plan import forecast_errors, plan_mask, search_table, table_cost
+from svdexport.cache.plan_stats import load_stats, save_stats
 from svdexport.cache.predictors import SvdTaylor, make_predictor
 from svdexport.cache.svd import reconstruct, split
 from svdexport.errors import SvdExportError
@@ -119,10 +120,24 @@ def test_component_grams_sum_to_the_principal_gram_and_survive_the_file(tmp_path
     assert stats.comp.shape == (2, 3, 6, 6)
     np.testing.assert_allclose(stats.comp.sum(1), stats.proj, rtol=1e-6)  # ||P F||^2 = sum c_n^2 (float32 V)
     save_stats(stats, tmp_path / "s.safetensors")
-    np.testing.assert_array_equal(load_stats(tmp_path / "s.safetensors").comp, stats.comp)
+    np.testing.assert_array_equal(load_stats(tmp_path / "s.safetensors")[0].comp, stats.comp)
     assert trajectory_stats(traj, bases, sketch=16).comp is None  # sketched statistics keep none
     save_stats(trajectory_stats(traj, bases, sketch=16), tmp_path / "old.safetensors")  # as files written before them
-    assert load_stats(tmp_path / "old.safetensors").comp is None
+    assert load_stats(tmp_path / "old.safetensors")[0].comp is None
+
+
+def test_statistics_of_several_step_counts_share_one_file(tmp_path):
+    bases = orthonormal(2, 6, 3, seed=1)
+    own = trajectory_stats(random_walk(6, seed=3), bases)
+    other = trajectory_stats(random_walk(9, seed=4, batch=3), bases, sketch=16)  # no component Grams
+    save_stats([own, other], tmp_path / "s.safetensors")
+    back = load_stats(tmp_path / "s.safetensors")
+    assert [b.steps for b in back] == [6, 9] and [b.trajectories for b in back] == [2, 3]
+    for a, b in zip([own, other], back):
+        for k in ("gram", "cross", "proj"):
+            np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
+    np.testing.assert_array_equal(back[0].comp, own.comp)
+    assert back[1].comp is None
 
 
 def _three_rates(steps=8):

@@ -2,7 +2,7 @@
 
 import torch
 
-from svdexport.cache.plan import PlanAccumulator
+from svdexport.cache.plan_stats import PlanAccumulator
 
 
 def orthonormal(sites, dim, k, seed=0):

@@ -21,8 +21,9 @@ import torch
 
 import svdexport
 from svdexport.bench.metrics import psnr
-from svdexport.cache.plan import (GAMMA_GRID, PlanAccumulator, forecast_errors, plan_mask, search_table, step_weights,
+from svdexport.cache.plan import (GAMMA_GRID, forecast_errors, plan_mask, search_table, step_weights,
                                   table_cost, uniform_plan)
+from svdexport.cache.plan_stats import PlanAccumulator
 from svdexport.cache.predictors import ResidualForecast
 from svdexport.cache.svd import reconstruct
 from svdexport.build.calibrate import CALIBRATION_SEED

@@ -37,6 +37,7 @@ def rebuild_options(manifest, scratch: Path):
                         cache=dataclasses.replace(manifest.cache), shapes=dict(manifest.shapes.build),
                         dtype=_DTYPE_OPTION[manifest.dtype], device=manifest.device,
                         calib_samples=manifest.calibration.num_inputs, calib_steps=manifest.calibration.num_timesteps,
+                        plan_steps=list(manifest.calibration.plan_steps),
                         calibration_prompts=str(prompt_file) if prompt_file else None, dtype_reason="as built")
 
 

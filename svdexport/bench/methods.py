@@ -101,7 +101,7 @@ class Setup:
     def gamma(self, budget: int) -> float:
         """Residual forecast factor: the one of least forecast error on the calibration trajectories at this
         budget (gamma > 0 only: 0 is the default row), or GAMMA_FALLBACK without plan statistics."""
-        stats, cache = self.engine.plan_stats, self.engine.cache
+        stats, cache = self.engine.stats_for(self.steps), self.engine.cache
         if stats is None:
             return GAMMA_FALLBACK
         best = plans.calibrate_gamma(stats, min(budget, stats.steps), SEARCH_ORDER[cache.predictor],

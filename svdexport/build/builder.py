@@ -20,7 +20,7 @@ from svdexport.build import memory, precision
 from svdexport.build.calibrate import CALIBRATION_SEED, CalibrationSettings, calibrate
 from svdexport.build.step_plans import calibrate_plan
 from svdexport.build.ranged import range_states, shapes_record
-from svdexport.cache import plan as plans
+from svdexport.cache.plan_stats import save_stats
 from svdexport.cache.config import CacheConfig
 from svdexport.cache.predictors import FITTED
 from svdexport.cache.svd import Bases
@@ -52,6 +52,9 @@ class BuildOptions:
     device: str = "auto"  # "cpu", "cuda", or "auto" (cuda when a GPU is visible)
     calib_samples: int = 8  # calibration inputs
     calib_steps: int | None = None  # sampling steps per calibration input; None = the model's default steps
+    # Other step counts to keep plan statistics for (one more pass over the calibration inputs each), so that
+    # requests of those steps get plans searched and a fitted forecast's weights fitted at their own count.
+    plan_steps: list[int] = field(default_factory=list)
     calibration_prompts: str | None = None  # prompt file for models with text encoders; None = built-in list
     check_memory: bool = True  # refuse a build whose estimated peak memory exceeds what is available
     force: bool = False  # replace an output that svdexport did not write
@@ -75,6 +78,8 @@ class BuildOptions:
             raise SvdExportError(f"unknown dtype {self.dtype!r} (choose from {', '.join(DTYPES)}, auto)")
         if self.calib_samples < 1 or (self.calib_steps is not None and self.calib_steps < 1):
             raise SvdExportError("calibration needs at least one sample and one step")
+        if any(n < 2 for n in self.plan_steps):
+            raise SvdExportError(f"--plan-steps needs step counts of at least 2, got {self.plan_steps}")
         if self.refine_evaluations < 0 or self.refine_samples < 1 or any(b < 1 for b in self.refine_budgets or ()):
             raise SvdExportError("refinement needs evaluations >= 0, samples >= 1 and budgets >= 1")
         return self
@@ -123,6 +128,7 @@ def prepare(opts: BuildOptions) -> Prepared:
     opts.cache = dataclasses.replace(opts.cache, **{k: getattr(defaults, k) for k in ("warmup", "interval")
                                                      if getattr(opts.cache, k) is None}).validate()
     opts.calib_steps = opts.calib_steps or defaults.steps
+    opts.plan_steps = sorted(set(opts.plan_steps) - {opts.calib_steps})
     itemsize = DTYPES[opts.dtype].itemsize
     est = memory.estimate(fam.parameters(info.config), itemsize, fam.activation_bytes(info.config, shapes, itemsize),
                           backend(opts.backend).weight_copies, opts.device)
@@ -211,6 +217,8 @@ def build_key(p: Prepared, opts: BuildOptions) -> str:
         parts["range"] = p.range.to_dicts()
     if opts.calib_shapes:
         parts["calib_shapes"] = opts.calib_shapes
+    if opts.plan_steps:
+        parts["plan_steps"] = opts.plan_steps
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -279,7 +287,7 @@ def _build(opts: BuildOptions, out: Path, graphs_dir: Path, progress: bool, be) 
     with atomic_dir(out, opts.force) as tmp, graphs_ctx as gtmp:
         bases.save(tmp / BASES_FILE)
         if stats is not None:
-            plans.save_stats(stats, tmp / PLAN_STATS_FILE)
+            save_stats(stats, tmp / PLAN_STATS_FILE)
         conditioning = mf.Conditioning(ConditioningKind.SYNTHETIC)
         if p.prompts is not None:  # the pipeline's text encoders make the conditioning at run time
             conditioning = mf.Conditioning(ConditioningKind.PIPELINE, calibration_prompts=p.prompts)
@@ -307,7 +315,8 @@ def _build(opts: BuildOptions, out: Path, graphs_dir: Path, progress: bool, be) 
             cache=opts.cache,
             sites=[mf.SiteRecord(n, k, e) for n, k, e in zip(bases.sites, bases.ranks, bases.energy)],
             calibration=mf.CalibrationRecord(bases.num_inputs, bases.num_timesteps, bases.tau, bases.k_max,
-                                             [list(s) for s in opts.calib_shapes]),
+                                             [list(s) for s in opts.calib_shapes],
+                                             [st.steps for st in stats[1:]] if stats else []),
             shapes=shapes_record(p, example),
             dtype=str(DTYPES[opts.dtype]).removeprefix("torch."),
             steps=p.steps,

@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from svdexport.cache import plan as plans
+from svdexport.cache.plan_stats import PlanAccumulator, PlanStats
 from svdexport.cache.config import CacheConfig
 from svdexport.cache.svd import Bases, GramAccumulator, reconstruct
 from svdexport.models.family import Sampling, Shapes
@@ -60,20 +61,20 @@ EXACT_LIMIT, SKETCH = 1 << 17, 1 << 14
 
 def plan_statistics(full: Graph, cached: Graph, sampling: Sampling, shapes: Shapes, bases: torch.Tensor,
                     make_inputs: Callable[[int], dict[str, torch.Tensor]], settings: CalibrationSettings,
-                    progress: bool = True) -> plans.PlanStats:
+                    progress: bool = True) -> PlanStats:
     """Inner products of the site features across the steps of the calibration trajectories (the same
     seeds as the bases), split with the bases: what the plan search needs, O(sites x steps^2) numbers."""
     steps = settings.steps
     loop = CachedSampler(full, cached, bases, CacheConfig(warmup=steps, interval=1), sampling, shapes)
-    acc: plans.PlanAccumulator | None = None
-    with tqdm(total=settings.num_inputs * steps, desc="planning", unit="step", disable=not progress) as bar:
+    acc: PlanAccumulator | None = None
+    with tqdm(total=settings.num_inputs * steps, desc=f"planning ({steps} steps)", unit="step", disable=not progress) as bar:
         for i in range(settings.num_inputs):
             def on_full_step(step: int, coeffs: torch.Tensor, residuals: torch.Tensor) -> None:
                 nonlocal acc
                 features = reconstruct(coeffs, residuals, bases.to(coeffs))
                 if acc is None:
                     size = features.shape[2] * features.shape[3]
-                    acc = plans.PlanAccumulator(steps, bases, sketch=None if size <= EXACT_LIMIT else SKETCH)
+                    acc = PlanAccumulator(steps, bases, sketch=None if size <= EXACT_LIMIT else SKETCH)
                 acc.add(step, features)
                 bar.update()
 

@@ -10,6 +10,7 @@ from tqdm import tqdm
 from svdexport.build import calibrate as calibrate_mod
 from svdexport.build.calibrate import CALIBRATION_SEED, CalibrationSettings, plan_statistics
 from svdexport.cache import plan as plans
+from svdexport.cache.plan_stats import PlanStats
 from svdexport.cache.svd import Bases
 from svdexport.cache import fitted as fit
 from svdexport.cache.predictors import FITTED
@@ -36,21 +37,46 @@ def refine_budgets(budget: int, steps: int, given: list[int] | None) -> list[int
 
 
 def calibrate_plan(p: Prepared, opts: BuildOptions, bases: Bases,
-                   progress: bool) -> tuple[plans.PlanStats, list[mf.PlanRecord]]:
-    """The plan statistics of the calibration trajectories and the calibrated plans of the build's step
-    count: the build's budget (`--full-steps`, or as many as the uniform plan of warmup and interval has)
-    first, then the other refined budgets. Each starts as the DP's plan of least forecast error (with and
-    without schedule weights, and the uniform plan where one has that budget: the best-scoring start) and is
-    refined in closed loop on the calibration inputs (`plan.refine`) unless `refine_evaluations` is 0. A
+                   progress: bool) -> tuple[list[PlanStats], list[mf.PlanRecord]]:
+    """The plan statistics of the calibration trajectories, at the build's step count and then at each of
+    `plan_steps`, and the calibrated plans.
+
+    At the build's step count: the build's budget (`--full-steps`, or as many as the uniform plan of warmup
+    and interval has) first, then the other refined budgets. Each starts as the DP's plan of least forecast
+    error (with and without schedule weights, and the uniform plan where one has that budget: the
+    best-scoring start) and is refined in closed loop on the calibration inputs (`plan.refine`) unless
+    `refine_evaluations` is 0. At each of `plan_steps`: the DP's plan of the build's budget there. A
     uniform-plan build gets the statistics alone (a fitted predictor's weights come from them)."""
-    settings = CalibrationSettings(opts.calib_samples, opts.calib_steps, opts.cache.tau, opts.cache.k_max)
-    stats = plan_statistics(p.full, p.cached, p.sampling, p.shapes, bases.vectors.to(opts.device),
-                            lambda seed: p.inputs(seed, opts), settings, progress=progress)
-    c, steps = opts.cache, opts.calib_steps
+    def statistics(steps: int) -> PlanStats:
+        settings = CalibrationSettings(opts.calib_samples, steps, opts.cache.tau, opts.cache.k_max)
+        return plan_statistics(p.full, p.cached, p.sampling, p.shapes, bases.vectors.to(opts.device),
+                               lambda seed: p.inputs(seed, opts), settings, progress=progress)
+
+    sets = [statistics(n) for n in [opts.calib_steps, *opts.plan_steps]]
+    c = opts.cache
     if c.plan != "calibrated":
-        return stats, []
+        return sets, []
+    records = _calibrated_plans(p, opts, bases, sets[0], progress)
+    for stats in sets[1:]:
+        n, budget = stats.steps, _budget(c, stats.steps)
+        weights, uniform = schedule_weights(p.sampling, p.shapes, n), plans.uniform_plan(n, c.warmup, c.interval)
+        found = run_plans.search(stats, budget, c, weights)
+        uniform_cost = run_plans.cost(stats, uniform, c, weights) if len(uniform) == budget else None
+        records.append(mf.PlanRecord(n, found.full_steps, found.cost, uniform_cost, c.gamma, SEARCH_ORDER[c.predictor],
+                                     forecast=run_plans.forecast_kind(c.predictor)))
+    return sets, records
+
+
+def _budget(c, steps: int) -> int:
+    """The build's budget at `steps`: --full-steps, or as many as the uniform plan of warmup and interval has."""
+    return min(c.full_steps or len(plans.uniform_plan(steps, c.warmup, c.interval)), steps)
+
+
+def _calibrated_plans(p: Prepared, opts: BuildOptions, bases: Bases, stats: PlanStats,
+                      progress: bool) -> list[mf.PlanRecord]:
+    c, steps = opts.cache, opts.calib_steps
     uniform = plans.uniform_plan(steps, c.warmup, c.interval)
-    budget = min(c.full_steps or len(uniform), steps)
+    budget = _budget(c, steps)
     weights, order = schedule_weights(p.sampling, p.shapes, steps), SEARCH_ORDER[c.predictor]
     budgets = refine_budgets(budget, steps, opts.refine_budgets) if opts.refine_evaluations else [budget]
     score = None
@@ -80,4 +106,4 @@ def calibrate_plan(p: Prepared, opts: BuildOptions, bases: Bases,
         records.append(mf.PlanRecord(steps, full_steps, cost, uniform_cost, c.gamma, order,
                                      score=None if refined is None else round(refined.score, 3),
                                      refined=refined is not None, forecast=run_plans.forecast_kind(c.predictor)))
-    return stats, records
+    return records

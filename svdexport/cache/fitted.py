@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from svdexport.cache.plan import PlanStats, site_weights
+from svdexport.cache.plan import site_weights
+from svdexport.cache.plan_stats import PlanStats
 
 # Ridge toward Taylor's weights, relative to the Gram diagonal: only guards a singular fit (F_j = F_k).
 RIDGE = 1e-6

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from svdexport.cache.config import CacheConfig
-from svdexport.cache.plan import load_stats
+from svdexport.cache.plan_stats import load_stats
 from svdexport.cache.svd import Bases
 from svdexport.errors import SvdExportError
 from svdexport.export import backend
@@ -51,8 +51,9 @@ class Engine:
         self.sampler = CachedSampler(full, cached, bases.vectors.to(self.device), self.cache, self.sampling,
                                      self.shapes)
         # Through the manifest's resolver, as every file an engine opens: listed, hashed, inside the folder.
-        has_stats = PLAN_STATS_FILE in manifest.files
-        self.plan_stats = load_stats(manifest.path(folder, PLAN_STATS_FILE)) if has_stats else None
+        sets = load_stats(manifest.path(folder, PLAN_STATS_FILE)) if PLAN_STATS_FILE in manifest.files else []
+        self.plan_stats = sets[0] if sets else None  # at the build's step count
+        self._stats_by_steps = {st.steps: st for st in sets}  # and at build --plan-steps' counts
         self._weights: dict[int, object] = {}
         self.loras: list[LoraFile] = []  # fused into the graphs' weights now, in load order
         self._swap = WeightSwap()  # the weights they changed and the base values under them
@@ -137,8 +138,12 @@ class Engine:
 
     def plan(self, steps: int | None = None, cache: CacheConfig | None = None) -> RequestPlan:
         """Which of `steps` steps run the full graph under `cache` (default: the engine's settings)."""
-        return plan_for(steps or self.steps, cache or self.cache, self.manifest.plans, self.plan_stats,
-                        self._schedule_weights)
+        steps = steps or self.steps
+        return plan_for(steps, cache or self.cache, self.manifest.plans, self.stats_for(steps), self._schedule_weights)
+
+    def stats_for(self, steps: int):
+        """The plan statistics of `steps` sampling steps where the build made them, else the build's own."""
+        return self._stats_by_steps.get(steps, self.plan_stats)
 
     def _schedule_weights(self, steps: int):
         if steps not in self._weights:

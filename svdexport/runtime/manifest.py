@@ -82,6 +82,8 @@ class CalibrationRecord:
     k_max: int
     # --calib-shapes: [height, width] of the inputs calibrated on besides the build shapes (they take turns)
     shapes: list[list[int]] = field(default_factory=list)
+    # --plan-steps: step counts with plan statistics of their own besides num_timesteps (in plan_stats)
+    plan_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -161,8 +163,9 @@ class Manifest:
         data["model"]["conditioning"] = {k: v for k, v in cond.items() if v is not None}
         # Issue 15's fields only where they say something: a static engine's manifest records just its kind.
         data["shapes"] = {k: v for k, v in data["shapes"].items() if v is not None}
-        if not data["calibration"]["shapes"]:
-            del data["calibration"]["shapes"]
+        for k in ("shapes", "plan_steps"):  # options that, unused, leave the manifest as it was before them
+            if not data["calibration"][k]:
+                del data["calibration"][k]
         return data
 
 

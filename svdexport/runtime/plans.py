@@ -1,8 +1,9 @@
 """Which steps of a request run the full graph: the engine's calibrated plan, or the uniform one.
 
 The calibrated plan of the build's step count and budget is stored in the manifest. Another budget at that
-step count is searched at run time from the plan statistics in the engine folder (milliseconds). Another
-step count gets the stated rule: the calibrated plan of that budget, rescaled to the request's steps.
+step count, or at a step count of `build --plan-steps`, is searched at run time from the plan statistics in
+the engine folder (milliseconds). Another step count gets the stated rule: the calibrated plan of that
+budget, rescaled to the request's steps (and a fitted forecast falls back to Taylor's weights).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 from svdexport.cache import fitted as fit
 from svdexport.cache import plan as plans
+from svdexport.cache.plan_stats import PlanStats
 from svdexport.cache.config import CacheConfig
 from svdexport.cache.predictors import FITTED
 from svdexport.errors import SvdExportError
@@ -27,7 +29,7 @@ def forecast_kind(predictor: str) -> str:
     return "fitted" if predictor in FITTED else "taylor"
 
 
-def search(stats: plans.PlanStats, budget: int, cache: CacheConfig, weights=None) -> plans.Plan:
+def search(stats: PlanStats, budget: int, cache: CacheConfig, weights=None) -> plans.Plan:
     """The DP's plan of `budget` full steps for `cache`'s forecast: on the fitted forecast's errors for a
     fitted predictor, else on the Taylor error model of its order and gamma."""
     if cache.predictor in FITTED:
@@ -36,7 +38,7 @@ def search(stats: plans.PlanStats, budget: int, cache: CacheConfig, weights=None
     return plans.search(stats, budget, SEARCH_ORDER[cache.predictor], cache.gamma, weights)
 
 
-def cost(stats: plans.PlanStats, full_steps: list[int], cache: CacheConfig, weights=None) -> float:
+def cost(stats: PlanStats, full_steps: list[int], cache: CacheConfig, weights=None) -> float:
     """The DP's objective for a given plan under `cache`'s forecast (see `search`)."""
     if cache.predictor in FITTED:
         return plans.table_cost(fit.errors(stats), full_steps, weights)
@@ -58,10 +60,11 @@ class RequestPlan:
         return f"full steps ({self.how}): {' '.join(map(str, self.full_steps))}"
 
 
-def plan_for(steps: int, cache: CacheConfig, records: list[PlanRecord], stats: plans.PlanStats | None,
+def plan_for(steps: int, cache: CacheConfig, records: list[PlanRecord], stats: PlanStats | None,
              weights) -> RequestPlan:
-    """The plan of one request. `weights(steps)` gives the per-step weights of the family's schedule.
-    A fitted predictor gets its weights for the plan, fitted at the calibrated step count."""
+    """The plan of one request. `weights(steps)` gives the per-step weights of the family's schedule;
+    `stats` are the plan statistics of the request's step count where the build made them. A fitted
+    predictor gets its weights for the plan, fitted at the statistics' step count."""
     if cache.predictor not in FITTED:
         return _plan_for(steps, cache, records, stats, weights)
     if stats is None:
@@ -76,11 +79,12 @@ def plan_for(steps: int, cache: CacheConfig, records: list[PlanRecord], stats: p
     taylor = dataclasses.replace(cache, predictor="svd-taylor", order=1, gamma=1.0)
     plan = _plan_for(steps, taylor, records, stats, weights)
     plan.fitted = fit.taylor_weights(plan.full_steps, steps, stats.gram.shape[0])
-    plan.how += f"; {cache.predictor} is fitted for {stats.steps} steps: svd-taylor's plan and weights at {steps}"
+    plan.how += (f"; {cache.predictor} is fitted for {stats.steps} steps: svd-taylor's plan and weights at {steps} "
+                 f"(build with --plan-steps {steps} to fit it there)")
     return plan
 
 
-def _plan_for(steps: int, cache: CacheConfig, records: list[PlanRecord], stats: plans.PlanStats | None,
+def _plan_for(steps: int, cache: CacheConfig, records: list[PlanRecord], stats: PlanStats | None,
               weights) -> RequestPlan:
     uniform = plans.uniform_plan(steps, cache.warmup, cache.interval)
     if cache.plan == "uniform" or (stats is None and not records):
