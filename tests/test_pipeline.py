@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib.util
+import warnings
 
 import pytest
 import torch
@@ -83,6 +84,16 @@ def test_cached_pipeline_runs_the_engines_plan_and_equals_its_own_loop(engine):
     assert calls == sum(step_plan(20, engine.cache.warmup, engine.cache.interval)) == 5
     own = engine.generate(inputs, steps=20)
     assert torch.allclose(latents, own.latents, atol=1e-5)
+
+
+def test_a_call_of_an_unfitted_step_count_says_so(engine):
+    """The pipeline prints no plan, so a call whose step count the forecast is not fitted for warns."""
+    pipe = svdexport.apply(tiny_pipeline(), engine)
+    with pytest.warns(UserWarning, match="fitted for 4 steps.*--plan-steps 7"):
+        pipe_call(pipe, steps=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the calibrated count: nothing to say
+        pipe_call(pipe, steps=4)
 
 
 def test_each_call_starts_a_fresh_cache(engine):

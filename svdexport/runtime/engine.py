@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import torch
@@ -154,6 +155,8 @@ class Engine:
         """Fresh cache state for one request of `steps` steps (used when something else owns the loop)."""
         cache = cache or self.cache
         plan = self.plan(steps, cache)
+        if plan.fallback:  # nothing prints the plan of a loop someone else owns (a pipeline): say it once
+            warnings.warn(f"{self.folder}: {plan.fallback}", stacklevel=2)
         return StepCache(self.full, self.cached, self.sampler.bases, cache, steps, plan.mask, plan.fitted)
 
     def eager_reference(self, dtype: torch.dtype | None = None) -> "Engine":

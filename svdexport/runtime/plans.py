@@ -51,6 +51,7 @@ class RequestPlan:
     steps: int
     how: str  # "uniform", "calibrated", or the rule that made it from a calibrated plan
     fitted: dict[int, fit.Weights] | None = None  # a fitted predictor's weights per cached step
+    fallback: str | None = None  # why the engine's forecast is not the one this request runs, if it is not
 
     @property
     def mask(self) -> list[bool]:
@@ -79,8 +80,9 @@ def plan_for(steps: int, cache: CacheConfig, records: list[PlanRecord], stats: P
     taylor = dataclasses.replace(cache, predictor="svd-taylor", order=1, gamma=1.0)
     plan = _plan_for(steps, taylor, records, stats, weights)
     plan.fitted = fit.taylor_weights(plan.full_steps, steps, stats.gram.shape[0])
-    plan.how += (f"; {cache.predictor} is fitted for {stats.steps} steps: svd-taylor's plan and weights at {steps} "
-                 f"(build with --plan-steps {steps} to fit it there)")
+    plan.fallback = (f"{cache.predictor} is fitted for {stats.steps} steps: svd-taylor's plan and weights at {steps} "
+                     f"(build with --plan-steps {steps} to fit it there)")
+    plan.how += f"; {plan.fallback}"
     return plan
 
 
