@@ -162,6 +162,25 @@ def test_flop_count_of_a_tiny_model_equals_the_hand_count():
 # ---------------------------------------------------------------------------------- engines (slow tier)
 
 
+@pytest.mark.parametrize("backend, hidden, twin, expected", [
+    ("aoti", 128, False, {"full_step_vs_eager", "cached_vs_full_step", "e2e_speedup_vs_eager_uncached/issue 3"}),
+    ("eager", 128, True, {"cached_vs_full_step", "e2e_speedup_vs_eager_uncached/issue 3"}),  # eager vs itself
+    ("aoti", 3072, True, {"cached_vs_full_step", "e2e_speedup_vs_eager_uncached/issue 13",
+                          "e2e_speedup_vs_eager_fp32_uncached", "full_step_fraction_of_peak"}),
+    ("aoti", 3072, False, {"cached_vs_full_step", "e2e_speedup_vs_eager_uncached/issue 13",
+                           "full_step_fraction_of_peak"}),
+])
+def test_bench_reports_only_the_targets_that_make_sense(backend, hidden, twin, expected):
+    """Issue 3's targets at the bundled models' width, issue 13's at FLUX.1's (where a full step cannot be
+    0.6x of an eager one that already runs at the matmul peak), none of an eager engine against itself."""
+    from svdexport.bench.latency import TARGETS
+
+    context = {"backend": backend, "hidden": hidden, "fp32_twin": twin}
+    chosen = {t.ratio + (f"/{t.source}" if t.ratio == "e2e_speedup_vs_eager_uncached" else "")
+              for t in TARGETS if t.applies(context)}
+    assert chosen == expected
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["aoti", "inductor"])
 def test_bf16_engine_matches_eager_bf16(backend, tmp_path, capsys):
