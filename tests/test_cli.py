@@ -345,8 +345,8 @@ def test_plan_steps_fit_the_forecast_at_other_step_counts(tmp_path, capsys):
     assert e.generate(seed=0, steps=6).full_steps == len(plan.full_steps)
     # Other step counts keep the stated rule, and say how to fit them.
     assert "build with --plan-steps 20 to fit it there" in e.plan(20).how
-    for bad in ("1", "x", "6,,8"):
-        code, _, err = run_cli(capsys, "build", "--out", tmp_path / "bad", *FAST, "--plan-steps", bad)
+    for bad in (["1"], ["x"], ["6,,8"], ["6", "--plan", "uniform", "--predictor", "svd-taylor"]):
+        code, _, err = run_cli(capsys, "build", "--out", tmp_path / "bad", *FAST, "--plan-steps", *bad)
         assert code != 0 and "--plan-steps" in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "bad").exists()
 

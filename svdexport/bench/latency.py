@@ -34,7 +34,8 @@ class Target:
 # there a compiled full step cannot be 0.6x of eager's (eager already runs at the matmul peak, which issue
 # 13's fraction-of-peak target measures instead).
 TARGETS = [
-    Target("full_step_vs_eager", False, 0.6, "issue 3", lambda c: c["backend"] != "eager" and c["hidden"] < FLUX1_WIDTH),
+    Target("full_step_vs_eager", False, 0.6, "issue 3",
+           lambda c: c["backend"] != "eager" and c["hidden"] < FLUX1_WIDTH),
     Target("cached_vs_full_step", False, 0.05, "issue 3", lambda c: True),
     Target("e2e_speedup_vs_eager_uncached", True, 8.0, "issue 3", lambda c: c["hidden"] < FLUX1_WIDTH),
     Target("e2e_speedup_vs_eager_uncached", True, 5.5, "issue 13", lambda c: c["hidden"] >= FLUX1_WIDTH),

@@ -80,6 +80,9 @@ class BuildOptions:
             raise SvdExportError("calibration needs at least one sample and one step")
         if any(n < 2 for n in self.plan_steps):
             raise SvdExportError(f"--plan-steps needs step counts of at least 2, got {self.plan_steps}")
+        if self.plan_steps and self.cache.plan != "calibrated" and self.cache.predictor not in FITTED:
+            raise SvdExportError(f"--plan-steps plans for a calibrated plan or fits a fitted forecast; a uniform plan "
+                                 f"with {self.cache.predictor} keeps no plan statistics")
         if self.refine_evaluations < 0 or self.refine_samples < 1 or any(b < 1 for b in self.refine_budgets or ()):
             raise SvdExportError("refinement needs evaluations >= 0, samples >= 1 and budgets >= 1")
         return self

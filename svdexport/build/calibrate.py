@@ -67,7 +67,8 @@ def plan_statistics(full: Graph, cached: Graph, sampling: Sampling, shapes: Shap
     steps = settings.steps
     loop = CachedSampler(full, cached, bases, CacheConfig(warmup=steps, interval=1), sampling, shapes)
     acc: PlanAccumulator | None = None
-    with tqdm(total=settings.num_inputs * steps, desc=f"planning ({steps} steps)", unit="step", disable=not progress) as bar:
+    with tqdm(total=settings.num_inputs * steps, desc=f"planning ({steps} steps)", unit="step",
+              disable=not progress) as bar:
         for i in range(settings.num_inputs):
             def on_full_step(step: int, coeffs: torch.Tensor, residuals: torch.Tensor) -> None:
                 nonlocal acc

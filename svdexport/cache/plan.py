@@ -9,8 +9,8 @@ with P = V V^T the projection on the principal subspace. gamma = 0 is SVD-Cache 
 by Taylor, residual reused), 0 < gamma < 1 forecasts the residual with a damped Taylor step, gamma = 1 is
 TaylorSeer on the whole feature; order 0 (a = 0) is plain reuse. So the error ||F^_i - F_i||^2 is a
 quadratic form in inner products of s_p = F_p and t_p = P F_p across steps, which
-`plan_stats.PlanAccumulator` sums online: O(sites x S^2) numbers, whatever the number of samples. Plans are static lists; nothing at
-run time branches on tensor values.
+`plan_stats.PlanAccumulator` sums online: O(sites x S^2) numbers, whatever the number of samples. Plans are
+static lists; nothing at run time branches on tensor values.
 """
 
 from __future__ import annotations
