@@ -49,6 +49,26 @@ def sha256_state_dict(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors.torch.save_file with its metadata in sorted order, so that the same tensors and metadata
+    give the same bytes (and the same sha256 in a manifest): safetensors 0.8 writes metadata in hash-map
+    order, different on every run (safetensors issue #584). The header is the library's own JSON,
+    re-serialized with sorted keys to the same length, the length the format records."""
+    import json
+    import struct
+
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + size])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    canonical = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(canonical) <= size:  # padded with spaces, as the format allows; else keep the library's bytes
+        data = data[:8] + canonical.ljust(size) + data[8 + size:]
+    Path(path).write_bytes(data)
+
+
 def fingerprint(paths: list[Path]) -> list[list]:
     """(name, size, mtime_ns) per file: lets a later load skip re-hashing unchanged multi-GB weights."""
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in paths]

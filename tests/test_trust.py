@@ -197,3 +197,25 @@ def test_signing_refuses_an_engine_that_fails_its_hashes(engine, keys, capsys):
     code, _, err = run_cli(capsys, "sign", engine, "--key", keys / "alice")
     assert_one_line_error(code, err, "corrupted")
     assert not (engine / trust.SIGNATURE).exists()
+
+
+def test_the_same_build_writes_the_same_engine_files(tmp_path):
+    """An engine built twice with the same settings has the same file hashes (eager: every file), so a
+    rebuild can be compared with an engine from elsewhere; safetensors alone writes metadata in random order."""
+    import torch
+    from safetensors import safe_open
+
+    from svdexport.files import save_tensors
+
+    meta = {str(i): f"value {i}" for i in range(16)}
+    tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)}
+    for i in range(4):
+        save_tensors(tensors, tmp_path / f"{i}.safetensors", meta)
+    data = {(tmp_path / f"{i}.safetensors").read_bytes() for i in range(4)}
+    assert len(data) == 1
+    with safe_open(str(tmp_path / "0.safetensors"), framework="pt") as f:
+        assert f.metadata() == meta and all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
+    for name in ("one", "two"):
+        assert main(["build", "--out", str(tmp_path / name), *FAST]) == 0
+    one, two = (mf.read(tmp_path / n).files for n in ("one", "two"))
+    assert one == two and {"bases.safetensors", "plan_stats.safetensors"} <= set(one)

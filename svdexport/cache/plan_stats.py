@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from svdexport.errors import SvdExportError
+from svdexport.files import save_tensors
 
 
 @dataclass
@@ -116,8 +117,6 @@ def save_stats(stats: PlanStats | list[PlanStats], path) -> None:
     """Plan statistics as safetensors (float64), so an engine can plan other budgets at run time: one set per
     step count (`build --plan-steps`), the build's own first under plain names, each other one's arrays
     suffixed "@steps" (files written before there were several hold the first set alone)."""
-    from safetensors.torch import save_file
-
     sets = [stats] if isinstance(stats, PlanStats) else list(stats)
     tensors, meta = {}, {"format": STATS_FORMAT, "trajectories": str(sets[0].trajectories)}
     for i, st in enumerate(sets):
@@ -127,7 +126,7 @@ def save_stats(stats: PlanStats | list[PlanStats], path) -> None:
         if i:
             meta["trajectories" + tag] = str(st.trajectories)
     meta["also_steps"] = ",".join(str(st.steps) for st in sets[1:])
-    save_file(tensors, str(path), metadata=meta)
+    save_tensors(tensors, path, meta)
 
 
 def load_stats(path) -> list[PlanStats]:

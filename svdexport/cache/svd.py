@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from svdexport.errors import SvdExportError
+from svdexport.files import save_tensors
 
 
 def rank_for_energy(sigma2: torch.Tensor, tau: float) -> int:
@@ -96,7 +96,7 @@ class Bases:
             "num_inputs": str(self.num_inputs),
             "num_timesteps": str(self.num_timesteps),
         }
-        save_file({"bases": self.vectors.contiguous()}, str(path), metadata=meta)
+        save_tensors({"bases": self.vectors.contiguous()}, path, meta)
 
     @classmethod
     def load(cls, path: Path) -> "Bases":
