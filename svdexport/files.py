@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 import weakref
 from contextlib import contextmanager
@@ -54,9 +56,6 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     give the same bytes (and the same sha256 in a manifest): safetensors 0.8 writes metadata in hash-map
     order, different on every run (safetensors issue #584). The header is the library's own JSON,
     re-serialized with sorted keys to the same length, the length the format records."""
-    import json
-    import struct
-
     from safetensors.torch import save
 
     data = save(tensors, metadata=metadata)

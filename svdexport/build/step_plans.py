@@ -56,31 +56,21 @@ def calibrate_plan(p: Prepared, opts: BuildOptions, bases: Bases,
     c = opts.cache
     if c.plan != "calibrated":
         return sets, []
-    records = _calibrated_plans(p, opts, bases, sets[0], progress)
-    for stats in sets[1:]:
-        n, budget = stats.steps, _budget(c, stats.steps)
-        weights, uniform = schedule_weights(p.sampling, p.shapes, n), plans.uniform_plan(n, c.warmup, c.interval)
-        found = run_plans.search(stats, budget, c, weights)
-        uniform_cost = run_plans.cost(stats, uniform, c, weights) if len(uniform) == budget else None
-        records.append(mf.PlanRecord(n, found.full_steps, found.cost, uniform_cost, c.gamma, SEARCH_ORDER[c.predictor],
-                                     forecast=run_plans.forecast_kind(c.predictor)))
+    records = [r for n, stats in enumerate(sets) for r in _calibrated_plans(p, opts, bases, stats, progress, n == 0)]
     return sets, records
 
 
-def _budget(c, steps: int) -> int:
-    """The build's budget at `steps`: --full-steps, or as many as the uniform plan of warmup and interval has."""
-    return min(c.full_steps or len(plans.uniform_plan(steps, c.warmup, c.interval)), steps)
-
-
-def _calibrated_plans(p: Prepared, opts: BuildOptions, bases: Bases, stats: PlanStats,
-                      progress: bool) -> list[mf.PlanRecord]:
-    c, steps = opts.cache, opts.calib_steps
+def _calibrated_plans(p: Prepared, opts: BuildOptions, bases: Bases, stats: PlanStats, progress: bool,
+                      refine: bool) -> list[mf.PlanRecord]:
+    """The plans of `stats`' step count: refined (when `refine` and the build asks) or the DP's."""
+    c, steps = opts.cache, stats.steps
     uniform = plans.uniform_plan(steps, c.warmup, c.interval)
-    budget = _budget(c, steps)
+    budget = run_plans.plan_budget(c, steps)
     weights, order = schedule_weights(p.sampling, p.shapes, steps), SEARCH_ORDER[c.predictor]
-    budgets = refine_budgets(budget, steps, opts.refine_budgets) if opts.refine_evaluations else [budget]
+    refine = refine and opts.refine_evaluations > 0
+    budgets = refine_budgets(budget, steps, opts.refine_budgets) if refine else [budget]
     score = None
-    if opts.refine_evaluations:
+    if refine:
         batched = p.fam.prompts.batched if p.fam.prompts is not None else BATCHED
         x = calibrate_mod.batch_inputs([p.inputs(CALIBRATION_SEED + i, opts) for i in range(opts.refine_samples)],
                                        batched)

@@ -86,12 +86,18 @@ def plan_for(steps: int, cache: CacheConfig, records: list[PlanRecord], stats: P
     return plan
 
 
+def plan_budget(cache: CacheConfig, steps: int) -> int:
+    """Full steps of a calibrated plan of `steps` steps: --full-steps, or as many as the uniform plan of
+    warmup and interval has."""
+    return min(cache.full_steps or len(plans.uniform_plan(steps, cache.warmup, cache.interval)), steps)
+
+
 def _plan_for(steps: int, cache: CacheConfig, records: list[PlanRecord], stats: PlanStats | None,
               weights) -> RequestPlan:
     uniform = plans.uniform_plan(steps, cache.warmup, cache.interval)
     if cache.plan == "uniform" or (stats is None and not records):
         return RequestPlan(uniform, steps, "uniform")
-    budget = min(cache.full_steps or len(uniform), steps)
+    budget = plan_budget(cache, steps)
     for r in records:
         if (r.steps == steps and len(r.full_steps) == budget and r.forecast == forecast_kind(cache.predictor)
                 and (r.forecast == "fitted" or (r.gamma == cache.gamma and r.order == SEARCH_ORDER[cache.predictor]))):
