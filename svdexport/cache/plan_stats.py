@@ -118,13 +118,12 @@ def save_stats(stats: PlanStats | list[PlanStats], path) -> None:
     step count (`build --plan-steps`), the build's own first under plain names, each other one's arrays
     suffixed "@steps" (files written before there were several hold the first set alone)."""
     sets = [stats] if isinstance(stats, PlanStats) else list(stats)
-    tensors, meta = {}, {"format": STATS_FORMAT, "trajectories": str(sets[0].trajectories)}
+    tensors, meta = {}, {"format": STATS_FORMAT}
     for i, st in enumerate(sets):
         tag = "" if i == 0 else f"@{st.steps}"
         tensors.update({k + tag: torch.from_numpy(getattr(st, k)).contiguous()
                         for k in STATS_ARRAYS if getattr(st, k) is not None})
-        if i:
-            meta["trajectories" + tag] = str(st.trajectories)
+        meta["trajectories" + tag] = str(st.trajectories)
     meta["also_steps"] = ",".join(str(st.steps) for st in sets[1:])
     save_tensors(tensors, path, meta)
 

@@ -7,7 +7,8 @@ with the fused weights in its original parameters. Only the parameters of the mo
 
 A pipeline running an engine keeps a `hollow` transformer instead of the real one: the same modules and
 adapters, with placeholders for the base weights, into which diffusers loads LoRAs as usual; `install` puts
-the engine's base weights of the adapted modules under them and `fuse_active` fuses them. `engine.load_lora` fuses on a hollow transformer the same way (`fuse(fill=...)`).
+the engine's base weights of the adapted modules under them and `fuse_active` fuses them. `engine.load_lora`
+fuses on a hollow transformer the same way (`fuse(fill=...)`).
 """
 
 from __future__ import annotations
@@ -165,8 +166,8 @@ def hollow(transformer: nn.Module, dtype: torch.dtype | None = None) -> nn.Modul
     """A copy of a diffusers transformer (module tree, config, PEFT adapters) whose base weights take no memory:
     each is a CPU placeholder of its shape and dtype viewing one element (stride 0). diffusers' LoRA loader and
     PEFT load adapters into it as into the real model (PEFT puts them on the base weight's device and dtype);
-    it cannot run, and PEFT cannot merge into it (`install` the base weights first). `dtype`: the placeholders' floating
-    dtype, instead of the model's."""
+    it cannot run, and PEFT cannot merge into it (`install` the base weights first). `dtype`: the placeholders'
+    floating dtype, instead of the model's."""
     keep = {id(t) for t in adapter_tensors(transformer)}
     memo = {}
     for t in (*transformer.parameters(), *transformer.buffers()):
