@@ -9,6 +9,10 @@ For the backends in the plan's `lora` (tensorrt on the GPU: TensorRT refit), a L
 PEFT LoRA loaded into the built engine (timed), its steps against eager with the same LoRA fused, unloaded
 (timed) back to the base output bit for bit; a second table.
 
+`--full-depth` runs only the full-depth row instead (scripts/gpu_full_depth.py): FLUX.1-dev's config with
+random weights drawn on the GPU, its default SVD-Cache engine against eager bf16 and torch.compile of the same
+diffusers model, 50 steps at 1024x1024, with peak GPU memory; a table of its own.
+
 `--tiny` runs the same logic on a CPU with the bundled digits model and the CPU backends (aoti in bf16 as on
 the GPU, onnx in fp32), so the first GPU run is not the first run of this code.
 """
@@ -31,6 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_full_depth.py, the --full-depth row
 
 import svdexport  # noqa: E402
 from svdexport import hardware  # noqa: E402
@@ -398,7 +403,7 @@ def device_name(device: str) -> str:
     return f"CPU, {torch.get_num_threads()} threads ({why})"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="the same logic on a CPU: bundled digits, aoti and onnx")
     ap.add_argument("--out", default="/tmp/svdexport-gpu-check", help="folder for the engines it builds")
@@ -409,7 +414,19 @@ def main(argv: list[str] | None = None) -> int:
                     "(default: tensorrt; --tiny: aoti,onnx)")
     ap.add_argument("--in-process", action="store_true", help="run the backends in this process, not one child each")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # one backend, for the parent's run_isolated
-    a = ap.parse_args(argv)
+    ap.add_argument("--full-depth", action="store_true", help="only the full-depth row: FLUX.1-dev's config, "
+                    "random weights drawn on the GPU, its SVD-Cache engine against eager and torch.compile "
+                    "(gpu_full_depth.py)")
+    ap.add_argument("--compile", choices=("regional", "full"), help="--full-depth: torch.compile of the whole "
+                    "model or of its repeated blocks (default regional: each block type compiled once)")
+    ap.add_argument("--preset", help="--full-depth: the checkpoint preset (default flux1-dev; --tiny: tiny)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    if a.full_depth:
+        return full_depth(a)
     plan = TINY if a.tiny else GPU
     if a.backends or a.child:
         plan = dataclasses.replace(plan, backends=tuple((a.child or a.backends).split(",")))
@@ -439,6 +456,35 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r for r in rows if (r.skipped or "").startswith("failed") or (not r.skipped and not r.parity_ok)
               or (r.lora_skipped or "").startswith("failed") or (r.lora and not r.lora["ok"])]
     return 1 if failed else 0
+
+
+def full_depth_plan(a: argparse.Namespace):
+    """The full-depth row's plan from the command line (`--tiny`: the same logic on this CPU, tiny preset)."""
+    from gpu_full_depth import FULL_DEPTH, TINY_FULL_DEPTH
+
+    plan = TINY_FULL_DEPTH if a.tiny else FULL_DEPTH
+    changes = {"budget_s": a.budget_s, "compile": a.compile, "preset": a.preset}
+    plan = dataclasses.replace(plan, **{k: v for k, v in changes.items() if v is not None})
+    if a.backends:  # one backend: no probe, no fallback (--backends inductor skips AOTInductor altogether)
+        plan = dataclasses.replace(plan, backend=a.backends.split(",")[0], fallback=None, probe=False)
+    return plan
+
+
+def full_depth(a: argparse.Namespace) -> int:
+    from gpu_full_depth import ok, run_row, table as full_depth_table
+
+    plan = full_depth_plan(a)
+    if plan.device == "cuda" and not torch.cuda.is_available():
+        print("svdexport: error: no CUDA GPU is visible (use --tiny to run this check on a CPU)", file=sys.stderr)
+        return 2
+    log = lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True)  # noqa: E731
+    rec = run_row(plan, Path(a.out) / "full-depth", log=log)
+    if a.json:
+        Path(a.json).write_text(json.dumps(rec, indent=2) + "\n")
+    print()
+    print(full_depth_table(rec, device_name(plan.device)))
+    print(f"\ntotal {rec['seconds']:.0f} s")
+    return 0 if ok(rec) else 1
 
 
 if __name__ == "__main__":

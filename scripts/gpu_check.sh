@@ -5,6 +5,10 @@
 #
 #   scripts/gpu_check.sh [--out DIR] [--backends aoti,onnx] [--budget-s 480] [--json FILE]
 #   scripts/gpu_check.sh --tiny      the same logic on this CPU (bundled digits, aoti and onnx), under a minute
+#   scripts/gpu_check.sh --full-depth [--json FILE]   only the full-depth row (scripts/gpu_full_depth.py):
+#       FLUX.1-dev's config with random weights drawn on the GPU, its SVD-Cache engine against eager bf16 and
+#       torch.compile, 50 steps at 1024x1024; its own 10-minute call (540 s budget, set-up included), run
+#       before or after the call above. --full-depth --tiny: its logic on this CPU with a tiny model.
 #
 # Packages: the GPU image's python3 (itself a venv at /opt/torch/.venv) holds PyTorch with CUDA; what it lacks
 # (diffusers; optionally onnxruntime-gpu and torch-tensorrt) is installed into that same environment, with
@@ -47,14 +51,18 @@ install() {  # install WHAT... unless CHECK (python code) passes; a failure leav
 }
 
 install 'import diffusers' 'diffusers>=0.35,<0.43'
-install 'import onnxruntime as o; assert "CUDAExecutionProvider" in o.get_available_providers()' \
-    onnxruntime-gpu 'onnxscript>=0.2' 'onnx-ir>=0.1' 'onnx>=1.17'
-install 'import torch_tensorrt' "torch-tensorrt==${torch_version%.*}.*"
+if [[ " $* " != *" --full-depth "* ]]; then  # the full-depth row needs diffusers only (aoti, inductor)
+    install 'import onnxruntime as o; assert "CUDAExecutionProvider" in o.get_available_providers()' \
+        onnxruntime-gpu 'onnxscript>=0.2' 'onnx-ir>=0.1' 'onnx>=1.17'
+    install 'import torch_tensorrt' "torch-tensorrt==${torch_version%.*}.*"
+fi
 "$py" -c 'import diffusers' 2>/dev/null || {
     echo "svdexport: error: diffusers is missing and could not be installed (carry it: scripts/gpu_wheels.sh)" >&2
     exit 2; }
 echo "set-up: $(( $(date +%s) - start )) s"
 
-budget=$(( 480 - ($(date +%s) - start) ))  # 8 minutes for the whole script, set-up included
+total=480  # 8 minutes for the whole script, set-up included
+[[ " $* " == *" --full-depth "* ]] && total=540  # the full-depth row: 9 minutes, in a 10-minute call of its own
+budget=$(( total - ($(date +%s) - start) ))
 (( budget < 60 )) && budget=60
 exec "$py" scripts/gpu_check.py --budget-s "$budget" "$@"

@@ -1,6 +1,6 @@
 """Command line: `svdexport build | calibrate | run | compare | batch | bench | keygen | sign`. User errors
-(SvdExportError, bad arguments) print one line and exit with status 2; nothing else is caught, so a bug still
-shows its traceback. Every command checks its options and output paths before its work."""
+(SvdExportError, bad arguments) and I/O faults (OSError) print one line and exit with status 2; nothing else is
+caught, so a bug still shows its traceback. Every command checks its options and output paths before its work."""
 
 from __future__ import annotations
 
@@ -9,89 +9,19 @@ import os
 import sys
 from pathlib import Path
 
-from svdexport.cache.config import GRANULARITIES, CacheConfig
-from svdexport.cache.predictors import PREDICTORS
 from svdexport.commands import Parser, add_force, add_trust_args, apply_trust_args, cmd_keygen, cmd_run, cmd_sign
 from svdexport.commands import cmd_bench_shapes, model_help
-from svdexport.options import add_shape_args, int_list, lora_args, plan_args, plan_options, range_options
-from svdexport.options import shapes_line
-from svdexport.errors import SvdExportError
+from svdexport.options import add_shape_args, build_options, int_list, lora_args, model_args, shapes_line
+from svdexport.errors import SvdExportError, one_line
 from svdexport.outputs import check_files
 from svdexport import quiet
 from svdexport.runtime import trust
 from svdexport.commands import bench_with_lora
 
-DEFAULTS = CacheConfig()
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    h = model_help()
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="flux", help=h["model"])
-    g.add_argument("--weights", help=h["weights"])
-    g.add_argument("--dtype", default="auto", help="fp32 | bf16 | fp16 | auto (default: bf16 on CUDA and on CPUs with bf16 "
-                   "matrix units, fp32 elsewhere and for onnx on CPU; build prints why)")
-    g.add_argument("--device", default="auto", help="cpu | cuda | auto (default: cuda when a GPU is visible)")
-    s = p.add_argument_group("build shapes (a static engine's only ones; a ranged engine's optimum)")
-    s.add_argument("--batch", type=int, help=h["batch"])
-    s.add_argument("--height", type=int, help=h["height"])
-    s.add_argument("--width", type=int, help=h["width"])
-    s.add_argument("--text-len", type=int, help=h["text_len"])
-    s.add_argument("--frames", type=int, help=h["frames"])
-    c = p.add_argument_group("SVD-Cache")
-    c.add_argument("--granularity", default=DEFAULTS.granularity,
-                   help=f"{' | '.join(GRANULARITIES)} (default: {DEFAULTS.granularity})")
-    c.add_argument("--predictor", default=DEFAULTS.predictor, help=f"{' | '.join(PREDICTORS)} (default: %(default)s)")
-    c.add_argument("--beta", type=float, default=DEFAULTS.beta, help="EMA weight on the old value (default: %(default)s)")
-    c.add_argument("--order", type=int, default=DEFAULTS.order, help="svd-taylor order, 1 or 2 (default: %(default)s)")
-    c.add_argument("--tau", type=float, default=DEFAULTS.tau,
-                   help="energy kept by the principal subspace (default: %(default)s)")
-    c.add_argument("--k-max", type=int, default=DEFAULTS.k_max,
-                   help="rank cap per site, bases padded to it (default: %(default)s)")
-    c.add_argument("--warmup", type=int, help="first full steps (default: the model's, below)")
-    c.add_argument("--interval", type=int, help=f"one full step every N after warmup (default: the model's: {h['plan']})")
-    c.add_argument("--plan", default=DEFAULTS.plan, help="calibrated | uniform: which steps run in full "
-                   f"(default: {DEFAULTS.plan}, chosen on the calibration inputs; uniform: warmup, then every interval)")
-    c.add_argument("--full-steps", type=int, help="full steps of a calibrated plan (default: as many as warmup and "
-                   "interval give, 9 of 50 for FLUX.1-dev)")
-    c.add_argument("--gamma", type=float, default=DEFAULTS.gamma, help="residual forecast: damped Taylor step of the "
-                   "residual, 0 = reuse it (default: %(default)s)")
-    k = p.add_argument_group("calibration")
-    k.add_argument("--calib-samples", type=int, default=8, help="reference inputs (default: %(default)s)")
-    k.add_argument("--calib-steps", type=int, help="sampling steps per input (default: the model's steps, as for "
-                   "--interval)")
-    plan_args(k)
-    k.add_argument("--calibration-prompts", metavar="FILE",
-                   help="prompts, one per line, for models with text encoders (default: a built-in list of 16)")
-    k.add_argument("--no-memory-check", action="store_true",
-                   help="build even when the estimated peak memory exceeds what is available")
-    k.add_argument("--verbose", action="store_true",
-                   help="show the exporters', optimizers' and compilers' own output and warnings (captured otherwise)")
-    add_force(p, "outputs")
-
-
-def _build_options(a: argparse.Namespace, backend: str = "eager"):
-    from svdexport.models import family
-    from svdexport.build.builder import BuildOptions
-
-    family(a.model)  # an unknown family fails here, before any work
-    cache = CacheConfig(granularity=a.granularity, predictor=a.predictor, beta=a.beta, order=a.order, tau=a.tau,
-                        k_max=a.k_max, warmup=a.warmup, interval=a.interval, plan=a.plan, full_steps=a.full_steps,
-                        gamma=a.gamma)
-    shapes = {k: v for k, v in (("batch", a.batch), ("height", a.height), ("width", a.width),
-                                ("text_len", a.text_len), ("frames", a.frames)) if v is not None}
-    quiet.set_verbose(a.verbose)  # read by the backends' quiet() and inherited by subprocesses
-    return BuildOptions(model=a.model, weights=a.weights, backend=backend, cache=cache, shapes=shapes,
-                        **range_options(a),
-                        dtype=a.dtype, device=a.device, calib_samples=a.calib_samples, calib_steps=a.calib_steps,
-                        calibration_prompts=a.calibration_prompts, check_memory=not a.no_memory_check, force=a.force,
-                        **plan_options(a))
-
-
 def cmd_build(a: argparse.Namespace) -> None:
     from svdexport.build.builder import build
 
-    opts = _build_options(a, a.backend)
+    opts = build_options(a, a.backend)
     out = Path(a.out or f"engines/{a.model}-{a.backend}")
     m, reused = build(opts, out, graphs_dir=a.graphs)
     print(f"dtype {opts.dtype}: {opts.dtype_reason}")
@@ -111,6 +41,12 @@ def cmd_build(a: argparse.Namespace) -> None:
         print(f"calibrated plan of {plan.steps} steps: full steps {' '.join(map(str, plan.full_steps))} ({how})")
     mem, gib = m.memory, 2**30
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    if m.bound is not None and m.bound.referenced:
+        where = Path(m.bound.referenced[0].path).parent
+        print(f"weights: referenced, not copied: {m.bound.referenced_bytes / gib:.2f} GiB in {len(m.bound.referenced)} "
+              f"file(s) of {where} (by sha256); the engine keeps {m.bound.embedded_bytes / 2**20:.1f} MiB itself")
+    elif m.bound is not None:
+        print(f"weights: kept inside the engine ({m.bound.embedded_bytes / gib:.2f} GiB)")
     print(f"memory: estimated peak {mem['peak_bytes'] / gib:.1f} GiB, measured peak RSS "
           f"{mem['measured_peak_rss_bytes'] / gib:.1f} GiB ({mem['available_bytes'] / gib:.1f} GiB were available); "
           f"engine files {size / gib:.2f} GiB; {m.build_seconds:.0f} s")
@@ -119,7 +55,7 @@ def cmd_build(a: argparse.Namespace) -> None:
 def cmd_calibrate(a: argparse.Namespace) -> None:
     from svdexport.build.builder import calibrate_to_file
 
-    bases = calibrate_to_file(_build_options(a), Path(a.out))
+    bases = calibrate_to_file(build_options(a), Path(a.out))
     print(f"wrote {a.out}: {len(bases.sites)} sites, ranks {bases.ranks}, "
           f"{bases.num_inputs} inputs x {bases.num_timesteps} timesteps")
 
@@ -130,15 +66,18 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="calibrate the bases and build an engine folder")
-    _model_args(b)
+    model_args(b)
     b.add_argument("--backend", default="eager", help=f"{model_help()['backends']} (default: eager)")
     b.add_argument("--out", help="engine folder (default engines/MODEL-BACKEND)")
     b.add_argument("--graphs", help="folder for the exported programs (default graphs/NAME of --out)")
+    b.add_argument("--embed-weights", action="store_true", help="keep the weights inside the engine (a "
+                   "self-contained engine to ship); default: an engine built from a local checkpoint references "
+                   "its files by sha256 and maps them at load (bundled models are always kept inside)")
     add_shape_args(b, "build")
     b.set_defaults(func=cmd_build)
 
     c = sub.add_parser("calibrate", help="only compute the low-rank bases (safetensors)")
-    _model_args(c)
+    model_args(c)
     c.add_argument("--out", required=True, help="bases file, .safetensors")
     c.set_defaults(func=cmd_calibrate)
 
@@ -157,6 +96,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--plan", help="calibrated | uniform (default: the engine's; --interval/--warmup imply uniform)")
     r.add_argument("--full-steps", type=int, help="full steps of the calibrated plan (default: the engine's)")
     r.add_argument("--label", type=int, help="class to generate, for class-conditioned models (bundled digits)")
+    r.add_argument("--weights", metavar="PATH", help="where the checkpoint the engine references is now, if it moved "
+                   "(a .safetensors file or a folder; matched to the recorded files by size and sha256)")
     add_shape_args(r, "run")
     add_force(r)
     add_trust_args(r)
@@ -167,8 +108,8 @@ def parser() -> argparse.ArgumentParser:
                        "at matched full steps")
     c.add_argument("engine", help="engine folder written by build")
     c.add_argument("--samples", type=int, default=16, help="samples of seeds 0..N-1 (default 16)")
-    c.add_argument("--seeds", help="the samples' seeds instead, e.g. 1000-1015 (held out: not the ones the "
-                   "defaults were chosen on) or 1,5,9")
+    c.add_argument("--seeds", help="the samples' seeds instead, e.g. 5000-5031 (the held-out set: reported, "
+                   "never chosen on) or 1,5,9")
     c.add_argument("--steps", type=int, default=50)
     c.add_argument("--full-steps", help="comma list of budgets: every method runs with that many full steps, "
                    "e.g. 7,9,12 (default: as many as the engine's plan has)")
@@ -333,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     saved = {k: os.environ.get(k) for k in (trust.ENV, quiet.ENV)}
     try:
         args.func(args)
-    except SvdExportError as e:
-        print(f"svdexport: error: {e}", file=sys.stderr)
+    except (SvdExportError, OSError) as e:  # OSError: a full disk, EIO; the atomic writes kept the old files
+        print(f"svdexport: error: {one_line(e, getattr(args, 'out', None))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("svdexport: interrupted", file=sys.stderr)

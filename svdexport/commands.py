@@ -124,7 +124,7 @@ def cmd_sign(a: argparse.Namespace) -> None:
     from svdexport.runtime import manifest, trust
 
     # Never sign an engine whose files fail their hashes; signing needs no earlier signature.
-    manifest.read(Path(a.engine), check_versions=False, trusted_keys=[])
+    manifest.read(Path(a.engine), check_versions=False, signature=False).opened.close()
     record = trust.sign(Path(a.engine), Path(a.key))
     print(f"signed {a.engine} with key {record['key_id']} ({trust.SIGNATURE}, manifest sha256 "
           f"{record['manifest_sha256'][:16]}...)")
@@ -188,7 +188,7 @@ def cmd_run(a: argparse.Namespace) -> None:
     fam = family(peek.model.family)
     shapes = peek.shapes.range(fam).request(batch=a.batch, height=a.height, width=a.width)  # in range, or one line
     plan = run_outputs(a, fam.is_video, shapes.batch)
-    engine = svdexport.load(a.engine)  # verifies everything (and the signature, when required)
+    engine = svdexport.load(a.engine, weights=a.weights)  # verifies everything (and the signature, when required)
     if loras:
         start = time.perf_counter()
         engine.set_loras(loras)

@@ -32,15 +32,6 @@ def sha256_file(path: Path, progress: bool = False) -> str:
     return h.hexdigest()
 
 
-def sha256_files(paths: list[Path], progress: bool = False) -> str:
-    """One digest over several files (name and content), in the given order."""
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode())
-        h.update(bytes.fromhex(sha256_file(p, progress)))
-    return h.hexdigest()
-
-
 def sha256_state_dict(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(state):
@@ -69,7 +60,8 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
 
 
 def fingerprint(paths: list[Path]) -> list[list]:
-    """(name, size, mtime_ns) per file: lets a later load skip re-hashing unchanged multi-GB weights."""
+    """(name, size, mtime_ns) per file: what a manifest's weights record lists (informational: anyone who
+    can write a file can restore its mtime, so nothing is skipped on it; see verified.HashCache)."""
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
 
 
@@ -104,6 +96,45 @@ def atomic_file(target: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swaps two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the kernel, the C
+    library or the filesystem cannot, having changed nothing."""
+    import ctypes
+    import errno
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """`tmp` becomes `target` with no moment where `target` is missing: an exchange, then the old folder (now
+    at `tmp`) removed. Without one, two renames through `.NAME.old-PID`, which `remove_stale` restores when a
+    kill left `target` missing."""
+    if target.exists() and exchange(tmp, target):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        target.rename(old)
+    tmp.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextmanager
 def atomic_dir(target: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; on success it replaces `target`, on failure it vanishes.
@@ -120,13 +151,7 @@ def atomic_dir(target: Path, force: bool = False) -> Iterator[Path]:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
         for f in tmp.rglob("*"):
             os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~_umask())
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            target.rename(old)
-        tmp.rename(target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -145,20 +170,27 @@ def pid_alive(pid: int) -> bool:
 
 def remove_stale(target: Path) -> list[Path]:
     """Removes what a killed svdexport left beside `target`: `.NAME.tmp-PID*` (atomic_file, atomic_dir) and
-    `.NAME.old-PID` folders whose process is gone. Returns what was removed."""
+    `.NAME.old-PID` folders whose process is gone. Returns what was removed. A build killed between its two
+    renames (atomic_dir without an exchange) left `target` missing and the previous output (a folder with
+    manifest.json) at `.NAME.old-PID`: that folder is put back as `target`, not removed."""
     target = Path(target)
     pattern = re.compile(rf"^\.{re.escape(target.name)}\.(tmp|old)-(\d+)(-.*)?$")
     removed = []
     if not target.parent.is_dir():
         return removed
-    for p in target.parent.iterdir():
-        m = pattern.match(p.name)
-        if m and int(m.group(2)) != os.getpid() and not pid_alive(int(m.group(2))):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-            removed.append(p)
+    stale = {p: m.group(1) for p in target.parent.iterdir() if (m := pattern.match(p.name))
+             and int(m.group(2)) != os.getpid() and not pid_alive(int(m.group(2)))}
+    olds = [p for p, kind in stale.items() if kind == "old" and not p.is_symlink() and (p / "manifest.json").is_file()]
+    if olds and not os.path.lexists(target):
+        newest = max(olds, key=lambda p: p.stat().st_mtime_ns)
+        newest.rename(target)
+        del stale[newest]
+    for p in stale:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
     return removed
 
 
@@ -210,3 +242,40 @@ def confined(folder: Path, name: str, listed) -> Path:
     if not path.resolve().is_relative_to(root):
         raise SvdExportError(f"engine file {path} resolves outside the engine folder ({path.resolve()})")
     return path
+
+
+JSON_DEPTH = 64  # nesting levels a JSON file svdexport reads may have
+
+
+def parse_json(data: bytes | str, what: object) -> object:
+    """JSON text (bytes: UTF-8) parsed, or SvdExportError in one line naming `what`: text that is not UTF-8,
+    malformed JSON, nesting deeper than Python's parser recurses (RecursionError) or an integer too long to
+    convert (ValueError). Every JSON file svdexport reads goes through here or `read_json`."""
+    from svdexport.errors import SvdExportError
+
+    try:
+        value = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
+    except RecursionError:
+        raise SvdExportError(f"{what} is unreadable: its JSON is nested too deeply") from None
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise SvdExportError(f"{what} is unreadable: {str(e).splitlines()[0][:200]}") from None
+    # Nesting the parser took may still be too deep for the recursive code that walks the value (json.dumps
+    # of a manifest's digest): svdexport's own files nest a few levels.
+    level = [(value, 1)]
+    while level:
+        x, depth = level.pop()
+        if depth > JSON_DEPTH:
+            raise SvdExportError(f"{what} is unreadable: its JSON is nested deeper than {JSON_DEPTH} levels")
+        level += [(v, depth + 1) for v in (x.values() if isinstance(x, dict) else x if isinstance(x, list) else ())]
+    return value
+
+
+def read_json(path: Path, what: object = None) -> object:
+    """`parse_json` of a file; a file that cannot be read is refused in one line too."""
+    from svdexport.errors import SvdExportError
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise SvdExportError(f"cannot read {path}: {e.strerror or e}") from None
+    return parse_json(data, what or path)

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import struct
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
+from svdexport.errors import SvdExportError
 from svdexport.files import atomic_file
 
 MARK = "svdexport"  # PNG "Software" text, GIF comment, MP4 "comment" tag, JSON "written_by", markdown comment
@@ -39,9 +42,20 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     return struct.pack("<Q", len(text)) + text + b"".join(blobs)
 
 
+@contextmanager
+def writing(path: Path) -> Iterator[Path]:
+    """atomic_file(path), with an I/O fault while writing (disk full, EIO) refused in one line naming the file;
+    the file that was there stays as it was (the write went to a temporary file beside it, now removed)."""
+    try:
+        with atomic_file(path) as tmp:
+            yield tmp
+    except OSError as e:
+        raise SvdExportError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def write_latents(latents: torch.Tensor, path: Path, metadata: dict[str, str]) -> None:
     data = safetensors_bytes({"latents": latents}, {**metadata, "format": LATENTS_FORMAT})
-    with atomic_file(path) as tmp:
+    with writing(path) as tmp:
         tmp.write_bytes(data)
 
 
@@ -54,12 +68,12 @@ def png_info():
 
 
 def write_png(image, path: Path) -> None:
-    with atomic_file(path) as tmp:
+    with writing(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=png_info())
 
 
 def write_gif(frames: list, path: Path, duration_ms: int = 150) -> None:
-    with atomic_file(path) as tmp:
+    with writing(path) as tmp:
         frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=duration_ms, loop=0,
                        comment=MARK.encode())
 
@@ -69,14 +83,12 @@ def write_mp4(frames: list, path: Path, fps: int = 8) -> None:
     try:
         import av
     except ImportError:
-        from svdexport.errors import SvdExportError
-
         raise SvdExportError("MP4 output needs PyAV: pip install av (or write a .gif)") from None
     import numpy as np
 
     w, h = frames[0].size
     w2, h2 = w + w % 2, h + h % 2
-    with atomic_file(path) as tmp:
+    with writing(path) as tmp:
         with av.open(str(tmp), mode="w", format="mp4") as box:
             box.metadata["comment"] = MARK
             stream = box.add_stream("libx264", rate=fps)
@@ -94,7 +106,7 @@ def write_mp4(frames: list, path: Path, fps: int = 8) -> None:
 
 
 def write_text(text: str, path: Path) -> None:
-    with atomic_file(path) as tmp:
+    with writing(path) as tmp:
         tmp.write_text(text)
 
 

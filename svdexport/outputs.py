@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from svdexport.errors import SvdExportError
-from svdexport.files import remove_stale
+from svdexport.files import read_json, remove_stale
 from svdexport.media import written_by_svdexport
 
 MANIFEST = "manifest.json"  # what makes a folder an engine (or exported-graphs) folder
@@ -29,13 +29,32 @@ def _first_existing(path: Path) -> Path:
 
 
 def writable_parent(path: Path, option: str) -> None:
-    """The folder that will hold `path` exists and is writable, or can be created (missing parents)."""
+    """The folder that will hold `path` exists and is writable, or can be created (missing parents): tried, by
+    creating and removing a temporary file beside `path` (and the missing parents, removed again), since
+    permission bits say nothing of /sys, read-only mounts or names too long for the filesystem."""
     parent = Path(os.path.abspath(path)).parent
     base = _first_existing(parent)
     if not base.is_dir():
         raise SvdExportError(f"{option} {path}: {base} is a file, not a folder")
     if not os.access(base, os.W_OK | os.X_OK):
         raise SvdExportError(f"{option} {path}: cannot write in {base} (permission denied)")
+    created = []
+    # The name remove_stale knows (.NAME.tmp-PID-...): a probe a killed run left is removed by the next.
+    probe = parent / f".{Path(path).name}.tmp-{os.getpid()}-probe"
+    try:
+        for d in reversed([parent, *parent.parents][:len(parent.parts) - len(base.parts)]):
+            d.mkdir()
+            created.append(d)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        raise SvdExportError(f"{option} {path}: cannot write in {parent} ({e.strerror or e})") from None
+    finally:
+        for d in reversed(created):  # innermost first
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
 
 def engine_folder_of(path: Path) -> Path | None:
@@ -52,9 +71,9 @@ def engine_folder_of(path: Path) -> Path | None:
 def check_file(path: str | Path, option: str, force: bool = False) -> Path:
     """An output file: checked, with stale temporaries of killed runs beside it removed."""
     path = Path(path)
+    writable_parent(path, option)  # first: a name too long for the filesystem fails every stat after it
     if path.is_dir():
         raise SvdExportError(f"{option} {path} is a folder; give a file path")
-    writable_parent(path, option)
     engine = engine_folder_of(path)
     if engine is not None:
         raise SvdExportError(f"{option} {path} is inside the engine folder {engine}; write outputs elsewhere")
@@ -72,7 +91,7 @@ def check_files(paths: list[tuple[str, Path | str | None]], force: bool = False)
         if path is None:
             continue
         p = check_file(path, option, force)
-        key = Path(os.path.abspath(p))
+        key = Path(os.path.realpath(p))  # one file through a symlinked folder, or a symlink to it, is one file
         if key in seen:
             raise SvdExportError(f"{option} and {seen[key]} name the same file {p}")
         seen[key] = option
@@ -82,23 +101,24 @@ def check_files(paths: list[tuple[str, Path | str | None]], force: bool = False)
 
 def is_engine(folder: Path) -> bool:
     """A folder whose manifest.json is an engine's (an exported-graphs folder has one of another form)."""
-    import json
-
-    try:
-        return str(json.loads((Path(folder) / MANIFEST).read_text()).get("format", "")).startswith("svdexport.engine")
-    except (OSError, ValueError, AttributeError):
+    if not (Path(folder) / MANIFEST).is_file():
         return False
+    try:
+        data = read_json(Path(folder) / MANIFEST)
+    except SvdExportError:  # unreadable, damaged, too deep: not an engine's
+        return False
+    return isinstance(data, dict) and str(data.get("format", "")).startswith("svdexport.engine")
 
 
 def check_dir(path: str | Path, option: str, force: bool = False, engine_ok: bool = True) -> Path:
     """An output folder that replaces an earlier svdexport folder (one with manifest.json) or an empty one;
     `engine_ok=False` (the exported graphs) refuses to replace an engine."""
     path = Path(path)
+    writable_parent(path, option)  # first: a name too long for the filesystem fails every stat after it
     if not engine_ok and is_engine(path):
         raise SvdExportError(f"{option} {path} is an engine folder; exported graphs go to a folder of their own")
     if path.exists() and not path.is_dir():
         raise SvdExportError(f"{option} {path} is a file, not a folder")
-    writable_parent(path, option)
     engine = engine_folder_of(path)
     if engine is not None:
         raise SvdExportError(f"{option} {path} is inside the engine folder {engine}; write outputs elsewhere")

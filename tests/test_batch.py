@@ -1,6 +1,11 @@
-"""svdexport batch on a local Ray runtime: two workers, one killed mid-run, every item exactly once."""
+"""svdexport batch on a local Ray runtime: two workers, one killed mid-run, every item exactly once; and the
+job folder's files, which a resume reads: damaged ones refused in one line or made again, never a traceback."""
 
+import errno
+import importlib.util
+import io
 import json
+import os
 import threading
 import time
 
@@ -8,14 +13,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'svdexport[ray]'")
+from svdexport.batch import items as store
+from svdexport.batch.runner import NAMESPACE, BatchOptions, run
+from svdexport.cache.config import step_plan
+from svdexport.cli import main
+from svdexport.errors import SvdExportError
+from helpers import assert_one_line_error, digits_model, make_lora, run_cli
 
-from svdexport.batch.runner import NAMESPACE, BatchOptions, run  # noqa: E402
-from svdexport.cache.config import step_plan  # noqa: E402
-from svdexport.cli import main  # noqa: E402
-from helpers import assert_one_line_error, digits_model, make_lora, run_cli  # noqa: E402
-
-pytestmark = pytest.mark.slow  # engines of every backend or whole pipelines: the full suite only
+# A job on Ray, or an engine built: the full suite only. The job folder's own tests need neither.
+slow = pytest.mark.slow
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                               reason="Ray is an optional extra: pip install 'svdexport[ray]'")
 
 FAST = ["--calib-samples", "1", "--calib-steps", "4"]
 
@@ -36,7 +44,11 @@ def outputs(out):
     return sorted(p.stem for p in out.glob("[0-9]*.json")), sorted(p.stem for p in out.glob("[0-9]*.png"))
 
 
+@slow
+@needs_ray
 def test_killed_worker_loses_nothing_and_duplicates_nothing(engine, tmp_path):
+    import ray
+
     n, out = 48, tmp_path / "out"
     opts = BatchOptions(engine=str(engine), items=str(items_file(tmp_path / "items.txt", n)), out=str(out),
                         workers=2, steps=200)
@@ -65,6 +77,8 @@ def pixels(path):
     return np.asarray(Image.open(path))
 
 
+@slow
+@needs_ray
 def test_rerun_skips_finished_items_and_redoes_missing_ones(engine, tmp_path, capsys):
     """A job with a LoRA (one Ray start for both checks): its items are what `run --lora` makes of them, and
     a rerun skips the finished ones; with other LoRAs or another seed it is another job."""
@@ -88,6 +102,7 @@ def test_rerun_skips_finished_items_and_redoes_missing_ones(engine, tmp_path, ca
     assert_one_line_error(*run_cli(capsys, *argv[:-2])[::2], "another job", "loras")
 
 
+@slow
 @pytest.mark.parametrize("lines,argv,words", [
     ("0\n11\n", [], ["'11' is not a class"]),
     ("# only a comment\n", [], ["has no items"]),
@@ -101,3 +116,82 @@ def test_batch_bad_input(engine, tmp_path, capsys, lines, argv, words):
                            *argv)
     assert_one_line_error(code, err, *words)
     assert not (tmp_path / "o").exists()
+
+
+@slow
+def test_an_echoed_line_is_cut_short(engine, tmp_path, capsys):
+    """A 10 MB line that is no class of the engine: the error quotes its start, not 10 MB."""
+    (tmp_path / "items.txt").write_text("0\n" + "x" * 10_000_000 + "\n")
+    code, _, err = run_cli(capsys, "batch", engine, "--prompts", tmp_path / "items.txt", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "'xxxxxxxx", "(10000000 characters)", "is not a class of this engine")
+    assert len(err) < 500
+
+
+def test_a_failed_items_reason_is_cut_short():
+    from svdexport.batch.runner import _reason
+
+    assert len(_reason(ValueError("class " + "y" * 10_000_000 + " is unknown"))) < 400
+
+
+# ------------------------------------------------------------------------------- the job folder, resumed
+DAMAGED = {"not-utf8": b"\xff\xfe{\"seed\": 0}", "a-list": b"[1, 2, 3]",
+           "100k-deep": b"[" * 100000 + b"]" * 100000}
+
+
+def job(tmp_path, lines="0\n1\n"):
+    (tmp_path / "items.txt").write_text(lines)
+    out = tmp_path / "out"
+    store.open_job(out, "key", tmp_path / "items.txt", 0)
+    return out, store.read_items(tmp_path / "items.txt", 0)
+
+
+@pytest.mark.parametrize("data", DAMAGED.values(), ids=DAMAGED)
+def test_a_damaged_job_file_is_refused_in_one_line(tmp_path, data):
+    out, _ = job(tmp_path)
+    (out / "job.json").write_bytes(data)
+    with pytest.raises(SvdExportError, match="job.json .*use another --out") as e:
+        store.open_job(out, "key", tmp_path / "items.txt", 0)
+    assert len(str(e.value).splitlines()) == 1 and len(str(e.value)) < 300
+
+
+def png_bytes():
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("data", DAMAGED.values(), ids=DAMAGED)
+def test_an_item_with_damaged_metadata_is_not_done(tmp_path, data):
+    out, items = job(tmp_path)
+    store.write(out, items[1], png_bytes(), {"steps": 2})
+    assert store.done(out, items[1])
+    (out / "000001.json").write_bytes(data)
+    assert not store.done(out, items[1])
+
+
+def test_an_item_is_done_only_when_its_image_decodes(tmp_path):
+    out, items = job(tmp_path)
+    png = png_bytes()
+    store.write(out, items[1], png, {"steps": 2})
+    for damaged in (b"", png[: len(png) // 2]):  # empty, cut short
+        (out / "000001.png").write_bytes(damaged)
+        assert not store.done(out, items[1])
+    (out / "000001.png").write_bytes(png)
+    assert store.done(out, items[1]) and store.collect(out, items) == 1
+
+
+def test_a_full_disk_while_writing_an_item_keeps_the_old_one(tmp_path, monkeypatch):
+    out, items = job(tmp_path)
+    store.write(out, items[0], png_bytes(), {"steps": 2})
+    before = (out / "000000.png").read_bytes()
+    real = type(out).write_bytes
+
+    def full(self, data):
+        real(self, data[:10])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(type(out), "write_bytes", full)
+    with pytest.raises(SvdExportError, match="cannot write .*000000.png: No space left on device"):
+        store.write(out, items[0], b"new image", {"steps": 3})
+    assert (out / "000000.png").read_bytes() == before and store.done(out, items[0])
+    assert sorted(p.name for p in out.iterdir()) == ["000000.json", "000000.png", "job.json"]

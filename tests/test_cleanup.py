@@ -113,8 +113,61 @@ def test_onnx_build_prints_only_svdexports_lines(tmp_path):
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "onnxruntime-gpu" not in proc.stdout + proc.stderr
-    prefixes = ("dtype ", "built ", "exported graphs", "parameters:", "ranks ", "calibrated plan of ", "memory:")
+    prefixes = ("dtype ", "built ", "exported graphs", "parameters:", "ranks ", "calibrated plan of ", "weights:",
+                "memory:")
     assert [line for line in proc.stdout.splitlines() if not line.startswith(prefixes)] == []
     # stderr holds only svdexport's own progress bars (carriage-return updates of "calibrating", "planning")
     assert [s for s in proc.stderr.replace("\r", "\n").splitlines()
             if s.strip() and "calibrating" not in s and "planning" not in s] == []
+
+
+# ------------------------------------------------------------------------------------------------ rename window
+
+# A build that replaces `target` (atomic_dir) and is killed (os._exit) right after its first rename, with the
+# exchange of the two folders (renameat2) where this machine has it, or without ("no-exchange").
+KILLED_REPLACE = """
+import os, sys
+from pathlib import Path
+from svdexport import files
+if sys.argv[2] == "no-exchange":
+    files.exchange = lambda a, b: False
+real_rename = Path.rename
+def rename_and_die(self, target):
+    real_rename(self, target)
+    os._exit(9)
+Path.rename = rename_and_die
+with files.atomic_dir(Path(sys.argv[1])) as tmp:
+    (tmp / "manifest.json").write_text("new")
+"""
+
+
+def killed_replace(target: Path, how: str) -> int:
+    target.mkdir(parents=True)
+    (target / "manifest.json").write_text("old")
+    proc = subprocess.run([sys.executable, "-c", KILLED_REPLACE, str(target), how], env=ENV, capture_output=True)
+    assert proc.returncode in (0, 9), proc.stderr
+    return proc.returncode
+
+
+def test_a_build_killed_while_it_replaces_an_engine_never_leaves_it_missing(tmp_path):
+    from svdexport.files import exchange
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    if not exchange(a, b):
+        pytest.skip("this filesystem or kernel has no RENAME_EXCHANGE")
+    target = tmp_path / "engines" / "eng"
+    assert killed_replace(target, "exchange") == 0  # one exchange: no rename to be killed after
+    assert (target / "manifest.json").read_text() == "new"
+    assert not list(target.parent.glob(".eng.*"))
+
+
+def test_a_build_killed_between_its_two_renames_gets_the_old_engine_back(tmp_path):
+    from svdexport.outputs import check_dir
+
+    target = tmp_path / "engines" / "eng"
+    assert killed_replace(target, "no-exchange") == 9
+    assert not target.exists() and list(target.parent.glob(".eng.old-*"))  # the kill's window
+    check_dir(target, "--out")  # what the next build does first (files.remove_stale)
+    assert (target / "manifest.json").read_text() == "old"
+    assert not list(target.parent.glob(".eng.*"))

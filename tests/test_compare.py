@@ -6,17 +6,18 @@ import statistics
 
 import pytest
 
-from svdexport.bench import methods
+from svdexport.bench import methods, sweep
 from svdexport.bench.compare import _accuracy, _classifier, budgets_of, compare
 from svdexport.bench.stats import TIE_DB, paired, parse_seeds, summary
+from svdexport.cache.plan import search
 from svdexport.cli import main
 
 FAST = ["--calib-samples", "2", "--calib-steps", "10"]  # the bundled digits model, plans of 10 steps
 KEYS = {"method", "backend", "budget", "plan_kind", "plan", "settings", "full_steps", "full_steps_min",
         "full_steps_max", "full_steps_per_sample", "total_steps", "latency_s", "speedup", "psnr_db", "psnr_worst_db",
-        "psnr_per_sample", "paired", "ssim", "rel_l2", "class_acc"}
+        "psnr_per_sample", "paired", "ssim", "rel_l2", "class_acc", "plan_search", "base_method", "best_plan"}
 STEPS, BUDGET = 10, 4
-PEERS = ["diffusers-taylorseer", "diffusers-fbcache", "cachedit-dbcache"]
+PEERS = ["diffusers-taylorseer", "diffusers-fbcache", "cachedit-dbcache", "cachedit-dbcache-taylorseer"]
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,8 @@ def test_every_row_has_full_steps_and_paired_statistics(engine, result):
     assert not any("residual forecast" in name for name in rows)
     assert own["settings"] == {"weights": "least squares on the calibration trajectories"}
     assert rows["SVD-Cache svd-fitted"]["plan"] == want  # the eager twin runs the same plan and weights
+    assert own["plan_search"] == "svd-fitted" and rows["SVD-Cache svd-taylor o1"]["plan_search"] == "taylor gamma 1"
+    assert rows["SVD-Cache svd-fitted uniform plan (engine)"]["plan_search"] is None
     classifier, labels = _classifier(), [0, 1]  # samples 0 and 1 ask for digits 0 and 1
     base = own["psnr_per_sample"]
     for r in result["rows"]:
@@ -78,12 +81,68 @@ def test_every_row_has_full_steps_and_paired_statistics(engine, result):
 
 
 @pytest.mark.slow
+def test_peers_also_run_the_plan_searched_for_their_own_forecast(engine, result):
+    """Beside SVD-Cache's plan, TaylorSeer rules run the plan the same DP finds for a Taylor step on the whole
+    feature (order 1, gamma 1) and DBCache alone the one for reuse (order 0); each row names the search."""
+    import svdexport
+
+    e = svdexport.load(engine)
+    rows = {r["method"]: r for r in result["rows"]}
+    want = rows["SVD-Cache svd-fitted (engine)"]["plan"]
+    weights = e._schedule_weights(STEPS)
+    taylor = search(e.plan_stats, BUDGET, 1, 1.0, weights).full_steps  # the DP itself, not compare's path
+    reuse = search(e.plan_stats, BUDGET, 0, 0.0, weights).full_steps
+    cases = [("TaylorSeer whole feature o1", "calibrated plan", taylor, "taylor gamma 1"),
+             ("TaylorSeer whole feature o2", "calibrated plan", taylor, "taylor gamma 1"),
+             ("cachedit-dbcache-taylorseer o1", "same plan", taylor, "taylor gamma 1"),
+             ("cachedit-dbcache-taylorseer o2", "same plan", taylor, "taylor gamma 1"),
+             ("cachedit-dbcache", "same plan", reuse, "reuse")]
+    for base, same_name, plan, searched in cases:
+        own = rows[f"{base} ({'reuse' if searched == 'reuse' else 'Taylor'} plan)"]
+        same = rows[f"{base} ({same_name})"]
+        assert own["base_method"] == same["base_method"] == base
+        assert own["plan"] == plan and own["plan_search"] == searched and own["plan_kind"] == "calibrated", base
+        assert same["plan"] == want and same["plan_search"] == "svd-fitted", base
+        assert own["full_steps"] == same["full_steps"] == BUDGET, base  # counted in the model: that many ran
+        assert (own["plan"] != same["plan"]) == (plan != want)
+        if plan != want:  # another plan ran: other images
+            assert own["psnr_per_sample"] != same["psnr_per_sample"], base
+        if base.startswith("cachedit"):
+            assert own["settings"]["steps_computation_mask"] == f"the plan searched for {searched}"
+    # Each method on several plans has one best plan per budget: its highest mean.
+    groups = {}
+    for r in result["rows"]:
+        if not r["reference"]:
+            groups.setdefault(r["base_method"], []).append(r)
+    assert len(groups["TaylorSeer whole feature o1"]) == 3 and len(groups["cachedit-dbcache"]) == 2
+    for base, group in groups.items():
+        if len(group) == 1:
+            assert group[0]["best_plan"] is None, base
+            continue
+        best = [r for r in group if r["best_plan"]]
+        assert len(best) == 1 and best[0]["psnr_db"] == max(r["psnr_db"] for r in group), base
+        assert all(r["best_plan"] is False for r in group if r is not best[0])
+
+
+@pytest.mark.slow
+def test_the_held_out_set_is_named_with_its_rule(result):
+    from svdexport.bench import report
+    from svdexport.bench.stats import HELDOUT_SEEDS
+
+    held = {**result, "config": {**result["config"], "seeds": list(HELDOUT_SEEDS)}}
+    assert "held-out set: reported only, never used to choose" in report.markdown(held)
+    assert "held-out set" not in report.markdown(result)  # seeds 0-1
+    m = result["machine"]
+    assert {"cpu", "bf16_units", "cores", "load_average_start", "load_average_end"} <= set(m)
+
+
+@pytest.mark.slow
 def test_threshold_peers_report_threshold_and_land_near_the_budget(result):
     for r in result["rows"]:
         if r["plan_kind"] != "threshold":
             continue
         s = r["settings"]
-        assert s["threshold"] > 0 and s["sweep_seeds"] == list(methods.SWEEP_SEEDS)
+        assert s["threshold"] > 0 and s["sweep_seeds"] == list(sweep.SWEEP_SEEDS)
         # The sweep lands within one full step on its own samples; on the measured ones each sample decides
         # for itself, so the mean may stray further: the row says how far (mean and range).
         assert abs(s["sweep_full_steps"] - BUDGET) <= 1, (r["method"], s)
@@ -106,6 +165,8 @@ def test_cli_writes_json_markdown_and_both_frontiers(engine, tmp_path):
     assert data["temporal"] == {} and all(r["temporal_psnr_db"] is None for r in data["rows"])  # images
     md = paths["md"].read_text()
     assert "## 5 of 10 full steps" in md and "PSNR worst" in md and "SVD-Cache wins" in md and "seeds 3-4" in md
+    assert "calibrated: svd-fitted" in md and "calibrated: taylor gamma 1" in md and "best plan (highest mean)" in md
+    assert "held-out set" not in md and "load average" in md
     for png in ("g.png", "f.png", "c.png", "docs/benchmarks_frontier.png", "docs/benchmarks_compute.png",
                 "docs/benchmarks_grid.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
@@ -150,7 +211,7 @@ def test_sweep_brackets_then_bisects():
         calls.append(t)
         return max(1, round(20 - 30 * t))
 
-    t = methods.sweep_threshold(full_steps, 9, 0.05)
-    assert full_steps(t) == 9 and len(calls) <= methods.SWEEP_EXPAND + methods.SWEEP_BISECT + 1
-    t = methods.sweep_threshold(lambda t: 30, 9, 0.05)  # out of reach: the nearest count, said by the row
-    assert t == 0.05 * 2 ** (methods.SWEEP_EXPAND - 1)
+    t = sweep.sweep_threshold(full_steps, 9, 0.05)
+    assert full_steps(t) == 9 and len(calls) <= sweep.SWEEP_EXPAND + sweep.SWEEP_BISECT + 1
+    t = sweep.sweep_threshold(lambda t: 30, 9, 0.05)  # out of reach: the nearest count, said by the row
+    assert t == 0.05 * 2 ** (sweep.SWEEP_EXPAND - 1)

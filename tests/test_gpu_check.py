@@ -108,3 +108,163 @@ def test_a_child_that_crashes_is_a_row_naming_the_signal(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check.subprocess, "run", lambda *a, **k: crashed)
     row = gpu_check.Check(gpu_check.TINY, tmp_path, log=lambda s: None, isolate=True).run_isolated("aoti")
     assert row.skipped.startswith("failed: the process died (signal SIGSEGV)")
+
+
+# ------------------------------------------------------------------------------------- the full-depth row
+
+import gpu_full_depth  # noqa: E402  (scripts/, put on the path by gpu_check)
+
+
+def test_full_depth_arguments_make_the_planned_row():
+    plan = gpu_check.full_depth_plan(gpu_check.parser().parse_args(["--full-depth"]))
+    assert (plan.preset, plan.device, plan.steps, plan.backend, plan.fallback, plan.probe) == \
+        ("flux1-dev", "cuda", 50, "aoti", "inductor", True)
+    assert plan.shapes == {"height": 1024, "width": 1024, "text_len": 512} and plan.calib_samples == 1
+    assert plan.compile == "regional" and plan.budget_s == 540
+    tiny = gpu_check.full_depth_plan(gpu_check.parser().parse_args(
+        ["--full-depth", "--tiny", "--budget-s", "100", "--compile", "full", "--backends", "inductor"]))
+    assert (tiny.preset, tiny.device, tiny.budget_s, tiny.compile) == ("tiny", "cpu", 100, "full")
+    assert (tiny.backend, tiny.fallback, tiny.probe) == ("inductor", None, False)  # one backend asked for: only it
+
+
+def test_the_planned_phases_fit_one_ten_minute_call():
+    """The H100 estimates of the default (aoti) path, with gpu_check.sh's set-up, within a 600 s call; the
+    slowest phase, torch.compile, is the one a late build leaves out."""
+    plan = gpu_full_depth.FULL_DEPTH
+    aoti_path = sum(plan.estimate(p) for p in ("checkpoint", "build:aoti", "engine:aoti", "eager", "compile:regional"))
+    assert aoti_path <= plan.budget_s - 30 and plan.budget_s <= 600 - 30  # set-up about 30 s, 30 s to spare
+    assert gpu_full_depth.fits(plan, "eager", 45) is None
+    assert gpu_full_depth.fits(plan, "compile:regional", 30).startswith("time budget: 30 s left")
+
+
+def fake_runner(plan, out, crashes: dict, calls: list):
+    """The row's child processes replaced: `crashes` maps a call ("probe", "measure:aoti", ...) to the exit code
+    it ends with; a measurement writes the rows of what it was given (an engine row only when it has one)."""
+
+    class Probe:
+        def __init__(self, code):
+            self.returncode = code
+
+        def communicate(self, timeout=None):
+            return ("0.05 GB of bf16 weights: built in 9 s, load+run ok" if self.returncode == 0 else "", None)
+
+        def kill(self):
+            pass
+
+    class Fake(gpu_full_depth.Runner):
+        def probe(self, timeout):
+            calls.append("probe")
+            return Probe(crashes.get("probe", 0))
+
+        def checkpoint(self, folder, timeout):
+            calls.append("checkpoint")
+            return 0, "made"
+
+        def build(self, weights, backend, engine, timeout, check_memory):
+            calls.append(f"build:{backend}")
+            return 0, "built"
+
+        def measure(self, spec, timeout):
+            s = json.loads(spec.read_text())
+            key = f"measure:{s['backend'] if s['engine'] else 'none'}"
+            calls.append(key)
+            names = gpu_full_depth.method_names(plan, s["backend"])
+            if key in crashes:  # died in the engine's load: nothing saved
+                return crashes[key], "Segmentation fault"
+            rows = [gpu_full_depth.MethodRow(names[0], seconds=1.5, full_steps=9, step_parity=5e-3)
+                    if s["engine"] else gpu_full_depth.MethodRow(names[0], skipped=s["engine_skipped"]),
+                    gpu_full_depth.MethodRow(names[1], seconds=12.3, full_steps=50, step_parity=0.0),
+                    gpu_full_depth.MethodRow(names[2], seconds=8.2, full_steps=50, step_parity=4e-3)]
+            Path(s["result"]).write_text(json.dumps({"rows": [r.__dict__ for r in rows]}))
+            return 0, ""
+
+    return Fake(plan, out, log=lambda s: None)
+
+
+def test_a_crashing_aoti_probe_builds_the_inductor_engine_instead(tmp_path):
+    calls = []
+    plan = gpu_full_depth.FULL_DEPTH
+    rec = gpu_full_depth.run_row(plan, tmp_path, runner=fake_runner(plan, tmp_path, {"probe": -11}, calls))
+    assert calls == ["probe", "checkpoint", "build:inductor", "measure:inductor"]
+    assert rec["backend"] == "inductor" and rec["phases"]["aoti probe"]["status"].startswith("failed (signal SIGSEGV)")
+    assert "built with inductor instead" in rec["notes"][0] and gpu_full_depth.ok(rec)
+
+
+def test_an_aoti_engine_that_kills_the_measurement_falls_back_to_inductor(tmp_path):
+    calls = []
+    plan = gpu_full_depth.FULL_DEPTH
+    rec = gpu_full_depth.run_row(plan, tmp_path, runner=fake_runner(plan, tmp_path, {"measure:aoti": -11}, calls))
+    assert calls == ["probe", "checkpoint", "build:aoti", "measure:aoti", "build:inductor", "measure:inductor"]
+    assert rec["rows"][0]["method"] == "SVD-Cache engine (inductor)" and rec["rows"][0]["seconds"] == 1.5
+    assert any("aoti engine's measurement died (signal SIGSEGV)" in n for n in rec["notes"])
+
+
+def test_without_time_for_a_fallback_the_crash_is_the_engine_rows_status(tmp_path):
+    calls = []
+    plan = gpu_check.dataclasses.replace(gpu_full_depth.FULL_DEPTH, fallback=None)
+    rec = gpu_full_depth.run_row(plan, tmp_path, runner=fake_runner(plan, tmp_path, {"measure:aoti": -11}, calls))
+    assert calls == ["probe", "checkpoint", "build:aoti", "measure:aoti", "measure:none"]  # eager, compile still run
+    engine, eager = rec["rows"][0], rec["rows"][1]
+    assert engine["skipped"] == "failed: the process died (signal SIGSEGV) in the aoti engine's load or run"
+    assert eager["seconds"] == 12.3 and not gpu_full_depth.ok(rec)
+
+
+def test_a_build_that_does_not_fit_the_budget_is_skipped_and_the_baselines_still_run(tmp_path):
+    calls = []
+    plan = gpu_check.dataclasses.replace(gpu_full_depth.FULL_DEPTH, budget_s=200.0)
+    rec = gpu_full_depth.run_row(plan, tmp_path, runner=fake_runner(plan, tmp_path, {}, calls))
+    assert calls == ["probe", "checkpoint", "measure:none"]
+    assert rec["phases"]["build aoti"]["status"].startswith("skipped: time budget")
+    assert rec["rows"][0]["skipped"].startswith("time budget") and rec["rows"][1]["seconds"] == 12.3
+
+
+def test_the_full_depth_table_has_ratios_against_eager_and_compile():
+    rows = [gpu_full_depth.MethodRow("SVD-Cache engine (aoti)", seconds=1.5, full_steps=9, prepare_s=35,
+                                     peak_allocated_gib=25.04, peak_reserved_gib=26.0, step_parity=5e-3,
+                                     latents_vs_eager=0.05),
+            gpu_full_depth.MethodRow("eager bf16", seconds=12.3, full_steps=50, step_parity=0.0),
+            gpu_full_depth.MethodRow("torch.compile (regional)", skipped="time budget: 20 s left")]
+    rec = {"plan": gpu_check.dataclasses.asdict(gpu_full_depth.FULL_DEPTH), "notes": ["a note"],
+           "phases": {"checkpoint": {"seconds": 41.2, "status": "ok"}}, "rows": [r.__dict__ for r in rows]}
+    lines = gpu_full_depth.table(rec, "NVIDIA H100 80GB HBM3").splitlines()
+    assert "on NVIDIA H100 80GB HBM3" in lines[0] and "checkpoint 41 s (ok)" in lines[0]
+    header, engine, eager, compiled = lines[2], lines[4], lines[5], lines[6]
+    assert header.count("|") == engine.count("|") == eager.count("|") == compiled.count("|") == 11
+    assert engine == "| SVD-Cache engine (aoti) | 1.50 | 8.20x | - | 9/50 | 35 | 25.0 | 26.0 | 5.0e-03 (ok) | 5.0e-02 |"
+    assert eager.startswith("| eager bf16 | 12.30 | 1.00x |") and "skipped: time budget" in compiled
+    assert lines[-1] == "note: a note" and not gpu_full_depth.ok(rec)  # a skipped method: not a complete row
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_full_depth_without_a_gpu_is_one_line(capsys):
+    assert gpu_check.main(["--full-depth", "--out", "/nonexistent"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("svdexport: error: no CUDA GPU is visible")
+
+
+@pytest.mark.slow
+def test_full_depth_tiny_runs_the_whole_row_on_this_cpu(tmp_path):
+    """The row end to end with the tiny preset on this CPU: checkpoint, `svdexport build --backend aoti`, and in
+    one child the engine, eager and torch.compile (regional) on the same inputs; ratios from that run."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--full-depth", "--tiny",
+                           "--out", str(tmp_path / "e"), "--json", str(tmp_path / "row.json")],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rec = json.loads((tmp_path / "row.json").read_text())
+    engine, eager, compiled = rec["rows"]
+    assert rec["backend"] == "aoti" and rec["build"]["ok"] and not any(r["skipped"] for r in rec["rows"])
+    assert engine["full_steps"] < 50 == eager["full_steps"] == compiled["full_steps"]
+    assert engine["step_parity"] <= 2e-2 and compiled["step_parity"] <= 2e-2 and eager["step_parity"] == 0.0
+    assert 0 < engine["latents_vs_eager"] < 1 and compiled["latents_vs_eager"] < 2e-2
+    table = proc.stdout[proc.stdout.index("| method |"):]
+    assert f"| {engine['seconds']:.2f} | {eager['seconds'] / engine['seconds']:.2f}x |" in table
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the checkpoint drawn on it, the "
+                    "AOTInductor probe and the aoti engine's CUDA load")
+def test_full_depth_tiny_on_the_gpu(tmp_path):
+    plan = gpu_check.dataclasses.replace(gpu_full_depth.TINY_FULL_DEPTH, device="cuda", probe=True)
+    rec = gpu_full_depth.run_row(plan, tmp_path)
+    assert rec["phases"]["checkpoint"]["status"] == "ok" and "aoti probe" in rec["phases"]
+    assert all(not r["skipped"] for r in rec["rows"]), rec

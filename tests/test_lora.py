@@ -9,6 +9,7 @@ from peft import LoraConfig, get_peft_model_state_dict
 import svdexport
 from helpers import assert_one_line_error, check_lora_engine, digits_model, graph_inputs, make_lora, quick_engine
 from helpers import run_cli
+from svdexport.cli import main
 from svdexport.errors import SvdExportError
 
 @pytest.fixture(scope="module")
@@ -29,18 +30,18 @@ def test_only_the_adapted_weights_are_read_and_fuse_as_on_the_whole_model(tmp_pa
     safetensors (`base_weights`): the pushed weights equal those of fusing into the whole base model, bitwise;
     where the files do not hold a name, the whole model is loaded instead, with the same values."""
     from svdexport.models.lora import LoraFile, fuse, hollow_of
-    from svdexport.runtime import engine as engine_mod
+    from svdexport.runtime import base as base_mod
     from svdexport.runtime.lora import graph_weights
 
     engine = svdexport.load(quick_engine(tmp_path_factory, "lora-partial"))
     fam, gran, loras = engine.family, engine.cache.granularity, [LoraFile(lora, 0.8), LoraFile(lora, -0.3)]
-    model = engine_mod.base_model(engine.manifest, device="cpu")
+    model = base_mod.base_model(engine.manifest, device="cpu")
     whole = graph_weights(fam, model, gran, fuse(model, fam.lora_loader, loras))
     asked = []
 
     def fill(names):
         asked.extend(names)
-        return engine_mod.base_weights(engine.manifest, names)
+        return base_mod.base_weights(engine.manifest, names)
 
     hollow = hollow_of(fam.transformer_class(), engine.config, engine.dtype)
     partial = graph_weights(fam, hollow, gran, fuse(hollow, fam.lora_loader, loras, fill=fill))
@@ -50,9 +51,9 @@ def test_only_the_adapted_weights_are_read_and_fuse_as_on_the_whole_model(tmp_pa
         assert all(torch.equal(a[g][k], b[g][k]) for g in a for k in a[g])
     params = dict(model.named_parameters())
     assert len(asked) == len(set(asked)) and 0 < len(asked) < len(params) / 2  # each adapted weight read once
-    read = engine_mod.base_weights(engine.manifest, asked)
-    monkeypatch.setattr(engine_mod, "read_tensors", lambda files, names, dtype: {})  # as for generated weights
-    whole_read = engine_mod.base_weights(engine.manifest, asked)
+    read = base_mod.base_weights(engine.manifest, asked)
+    monkeypatch.setattr(base_mod, "read_tensors", lambda files, names, dtype: {})  # as for generated weights
+    whole_read = base_mod.base_weights(engine.manifest, asked)
     assert read.keys() == whole_read.keys() and all(torch.equal(read[n], whole_read[n]) for n in read)
 
 
@@ -66,7 +67,7 @@ def test_lora_options_are_checked_in_one_line(tmp_path_factory, tmp_path, capsys
                "transformer.no_block.attn.to_q.lora_B.weight": torch.randn(128, 4)}, str(tmp_path / "nomatch.st"))
     save_file({"unet.up.lora_A.weight": torch.randn(4, 8)}, str(tmp_path / "other.st"))
     cases = [(tmp_path / "missing.safetensors", "not found"), (f"{lora}:big", "SCALE must be a number"),
-             (engine / "bases.safetensors", "is not a LoRA"), (tmp_path / "nomatch.st", "not found in the base model"),
+             (engine / "bases.safetensors", "is not a LoRA"), (tmp_path / "nomatch.st", "made for another model"),
              (tmp_path / "other.st", "matches nothing")]
     for spec, words in cases:
         code, _, err = run_cli(capsys, "run", engine, "--lora", spec, *out)
@@ -193,14 +194,21 @@ def test_kohya_names_are_converted_by_diffusers(tmp_path_factory, tmp_path):
     assert (outs[0] - outs[1]).abs().max() <= 1e-6
 
 
-def test_hunyuanvideo_engine_takes_a_lora(tmp_path_factory, capsys):
+@pytest.fixture(scope="module")
+def hv_engine(tmp_path_factory):
+    """The bundled HunyuanVideo digits model, eager, one calibration step."""
+    out = tmp_path_factory.mktemp("hv-lora") / "engine"
+    assert main(["build", "--model", "hunyuanvideo", "--weights", "bundled:digits", "--calib-samples", "1",
+                 "--calib-steps", "1", "--out", str(out)]) == 0
+    return out
+
+
+def test_hunyuanvideo_engine_takes_a_lora(hv_engine):
     from diffusers import HunyuanVideoPipeline
 
     from svdexport.models.hunyuanvideo import HUNYUANVIDEO as HV
 
-    out = tmp_path_factory.mktemp("hv-lora") / "engine"
-    assert run_cli(capsys, "build", "--model", "hunyuanvideo", "--weights", "bundled:digits", "--calib-samples", "1",
-                   "--calib-steps", "1", "--out", out)[0] == 0
+    out = hv_engine
     engine = svdexport.load(out)
     model = HV.load(HV.inspect("bundled:digits"), engine.dtype)
     torch.manual_seed(0)
@@ -220,3 +228,35 @@ def test_hunyuanvideo_engine_takes_a_lora(tmp_path_factory, capsys):
     assert (engine.generate(seed=0, steps=4).latents - base).abs().max() > 1e-2
     engine.unload_lora()
     assert torch.equal(engine.generate(seed=0, steps=4).latents, base)
+
+
+def test_a_lora_of_another_model_is_refused_naming_the_missing_modules(hv_engine, tmp_path, lora, capsys):
+    """A FLUX LoRA on a HunyuanVideo engine: PEFT would adapt the modules both models name alike and drop the
+    others' weights without a word. Refused in one line by `run --lora` and `engine.load_lora`, nothing loaded."""
+    png = tmp_path / "x.gif"
+    code, out, err = run_cli(capsys, "run", hv_engine, "--lora", lora, "--out", png, "--steps", "2")
+    assert_one_line_error(code, err, "made for another model", "target modules are not in this "
+                          "HunyuanVideoTransformer3DModel", "single_transformer_blocks.")
+    assert "weights replaced" not in out and not png.exists()
+    engine = svdexport.load(hv_engine)
+    base = engine.generate(seed=0, steps=2).latents
+    with pytest.raises(SvdExportError, match=r"made for another model: \d+ of its \d+ target modules"):
+        engine.load_lora(lora)
+    assert engine.loras == [] and engine.lora_weights() == 0
+    assert torch.equal(engine.generate(seed=0, steps=2).latents, base)
+
+
+def test_a_pipeline_refuses_a_lora_of_another_model(tmp_path_factory, lora):
+    """The same through svdexport.apply and the pipeline's own loader (pipe.load_lora_weights)."""
+    from diffusers import HunyuanVideoPipeline
+    from tiny_video_pipeline import tiny_video_pipeline
+
+    root = tmp_path_factory.mktemp("hv-pipe-lora")
+    tiny_video_pipeline().save_pretrained(root / "pipe")
+    assert main(["build", "--weights", str(root / "pipe"), "--out", str(root / "engine"), "--model", "hunyuanvideo",
+                 "--frames", "9", "--height", "64", "--width", "64", "--text-len", "8", "--k-max", "16",
+                 "--calib-samples", "1", "--calib-steps", "1"]) == 0
+    pipe = svdexport.apply(HunyuanVideoPipeline.from_pretrained(root / "pipe"), svdexport.load(root / "engine"))
+    with pytest.raises(SvdExportError, match="made for another model"):
+        pipe.load_lora_weights(str(lora), adapter_name="flux")
+    assert not getattr(pipe.transformer.hollow, "peft_config", None)  # nothing half loaded

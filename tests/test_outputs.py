@@ -333,3 +333,79 @@ def test_video_run_writes_an_mp4_or_gif_with_its_grid_and_latents(video_engine, 
     assert (tmp_path / "w.mp4").read_bytes() == (tmp_path / "v.mp4").read_bytes()  # no time stamps inside
     assert run_cli(capsys, "run", video_engine, "--steps", 3, "--out", tmp_path / "g.gif")[0] == 0
     assert Image.open(tmp_path / "g.gif").n_frames == 3
+
+
+# ------------------------------------------------------------------------------------- writes that cannot work
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs Linux sysfs, where even root creates no file")
+def test_an_out_nothing_can_be_written_to_is_refused_before_the_work(built, tmp_path, capsys, no_work):
+    """Permission bits pass /sys for root, and a name too long for the filesystem passes them for everyone:
+    the check creates (and removes) a file where the output goes."""
+    code, _, err = run_cli(capsys, "run", built, "--out", "/sys/x.png")
+    assert_one_line_error(code, err, "--out /sys/x.png", "cannot write in /sys")
+    code, _, err = run_cli(capsys, "run", built, "--out", tmp_path / ("n" * 300 + ".png"))
+    assert_one_line_error(code, err, "cannot write in", "File name too long")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_write_check_leaves_nothing_behind(tmp_path):
+    from svdexport.outputs import check_dir, check_file
+
+    check_file(tmp_path / "new" / "deeper" / "x.png", "--out")
+    check_dir(tmp_path / "other" / "engine", "--out")
+    (tmp_path / "kept").mkdir()
+    check_file(tmp_path / "kept" / "x.png", "--out")
+    assert [p.name for p in tmp_path.rglob("*")] == ["kept"]
+
+
+def test_two_outputs_that_are_one_file_through_a_symlinked_folder_are_refused(built, tmp_path, capsys, no_work):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    code, _, err = run_cli(capsys, "compare", built, "--json", tmp_path / "real" / "same", "--md",
+                           tmp_path / "link" / "same")
+    assert_one_line_error(code, err, "same file")
+
+
+def partial_then(error, real):
+    """A writer that writes a few bytes of its file, then fails as a full or broken disk does."""
+    def write(self, target, *a, **k):
+        with open(target, "wb") as f:
+            f.write(b"\x89PNG partial")
+        raise OSError(error, os.strerror(error))
+    return write
+
+
+def test_a_full_disk_while_writing_is_one_line_and_keeps_the_old_file(built, tmp_path, capsys, monkeypatch):
+    import errno
+
+    out = tmp_path / "x.png"
+    assert run_cli(capsys, "run", built, "--out", out, "--steps", 2)[0] == 0
+    before = out.read_bytes()
+    monkeypatch.setattr(Image.Image, "save", partial_then(errno.ENOSPC, Image.Image.save))
+    code, _, err = run_cli(capsys, "run", built, "--out", out, "--steps", 2, "--seed", 3)
+    assert_one_line_error(code, err.splitlines()[-1], f"cannot write {out}", "No space left on device")  # after
+    assert "Traceback" not in err  # the sampling's progress bar
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png", "x.safetensors"]  # no temporaries
+
+
+def test_an_io_error_during_a_build_is_one_line_and_keeps_the_old_engine(built, tmp_path, capsys, monkeypatch):
+    import errno
+    import hashlib
+    import shutil
+
+    from svdexport.cache import svd
+
+    engine = tmp_path / "engine"
+    shutil.copytree(built, engine)
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in engine.iterdir()}
+
+    def save_tensors(tensors, path, metadata):
+        path.write_bytes(b"partial")
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(svd, "save_tensors", save_tensors)
+    code, _, err = run_cli(capsys, "build", "--out", engine, *FAST, "--tau", "0.9")  # another engine: a rebuild
+    assert_one_line_error(code, err.splitlines()[-1], f"I/O error writing {engine}", "Input/output error")
+    assert "Traceback" not in err  # the calibration's progress bars
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in engine.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]  # no temporary folder left

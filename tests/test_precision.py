@@ -94,6 +94,17 @@ def test_a_model_declaring_its_precision_keeps_it(tmp_path, monkeypatch):
     assert (opts.dtype, opts.dtype_reason) == ("fp32", "auto: the model declares fp32: measured: bf16 loses 2 dB here")
 
 
+@pytest.mark.parametrize("model", ["flux", "hunyuanvideo"])
+def test_both_digits_models_declare_fp32_on_a_bf16_cpu(model):
+    """Measured (docs/precision.md): bf16 costs either trained digits model's SVD-Cache more than 1 dB against
+    fp32 and runs its small steps slower, so `--dtype auto` keeps fp32 even on AMX-BF16 and AVX512-BF16 CPUs."""
+    from svdexport.models import family
+
+    info = family(model).inspect("bundled:digits")
+    dtype, why = precision.auto_dtype("cpu", "aoti", info.precision, cpu_bf16=lambda: (True, "AMX-BF16"))
+    assert dtype == "fp32" and why.startswith("the model declares fp32: measured:") and "dB" in why
+
+
 # ------------------------------------------------------------------------------------- what stays float32
 
 

@@ -44,6 +44,10 @@ def test_the_refit_keyword_comes_from_the_compile_signature(tmp_path):
     opts = tensorrt.compile_options(tmp_path, torch.bfloat16, tensorrt.refit_options(compile_2_6))
     assert opts["immutable_weights"] is False and opts["enabled_precisions"] == {torch.bfloat16}
     assert "immutable_weights" not in tensorrt.compile_options(tmp_path, torch.bfloat16)
+    # Weight-stripped engines (the weights are bound by a refit at load) where the release has them.
+    assert tensorrt.strip_options(compile_2_6, tensorrt.refit_options(compile_2_6)) == {"strip_engine_weights": True}
+    assert tensorrt.strip_options(compile_2_5, tensorrt.refit_options(compile_2_5)) == {}
+    assert tensorrt.strip_options(compile_2_6, None) == {}
 
 
 def test_refit_needs_the_feature_and_the_function():
@@ -85,6 +89,19 @@ def programs(tmp_path_factory):
     return root / "engine", make_lora(root / "lora.safetensors", digits_model())
 
 
+def bound(folder, graph):
+    """The graph's weights as the engine binds them at load (the programs are saved without them)."""
+    from svdexport.runtime.bound import open_bound
+
+    return open_bound(mf.read(folder), folder)(graph)
+
+
+def bound_program(folder, graph="full"):
+    from svdexport.export import program_with
+
+    return program_with(torch.export.load(str(folder / f"{graph}.pt2")), bound(folder, graph))
+
+
 def lora_swap(lora, scale=0.8):
     """The engine's fused weights for `lora`, as Engine.set_loras computes them."""
     from svdexport.models.lora import LoraFile, fuse
@@ -107,7 +124,8 @@ def test_the_program_a_refit_reads_carries_the_fused_weights(programs):
     values pushed back give the program as built."""
     folder, lora = programs
     swap = lora_swap(lora)
-    program = torch.export.load(str(folder / "full.pt2"))
+    assert all(v.is_meta for v in torch.export.load(str(folder / "full.pt2")).state_dict.values())  # no weights
+    program = bound_program(folder)
     built = {k: v.clone() for k, v in program.state_dict.items()}
     changed = tensorrt.with_weights(program, swap.new["full"])
     assert set(changed) == set(swap.new["full"]) and len(changed) > 10
@@ -119,7 +137,8 @@ def test_the_program_a_refit_reads_carries_the_fused_weights(programs):
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     tensorrt.with_weights(program, swap.base["full"])  # unload: the program as built, bit for bit
     assert all(torch.equal(program.state_dict[k], v) for k, v in built.items())
-    assert tensorrt.with_weights(torch.export.load(str(folder / "full.pt2")), swap.base["full"]) == {}
+    assert tensorrt.with_weights(bound_program(folder), swap.base["full"]) == {}
+    assert all(torch.equal(v, built[k]) for k, v in bound(folder, "full").items())  # the bound weights untouched
 
 
 def test_a_refit_applies_earlier_changes_and_refuses_unknown_names(programs):
@@ -137,7 +156,8 @@ def test_a_refit_applies_earlier_changes_and_refuses_unknown_names(programs):
         assert in_place is False  # a saved program's engines are inlined: torch-tensorrt refuses in place
         return new_weight_module.module()
 
-    graph = tensorrt.TrtGraph(module=None, exported=folder / "full.pt2", device="cpu")  # the program's device
+    graph = tensorrt.TrtGraph(module=None, exported=folder / "full.pt2", device="cpu",  # the program's device
+                              constants=lambda: bound(folder, "full"))
     first, rest = dict(list(swap.new["full"].items())[:3]), dict(list(swap.new["full"].items())[3:])
     graph.refit("full", first, refit_fn)
     with torch.inference_mode():  # as bench and gpu_check push

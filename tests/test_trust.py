@@ -6,11 +6,15 @@ import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import svdexport
 from helpers import quick_engine, FAST, assert_one_line_error, run_cli
+from svdexport import verified
 from svdexport.cli import main
 from svdexport.errors import SvdExportError
 from svdexport.runtime import manifest as mf
@@ -53,16 +57,23 @@ def sha(path):
 
 @pytest.fixture
 def opened(monkeypatch):
-    """Every path the manifest's hash check reads."""
+    """Every path the manifest's hash check opens."""
     seen = []
-    real = mf.sha256_file
+    real = verified.VerifiedFile.__init__
 
-    def record(path, *a, **k):
+    def record(self, path, *a, **k):
         seen.append(os.path.abspath(path))
-        return real(path, *a, **k)
+        return real(self, path, *a, **k)
 
-    monkeypatch.setattr(mf, "sha256_file", record)
+    monkeypatch.setattr(verified.VerifiedFile, "__init__", record)
     return seen
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """A cache of verified hashes of this test's own (verified.HashCache)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(trust.ENV, raising=False)
 
 
 def test_absolute_path_in_the_manifest_is_refused_before_it_is_read(engine, tmp_path, capsys, opened):
@@ -219,3 +230,100 @@ def test_the_same_build_writes_the_same_engine_files(tmp_path):
         assert main(["build", "--out", str(tmp_path / name), *FAST]) == 0
     one, two = (mf.read(tmp_path / n).files for n in ("one", "two"))
     assert one == two and {"bases.safetensors", "plan_stats.safetensors"} <= set(one)
+
+
+# ------------------------------------------------------------------------------------------------ fail closed
+
+
+@pytest.mark.parametrize("value", ["", ":"])
+def test_a_variable_that_names_no_key_refuses_every_load(engine, tmp_path, capsys, monkeypatch, value):
+    monkeypatch.setenv(trust.ENV, value)
+    with pytest.raises(SvdExportError, match="names no public key file"):
+        svdexport.load(engine)
+    code, _, err = run_cli(capsys, "run", engine, "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, trust.ENV, "names no public key file")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_an_empty_key_list_leaves_the_variable_in_force(engine, keys, monkeypatch):
+    monkeypatch.setenv(trust.ENV, str(keys / "alice.pub"))
+    with pytest.raises(SvdExportError, match="not signed"):
+        svdexport.load(engine, trusted_keys=[])
+    assert main(["sign", str(engine), "--key", str(keys / "alice")]) == 0  # signing loads nothing: allowed
+    svdexport.load(engine, trusted_keys=[]).close()
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", ""])
+    proc.wait()
+    return proc.pid
+
+
+def test_sign_removes_what_a_killed_sign_left(engine, keys):
+    dead = engine / f".{trust.SIGNATURE}.tmp-{dead_pid()}"
+    live = engine / f".{trust.SIGNATURE}.tmp-{os.getppid()}"  # a running process's (pytest's parent): kept
+    for p in (dead, live):
+        p.write_text('{"format": "svdexport.signature/1", "key_')
+    assert main(["sign", str(engine), "--key", str(keys / "alice")]) == 0
+    assert not dead.exists() and live.exists()
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+
+@pytest.fixture
+def own_weights(engine, tmp_path):
+    """The engine's weights in a folder of this test's own (a copy of the bundled model, mtimes kept), recorded
+    as the engine's source, so that the test may change them."""
+    from svdexport.models.flux import BUNDLED_DIR
+
+    weights = Path(shutil.copytree(BUNDLED_DIR / "flux_digits", tmp_path / "weights"))
+    forge(engine, lambda m: m["model"]["weights"].update(source=str(weights.resolve())))
+    return weights
+
+
+def xor_keeping_mtime(path):
+    """Flips the last 64 bytes (tensor data) in place and puts the mtime back, as whoever owns a file can."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(-64, os.SEEK_END)
+        data = f.read()
+        f.seek(-64, os.SEEK_END)
+        f.write(bytes(b ^ 0x5A for b in data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+def test_weights_changed_with_their_mtime_restored_are_refused_by_a_signed_load(engine, own_weights, keys):
+    assert main(["sign", str(engine), "--key", str(keys / "alice")]) == 0
+    alice = [keys / "alice.pub"]
+    svdexport.load(engine, trusted_keys=alice).close()
+    xor_keeping_mtime(own_weights / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(SvdExportError, match="differ from the ones this engine was built from"):
+        svdexport.load(engine, trusted_keys=alice)
+
+
+def test_weights_changed_with_their_mtime_restored_are_refused_by_an_unsigned_load(engine, own_weights):
+    svdexport.load(engine).close()  # their hashes are in the cache now
+    xor_keeping_mtime(own_weights / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(SvdExportError, match="differ from the ones this engine was built from"):
+        svdexport.load(engine)  # the ctime moved: hashed again
+
+
+def test_unchanged_weights_come_from_the_cache_unless_the_load_is_signed(engine, own_weights, keys, monkeypatch):
+    hashed = []
+    real = verified.VerifiedFile._hash
+    monkeypatch.setattr(verified.VerifiedFile, "_hash",
+                        lambda self, *a: hashed.append(self.path.name) or real(self, *a))
+    real_bytes = verified.hash_bytes  # the eager backend's weights: the digest of the mapped bytes themselves
+    monkeypatch.setattr(verified, "hash_bytes", lambda data, name, *a: hashed.append(name) or real_bytes(data, name, *a))
+    weights = "diffusion_pytorch_model.safetensors"
+    svdexport.load(engine).close()
+    assert weights in hashed
+    hashed.clear()
+    svdexport.load(engine).close()
+    assert weights not in hashed and "bases.safetensors" in hashed  # engine files are hashed on every load
+    assert main(["sign", str(engine), "--key", str(keys / "alice")]) == 0
+    hashed.clear()
+    svdexport.load(engine, trusted_keys=[keys / "alice.pub"]).close()
+    assert weights in hashed

@@ -4,7 +4,8 @@ Layout of an output folder:
   job.json             what the folder holds: engine (build key), items file digest, seed, LoRAs (digest and
                        scale); a rerun with another engine, list or LoRAs is refused instead of mixing outputs
   NNNNNN.png           one image (or frame grid) per item, written atomically
-  NNNNNN.json          its metadata, written atomically after the image: its presence marks the item done
+  NNNNNN.json          its metadata, written atomically after the image: it marks the item done, when it names
+                       the item and the image decodes (a damaged or empty one is made again)
   metadata.jsonl       every finished item's metadata in item order, rewritten at the end of each run
   summary.json         the counts of the last run (done, skipped, retried, failed) and the failures
 """
@@ -17,7 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from svdexport.errors import SvdExportError
-from svdexport.files import atomic_file, sha256_file
+from svdexport.files import read_json, sha256_file
+from svdexport.media import writing
 
 
 @dataclass
@@ -53,9 +55,11 @@ def open_job(out: Path, engine_key: str, items_path: Path, seed: int, loras: lis
     job = out / "job.json"
     if job.exists():
         try:
-            old = json.loads(job.read_text())
-        except json.JSONDecodeError:
-            raise SvdExportError(f"{job} is damaged; use another --out") from None
+            old = read_json(job)
+        except SvdExportError as e:  # not UTF-8, malformed, too deep: named in one line
+            raise SvdExportError(f"{e}; use another --out") from None
+        if not isinstance(old, dict):
+            raise SvdExportError(f"{job} is damaged (not a JSON object); use another --out")
         differs = [k for k in {**old, **record} if old.get(k) != record.get(k)]
         if differs:
             raise SvdExportError(f"{out} holds the outputs of another job (different {differs[0].replace('_', ' ')}); "
@@ -63,33 +67,46 @@ def open_job(out: Path, engine_key: str, items_path: Path, seed: int, loras: lis
         return
     if out.exists() and any(out.iterdir()):
         raise SvdExportError(f"{out} is not empty and holds no svdexport batch job; use another --out")
-    with atomic_file(job) as tmp:
+    with writing(job) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def done(out: Path, item: Item) -> bool:
-    """Finished in an earlier run: both files present and the metadata names this very item."""
+    """Finished in an earlier run: the metadata names this very item and the image decodes (an empty or cut
+    PNG, or damaged metadata, is not done: the item is made again)."""
     meta, image = Path(out) / f"{item.stem}.json", Path(out) / f"{item.stem}.png"
-    if not (meta.exists() and image.exists()):
+    if not (meta.is_file() and image.is_file()):
         return False
     try:
-        m = json.loads(meta.read_text())
-    except json.JSONDecodeError:
+        m = read_json(meta)
+    except SvdExportError:
         return False
-    return m.get("text") == item.text and m.get("seed") == item.seed
+    return isinstance(m, dict) and m.get("text") == item.text and m.get("seed") == item.seed and decodes(image)
+
+
+def decodes(path: Path) -> bool:
+    """Whether an image file decodes whole (PIL reads every pixel)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError, ... for damaged files
+        return False
+    return True
 
 
 def write(out: Path, item: Item, png: bytes, meta: dict) -> None:
     """Image first, metadata last: a crash between the two leaves the item not done, to be redone."""
-    with atomic_file(Path(out) / f"{item.stem}.png") as tmp:
+    with writing(Path(out) / f"{item.stem}.png") as tmp:
         tmp.write_bytes(png)
-    with atomic_file(Path(out) / f"{item.stem}.json") as tmp:
+    with writing(Path(out) / f"{item.stem}.json") as tmp:
         tmp.write_text(json.dumps({**asdict(item), **meta}) + "\n")
 
 
 def collect(out: Path, items: list[Item]) -> int:
     """metadata.jsonl from the finished items, in item order; returns how many there are."""
     lines = [(Path(out) / f"{i.stem}.json").read_text().strip() for i in items if done(out, i)]
-    with atomic_file(Path(out) / "metadata.jsonl") as tmp:
+    with writing(Path(out) / "metadata.jsonl") as tmp:
         tmp.write_text("".join(line + "\n" for line in lines))
     return len(lines)

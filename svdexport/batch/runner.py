@@ -24,10 +24,10 @@ from tqdm import tqdm
 from svdexport.batch import items as store
 from svdexport.batch.worker import Worker
 from svdexport.commands import check_loras
-from svdexport.errors import SvdExportError
+from svdexport.errors import SvdExportError, clip
 from svdexport.models import family
 from svdexport.runtime import manifest as manifest_io
-from svdexport.files import atomic_file
+from svdexport.media import writing
 from svdexport.outputs import engine_folder_of, writable_parent
 
 IN_FLIGHT = 2  # items queued per actor: one running, one ready to start
@@ -83,16 +83,16 @@ def _validate(opts: BatchOptions) -> tuple[dict, list[store.Item], list]:
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise SvdExportError(f"--out {out} is a file, not a folder")
-    writable_parent(out, "--out")
+    writable_parent(out / "job.json", "--out")  # tried in the folder the outputs go to (made and removed if new)
     if (engine := engine_folder_of(out)) is not None:
         raise SvdExportError(f"--out {out} is inside the engine folder {engine}; write outputs elsewhere")
     items = store.read_items(Path(opts.items), opts.seed)
     labels = manifest.model.conditioning.labels
     if labels:
         unknown = [i.text for i in items if i.text not in labels]
-        if unknown:
-            raise SvdExportError(f"{opts.items}: {unknown[0]!r} is not a class of this engine "
-                                 f"({', '.join(labels)})")
+        if unknown:  # the line and the class names cut short: a line may be megabytes
+            raise SvdExportError(f"{opts.items}: {clip(unknown[0])!r} is not a class of this engine "
+                                 f"({clip(', '.join(labels), 200)})")
     return manifest, items, loras
 
 
@@ -173,7 +173,7 @@ def run(opts: BatchOptions, progress: bool = True) -> Summary:
 
                 ray.shutdown()
     store.collect(out, items)
-    with atomic_file(out / "summary.json") as tmp:
+    with writing(out / "summary.json") as tmp:
         tmp.write_text(json.dumps({**asdict(summary), "images_per_minute": summary.images_per_minute}, indent=2))
     return summary
 
@@ -263,4 +263,5 @@ def _reason(e: Exception) -> str:
     cause = getattr(e, "cause", None) or e
     text = str(cause).strip().splitlines()
     # Ray's last line names the exception's class; an SvdExportError's message is the whole story.
-    return text[-1].removeprefix("svdexport.errors.SvdExportError: ") if text else type(cause).__name__
+    # Cut short: the error may quote the item's prompt, which may be megabytes.
+    return clip(text[-1].removeprefix("svdexport.errors.SvdExportError: "), 300) if text else type(cause).__name__

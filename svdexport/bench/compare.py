@@ -5,14 +5,17 @@ at the same budgets of full steps (`bench/methods.py` says how each method reach
 Everything runs in one process and interleaved: for each sample, every method runs once, so a drift of
 the machine hits all methods alike. Speedups are against eager full compute measured in that same loop.
 Per method and budget: PSNR mean and worst sample, and paired statistics against the SVD-Cache engine
-with its own plan at the same budget (`bench/stats.py`).
+with its own plan at the same budget (`bench/stats.py`); each calibrated row names the forecast its plan was
+searched for, and a method run on several plans has its best one marked (`mark_best_plans`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import statistics
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -21,6 +24,7 @@ from svdexport.bench import methods as methods_lib
 from svdexport.bench.methods import PREDICTOR_VARIANTS, Method, Setup  # noqa: F401 (the rows' building blocks)
 from svdexport.bench.metrics import psnr, rel_l2, ssim
 from svdexport.bench.stats import PSNR_CAP, paired, summary
+from svdexport.bench.sweep import SWEEP_SEEDS
 from svdexport.cache import plan as plans
 from svdexport.runtime.scheduler import Generation
 
@@ -75,6 +79,7 @@ def compare(engine_dir: str, samples: int = 16, steps: int = 50, budgets: tuple[
     labels = [seed % len(engine.labels) for seed in seeds] if engine.labels else None
     inputs = [engine.example_inputs(seed, None if labels is None else [labels[k]] * engine.shapes.batch)
               for k, seed in enumerate(seeds)]
+    machine = _machine()
     runs = [(meth, steps if meth.uncached else b) for meth in methods for b in ((steps,) if meth.uncached else budgets)]
     with torch.inference_mode():
         # Settings first: threshold peers sweep their thresholds here, on inputs that are not measured.
@@ -105,7 +110,8 @@ def compare(engine_dir: str, samples: int = 16, steps: int = 50, budgets: tuple[
         p = summary(psnrs)
         rows.append({
             "method": meth.name, "backend": meth.backend, "reference": meth.uncached, "peer": meth.peer,
-            "budget": b, "plan_kind": meth.plan, "plan": meth.steps_of(b), "settings": settings[(meth.name, b)],
+            "budget": b, "plan_kind": meth.plan, "plan": meth.steps_of(b), "plan_search": meth.search(b),
+            "base_method": meth.base, "best_plan": None, "settings": settings[(meth.name, b)],
             "full_steps": full[0] if len(set(full)) == 1 else statistics.mean(full),
             "full_steps_min": min(full), "full_steps_max": max(full), "full_steps_per_sample": full,
             "total_steps": steps, "latency_s": latency, "speedup": ref_latency / latency,
@@ -119,19 +125,48 @@ def compare(engine_dir: str, samples: int = 16, steps: int = 50, budgets: tuple[
         if video:
             temporal[f"{meth.name}@{b}"] = curve = _temporal(imgs)
             rows[-1]["temporal_psnr_db"] = statistics.mean(curve)
+    mark_best_plans(rows)
     return {
         "config": {"engine": str(engine_dir), "backend": m.backend, "model": m.model.weights.source,
                    "steps": steps, "samples": len(seeds), "seeds": seeds, "budgets": budgets,
                    "engine_plan": engine.plan(steps).full_steps, "cache": m.cache.to_dict(),
                    "shapes": m.shapes.build, "dtype": m.dtype, "reference": methods[0].name, "peers": peers,
                    "peers_unavailable": {p: unavailable[p] for p in peer_lib.PEERS if p not in peers},
-                   "paired_against": default, "sweep_seeds": list(methods_lib.SWEEP_SEEDS), "video": video},
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+                   "paired_against": default, "sweep_seeds": list(SWEEP_SEEDS), "video": video},
+        "machine": {**machine, "load_average_end": os.getloadavg()[0]},
         "rows": rows,
         "temporal": temporal,  # videos: mean PSNR between consecutive frames, per frame pair, per method
         "images": {"reference": ref_images, **{f"{name}@{b}": imgs for (name, b), imgs in images.items()}},
     }
+
+
+def mark_best_plans(rows: list[dict]) -> None:
+    """A method run on several plans (`base_method`): at each budget its row of the highest mean PSNR gets
+    best_plan True, the others False (ties: the first row); a method on one plan keeps None."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        if not r["reference"]:
+            groups.setdefault((r["base_method"], r["budget"]), []).append(r)
+    for group in groups.values():
+        if len(group) > 1:
+            best = max(group, key=lambda r: r["psnr_db"])
+            for r in group:
+                r["best_plan"] = r is best
+
+
+def _machine() -> dict:
+    """Where the run is measured: timings depend on the CPU and on what else runs (the load average over the
+    last minute, at the start; `compare` adds the one at the end); PSNRs do not."""
+    from svdexport import hardware
+
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+    except OSError:
+        names = []
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpu": names[0] if names else platform.processor(),
+            "cores": os.cpu_count(), "bf16_units": hardware.cpu_bf16()[1], "load_average_start": os.getloadavg()[0]}
 
 
 def _images(engine, latents: list[torch.Tensor]) -> list[torch.Tensor]:

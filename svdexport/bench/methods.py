@@ -3,7 +3,10 @@
 A method is a row label and a run `(inputs, budget) -> Generation`; the same label at every budget, so
 the rows of one method form a line on the frontier plots. Where the full steps fall is stated per row:
 
-- "calibrated": the engine's plan of that budget (`engine.plan`), searched on its calibration trajectories;
+- "calibrated": a plan of that budget searched on the engine's calibration trajectories (`engine.plan`) for
+  a forecast, which the row names (`search_label`): the engine's own (SVD-Cache's plan, which the peers' "same
+  plan" rows run), or the method's own (a Taylor step on the whole feature for TaylorSeer rules, reuse for
+  DBCache alone: the peers' "Taylor plan" and "reuse plan" rows), so that each method shows on both;
 - "uniform": warmup from the engine, then one full step every `interval` steps, with the interval whose
   plan has that many full steps (or the nearest count; the row shows the count it has);
 - "own": a library schedule without a plan input (diffusers TaylorSeer), with its warmup and interval
@@ -16,13 +19,13 @@ the rows of one method form a line on the frontier plots. Where the full steps f
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from svdexport.bench import peers as peer_lib
+from svdexport.bench.sweep import SWEEP_SEEDS, sweep_threshold
 from svdexport.cache import plan as plans
 from svdexport.cache.predictors import FITTED
 from svdexport.runtime.plans import SEARCH_ORDER
@@ -40,8 +43,11 @@ PREDICTOR_VARIANTS = [
     ("reuse (FORA)", {"predictor": "reuse"}),
 ]
 GAMMA_FALLBACK = 0.5  # residual forecast factor when the engine keeps no plan statistics
-SWEEP_SEEDS = (90_000, 90_001)  # inputs of the threshold sweeps: never among the measured samples
-SWEEP_EXPAND, SWEEP_BISECT = 8, 6  # threshold doublings/halvings to bracket the budget, then bisections
+# The plan search's forecast for TaylorSeer rules on the whole feature: a Taylor step on the principal part
+# and the residual alike (gamma 1). The search's error model forecasts from the last two full steps (order 1),
+# so order-2 rules get the order-1 plan.
+TAYLOR_SEARCH = {"predictor": "svd-taylor", "order": 1, "gamma": 1.0}
+REUSE_SEARCH = {"predictor": "reuse"}  # DBCache without a calibrator reuses the cached residual
 # Threshold peers: (row label, peer, fixed options, the library's default threshold, where the sweep starts).
 THRESHOLD_PEERS = [
     ("diffusers-fbcache (swept threshold)", "diffusers-fbcache", {}, 0.05),
@@ -60,6 +66,19 @@ class Method:
     steps_of: Callable[[int], list[int] | None] = lambda b: None  # its static plan at a budget
     settings: Callable[[int], dict] = lambda b: {}  # what the row reports of its configuration at a budget
     peer: str | None = None  # the peer library it runs, if any
+    search: Callable[[int], str | None] = lambda b: None  # a calibrated plan: the forecast it was searched for
+    base: str = ""  # the method apart from its plan: rows of one base are one method on several plans
+
+    def __post_init__(self) -> None:
+        self.base = self.base or self.name
+
+
+def search_label(cache) -> str:
+    """The forecast a calibrated plan was searched for (runtime/plans.py's search): the fitted weights, a
+    Taylor step of the search's order 1 with the residual damped by gamma (1: the whole feature), or reuse."""
+    if cache.predictor in FITTED:
+        return "svd-fitted"
+    return "reuse" if SEARCH_ORDER[cache.predictor] == 0 else f"taylor gamma {cache.gamma:g}"
 
 
 def uniform_interval(steps: int, warmup: int, budget: int) -> int:
@@ -95,6 +114,14 @@ class Setup:
             self._plans[key] = self.engine.plan(self.steps, cache).full_steps
         return self._plans[key]
 
+    def searched_for(self, budget: int, **overrides) -> str | None:
+        """What the plan of `plan(budget, **overrides)` was searched for (None: a uniform plan). Without plan
+        statistics every request gets the engine's recorded plan, searched for the engine's forecast."""
+        cache = self.engine.cache_config(**self.overrides(budget), **overrides)
+        if cache.plan == "uniform":
+            return None
+        return search_label(cache if self.engine.stats_for(self.steps) is not None else self.engine.cache)
+
     def uniform(self, budget: int) -> list[int]:
         return plans.uniform_plan(self.steps, self.warmup, uniform_interval(self.steps, self.warmup, budget))
 
@@ -121,16 +148,17 @@ def project_methods(s: Setup) -> list[Method]:
     label, kind, backend = predictor_label(eager.cache), engine.cache.plan, engine.manifest.backend
     ms = [Method("eager full compute", "eager", "every step", lambda x, b: eager.generate(x, steps=steps, interval=1),
                  uncached=True, steps_of=lambda b: list(range(steps)))]
-    ms.append(Method(f"SVD-Cache {label} (engine)", backend, kind,
+    own = f"SVD-Cache {label} (engine)"
+    ms.append(Method(own, backend, kind,
                      lambda x, b: engine.generate(x, steps=steps, **s.overrides(b)), steps_of=s.plan,
                      settings=lambda b: {"weights": "least squares on the calibration trajectories"}
-                     if engine.cache.predictor in FITTED else {"gamma": engine.cache.gamma}))
+                     if engine.cache.predictor in FITTED else {"gamma": engine.cache.gamma}, search=s.searched_for))
     if kind != "uniform":
         ms.append(Method(f"SVD-Cache {label} uniform plan (engine)", backend, "uniform",
                          lambda x, b: engine.generate(x, steps=steps, plan="uniform", warmup=s.warmup,
                                                       interval=uniform_interval(steps, s.warmup, b)),
                          steps_of=s.uniform, settings=lambda b: {
-                             "warmup": s.warmup, "interval": uniform_interval(steps, s.warmup, b)}))
+                             "warmup": s.warmup, "interval": uniform_interval(steps, s.warmup, b)}, base=own))
     gammas: dict[int, float] = {}
 
     def gamma(b: int) -> float:
@@ -142,6 +170,7 @@ def project_methods(s: Setup) -> list[Method]:
         ms.append(Method(f"SVD-Cache {label} + residual forecast (engine)", backend, kind,
                          lambda x, b: engine.generate(x, steps=steps, gamma=gamma(b), **s.overrides(b)),
                          steps_of=lambda b: s.plan(b, gamma=gamma(b)),
+                         search=lambda b: s.searched_for(b, gamma=gamma(b)),
                          settings=lambda b: {"gamma": gamma(b), "gamma_chosen_by": "least forecast error on the "
                                              "calibration trajectories" if engine.plan_stats else "fixed"}))
     for name, over in PREDICTOR_VARIANTS:
@@ -149,19 +178,26 @@ def project_methods(s: Setup) -> list[Method]:
             continue  # no statistics to fit on
         ms.append(Method(f"SVD-Cache {name}", "eager", kind,
                          lambda x, b, over=over: eager.generate(x, steps=steps, **s.overrides(b), **over),
-                         steps_of=lambda b, over=over: s.plan(b, **over)))
+                         steps_of=lambda b, over=over: s.plan(b, **over),
+                         search=lambda b, over=over: s.searched_for(b, **over)))
     # TaylorSeer on the whole feature: identity bases make C = F and R = 0, so the same forecast runs on the
-    # full feature instead of its principal part. On the engine's plan and on the uniform one, so that the
-    # plan's gain and the method's gain show apart.
+    # full feature instead of its principal part. On the engine's plan, on the plan searched for a Taylor step
+    # on the whole feature (its own) and on the uniform one, so that the plan's gain and the method's show apart.
     sites, dim = eager.bases.vectors.shape[:2]
     identity = torch.eye(dim).expand(sites, dim, dim).contiguous().to(eager.device)
     whole = CachedSampler(eager.full, eager.cached, identity, eager.cache, eager.sampling, eager.shapes)
+    taylor_plan = lambda b: s.plan(b, **TAYLOR_SEARCH)  # noqa: E731
     for order in (1, 2):
         cache = dataclasses.replace(eager.cache, predictor="svd-taylor", order=order, gamma=0.0)
-        for plan_kind, steps_of in ((kind, s.plan), ("uniform", s.uniform))[: 1 if kind == "uniform" else 2]:
-            ms.append(Method(f"TaylorSeer whole feature o{order} ({plan_kind} plan)", "eager", plan_kind,
+        variants = [(f"{kind} plan", kind, s.plan, s.searched_for)]
+        if kind != "uniform":
+            variants += [("Taylor plan", kind, taylor_plan, lambda b: s.searched_for(b, **TAYLOR_SEARCH)),
+                         ("uniform plan", "uniform", s.uniform, lambda b: None)]
+        for plan_name, plan_kind, steps_of, search in variants:
+            ms.append(Method(f"TaylorSeer whole feature o{order} ({plan_name})", "eager", plan_kind,
                              lambda x, b, c=cache, f=steps_of: whole.generate(
-                                 x, steps, cache=c, plan=plans.plan_mask(f(b), steps)), steps_of=steps_of))
+                                 x, steps, cache=c, plan=plans.plan_mask(f(b), steps)), steps_of=steps_of,
+                             search=search, base=f"TaylorSeer whole feature o{order}"))
     return ms
 
 
@@ -190,23 +226,38 @@ def peer_methods(s: Setup, names: list[str]) -> list[Method]:
                                                                     peer_lib.taylorseer_schedule(steps, b, warmup)),
                                                                 max_order=1, mode=mode),
                              peer="diffusers-taylorseer"))
-    for peer, orders in (("cachedit-dbcache", (None,)), ("cachedit-dbcache-taylorseer", (1, 2))):
+    # cache-dit takes any plan as its mask: SVD-Cache's ("same plan"), and, for a calibrated engine, the plan the
+    # same search finds for its own forecast (a Taylor step, or reuse without the calibrator).
+    for peer, orders, own in (("cachedit-dbcache", (None,), ("reuse plan", REUSE_SEARCH)),
+                              ("cachedit-dbcache-taylorseer", (1, 2), ("Taylor plan", TAYLOR_SEARCH))):
         if peer not in names:
             continue
         for order in orders:
-            extra = {} if order is None else {"order": order}
-            ms.append(Method(f"{peer}{'' if order is None else f' o{order}'} (same plan)", "eager", s.engine.cache.plan,
-                             lambda x, b, peer=peer, extra=extra: run(
-                                 peer, x, warmup, uniform_interval(steps, warmup, b), schedule="plan",
-                                 plan=plans.plan_mask(s.plan(b), steps), **extra),
-                             steps_of=s.plan, settings=lambda b, order=order: {
-                                 "Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "steps_computation_policy": "static",
-                                 "steps_computation_mask": "the SVD-Cache engine's plan",
-                                 **({} if order is None else {"taylorseer_order": order})}, peer=peer))
+            for plan_name, search in [("same plan", {})] + ([own] if s.engine.cache.plan != "uniform" else []):
+                ms.append(_cachedit_method(s, run, peer, order, plan_name, search))
     for label, peer, fixed, start in THRESHOLD_PEERS:
         if peer in names:
             ms.append(threshold_method(s, label, peer, fixed, start, run))
     return ms
+
+
+def _cachedit_method(s: Setup, run, peer: str, order: int | None, plan_name: str, search: dict) -> Method:
+    """cache-dit's DBCache (with its TaylorSeer calibrator at `order`) on the plan searched for `search`'s
+    forecast ({}: the engine's own, SVD-Cache's plan) as its static steps_computation_mask."""
+    steps, warmup = s.steps, s.warmup
+    extra = {} if order is None else {"order": order}
+    base = f"{peer}{'' if order is None else f' o{order}'}"
+
+    def settings(b: int) -> dict:
+        mask = f"the plan searched for {s.searched_for(b, **search)}" if search else "the SVD-Cache engine's plan"
+        return {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "steps_computation_policy": "static",
+                "steps_computation_mask": mask, **({} if order is None else {"taylorseer_order": order})}
+
+    return Method(f"{base} ({plan_name})", "eager", s.engine.cache.plan,
+                  lambda x, b: run(peer, x, warmup, uniform_interval(steps, warmup, b), schedule="plan",
+                                   plan=plans.plan_mask(s.plan(b, **search), steps), **extra),
+                  steps_of=lambda b: s.plan(b, **search), settings=settings, peer=peer,
+                  search=lambda b: s.searched_for(b, **search), base=base)
 
 
 def threshold_method(s: Setup, label: str, peer: str, fixed: dict, start: float, run) -> Method:
@@ -252,46 +303,6 @@ def threshold_method(s: Setup, label: str, peer: str, fixed: dict, start: float,
     return Method(label, "eager", "threshold",
                   lambda x, b: run(peer, x, warmup, uniform_interval(steps, warmup, b), threshold=threshold(b),
                                    **fixed), settings=settings, peer=peer)
-
-
-def sweep_threshold(full_steps: Callable[[float], float], budget: int, start: float,
-                    expand: int = SWEEP_EXPAND, bisect: int = SWEEP_BISECT) -> float:
-    """The threshold whose full steps come nearest `budget` (ties: the larger threshold, less compute).
-
-    Full steps fall as the threshold rises (more steps served from the cache). Doubles or halves from `start`
-    until the budget is bracketed, then bisects geometrically; stops at an exact hit.
-    """
-    tried: dict[float, float] = {}
-
-    def f(t: float) -> float:
-        if t not in tried:
-            tried[t] = full_steps(t)
-        return tried[t]
-
-    lo = hi = None  # lo: full steps >= budget (too many); hi: <= budget
-    t = start
-    for _ in range(expand):
-        v = f(t)
-        if v == budget:
-            break
-        if v > budget:
-            lo = t
-            if hi is not None:
-                break
-            t *= 2
-        else:
-            hi = t
-            if lo is not None:
-                break
-            t /= 2
-    if lo is not None and hi is not None and f(lo) != budget and f(hi) != budget:
-        for _ in range(bisect):
-            mid = math.sqrt(lo * hi)
-            v = f(mid)
-            if v == budget:
-                break
-            lo, hi = (mid, hi) if v > budget else (lo, mid)
-    return min(tried, key=lambda t: (abs(tried[t] - budget), -t))
 
 
 def _labels(engine, seed: int) -> list[int] | None:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from svdexport.bench.stats import PSNR_CAP
+from svdexport.bench.stats import HELDOUT_SEEDS, PSNR_CAP
 from svdexport.cache.predictors import FITTED
 from svdexport.files import atomic_file
 from svdexport.media import MARK, json_text, png_info
@@ -43,6 +43,8 @@ def _cell(r: dict, c: str) -> str:
     if c == "wins":
         p = r["paired"]
         return "-" if p is None else f"{p['reference_wins']}/{p['n']}"
+    if c == "plan_kind":  # a calibrated plan names the forecast its search was for
+        return r["plan_kind"] + (f": {r['plan_search']}" if r.get("plan_search") else "")
     if c == "settings":
         # The numbers only (threshold, interval, gamma ...); the settings table below has everything.
         return ", ".join(f"{k} {v}" for k, v in r["settings"].items()
@@ -61,6 +63,29 @@ def table(rows: list[dict], budget: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def best_plans(rows: list[dict], budget: int) -> str:
+    """Per method run on several plans at `budget`: each plan's mean / worst dB, its best plan first."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["budget"] == budget and r.get("best_plan") is not None:
+            groups.setdefault(r["base_method"], []).append(r)
+    lines = ["| method | best plan: mean / worst dB | other plans |", "|---|---|---|"]
+    for base, group in groups.items():
+        group = sorted(group, key=lambda r: not r["best_plan"])
+        cells = [f"{r['method']} ({_cell(r, 'plan_kind')}): {r['psnr_db']:.2f} / {r['psnr_worst_db']:.2f}"
+                 for r in group]
+        lines.append(f"| {base} | {cells[0]} | {'; '.join(cells[1:])} |")
+    return "\n".join(lines) if groups else ""
+
+
+def _machine_text(m: dict) -> str:
+    cpu = f"{m['cpu']} ({m['bf16_units']}), {m['cores']} cores, " if "cpu" in m else ""
+    load = (f"; load average {m['load_average_start']:.1f} at the start, {m['load_average_end']:.1f} at the end "
+            f"(timings shared the machine with other jobs where it exceeds the threads)"
+            if "load_average_start" in m else "")
+    return f"{m['platform']}, {cpu}torch {m['torch']}, {m['threads']} threads{load}"
+
+
 def _forecast(cache: dict) -> str:
     if cache["predictor"] in FITTED:
         return "svd-fitted (weights fitted per step on the calibration trajectories)"
@@ -76,20 +101,29 @@ def markdown(result: dict) -> str:
            f"{c['samples']} samples ({seed_text}), {c['steps']} steps, budgets of {', '.join(map(str, c['budgets']))} "
            f"full steps; engine: warmup {c['cache']['warmup']}, plan {c['cache']['plan']} (at {c['steps']} steps: "
            f"{' '.join(map(str, c['engine_plan']))}), predictor {_forecast(c['cache'])}, granularity {c['cache']['granularity']}, tau {c['cache']['tau']}, k_max "
-           f"{c['cache']['k_max']}; machine: {result['machine']['platform']}, torch {result['machine']['torch']}, "
-           f"{result['machine']['threads']} threads.", "",
+           f"{c['cache']['k_max']}; machine: {_machine_text(result['machine'])}.", "",
            "Every method runs with the budget's number of full steps. Plan: where its full steps fall (calibrated: "
-           "the engine's plan of that budget; uniform: warmup, then every interval; own: the library's schedule "
+           "a plan of that budget searched on the engine's calibration trajectories, for the forecast named after "
+           "it: svd-fitted is the engine's own, SVD-Cache's plan, which the rows \"same plan\" and \"calibrated "
+           "plan\" run; taylor gamma 1 is a Taylor step on the whole feature, the plan of the rows \"Taylor plan\" "
+           "(the search models order 1, so order-2 rows get the same plan); reuse, of \"reuse plan\"; "
+           "uniform: warmup, then every interval; own: the library's schedule "
            "with warmup and interval set to the budget; threshold: the library decides per step, its threshold "
            f"swept on seeds {', '.join(map(str, c['sweep_seeds']))} (not measured) to the budget, so its full steps "
            "vary per sample: mean (range)). Speedup: eager full compute latency / method latency, measured "
            "interleaved in one run. PSNR: decoded samples against eager full compute, mean and worst sample "
            f"(capped at {PSNR_CAP:.0f} dB). Paired, per sample against {c['paired_against']} at the same budget: "
            "mean ± standard deviation of (method - SVD-Cache), and the samples SVD-Cache wins.", ""]
+    if seeds == list(HELDOUT_SEEDS):
+        out += [f"Seeds {seeds[0]}-{seeds[-1]} are the project's held-out set: reported only, never used to choose a "
+                "default, a setting or a target (README, \"Seeds\").", ""]
     if c.get("peers_unavailable"):
         out += ["Peers not run: " + "; ".join(f"{k} ({v})" for k, v in c["peers_unavailable"].items()), ""]
     for b in c["budgets"]:
         out += [f"## {b} of {c['steps']} full steps", "", table(result["rows"], b), ""]
+        if best := best_plans(result["rows"], b):
+            out += [f"Methods run on several plans at {b} full steps, each one's best plan (highest mean) first:",
+                    "", best, ""]
     if len(c["budgets"]) > 1:
         out += ["## frontier (PSNR mean / worst dB @ speedup, per budget of full steps)", "", frontier_table(result), ""]
     out += ["## settings per method", "", settings_table(result), ""]

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from svdexport.build import memory, precision
 from svdexport.build.calibrate import CALIBRATION_SEED, CalibrationSettings, calibrate
 from svdexport.build.step_plans import calibrate_plan
+from svdexport.build.bound import write_bound
 from svdexport.build.ranged import range_states, shapes_record
 from svdexport.cache.plan_stats import save_stats
 from svdexport.cache.config import CacheConfig
@@ -30,6 +31,7 @@ from svdexport.files import atomic_dir, atomic_file
 from svdexport.models import family
 from svdexport.outputs import check_dir, check_file, output_lock
 from svdexport.models.family import Family, Sampling, Shapes
+from svdexport.models.mapped import MappedWeights
 from svdexport.models.ranges import ShapeRange, shape_range
 from svdexport.models.weights import WeightsInfo, load_table, read_prompts
 from svdexport.runtime import manifest as mf
@@ -57,6 +59,9 @@ class BuildOptions:
     plan_steps: list[int] = field(default_factory=list)
     calibration_prompts: str | None = None  # prompt file for models with text encoders; None = built-in list
     check_memory: bool = True  # refuse a build whose estimated peak memory exceeds what is available
+    # Keep the weights inside the engine (a self-contained engine, to ship) instead of referencing the local
+    # checkpoint's files (build/bound.py); bundled models are always kept inside.
+    embed_weights: bool = False
     force: bool = False  # replace an output that svdexport did not write
     dtype_reason: str = ""  # why this dtype (set by prepare: "auto: this CPU has AVX512-BF16 ...")
     # Closed-loop refinement of calibrated plans (plan.refine): plans scored by cached sampling against full
@@ -94,6 +99,7 @@ class Prepared:
 
     fam: Family
     model: torch.nn.Module  # the diffusers transformer, on the build device
+    loaded: MappedWeights  # the checkpoint files it was mapped from, and where each weight is in them
     info: WeightsInfo
     shapes: Shapes  # the build shapes (a ranged engine's optimum)
     range: ShapeRange  # the shapes the engine serves (static: the build shapes only)
@@ -153,9 +159,10 @@ def prepare(opts: BuildOptions) -> Prepared:
     if opts.calibration_prompts and prompts is None:
         raise SvdExportError(f"--calibration-prompts needs text encoders; {info.source} has none "
                              f"(a {fam.name} pipeline folder with its text encoders and tokenizers)")
-    model = fam.load(info, DTYPES[opts.dtype]).to(opts.device)
+    loaded = fam.load_weights(info, DTYPES[opts.dtype])
+    model = loaded.model.to(opts.device)
     full, cached = fam.graphs(model, opts.cache.granularity)
-    return Prepared(fam, model, info, shapes, ranges, full, cached, fam.sites(info.config, opts.cache.granularity),
+    return Prepared(fam, model, loaded, info, shapes, ranges, full, cached, fam.sites(info.config, opts.cache.granularity),
                     sampling, table, defaults.steps, est, prompts)
 
 
@@ -222,6 +229,8 @@ def build_key(p: Prepared, opts: BuildOptions) -> str:
         parts["calib_shapes"] = opts.calib_shapes
     if opts.plan_steps:
         parts["plan_steps"] = opts.plan_steps
+    if opts.embed_weights:
+        parts["embed_weights"] = True
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -298,8 +307,10 @@ def _build(opts: BuildOptions, out: Path, graphs_dir: Path, progress: bool, be) 
             save_file({k: v.contiguous() for k, v in p.table.items()}, str(tmp / TABLE_FILE))
             conditioning = mf.Conditioning(ConditioningKind.CLASS_TABLE, file=TABLE_FILE,
                                            labels=p.info.conditioning["labels"])
+        bound = None
         if be.needs_export:
             export_programs(graphs, gtmp)
+            bound = write_bound(p, graphs, tmp, opts.embed_weights)
             (gtmp / "manifest.json").write_text(json.dumps({"engine": str(out), "build_key": key}, indent=2))
         for name in be.carried:  # caches of the engine this build replaces (TensorRT's timing cache)
             if (out / name).is_file():
@@ -328,5 +339,6 @@ def _build(opts: BuildOptions, out: Path, graphs_dir: Path, progress: bool, be) 
             sampler=p.sampling.config,
             graphs=_describe(graphs),
             plans=plan_records,
+            bound=bound,
         )
         return mf.write(tmp, manifest), False

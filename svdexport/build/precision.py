@@ -4,7 +4,8 @@ The rule, first match wins:
 1. the model declares its precision (its svdexport.json or bundled spec: {"precision": {"dtype", "why"}}),
    because bf16 was measured to cost it too much (the bundled digits model);
 2. a CUDA build runs bf16 (FLUX.1's released precision; diffusers and the TensorRT demos run it so);
-3. the onnx backend on a CPU runs fp32: ONNX Runtime's CPU provider has no bf16 kernels;
+3. the onnx backend on a CPU runs fp32: ONNX Runtime's CPU provider has no bf16 kernels (`--dtype bf16` there
+   keeps bf16 weights, the checkpoint's bytes, and computes in float32: export/onnx.py);
 4. a CPU with native bf16 matrix units (AMX-BF16 or AVX512-BF16, hardware.cpu_bf16) runs bf16, any other fp32.
 
 What stays float32 inside a bf16 engine: the cache math (models/mmdit.py: bases, coefficients, residuals,
@@ -41,7 +42,8 @@ def auto_dtype(device: str, backend: str, precision: dict | None = None,
     if device == "cuda":
         return "bf16", "bf16 on CUDA, FLUX.1's released precision"
     if backend == "onnx":
-        return "fp32", "ONNX Runtime's CPU provider has no bf16 kernels"
+        return "fp32", ("ONNX Runtime's CPU provider has no bf16 kernels; --dtype bf16 keeps bf16 weights and "
+                        "computes in float32")
     native, why = (cpu_bf16 or hardware.cpu_bf16)()
     if native:
         return "bf16", f"{why} (bf16 matmuls run natively)"

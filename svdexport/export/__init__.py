@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from svdexport.errors import SvdExportError
+from svdexport.export.boundary import Boundary
 from svdexport.quiet import quiet
 
 BACKENDS = ("eager", "inductor", "aoti", "onnx", "tensorrt")
@@ -47,6 +48,12 @@ class LoadSpec:
     resolve: Callable[[str], Path] | None = None
     options: dict = field(default_factory=dict)  # the backend's own record from build (its file names)
     ranged: bool = False  # the programs take a range of shapes (dynamic dimensions), not one
+    # A graph's constants by FQN, bound at load (export/bindings.py: views of the referenced checkpoint and the
+    # engine's own constants file); None for engines whose programs hold their weights (eager, older builds).
+    constants: Callable[[str], dict[str, torch.Tensor]] | None = None
+    # Refuses an engine file written in place since it was hashed (what `resolve` names may then differ from
+    # what was hashed); backends that read engine files again after the load (a refit) call it after the read.
+    unchanged: Callable[[], None] | None = None
 
     def file(self, kind: str, graph: str, engine_dir: Path) -> Path:
         """The file of `graph` that backend_options[kind] names, through the manifest's resolver."""
@@ -56,6 +63,10 @@ class LoadSpec:
         if self.resolve is None:
             return engine_dir / names[graph]
         return self.resolve(names[graph])
+
+    def check_unchanged(self) -> None:
+        if self.unchanged is not None:
+            self.unchanged()
 
 
 @dataclass
@@ -89,19 +100,22 @@ class GraphExport:
 
 
 class CompiledGraph:
-    """Adapts a compiled callable to the eager graphs' convention: a tuple for several outputs, else a tensor."""
+    """Adapts a compiled callable to the eager graphs' convention: a tuple for several outputs, else a tensor.
+    `boundary` (export/boundary.py) makes the inputs what the compiled code reads: contiguous, in the exported
+    dtypes, on the engine's device."""
 
     scratch = None  # a files.Scratch the loader extracted into (AOTInductor), removed by close()
 
-    def __init__(self, fn: Callable, input_names: list[str], output_names: list[str]):
+    def __init__(self, fn: Callable, input_names: list[str], output_names: list[str], boundary: Boundary):
         self.fn, self.input_names, self.output_names = fn, list(input_names), list(output_names)
+        self.boundary = boundary
 
     def close(self) -> None:
         if self.scratch is not None:
             self.scratch.remove()
 
     def __call__(self, *inputs: torch.Tensor):
-        out = self.fn(*inputs)
+        out = self.fn(*self.boundary(inputs))
         if isinstance(out, torch.Tensor):
             out = (out,)
         return tuple(out) if len(self.output_names) > 1 else out[0]
@@ -166,7 +180,28 @@ def open_engine_file(path: Path, what: str, opener: Callable[[], object]):
         raise
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise SvdExportError(f"cannot load {path} as {what}: {first}") from None
+        shown = getattr(path, "origin", path)  # a verified file's own path, not its link (verified.VerifiedPath)
+        raise SvdExportError(f"cannot load {shown} as {what}: {first}") from None
+
+
+def check_signature(path: Path, inputs: list[str], outputs: list[str] | None, got_inputs: list[str] | int,
+                    got_outputs: list[str] | int | None = None) -> None:
+    """Refuses, in one line at load, an engine file that does not take the inputs (and give the outputs) of
+    the graph it is loaded as: the full and cached files swapped, or another engine's. `got_*`: the file's own
+    names where it records them (a subset: an exporter may drop an input its graph does not read), else counts."""
+    def fits(want: list[str], got) -> bool:
+        return got == len(want) if isinstance(got, int) else bool(got) and set(got) <= set(want)
+
+    def shown(x, what: str) -> str:
+        return f"{x} {what}" if isinstance(x, int) else f"{what} {', '.join(x)}"
+
+    outputs_fit = outputs is None or got_outputs is None or fits(outputs, got_outputs)
+    if not fits(inputs, got_inputs) or not outputs_fit:
+        got = shown(got_inputs, "inputs")
+        got += "" if got_outputs is None else f" and gives {shown(got_outputs, 'outputs')}"
+        raise SvdExportError(f"engine file {getattr(path, 'origin', path)} is not the graph its manifest loads it "
+                             f"as (it takes {got}; the graph takes inputs {', '.join(inputs)} and gives "
+                             f"{len(outputs or [])} outputs): the engine's files were swapped or replaced; rebuild it")
 
 
 def backend(name: str) -> Backend:
@@ -178,13 +213,15 @@ def backend(name: str) -> Backend:
 
 
 def compiled_pair(spec: LoadSpec, load_one: Callable[[str], Callable]) -> tuple[CompiledGraph, CompiledGraph]:
-    """(full, cached) from a per-graph loader, with names from the engine's graph specs."""
-    return tuple(CompiledGraph(load_one(n), spec.graphs[n].inputs, spec.graphs[n].outputs) for n in GRAPHS)
+    """(full, cached) from a per-graph loader, with names from the engine's graph specs, each behind the input
+    boundary of its exported dtypes and the engine's device."""
+    return tuple(CompiledGraph(load_one(n), spec.graphs[n].inputs, spec.graphs[n].outputs,
+                               Boundary(spec.graphs[n].input_dtypes, spec.device)) for n in GRAPHS)
 
 
 def export_programs(graphs: dict[str, GraphExport], graphs_dir: Path) -> None:
     """torch.export both graphs (static shapes, or dynamic dimensions for a ranged engine) and save the
-    programs to graphs_dir/NAME.pt2."""
+    programs to graphs_dir/NAME.pt2 without their weights (`weightless`: the engine binds them at load)."""
     graphs_dir.mkdir(parents=True, exist_ok=True)
     for name, g in graphs.items():
         try:
@@ -194,7 +231,61 @@ def export_programs(graphs: dict[str, GraphExport], graphs_dir: Path) -> None:
             raise SvdExportError(f"torch.export failed on the {name} graph: {str(e).splitlines()[0]}") from e
         g.program_path = graphs_dir / f"{name}.pt2"
         with quiet():
-            torch.export.save(g.program, g.program_path)
+            torch.export.save(weightless(g.program), g.program_path)
+
+
+def weightless(program):
+    """`program` with every constant on the meta device: the graph, signature and shapes without a byte of
+    weights (bound again at load with `with_constants`)."""
+    def meta(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        m = torch.empty(t.shape, dtype=t.dtype, device="meta")
+        return torch.nn.Parameter(m, requires_grad=False) if isinstance(t, torch.nn.Parameter) else m
+
+    return torch.export.ExportedProgram(
+        root=program.graph_module, graph=program.graph, graph_signature=program.graph_signature,
+        state_dict={k: meta(v) for k, v in program.state_dict.items()},
+        range_constraints=program.range_constraints, module_call_graph=program.module_call_graph,
+        example_inputs=program.example_inputs, constants={k: meta(v) for k, v in program.constants.items()},
+        verifiers=program.verifiers)
+
+
+def program_with(program, constants: dict[str, torch.Tensor]):
+    """A (weightless) program whose state dict and lifted constants are `constants` (by FQN, as they are: no
+    copy), for consumers that take a whole program (TensorRT's refit)."""
+    missing = [k for k in (*program.state_dict, *program.constants) if k not in constants]
+    if missing:
+        raise SvdExportError(f"the engine binds no weight to {missing[0]} ({len(missing)} in all): rebuild it")
+
+    def given(k, t):
+        value = constants[k]
+        return torch.nn.Parameter(value, requires_grad=False) if isinstance(t, torch.nn.Parameter) else value
+
+    return torch.export.ExportedProgram(
+        root=program.graph_module, graph=program.graph, graph_signature=program.graph_signature,
+        state_dict={k: given(k, v) for k, v in program.state_dict.items()},
+        range_constraints=program.range_constraints, module_call_graph=program.module_call_graph,
+        example_inputs=program.example_inputs,
+        constants={k: given(k, v) if isinstance(v, torch.Tensor) else v for k, v in program.constants.items()},
+        verifiers=program.verifiers)
+
+
+def with_constants(module: torch.nn.Module, constants: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A weightless program's module (`program.module()`) with its constants bound (assigned, no copy)."""
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for fqn, value in constants.items():
+            owner, _, leaf = fqn.rpartition(".")
+            target = module.get_submodule(owner) if owner else module
+            if fqn in params:
+                setattr(target, leaf, torch.nn.Parameter(value, requires_grad=False))
+            else:
+                setattr(target, leaf, value)
+    missing = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+    if missing:
+        raise SvdExportError(f"the engine binds no weight to {missing[0]} ({len(missing)} in all): rebuild it")
+    return module
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -11,16 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch.utils import _pytree as pytree
 
 from svdexport.errors import SvdExportError
-from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, compiled_pair, missing_weights, open_engine_file
+from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, check_signature, compiled_pair, missing_weights
+from svdexport.export import open_engine_file
 from svdexport.files import Scratch
 from svdexport.quiet import quiet
 
 
 class AotiBackend(Backend):
     name = "aoti"
-    weight_copies = 3.5  # measured 3.1 (fp32) and 3.3 (bf16) on bundled:flux1-reduced, rounded up
+    # Packages hold no weights (bound at load): the build holds them once, plus Inductor's working memory.
+    weight_copies = 1.1
 
     def build(self, graphs: dict[str, GraphExport], engine_dir: Path, graphs_dir: Path) -> dict:
         from torch._inductor import aoti_compile_and_package
@@ -28,7 +31,8 @@ class AotiBackend(Backend):
         for name in GRAPHS:
             try:
                 with quiet():  # the C++ compiler's and Inductor's warnings; --verbose shows them
-                    aoti_compile_and_package(graphs[name].program, package_path=str(engine_dir / f"{name}.aoti.pt2"))
+                    aoti_compile_and_package(graphs[name].program, package_path=str(engine_dir / f"{name}.aoti.pt2"),
+                                             inductor_configs={"aot_inductor.package_constants_in_so": False})
             except Exception as e:
                 raise SvdExportError(f"AOTInductor failed on the {name} graph: {str(e).splitlines()[0]}") from e
         return {"packages": {n: f"{n}.aoti.pt2" for n in GRAPHS}}
@@ -41,7 +45,12 @@ class AotiBackend(Backend):
         def one(name: str):
             path = spec.file("packages", name, engine_dir)
             with scratch.as_tmpdir():
-                return open_engine_file(path, "an AOTInductor package", lambda: aoti_load_package(str(path)))
+                package = open_engine_file(path, "an AOTInductor package", lambda: aoti_load_package(str(path)))
+            # Its call spec (pytree of the inputs and outputs) against the manifest's graph, before any call.
+            ins, outs = (pytree.treespec_loads(s).num_leaves for s in package.loader.get_call_spec())
+            check_signature(path, spec.graphs[name].inputs, spec.graphs[name].outputs, ins, outs)
+            bind(package, name, spec)
+            return package
 
         pair = compiled_pair(spec, one)
         for graph in pair:
@@ -60,6 +69,20 @@ class AotiBackend(Backend):
             if given:
                 graph.fn.load_constants({k: v.detach().to(spec.device).contiguous() for k, v in given.items()},
                                         check_full_update=False)
+
+
+def bind(package, name: str, spec: LoadSpec) -> None:
+    """The package's constants from the engine's bindings, as they are (no copy on the engine's device): a
+    package compiled without its constants must never run before they are bound (it would read nothing)."""
+    fqns = package.get_constant_fqns()
+    bound = spec.constants(name) if spec.constants is not None else {}
+    missing = [f for f in fqns if f not in bound]
+    if missing:
+        raise SvdExportError(f"the engine binds no weight to {missing[0]} of its {name} graph ({len(missing)} in "
+                             "all): rebuild it")
+    values = {f: bound[f].to(spec.device).contiguous() for f in fqns}
+    package.load_constants(values, check_full_update=True, user_managed=True)
+    package.svdexport_constants = values  # user-managed: the package reads this memory; it lives as long
 
 
 BACKEND = AotiBackend()

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, missing_weights
+from svdexport.export.boundary import Boundary, guard_module
 
 
 class EagerBackend(Backend):
@@ -18,7 +19,11 @@ class EagerBackend(Backend):
         return {}
 
     def load(self, engine_dir: Path, spec: LoadSpec):
-        return spec.eager_graphs()
+        """The eager modules, each behind the input boundary of its graph spec (as every backend's graphs)."""
+        graphs = spec.eager_graphs()
+        for name, module in zip(GRAPHS, graphs):
+            guard_module(module, Boundary(spec.graphs[name].input_dtypes, spec.device))
+        return graphs
 
     fixed_weights = None
 

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import torch
 
-from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, compiled_pair, link_or_copy, open_engine_file
+from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, check_signature, compiled_pair, link_or_copy
+from svdexport.export import open_engine_file, with_constants
 from svdexport.export.eager import copy_into_modules
 
 
 class InductorBackend(Backend):
     name = "inductor"
-    weight_copies = 2.5  # export and save: estimated from the steps, not measured
+    weight_copies = 1.1  # programs saved without weights (bound at load): the weights once, as aoti
 
     def build(self, graphs: dict[str, GraphExport], engine_dir: Path, graphs_dir: Path) -> dict:
         for name in GRAPHS:
@@ -28,10 +29,16 @@ class InductorBackend(Backend):
         def compile_one(name: str):
             path = spec.file("programs", name, engine_dir)
             program = open_engine_file(path, "a torch.export program", lambda: torch.export.load(str(path)))
+            signature = program.graph_signature  # its own input names, before the compile runs it
+            check_signature(path, spec.graphs[name].inputs, spec.graphs[name].outputs, list(signature.user_inputs),
+                            len(signature.user_outputs))
             # A ranged engine's program has dynamic dimensions: compile for all of them (dynamic=False would
             # specialise and recompile per shape). Dynamo still specialises size 1, so a batch-1 request
             # compiles once more (cached on disk like the rest).
-            compiled = torch.compile(program.module(), dynamic=spec.ranged, fullgraph=True)
+            module = program.module()
+            if spec.constants is not None:  # a weightless program: its weights bound from the engine's bindings
+                module = with_constants(module, {k: v.to(spec.device) for k, v in spec.constants(name).items()})
+            compiled = torch.compile(module, dynamic=spec.ranged, fullgraph=True)
             # Compile now, at load, so that the first generation is not charged with it.
             g = spec.graphs[name]
             with torch.inference_mode():  # inference tensors: Inference passes them on as they are, marks included

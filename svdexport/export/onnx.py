@@ -1,9 +1,16 @@
 """ONNX Runtime: the programs exported to ONNX (graphs folder), optimized into the engine folder.
 
-- Export: torch.onnx's dynamo exporter from the torch.export program, weights as external data (one
-  file per graph), which lifts the 2 GB protobuf limit of real FLUX.
-- Optimization at build: onnxruntime's transformer optimizer (model type "mmdit", the FLUX/SD3 family);
-  at load the session applies every remaining ORT optimization (ORT_ENABLE_ALL) for this machine.
+- Export (onnx_export.py): torch.onnx's dynamo exporter from the torch.export program; every weight stays an
+  initializer named by its FQN, declared (type and shape) without its bytes: neither folder holds a copy.
+  At load each session takes its weights from the engine's bindings (LoadSpec.constants: views of the mapped
+  checkpoint, or of the engine's constants file for bundled and --embed-weights engines) through
+  add_external_initializers, without a copy. Engines built before bindings keep their weights in
+  NAME.onnx.data files, mapped the same way.
+- bf16 on a CPU: bf16 initializers (the checkpoint's bytes) cast to float32 where they are used, float32
+  activations (backend_options "compute": "float32" and the input dtypes the sessions take).
+- Optimization at build: onnxruntime's transformer optimizer (model type "mmdit", the FLUX/SD3 family), on the
+  model without weight data; at load the session applies ORT_ENABLE_ALL except ConstantFolding, without
+  weight prepacking (DISABLED_OPTIMIZERS, PREPACK: either would copy every weight).
 - A ranged engine's programs have dynamic dimensions, which the exporter turns into ONNX dynamic axes
   (symbolic dims named after torch.export's symbols); ORT allocates outputs of dynamic shape itself.
 - Sessions are created once per engine, with intra-op threads = the cores this process may use, and run
@@ -12,19 +19,35 @@
 
 from __future__ import annotations
 
+import dataclasses
+import mmap
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from svdexport.errors import SvdExportError
-from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, compiled_pair, missing_weights, open_engine_file
+from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, check_signature, compiled_pair, missing_weights
+from svdexport.export import open_engine_file
+from svdexport.export import onnx_export as exported
 from svdexport.quiet import quiet
 
 # torch dtype <-> ONNX element type (onnx.TensorProto values; ORT binds bfloat16 only by this number).
-_ELEM = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.float64: 11, torch.int64: 7}
+_ELEM = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.float64: 11, torch.int64: 7, torch.int32: 6,
+         torch.uint8: 2, torch.int8: 3, torch.bool: 9}
 _TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16,
           "tensor(double)": torch.float64, "tensor(int64)": torch.int64}
+# Bytes per element of the ONNX element types external data may hold (float, uint8, int8, uint16, int16,
+# int32, int64, bool, float16, double, uint32, uint64, bfloat16).
+_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
+
+# Session settings that keep the weights where they are bound, never copied (OnnxBackend.weight_copies has the
+# measurements): ConstantFolding folds Transpose(W) and Cast(W) into new initializers, a copy of every weight
+# (without it ORT still fuses each transpose into Gemm/FusedMatMul with transB, which reads W as it is);
+# prepacking keeps a packed copy of each MatMul/Gemm weight.
+DISABLED_OPTIMIZERS = ["ConstantFolding"]
+PREPACK = False
 
 
 def providers() -> list[str]:
@@ -46,15 +69,98 @@ def cpu_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-class OrtGraph:
-    """One ONNX Runtime session called with positional torch tensors through I/O binding."""
+class ModelFiles:
+    """An ONNX model read once: its bytes, and each external initializer as an OrtValue over memory it does not
+    copy: a declared weight (onnx_export.BOUND) over the tensor `bound` gives it by name (LoadSpec.constants:
+    views of the mapped checkpoint or constants file), one stored in a data file (engines built before
+    bindings) over a read-only mapping of that file. Sessions are made from these, never from the paths: ONNX
+    Runtime resolves a model's folder to its real path to find the weights, so from the path it would read
+    whatever is there now, not the engine's verified files (`resolve`: an external-data location to the path to
+    read it from; default: beside the model)."""
 
-    def __init__(self, path: Path, input_names: list[str]):
-        self.path, self.overrides = path, {}
+    def __init__(self, path: Path, resolve: Callable[[str], Path] | None = None,
+                 bound: dict[str, torch.Tensor] | None = None):
+        import onnx
+
+        self.bytes = Path(path).read_bytes()
+        model = onnx.load_model_from_string(self.bytes)
+        self.names = {t.name for t in model.graph.initializer}  # every initializer (weights replaceable by name)
+        self.external: dict[str, object] = {}  # name -> OrtValue over the mapping, for those stored as external data
+        self._arrays, maps = [], {}
+        for tensor in onnx.external_data_helper._get_all_tensors(model):
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            if exported.declared(tensor):
+                self.external[tensor.name] = self._bound(tensor, bound, path)
+                continue
+            info = {e.key: e.value for e in tensor.external_data}
+            location = info.get("location", "")
+            file = resolve(location) if resolve is not None else Path(path).parent / location
+            if file not in maps:
+                maps[file] = _map(file)
+            self.external[tensor.name] = self._value(tensor, info, maps[file], path)
+
+    def _bound(self, tensor, bound: dict[str, torch.Tensor] | None, path: Path):
+        shown = getattr(path, "origin", path)
+        t = (bound or {}).get(tensor.name)
+        if t is None:
+            raise SvdExportError(f"the engine binds no weight to {tensor.name} of {shown}: rebuild it")
+        if _ELEM.get(t.dtype) != tensor.data_type or list(t.shape) != list(tensor.dims):
+            raise SvdExportError(f"the engine binds a {t.dtype} {list(t.shape)} tensor to {tensor.name} of {shown}, "
+                                 "which declares another type or shape: rebuild it")
+        value, owner = _ortvalue(t)
+        self._arrays.append(owner)  # the session reads this memory: alive as long as the model
+        return value
+
+    def _value(self, tensor, info: dict, data, path: Path):
+        import numpy as np
+        import onnxruntime as ort
+
+        size = _ITEMSIZE.get(tensor.data_type)
+        if tensor.name not in self.names or size is None:
+            raise SvdExportError(f"{getattr(path, 'origin', path)} stores {tensor.name!r} as external data in a form "
+                                 "svdexport does not load (not a graph initializer of a numeric type); rebuild it")
+        numel = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+        offset, length = int(info.get("offset", 0)), int(info.get("length", numel * size))
+        if length != numel * size or offset < 0 or offset + length > len(data):
+            raise SvdExportError(f"{getattr(path, 'origin', path)}: the external data of {tensor.name!r} does not "
+                                 "fit its data file (offset, length or shape); rebuild the engine")
+        # Raw bytes of the element's size, reinterpreted by ORT as the ONNX type (numpy has no bfloat16).
+        array = np.frombuffer(data, dtype=f"u{size}", count=numel, offset=offset).reshape(tuple(tensor.dims))
+        self._arrays.append(array)  # the session reads this memory: alive as long as the model
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, tensor.data_type)
+
+
+def _ortvalue(t: torch.Tensor) -> tuple[object, torch.Tensor]:
+    """An OrtValue over a CPU tensor's memory (no copy where it is contiguous), and the tensor that owns it."""
+    import onnxruntime as ort
+
+    t = t.detach().cpu().contiguous()
+    array = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()  # numpy has no bfloat16
+    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, _ELEM[t.dtype]), t
+
+
+def _map(path: Path) -> bytes | mmap.mmap:
+    """A file's bytes as a read-only mapping (the pages of multi-GB weights are read as ORT touches them)."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return b""
+        return mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+
+
+class OrtGraph:
+    """One ONNX Runtime session called with positional torch tensors through I/O binding. `resolve` and
+    `unchanged`: see ModelFiles and LoadSpec.unchanged."""
+
+    def __init__(self, path: Path, input_names: list[str], resolve: Callable[[str], Path] | None = None,
+                 unchanged: Callable[[], None] | None = None, bound: dict[str, torch.Tensor] | None = None):
+        self.path, self.overrides, self.unchanged = path, {}, unchanged
+        self.model = open_engine_file(path, "an ONNX model", lambda: ModelFiles(path, resolve, bound))
         self._open()
         self.device = session_device(self.session.get_providers())
         position = {n: i for i, n in enumerate(input_names)}
         # The exporter may drop an input the graph does not read; bind only what the session declares.
+        check_signature(path, input_names, None, [i.name for i in self.session.get_inputs()])
         self.inputs = [(i.name, position[i.name]) for i in self.session.get_inputs()]
         self.outputs = [(o.name, tuple(o.shape), _TORCH[o.type]) for o in self.session.get_outputs()]
 
@@ -69,33 +175,36 @@ class OrtGraph:
         # ORT's idle threads spin by default; between calls they would take the cores from PyTorch's
         # sampler and predictor work (measured: 2x slower 50-step loops on 2 cores).
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if not PREPACK:  # MatMul/Gemm would keep a packed copy of every weight (the bound one stays mapped)
+            so.add_session_config_entry("session.disable_prepacking", "1")
         # Replaced weights (LoRAs): given at session creation, before ORT's own constant folding and weight
         # pre-packing, which then see them. The session reads their memory: kept alive in self.overrides.
         # ORT replaces an initializer stored in the model file with add_initializer, one stored as external data
-        # (every large weight) only with add_external_initializers, and refuses the other way round.
-        external = [(n, v) for n, (v, _, ext) in self.overrides.items() if ext]
+        # (every large weight) only with add_external_initializers, and refuses the other way round. Every
+        # external initializer is given so (ModelFiles): ORT opens no file.
+        external = {**self.model.external, **{n: v for n, (v, _, ext) in self.overrides.items() if ext}}
         if external:
-            so.add_external_initializers([n for n, _ in external], [v for _, v in external])
+            so.add_external_initializers(list(external), list(external.values()))
         for name, (value, _, ext) in self.overrides.items():
             if not ext:
                 so.add_initializer(name, value)
         try:
-            self.session = ort.InferenceSession(str(self.path), so, providers=providers())
+            self.session = ort.InferenceSession(self.model.bytes, so, providers=providers(),
+                                                disabled_optimizers=DISABLED_OPTIMIZERS)
         except Exception as e:
-            raise SvdExportError(f"ONNX Runtime cannot load {self.path}: {str(e).splitlines()[0]}") from None
+            raise SvdExportError(f"ONNX Runtime cannot load {getattr(self.path, 'origin', self.path)}: "
+                                 f"{str(e).splitlines()[0]}") from None
 
     def replace(self, weights: dict[str, torch.Tensor], external: set[str]) -> None:
         """A new session with these initializers replaced (the others from the engine's files); `external`:
         the names the model stores as external data."""
-        import onnxruntime as ort
-
         for name, value in weights.items():
-            t = value.detach().cpu().contiguous()
-            array = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
-            ortvalue = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, _ELEM[t.dtype])
+            ortvalue, t = _ortvalue(value)
             self.overrides[name] = (ortvalue, t, name in external)  # t owns the memory the OrtValue reads
         self.session = None  # the old session's memory goes before the new one is made
         self._open()
+        if self.unchanged is not None:  # the mapped weights are the engine's files: not written in place since
+            self.unchanged()
 
     def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
         binding = self.session.io_binding()
@@ -136,51 +245,41 @@ class OnnxBackend(Backend):
         mmdit_log = logging.getLogger("onnxruntime.transformers.onnx_model_mmdit")
         if "CUDAExecutionProvider" not in providers() and _drop_gpu_notice not in mmdit_log.filters:
             mmdit_log.addFilter(_drop_gpu_notice)
+        in_float32 = exported.float32_compute(graphs)
+        dtypes = {}
         with quiet():  # the exporter's and the optimizer's progress lines; --verbose shows them
-            self._build_graphs(graphs, engine_dir, graphs_dir)
-        return {"models": {n: f"{n}.onnx" for n in GRAPHS}, "providers": providers(),
-                "optimizer": "onnxruntime.transformers mmdit, then ORT_ENABLE_ALL at load",
-                "checked": "exported model: onnx.checker and strict shape inference, both from the file path",
-                "weights": "initializers named by parameter FQN (replaceable at session creation)",
-                "intra_op_threads": "cores available to the process at load"}
-
-    def _build_graphs(self, graphs: dict[str, GraphExport], engine_dir: Path, graphs_dir: Path) -> None:
-        import warnings
-
-        from onnxruntime.transformers.optimizer import optimize_model
-
-        heads = None
-        for name in GRAPHS:
-            g = graphs[name]
-            raw = graphs_dir / f"{name}.onnx"
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    program = torch.onnx.export(g.program, g.args, input_names=g.input_names,
-                                                output_names=g.output_names, dynamo=True, optimize=False,
-                                                verbose=False, custom_translation_table=_translations())
-                    _optimize_keeping_weights(program, g.program)
-                    program.save(str(raw), external_data=True)
-            except Exception as e:
-                raise SvdExportError(f"ONNX export failed on the {name} graph: {str(e).splitlines()[0]}") from e
-            _check(raw)  # the standard ONNX model; the optimized one has ORT's own ops, which ORT checks at load
-            heads = heads or _heads(g.module)
-            # num_heads/hidden_size 0 lets the optimizer read them from the graph where it can.
-            optimized = optimize_model(str(raw), model_type="mmdit", num_heads=heads[0], hidden_size=heads[1],
-                                       opt_level=0, use_gpu=False)
-            optimized.save_model_to_file(str(engine_dir / f"{name}.onnx"), use_external_data_format=True,
-                                         all_tensors_to_one_file=True)
+            for name in GRAPHS:
+                raw = graphs_dir / f"{name}.onnx"
+                dtypes[name] = exported.export_model(graphs[name], name, raw, in_float32)
+                exported.check(raw)  # the standard ONNX model; the optimized one has ORT's own ops, checked at load
+                exported.optimize(raw, engine_dir / f"{name}.onnx", exported.heads(graphs[name].module))
+        record = {"models": {n: f"{n}.onnx" for n in GRAPHS}, "providers": providers(),
+                  "optimizer": "onnxruntime.transformers mmdit, then ORT_ENABLE_ALL at load without ConstantFolding",
+                  "checked": "exported model: onnx.checker and strict shape inference, weights as typed inputs",
+                  "weights": "initializers named by parameter FQN, declared without data and bound at load "
+                             "(bindings.json), replaceable at session creation",
+                  "intra_op_threads": "cores available to the process at load"}
+        if in_float32:  # bf16 weights computed in float32: the session's own input types, not the build's
+            record.update(compute="float32", input_dtypes=dtypes)
+        return record
 
     def load(self, engine_dir: Path, spec: LoadSpec):
-        if spec.dtype == "bfloat16" and "CUDAExecutionProvider" not in providers():
-            raise SvdExportError("this ONNX engine is bfloat16, which ONNX Runtime runs only on its CUDA and TensorRT "
-                                 "providers (the CPU provider has no bfloat16 kernels): run it where onnxruntime-gpu "
-                                 "sees a GPU, or build with --dtype fp32")
+        in_float32 = spec.options.get("compute") == "float32"
+        if spec.dtype == "bfloat16" and not in_float32 and "CUDAExecutionProvider" not in providers():
+            raise SvdExportError("this ONNX engine computes in bfloat16, which ONNX Runtime runs only on its CUDA and "
+                                 "TensorRT providers (the CPU provider has no bfloat16 kernels): run it where "
+                                 "onnxruntime-gpu sees a GPU, or build it on a CPU (bf16 weights, float32 compute)")
+        if in_float32:  # the inputs as the session takes them, whatever the build's dtype
+            spec = dataclasses.replace(spec, graphs=_session_dtypes(spec))
 
         def one(name: str) -> OrtGraph:
             path = spec.file("models", name, engine_dir)
-            _check_external_data(path, engine_dir, spec)
-            return OrtGraph(path, spec.graphs[name].inputs)
+            # The weights files a model names: each one the manifest lists (confined to the engine folder, and
+            # verified) under its name relative to the model's own folder (engines built before bindings).
+            folder = Path(spec.options["models"][name]).parent
+            resolve = None if spec.resolve is None else (lambda location: spec.resolve((folder / location).as_posix()))
+            bound = spec.constants(name) if spec.constants is not None else None
+            return OrtGraph(path, spec.graphs[name].inputs, resolve, spec.check_unchanged, bound)
 
         return compiled_pair(spec, one)
 
@@ -188,89 +287,31 @@ class OnnxBackend(Backend):
 
     def update_weights(self, graphs: tuple, weights: dict[str, dict[str, torch.Tensor]], spec: LoadSpec) -> None:
         """ONNX Runtime initializers supplied at session creation, by the parameter FQNs the exporter kept."""
-        import onnx
-
-        external = {}
         for name, graph in zip(GRAPHS, graphs):  # both checked before either changes
-            initializers = onnx.load(str(graph.fn.path), load_external_data=False).graph.initializer
-            missing_weights(name, weights.get(name) or {}, {t.name for t in initializers})
-            external[name] = {t.name for t in initializers if t.data_location == onnx.TensorProto.EXTERNAL}
+            missing_weights(name, weights.get(name) or {}, graph.fn.model.names)
+        external = {name: set(graph.fn.model.external) for name, graph in zip(GRAPHS, graphs)}
         for name, graph in zip(GRAPHS, graphs):
             if weights.get(name):
                 graph.fn.replace(weights[name], external[name])
 
 
-def _check_external_data(path: Path, engine_dir: Path, spec: LoadSpec) -> None:
-    """ONNX Runtime opens the weights files a model names; each must be one the manifest lists, inside the
-    engine folder. The model is read without its weights (small even for FLUX)."""
-    import onnx
-
-    model = open_engine_file(path, "an ONNX model", lambda: onnx.load(str(path), load_external_data=False))
-    prefix = path.parent.relative_to(engine_dir).as_posix() if spec.resolve else ""
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-            name = location if prefix in ("", ".") else f"{prefix}/{location}"
-            if spec.resolve is not None:
-                spec.resolve(name)
-
-
-def _optimize_keeping_weights(onnx_program, exported) -> None:
-    """The exporter's own optimizer (onnxscript), except that no node reading a parameter is constant-folded:
-    every weight stays an initializer named by its FQN (ORT folds the transposes at session creation), so a
-    LoRA's fused weights can replace it by name. torch.onnx's optimize=True folds small weights' transposes
-    into anonymous constants."""
-    from onnxscript.optimizer import optimize_ir
-
-    names = set(exported.graph_signature.parameters) | set(exported.graph_signature.buffers)
-
-    def should_fold(node) -> bool | None:
-        return False if any(v is not None and v.name in names for v in node.inputs) else None
-
-    optimize_ir(onnx_program.model, should_fold=should_fold)
+def _session_dtypes(spec: LoadSpec) -> dict:
+    """The engine's graph specs with the input dtypes its sessions take (backend_options' input_dtypes)."""
+    recorded = spec.options.get("input_dtypes")
+    graphs = {}
+    for name, g in spec.graphs.items():
+        dtypes = recorded.get(name) if isinstance(recorded, dict) else None
+        if not isinstance(dtypes, list) or len(dtypes) != len(g.inputs) or \
+                not all(isinstance(getattr(torch, str(d), None), torch.dtype) for d in dtypes):
+            raise SvdExportError(f"the engine's manifest records no valid input dtypes for its {name} graph: rebuild it")
+        graphs[name] = dataclasses.replace(g, input_dtypes=list(dtypes))
+    return graphs
 
 
 def _drop_gpu_notice(record) -> bool:
     """The mmdit optimizer asks for onnxruntime-gpu>=1.21 whatever the device; on a CPU-only install the CPU
     provider runs the optimized model (the backend tests do), so the notice only misleads there."""
     return "onnxruntime-gpu" not in record.getMessage()
-
-
-def _translations() -> dict:
-    """Exporter translations for ops whose default ONNX form ONNX Runtime's CPU provider cannot run.
-
-    masked_fill on a bool tensor (HunyuanVideo builds its attention masks that way) becomes a Where over
-    bool values, for which ORT's CPU provider has no kernel; through uint8 it runs everywhere.
-    """
-    import onnx_ir as ir
-    from onnxscript import opset18 as op
-
-    def masked_fill(self, mask, value):
-        if self.dtype == ir.DataType.BOOL:
-            u8 = ir.DataType.UINT8
-            return op.Cast(op.Where(mask, op.Cast(value, to=u8), op.Cast(self, to=u8)), to=ir.DataType.BOOL)
-        return op.Where(mask, op.CastLike(value, self), self)
-
-    return {torch.ops.aten.masked_fill.Scalar: masked_fill}
-
-
-def _check(path: Path) -> None:
-    """Validates the saved model and infers its shapes from the file path: the in-memory forms of both
-    stop at protobuf's 2 GB, which real FLUX graphs exceed (their weights are external data)."""
-    import onnx
-
-    try:
-        onnx.checker.check_model(str(path))
-        onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=True, strict_mode=True)
-    except Exception as e:
-        raise SvdExportError(f"the exported ONNX model {path.name} is invalid: {str(e).splitlines()[0]}") from e
-
-
-def _heads(module: torch.nn.Module) -> tuple[int, int]:
-    for m in module.modules():
-        if hasattr(m, "heads") and hasattr(m, "head_dim"):
-            return m.heads, m.heads * m.head_dim
-    return 0, 0
 
 
 BACKEND = OnnxBackend()

@@ -1,12 +1,14 @@
 """TensorRT through torch-tensorrt (optional extra, CUDA only): each program compiled to a TensorRT
 engine and saved as an ExportedProgram that embeds it.
 
-LoRAs without a rebuild (TensorRT refit): the engines are built refittable, and the engine folder also
-keeps each graph's torch.export program (hard-linked from the graphs folder where the filesystem allows, as
-the inductor backend does). A weight update loads that program, copies the new values into its state dict
-and hands it to torch_tensorrt.dynamo.refit_module_weights, which maps its weights onto the engine's and
-refits them (every weight of the engine, from the program: hence the full program, not only the changed
-weights). The files on disk stay as built; the refitted engines live in memory.
+Weights are bound at load, as for every compiled backend (export/bindings.py): the engines are built
+refittable and, where torch-tensorrt can, weight-stripped (`strip_engine_weights`: the saved engine holds no
+weights), and the engine folder keeps each graph's torch.export program without weights (hard-linked from the
+graphs folder where the filesystem allows). Loading binds the engine's constants (views of the referenced
+checkpoint, on the GPU) into that program and hands it to torch_tensorrt.dynamo.refit_module_weights, which
+maps its weights onto the engine's and refits them. A LoRA is one more refit with the changed values on top
+(every weight of the engine comes from the program: hence the full program, not only the changed weights).
+The files on disk stay as built; the refitted engines live in memory.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from svdexport.errors import SvdExportError
 from svdexport.export import (GRAPHS, Backend, GraphExport, LoadSpec, compiled_pair, link_or_copy,
-                              missing_weights, open_engine_file)
+                              missing_weights, open_engine_file, program_with)
 
 
 # TensorRT's timing cache (the measured speed of each kernel tactic) lives in the engine folder, is listed in
@@ -55,6 +57,13 @@ def refit_available(torch_tensorrt) -> dict | None:
     return refit_options(torch_tensorrt.dynamo.compile)
 
 
+def strip_options(compile_fn: Callable, refit: dict | None) -> dict:
+    """`strip_engine_weights` where this torch-tensorrt has it (2.6 and later) and the engines are refittable:
+    the serialized engine then holds no weights (bound by a refit at load)."""
+    params = inspect.signature(compile_fn).parameters
+    return {"strip_engine_weights": True} if refit is not None and "strip_engine_weights" in params else {}
+
+
 def compile_options(engine_dir: Path, dtype: torch.dtype, refit: dict | None = None) -> dict:
     """torch_tensorrt.dynamo.compile's settings for one graph: its precision, the folder's timing cache and,
     where the installed version has it, refittable engines.
@@ -84,27 +93,33 @@ def profiles(g: GraphExport) -> list[tuple[tuple, tuple, tuple]]:
 
 
 def with_weights(program, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copies `values` (parameter FQN -> tensor) into the torch.export program's state dict in place (its own
-    devices and dtypes); returns those of `values` that differ from what the program held, as given (not the
-    device copies: what a later refit must apply again, kept off the GPU)."""
+    """Puts `values` (parameter FQN -> tensor) into the torch.export program's state dict (its own devices and
+    dtypes), replacing the entries, never writing into the tensors they held (the engine's bound weights, which
+    the next refit starts from again); returns those of `values` that differ from what the program held, as
+    given (not the device copies: what a later refit must apply again, kept off the GPU)."""
     state = program.state_dict
     differ = {}
     with torch.no_grad():
         for fqn, value in values.items():
             target = state[fqn]
             moved = value.to(target.device, target.dtype)
-            if not torch.equal(target, moved):
+            if target.is_meta or not torch.equal(target, moved):
                 differ[fqn] = value
-            target.copy_(moved)
+            state[fqn] = torch.nn.Parameter(moved, requires_grad=False) if isinstance(target, torch.nn.Parameter) \
+                else moved
     return differ
 
 
 class TrtGraph:
     """One loaded TensorRT program; `refit` replaces it by one whose engines hold other weights."""
 
-    def __init__(self, module: torch.nn.Module, exported: Path | None, device: str = "cuda"):
+    def __init__(self, module: torch.nn.Module, exported: Path | None, device: str = "cuda",
+                 unchanged: Callable[[], None] | None = None,
+                 constants: Callable[[], dict[str, torch.Tensor]] | None = None):
         self.module = module
+        self.constants = constants  # the graph's bound weights (LoadSpec.constants): its program has none
         self.exported = exported  # the graph's torch.export program in the engine folder (refittable engines)
+        self.unchanged = unchanged  # LoadSpec.unchanged: refuses a program written in place since the load hashed it
         self.device = device  # where the refit's program goes: the engines' device, as the build compiled it
         self.changed: dict[str, torch.Tensor] = {}  # weights now in the engines that differ from that program's
 
@@ -122,7 +137,11 @@ class TrtGraph:
         # decompositions on the program, which want ordinary tensors, not inference tensors.
         with torch.inference_mode(False):
             program = open_engine_file(path, "a torch.export program", lambda: torch.export.load(str(path)))
+            if self.unchanged is not None:
+                self.unchanged()
             missing_weights(name, given, program.state_dict)
+            if self.constants is not None:  # a weightless program: the engine's bound weights, on the GPU
+                program = program_with(program, {k: v.to(self.device) for k, v in self.constants().items()})
             changed = with_weights(program, {**self.changed, **given})
             try:
                 module = refit_fn(compiled_module=self.module, in_place=False,
@@ -137,7 +156,9 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
     requires = ("torch_tensorrt",)
     extra = "tensorrt"
-    weight_copies = 3.5  # export and engine: estimated from the steps, not measured
+    # The weights on the GPU once, plus TensorRT's builder (it holds the weights it times kernels with): an
+    # estimate, not measured (no GPU has run this backend yet).
+    weight_copies = 1.5
     carried = (TIMING_CACHE,)
     fixed_weights = None  # per engine: `weights_refusal`
 
@@ -165,14 +186,17 @@ class TensorRTBackend(Backend):
                           for a, (lo, opt, hi) in zip(args, profiles(g))]
             try:
                 trt = torch_tensorrt.dynamo.compile(program, arg_inputs=inputs,
-                                                    **compile_options(engine_dir, dtype, refit))
+                                                    **compile_options(engine_dir, dtype, refit),
+                                                    **strip_options(torch_tensorrt.dynamo.compile, refit))
                 torch_tensorrt.save(trt, str(engine_dir / f"{name}.trt.pt2"), output_format="exported_program",
                                     arg_inputs=args)
             except Exception as e:
                 raise SvdExportError(f"TensorRT failed on the {name} graph: {str(e).splitlines()[0]}") from e
-            if refit is not None:  # the program the engine was compiled from: a refit's source of weights
-                link_or_copy(g.program_path, engine_dir / f"{name}.pt2")
-        return build_record(refit is not None)
+            if refit is None:
+                raise SvdExportError("this torch-tensorrt cannot refit engines (torch-tensorrt >= 2.5 with refit "
+                                     "enabled is needed): svdexport binds an engine's weights at load by a refit")
+            link_or_copy(g.program_path, engine_dir / f"{name}.pt2")  # weightless: the refit's graph
+        return build_record(True)
 
     def load(self, engine_dir: Path, spec: LoadSpec):
         import torch_tensorrt  # noqa: F401  (registers the TensorRT runtime ops the programs call)
@@ -182,7 +206,14 @@ class TensorRTBackend(Backend):
         def one(name: str) -> TrtGraph:
             path = spec.file("programs", name, engine_dir)
             module = open_engine_file(path, "a TensorRT program", lambda: torch.export.load(str(path)).module())
-            return TrtGraph(module, spec.file("exported", name, engine_dir) if refittable else None)
+            bound = None if spec.constants is None else (lambda: spec.constants(name))
+            graph = TrtGraph(module, spec.file("exported", name, engine_dir) if refittable else None,
+                             unchanged=spec.check_unchanged, constants=bound)
+            if graph.constants is not None:  # a weight-stripped engine: its weights first, by a refit
+                from torch_tensorrt.dynamo import refit_module_weights
+
+                graph.refit(name, {}, refit_module_weights)
+            return graph
 
         return compiled_pair(spec, one)
 

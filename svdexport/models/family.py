@@ -171,7 +171,14 @@ class Family(ABC):
 
     @abstractmethod
     def graphs(self, transformer: nn.Module, granularity: str) -> tuple[nn.Module, nn.Module]:
-        """(full-compute graph, cached-step graph): positional tensors, `input_names` / `output_names`."""
+        """(full-compute graph, cached-step graph): positional tensors, `input_names` / `output_names`.
+
+        The input contract, which every backend's loaded graphs keep: the inputs are called positionally in
+        `input_names` order, batched ones with a leading batch axis (coeffs and residuals: cache sites, then
+        batch; bases: none), row k belonging to sample k in every one. At the compiled-graph
+        boundary (export/boundary.py) each is made contiguous, in the dtype the graph was exported with (the
+        manifest's GraphSpec.input_dtypes) and on the engine's device, whatever the caller passes; a family
+        should still hand over such tensors (`Sampling.model_timestep` does), so that nothing is copied."""
 
     # ------------------------------------------------------------------ sampling
     @abstractmethod

@@ -66,7 +66,8 @@ class FluxSampling(Sampling):
         return scheduler.timesteps
 
     def model_timestep(self, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        return t.expand(latents.shape[0]).to(latents.device, latents.dtype) / 1000
+        # Contiguous, one value per row (the graph boundary would make it so too: issue 24).
+        return (t.expand(latents.shape[0]).to(latents.device, latents.dtype) / 1000).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------- graphs
@@ -245,7 +246,7 @@ class FluxFamily(mmdit.MMDiTFamily):
     def inspect_file(self, path: Path) -> WeightsInfo:
         return flux_checkpoint.inspect_file(path)
 
-    def load_file(self, info: WeightsInfo, dtype: torch.dtype) -> nn.Module:
+    def load_file(self, info: WeightsInfo, dtype: torch.dtype) -> mmdit.MappedWeights:
         return flux_checkpoint.load_file(info, dtype)
 
     def default_shapes(self, info: WeightsInfo) -> FluxShapes:

@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from svdexport.errors import SvdExportError
 from svdexport.models import weights as wt
+from svdexport.models.mapped import MappedWeights, load_mapped
 from svdexport.models.weights import WeightsInfo
 
 CLASS_NAME = "FluxTransformer2DModel"
@@ -92,26 +93,35 @@ def inspect_file(path: Path) -> WeightsInfo:
     return WeightsInfo(str(path.resolve()), wt.config_kwargs(config), [str(path.resolve())])
 
 
-def load_file(info: WeightsInfo, dtype: torch.dtype) -> nn.Module:
-    from safetensors.torch import load_file as read
+class _SingleCatAsView(TorchFunctionMode):
+    """diffusers' BFL converter copies each part of a fused weight (q, k, v of a qkv matrix) with
+    torch.cat([part]). A concatenation of one tensor is that tensor: under this mode the part stays a view of
+    the mapped file, so an engine can reference its bytes in the user's checkpoint instead of copying them."""
 
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.cat and "out" not in kwargs:
+            parts = args[0] if args else kwargs.get("tensors")
+            if isinstance(parts, (list, tuple)) and len(parts) == 1:
+                return parts[0]
+        return func(*args, **kwargs)
+
+
+def to_diffusers(state: dict, path: Path) -> dict:
+    """Black Forest Labs' layout converted by diffusers' own converter (diffusers' names pass as they are)."""
+    if not is_bfl(state):
+        return state
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    try:
+        with _SingleCatAsView():
+            return convert_flux_transformer_checkpoint_to_diffusers(dict(state))
+    except (KeyError, IndexError) as e:
+        raise SvdExportError(f"{path} is not a FLUX transformer checkpoint ({e})") from None
+
+
+def load_file(info: WeightsInfo, dtype: torch.dtype) -> MappedWeights:
+    """The transformer from one .safetensors file, its weights views of the mapped file where they can be."""
     path = Path(info.source)
-    try:
-        state = read(str(path))
-    except Exception as e:
-        raise SvdExportError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
-    if is_bfl(state):
-        # Black Forest Labs' original layout: diffusers' own converter maps it to diffusers names.
-        from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
-
-        try:
-            state = convert_flux_transformer_checkpoint_to_diffusers(state)
-        except (KeyError, IndexError) as e:
-            raise SvdExportError(f"{path} is not a FLUX transformer checkpoint ({e})") from None
-    try:
-        with torch.device("meta"):
-            model = _transformer_class().from_config(info.config)
-        model.load_state_dict(state, strict=True, assign=True)  # takes the loaded tensors, no second copy
-    except (RuntimeError, TypeError) as e:
-        raise SvdExportError(f"weights in {path} do not match their config: {str(e).splitlines()[0]}") from None
-    return wt.cast(model, dtype)
+    return load_mapped(_transformer_class(), info.config, [path], dtype, str(path),
+                       convert=lambda state: to_diffusers(state, path))

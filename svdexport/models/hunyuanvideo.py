@@ -66,7 +66,8 @@ class HunyuanVideoSampling(Sampling):
         return scheduler.timesteps
 
     def model_timestep(self, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        return t.expand(latents.shape[0]).to(latents.device, latents.dtype)
+        # Contiguous, one value per row (the graph boundary would make it so too: issue 24).
+        return t.expand(latents.shape[0]).to(latents.device, latents.dtype).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------- graphs
@@ -193,12 +194,12 @@ class HunyuanVideoFamily(mmdit.MMDiTFamily):
     peer_libraries = ("diffusers-taylorseer", "diffusers-fbcache", "diffusers-magcache", "cachedit-dbcache",
                       "cachedit-dbcache-taylorseer")
 
-    def load(self, info: WeightsInfo, dtype: torch.dtype) -> nn.Module:
-        model = super().load(info, dtype)
-        if (model.config.patch_size, model.config.patch_size_t) != (2, 1):
-            raise SvdExportError(f"patch sizes {model.config.patch_size_t}x{model.config.patch_size}^2 are not "
-                                 "HunyuanVideo's 1x2x2")
-        return model
+    def load_weights(self, info: WeightsInfo, dtype: torch.dtype) -> mmdit.MappedWeights:
+        loaded = super().load_weights(info, dtype)
+        config = loaded.model.config
+        if (config.patch_size, config.patch_size_t) != (2, 1):
+            raise SvdExportError(f"patch sizes {config.patch_size_t}x{config.patch_size}^2 are not HunyuanVideo's 1x2x2")
+        return loaded
 
     def graphs(self, transformer: nn.Module, granularity: str) -> tuple[nn.Module, nn.Module]:
         return HunyuanVideoFullGraph(transformer).bind(granularity), HunyuanVideoCachedGraph(transformer, granularity)

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from svdexport.errors import SvdExportError
+from svdexport.errors import SvdExportError, clip
 from svdexport.quiet import quiet
 
 
@@ -44,7 +44,7 @@ class LoraFile:
         try:
             value = float(scale)
         except ValueError:
-            raise SvdExportError(f"--lora {text}: SCALE must be a number, got {scale!r}") from None
+            raise SvdExportError(f"--lora {clip(text)}: SCALE must be a number, got {clip(scale)!r}") from None
         return cls(Path(path), value).check()
 
     def check(self) -> "LoraFile":
@@ -55,17 +55,21 @@ class LoraFile:
             raise SvdExportError(f"LoRA file not found: {self.path}")
         if not self.scale == self.scale or abs(self.scale) == float("inf"):  # NaN or infinite
             raise SvdExportError(f"LoRA {self.path}: scale must be a finite number, got {self.scale}")
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(self.path), "pt") as f:
-                keys = list(f.keys())
-        except Exception as e:
-            raise SvdExportError(f"cannot read the LoRA {self.path} as safetensors: {str(e).splitlines()[0]}") from None
+        keys = self.keys()
         if not any("lora" in k for k in keys):
             raise SvdExportError(f"{self.path} is not a LoRA: none of its {len(keys)} tensors is a lora_A/lora_B "
                                  "(diffusers, PEFT) or lora_down/lora_up (Kohya) weight")
         return self
+
+    def keys(self) -> list[str]:
+        """The tensor names of the file (its header only)."""
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(self.path), "pt") as f:
+                return list(f.keys())
+        except Exception as e:
+            raise SvdExportError(f"cannot read the LoRA {self.path} as safetensors: {str(e).splitlines()[0]}") from None
 
     def __str__(self) -> str:
         return f"{self.path}:{self.scale:g}"
@@ -104,6 +108,44 @@ def install(transformer: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
                 setattr(base, pname, nn.Parameter(t, requires_grad=False))
 
 
+def target_modules(keys, prefix: str) -> set[str]:
+    """The modules a LoRA's keys under `prefix` adapt, named as diffusers names them when it makes the PEFT
+    config: the key before ".lora" (utils.peft_utils.get_peft_kwargs), or before ".lokr_" for LoKr
+    (_create_lokr_config). Keys of neither kind (full weights some files carry) adapt no module."""
+    names = set()
+    for key in keys:
+        if key.startswith(prefix) and (".lora" in key or ".lokr_" in key):
+            key = key[len(prefix):]
+            names.add(key.rpartition(".lokr_")[0] if ".lokr_" in key else key.split(".lora")[0])
+    return names
+
+
+def check_targets(transformer: nn.Module, keys, prefix: str, what: str) -> None:
+    """Refuses, in one line, a LoRA that adapts modules `transformer` does not have: PEFT adapts the ones it
+    finds and drops the others' weights without a word, so a LoRA made for another model would load."""
+    wanted = target_modules(keys, prefix)
+    missing = sorted(wanted - {name for name, _ in transformer.named_modules()})
+    if missing:
+        shown = ", ".join(clip(m, 60) for m in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise SvdExportError(f"the LoRA {what} was made for another model: {len(missing)} of its {len(wanted)} target "
+                             f"modules are not in this {type(transformer).__name__} ({shown})")
+
+
+def check_adapter_call(transformer: nn.Module, args: tuple, kwargs: dict) -> None:
+    """`check_targets` for a call of diffusers' `load_lora_adapter(source, prefix="transformer", ...)` (what a
+    pipeline's `load_lora_weights` makes with the converted state dict), before it loads anything. A source
+    that is neither a state dict nor a safetensors file (a Hub name) is left to diffusers."""
+    source = args[0] if args else kwargs.get("pretrained_model_name_or_path_or_dict")
+    prefix = args[1] if len(args) > 1 else kwargs.get("prefix", "transformer")
+    if isinstance(source, dict):
+        keys, what = list(source), f"adapter {kwargs.get('adapter_name') or ''}".strip()
+    elif isinstance(source, (str, Path)) and Path(source).is_file():
+        keys, what = LoraFile(Path(source)).keys(), str(source)
+    else:
+        return
+    check_targets(transformer, keys, f"{prefix}." if prefix else "", what)
+
+
 def fuse(transformer: nn.Module, loader_name: str, loras: list[LoraFile],
          fill: Callable[[list[str]], dict[str, torch.Tensor]] | None = None) -> Fused:
     """Fuses `loras` into `transformer` in place, one after the other.
@@ -129,6 +171,7 @@ def fuse(transformer: nn.Module, loader_name: str, loras: list[LoraFile],
         if not any(k.startswith(prefix) for k in state):
             raise SvdExportError(f"the LoRA {lora.path} matches nothing in this model: none of its keys names a "
                                  f"{type(transformer).__name__} module (after diffusers' Kohya/BFL conversion)")
+        check_targets(transformer, state, prefix, str(lora.path))
         try:
             with quiet():  # diffusers logs the failure before raising it; the raised line is the one shown
                 loader.load_lora_into_transformer(state, transformer=transformer, adapter_name=f"svdexport_{i}",

@@ -15,6 +15,7 @@ from svdexport.cache.svd import reconstruct, split
 from svdexport.errors import SvdExportError
 from svdexport.models import weights as wt
 from svdexport.models.family import Family, Shapes
+from svdexport.models.mapped import MappedWeights
 from svdexport.models.weights import WeightsInfo
 
 # Turns a hooked module's (args, output) into the site feature [B, N, D].
@@ -192,15 +193,19 @@ class MMDiTFamily(Family):
         raise SvdExportError(f"{self.name} weights must be a diffusers folder (with transformer/), got {path}")
 
     def load(self, info: WeightsInfo, dtype: torch.dtype) -> nn.Module:
+        return self.load_weights(info, dtype).model
+
+    def load_weights(self, info: WeightsInfo, dtype: torch.dtype) -> MappedWeights:
+        """The transformer and where its weights came from: views of the mapped checkpoint files (the weights
+        once in memory), or generated for a bundled spec (no files)."""
         if info.source.startswith("bundled:") and not info.files:
             model = wt.generated(self.transformer_class(), self.bundled[info.source.split(":", 1)[1]], info, dtype)
-        elif Path(info.source).is_file():
-            model = self.load_file(info, dtype)
-        else:
-            model = wt.load_folder(self.transformer_class(), info, dtype)
-        return model.eval().requires_grad_(False)
+            return MappedWeights(model.eval().requires_grad_(False), [], {})
+        if Path(info.source).is_file():
+            return self.load_file(info, dtype)
+        return wt.load_folder(self.transformer_class(), info, dtype)
 
-    def load_file(self, info: WeightsInfo, dtype: torch.dtype) -> nn.Module:
+    def load_file(self, info: WeightsInfo, dtype: torch.dtype) -> MappedWeights:
         raise SvdExportError(f"{self.name} cannot load single checkpoint files")
 
     def parameters(self, config: dict) -> int:

@@ -8,6 +8,7 @@ checkpoints and their key layouts, text encoders) stays with the family.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ import torch
 from torch import nn
 
 from svdexport.errors import SvdExportError
-from svdexport.files import fingerprint, sha256_files, sha256_state_dict
+from svdexport.files import fingerprint, sha256_state_dict
+from svdexport.verified import VerifiedFile, sha256_of
 
 CALIBRATION_PROMPTS = Path(__file__).parent / "prompts" / "calibration.txt"
 
@@ -34,22 +36,48 @@ class WeightsInfo:
     conditioning: dict = field(default_factory=lambda: {"kind": "synthetic"})  # or a class table (file, labels)
     shapes: dict | None = None  # default build shapes the model declares (bundled models)
     precision: dict | None = None  # {"dtype", "why"}: the precision the model declares for --dtype auto
+    content_hashed: bool = False  # sha256 is a hash of every byte now, none taken from verified.HashCache
 
     def digest(self) -> str:
+        """The digest of the weight files (name and content, in order), taken from this user's cache of verified
+        hashes for files unchanged since (device, inode, size, mtime, ctime: verified.HashCache)."""
         if not self.sha256:
-            self.sha256 = sha256_files([Path(f) for f in self.files], progress=True)
+            self.sha256 = sha256_of([Path(f) for f in self.files], use_cache=True, what="weight file")
         return self.sha256
 
     def record(self) -> dict:
-        """What a manifest keeps to check later that the same weights are loaded."""
+        """What a manifest keeps to check later that the same weights are loaded: the digest. `files` (name,
+        size, mtime per file) is informational now; svdexport 0.3.0 skipped hashing when it matched."""
         return {"source": self.source, "sha256": self.digest(),
                 "files": fingerprint([Path(f) for f in self.files])}
 
-    def verify(self, recorded: dict) -> None:
-        """Refuses weights that differ from the build's; re-hashes only files whose size or mtime changed."""
-        if self.files and fingerprint([Path(f) for f in self.files]) == recorded.get("files"):
-            return
+    def verify(self, recorded: dict, content: bool = True) -> None:
+        """Refuses weights that differ from the build's. `content` (a signed load): every byte is hashed now;
+        else a file unchanged since this user hashed it (same device, inode, size, mtime and ctime, which no
+        user can set back) is taken from the cache, so that changed bytes are hashed whatever their mtime."""
+        if self.files and content and not self.content_hashed:
+            self.sha256 = sha256_of([Path(f) for f in self.files], use_cache=False, what="weight file")
+            self.content_hashed = True
         if self.digest() != recorded.get("sha256"):
+            raise SvdExportError(f"weights at {self.source} differ from the ones this engine was built from; rebuild it")
+
+    def verify_loaded(self, recorded: dict, mapped: list, content: bool = True) -> None:
+        """`verify` for weights already mapped (tensorfile.MappedFile): a mapped file's digest is of the bytes
+        the model reads (or, unsigned, the cached digest of that very file: its device, inode and times, taken
+        from the descriptor that was mapped), so a file renamed over after a check cannot slip in."""
+        by_path = {str(Path(m.path).resolve()): m for m in mapped}
+        h = hashlib.sha256()
+        for f in self.files:
+            m = by_path.get(str(Path(f).resolve()))
+            if m is not None:
+                digest = m.digest(use_cache=not content)
+            else:
+                opened = VerifiedFile(Path(f), use_cache=not content, what="weight file")
+                digest = opened.sha256
+                opened.close()
+            h.update(Path(f).name.encode())
+            h.update(bytes.fromhex(digest))
+        if h.hexdigest() != recorded.get("sha256"):
             raise SvdExportError(f"weights at {self.source} differ from the ones this engine was built from; rebuild it")
 
 
@@ -157,21 +185,20 @@ def generated(cls, spec_path: Path, info: WeightsInfo, dtype: torch.dtype) -> nn
     return cast(model, dtype)
 
 
-def load_folder(cls, info: WeightsInfo, dtype: torch.dtype) -> nn.Module:
-    folder = Path(info.files[0]).parent
-    what = cls.__name__
-    try:
-        model, report = from_pretrained(cls, folder, dtype, output_loading_info=True)
-    except Exception as e:  # diffusers raises several types for bad or mismatched checkpoints
-        raise SvdExportError(f"cannot load {what} weights from {folder}: {str(e).splitlines()[0]}") from None
-    # diffusers only warns about missing or extra tensors (and fills gaps randomly): refuse instead.
-    problems = {k: v for k, v in report.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if problems:
-        kind, keys = next(iter(problems.items()))
-        raise SvdExportError(f"cannot load {what} weights from {folder}: config and weights disagree "
-                             f"({len(keys)} {kind.replace('_', ' ')}, e.g. {keys[0]})")
-    info.config = dict(model.config)
-    return model
+def weight_files(info: WeightsInfo) -> list[str]:
+    """The transformer's safetensors files among `info.files` (which also name a class table, if any)."""
+    table = info.conditioning.get("file")
+    return [f for f in info.files if f.endswith(".safetensors") and f != table]
+
+
+def load_folder(cls, info: WeightsInfo, dtype: torch.dtype):
+    """A diffusers folder's transformer, its weights views of the mapped shard files (models/mapped.py)."""
+    from svdexport.models.mapped import load_mapped
+
+    files = weight_files(info)
+    loaded = load_mapped(cls, info.config, files, dtype, str(Path(files[0]).parent))
+    info.config = dict(loaded.model.config)
+    return loaded
 
 
 def count_parameters(cls, config: dict) -> int:

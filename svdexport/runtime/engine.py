@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -13,12 +14,16 @@ from svdexport.cache.plan_stats import load_stats
 from svdexport.cache.svd import Bases
 from svdexport.errors import SvdExportError
 from svdexport.export import backend
+from svdexport.export.boundary import retyped
 from svdexport.models import family
 from svdexport.models.family import Shapes
 from svdexport.models.lora import LoraFile, fuse, hollow_of
 from svdexport.models.weights import load_table
 from svdexport.runtime import manifest as manifest_io
-from svdexport.runtime import static
+from svdexport.runtime import fields, static
+from svdexport.runtime.base import base_weights, eager_graphs
+from svdexport.runtime.bound import open_bound
+from svdexport.runtime.latent_shapes import MadeLatents, shapes_for_preview
 from svdexport.runtime.lora import WeightSwap, graph_weights, to_push
 from svdexport.runtime.manifest import BASES_FILE, PLAN_STATS_FILE, ConditioningKind, EngineKind, Manifest
 from svdexport.runtime.plans import RequestPlan, plan_for, schedule_weights
@@ -48,6 +53,8 @@ class Engine:
         self.conditioning = cond.kind
         self.labels = cond.labels  # class names when the model is class-conditioned, else None
         self.table = load_table(manifest.path(folder, cond.file)) if cond.kind is ConditioningKind.CLASS_TABLE else None
+        if self.table is not None:
+            fields.check_table(manifest, self.table, folder / cond.file)
         self.sampling = self.family.sampling(manifest.sampler)
         self.sampler = CachedSampler(full, cached, bases.vectors.to(self.device), self.cache, self.sampling,
                                      self.shapes)
@@ -59,6 +66,7 @@ class Engine:
         self.loras: list[LoraFile] = []  # fused into the graphs' weights now, in load order
         self._swap = WeightSwap()  # the weights they changed and the base values under them
         self.weights_from = None  # who pushed the weights now loaded: None (set_loras, or the build), or a pipeline
+        self._made = MadeLatents()  # the request shapes of the latents `generate` returned (for `preview`)
 
     def request_shapes(self, batch: int | None = None, height: int | None = None, width: int | None = None,
                        text_len: int | None = None) -> Shapes:
@@ -124,8 +132,10 @@ class Engine:
         steps = steps or self.steps
         cache = self.cache_config(**cache_overrides)
         plan = self.plan(steps, cache)
-        return self.sampler.generate(inputs, steps, cache=cache, progress=progress, plan=plan.mask, shapes=shapes,
-                                     fitted=plan.fitted)
+        result = self.sampler.generate(inputs, steps, cache=cache, progress=progress, plan=plan.mask, shapes=shapes,
+                                       fitted=plan.fitted)
+        self._made.remember(result.latents, shapes)  # preview(result.latents) at the request's shapes
+        return result
 
     def cache_config(self, **overrides) -> CacheConfig:
         """The engine's cache settings with run-time overrides of the step plan or the forecast. Giving
@@ -164,7 +174,10 @@ class Engine:
         With `dtype`, an eager twin in that precision (bench and compare set a bf16 engine against float32)."""
         manifest = self.manifest
         if dtype is not None and dtype != self.dtype:
-            manifest = dataclasses.replace(manifest, dtype=str(dtype).removeprefix("torch."), backend="eager")
+            precision = str(dtype).removeprefix("torch.")  # its graphs take their inputs in it (the boundary's)
+            manifest = dataclasses.replace(manifest, dtype=precision, backend="eager",
+                                           graphs=retyped(manifest.graphs, manifest.dtype, precision))
+            manifest.opened, manifest.signed = self.manifest.opened, self.manifest.signed  # not fields: not copied
         elif manifest.backend == "eager":
             return self
         full, cached = backend("eager").load(self.folder, manifest.load_spec(lambda: eager_graphs(manifest), self.folder))
@@ -226,14 +239,22 @@ class Engine:
         self.weights_from = source
 
     def preview(self, latents: torch.Tensor, shapes: Shapes | None = None):
-        return self.family.preview(latents, shapes or self.shapes)
+        """One picture of final latents at `shapes`; by default those of the request that made them, else the
+        only shapes the engine serves that give latents of their shape (refused in one line if not one)."""
+        shapes = shapes_for_preview(latents, shapes, self._made, self.range,
+                                    lambda s: self.input_shapes(s)["hidden_states"])
+        return self.family.preview(latents, shapes)
 
     def close(self) -> None:
-        """Releases what loading extracted (AOTInductor's shared libraries); the engine is unusable after."""
+        """Releases what loading extracted (AOTInductor's shared libraries) and the engine files it holds open;
+        the engine is unusable after."""
         for graph in (self.full, self.cached):
             close = getattr(graph, "close", None)  # compiled graphs have it; eager modules do not
             if close is not None:
                 close()
+        release = getattr(self, "_release_files", None)  # set by `load` (an eager twin shares, not owns, them)
+        if release is not None:
+            release()
 
     def __enter__(self) -> "Engine":
         return self
@@ -242,72 +263,39 @@ class Engine:
         self.close()
 
 
-def base_model(manifest: Manifest, device: str | None = None) -> torch.nn.Module:
-    """The diffusers transformer of the weights the engine was built from (checked unchanged), in its dtype."""
-    fam = family(manifest.model.family)
-    recorded = dataclasses.asdict(manifest.model.weights)
-    info = fam.inspect(recorded["source"])
-    if info.files:  # weight files are checked before they are opened; generated ones once they exist
-        info.verify(recorded)
-    model = fam.load(info, getattr(torch, manifest.dtype))
-    info.verify(recorded)
-    return model.to(device or manifest.device)
-
-
-def base_weights(manifest: Manifest, names: list[str]) -> dict[str, torch.Tensor]:
-    """Some of the engine's base weights, by their names in the diffusers transformer, in its dtype and checked
-    unchanged (by the files' recorded fingerprints, else their hashes). Read alone from the safetensors files of
-    a diffusers folder (a LoRA's modules: a few hundred MB of FLUX.1's 23 GB); where a name is not in them
-    (generated weights, single files in other layouts) taken from the whole model, loaded as a build loads it."""
-    fam = family(manifest.model.family)
-    recorded = dataclasses.asdict(manifest.model.weights)
-    info = fam.inspect(recorded["source"])
-    files = [f for f in info.files if f.endswith(".safetensors")]
-    if files:
-        info.verify(recorded)
-        found = read_tensors(files, set(names), getattr(torch, manifest.dtype))
-        if len(found) == len(set(names)):
-            return found
-    plain = dict(base_model(manifest, device="cpu").named_parameters())
-    return {n: plain[n].detach() for n in names}
-
-
-def read_tensors(files: list[str], names: set[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The tensors `names` found in safetensors `files`, floating ones cast to `dtype` (as from_pretrained does)."""
-    from safetensors import safe_open
-
-    out = {}
-    for f in files:
-        with safe_open(f, framework="pt") as st:
-            for name in names & set(st.keys()):
-                t = st.get_tensor(name)
-                # A copy, never the file's mapping: PEFT merges in place, and a write into mapped pages faults
-                # each 4 KiB page copy-on-write (1.6 s for FLUX.1's 0.9 GB of adapted weights; 0.3 s copied).
-                out[name] = t.to(dtype, copy=True) if t.is_floating_point() else t.clone()
-    return out
-
-
-def eager_graphs(manifest: Manifest) -> tuple:
-    """The engine's two graphs in eager PyTorch, from the weights it was built from (checked unchanged)."""
-    return family(manifest.model.family).graphs(base_model(manifest), manifest.cache.granularity)
-
-
 def _inner(graph):
     """The backend's own graph under a CUDA-graph wrapper."""
     return graph.graph if isinstance(graph, static.StaticGraph) else graph
 
 
-def load(folder, trusted_keys: list | None = None) -> Engine:
+def load(folder, trusted_keys: list | None = None, weights=None) -> Engine:
+    """The engine at `folder`, verified (see `svdexport.load`); `weights`: where the checkpoint an engine
+    references is now, when it has moved (a file or folder, matched by sha256)."""
     folder = Path(folder)
+    # Every engine file open and hashed; what follows loads those very files (manifest.path), never the names.
     manifest = manifest_io.read(folder, trusted_keys=trusted_keys)
-    be = backend(manifest.backend)
-    be.check()
-    bases = Bases.load(manifest.path(folder, BASES_FILE))
-    # The scheduler first: its import registers diffusers' output classes as pytree nodes, whose count guards
-    # a graph compiled at load (inductor): imported after that compile, the first call would compile again.
-    family(manifest.model.family).sampling(manifest.sampler).scheduler()
-    full, cached = be.load(folder, manifest.load_spec(lambda: eager_graphs(manifest), folder))
-    # The GPU hot path: CUDA graphs over static buffers (one shape: not for ranged engines).
-    if static.enabled(manifest.backend, manifest.device) and manifest.shapes.kind is EngineKind.STATIC:
-        full, cached = static.static_pair(full, cached)
-    return Engine(folder, manifest, full, cached, bases)
+    try:
+        be = backend(manifest.backend)
+        be.check()
+        bases = Bases.load(manifest.path(folder, BASES_FILE))
+        fields.check_bases(manifest, bases.vectors, folder / BASES_FILE)  # before the graphs load
+        # The scheduler first: its import registers diffusers' output classes as pytree nodes, whose count guards
+        # a graph compiled at load (inductor): imported after that compile, the first call would compile again.
+        family(manifest.model.family).sampling(manifest.sampler).scheduler()
+        spec = manifest.load_spec(lambda: eager_graphs(manifest), folder)
+        if manifest.bound is not None:  # compiled graphs without weights: bound from the checkpoint's bytes
+            spec.constants = open_bound(manifest, folder, weights)
+        elif weights is not None:
+            raise SvdExportError("--weights is for engines that reference a checkpoint; this one holds its weights")
+        full, cached = be.load(folder, spec)
+        # The GPU hot path: CUDA graphs over static buffers (one shape: not for ranged engines).
+        if static.enabled(manifest.backend, manifest.device) and manifest.shapes.kind is EngineKind.STATIC:
+            full, cached = static.static_pair(full, cached)
+        engine = Engine(folder, manifest, full, cached, bases)
+        manifest.opened.check_unchanged()  # and none was written in place while it was loaded
+    except BaseException:
+        manifest.opened.close()
+        raise
+    # The open files live as long as this engine (a refit or a LoRA may read them again): close() or the GC.
+    engine._release_files = weakref.finalize(engine, manifest.opened.close)
+    return engine

@@ -3,7 +3,8 @@
 `manifest.json` records what was built, from what, with which libraries, and the sha256 of every file in
 the folder plus a digest of its own content (`manifest_sha256`), so an edited manifest is refused as
 surely as an edited engine file. On read it is verified, then parsed into typed dataclasses; a missing
-or mistyped field is refused in one line naming it. Engines of svdexport 0.2 have the same layout.
+or mistyped field, or a value no run could use (runtime/fields.py), is refused in one line naming it.
+Engines of svdexport 0.2 have the same layout.
 
 The digest catches accidents, not an attacker (anyone can recompute it): an engine is code, and only a
 signature (`runtime/trust.py`) by a trusted key makes an engine from elsewhere safe to load. Every name in
@@ -24,11 +25,12 @@ from enum import Enum
 from pathlib import Path
 
 from svdexport.cache.config import CacheConfig
-from svdexport.errors import SvdExportError
+from svdexport.errors import SvdExportError, clip
 from svdexport.export import GraphSpec, LoadSpec
-from svdexport.files import confined, sha256_file
+from svdexport.files import confined, parse_json, sha256_file
 from svdexport.models.ranges import ShapeRange, static
-from svdexport.runtime import trust
+from svdexport.runtime import fields, trust
+from svdexport.verified import VerifiedSet
 
 FORMAT = "svdexport.engine/1"
 MANIFEST = "manifest.json"
@@ -47,15 +49,17 @@ class ConditioningKind(str, Enum):
 class Conditioning:
     kind: ConditioningKind
     file: str | None = None  # class-table: the table's file name inside the engine folder
-    labels: list[str] | None = None  # class-table: class names, in table order
-    calibration_prompts: list[str] | None = None  # pipeline: the prompts the bases were calibrated on
+    # class-table: class names, in table order
+    labels: list[str] | None = field(default=None, metadata={"max_chars": fields.NAME_MAX})
+    # pipeline: the prompts the bases were calibrated on
+    calibration_prompts: list[str] | None = field(default=None, metadata={"max_chars": fields.PROMPT_MAX})
 
 
 @dataclass
 class WeightsRecord:
     source: str  # "bundled:NAME" or the absolute path the engine was built from
     sha256: str  # digest of the weight files (or of the generated state dict)
-    files: list  # [name, size, mtime_ns] per file: unchanged files are not re-hashed at load
+    files: list  # [name, size, mtime_ns] per file: informational (a load checks sha256, see WeightsInfo.verify)
 
 
 @dataclass
@@ -69,7 +73,7 @@ class ModelRecord:
 
 @dataclass
 class SiteRecord:
-    name: str
+    name: str = field(metadata={"max_chars": fields.NAME_MAX})
     rank: int  # k chosen by the energy rule
     energy: float  # fraction of the calibration energy the kept directions capture
 
@@ -101,6 +105,26 @@ class PlanRecord:
     forecast: str = "taylor"  # the error model searched: "taylor" (order, gamma) or "fitted" (cache/fitted.py)
 
 
+@dataclass
+class ReferencedFile:
+    """A checkpoint file a compiled engine takes its weights from, outside the engine folder."""
+
+    path: str  # absolute path at build time (`run --weights` / `load(weights=)` point elsewhere)
+    sha256: str
+    size: int
+
+
+@dataclass
+class BoundWeights:
+    """A compiled engine whose graphs take their weights at load (build/bound.py, export/bindings.py)."""
+
+    referenced: list[ReferencedFile]  # checkpoint files referenced (none: every weight is in `constants`)
+    bindings: str  # engine file: per graph constant, its file and byte range, or its key in `constants`
+    constants: str  # engine file: the weights the engine keeps itself
+    referenced_bytes: int  # bytes the graphs take from the referenced files
+    embedded_bytes: int  # bytes of `constants`
+
+
 class EngineKind(str, Enum):
     STATIC = "static"  # one shape per engine: the build shapes
     RANGED = "ranged"  # every shape between shapes.min and shapes.max (issue 15)
@@ -108,11 +132,11 @@ class EngineKind(str, Enum):
 
 @dataclass
 class ShapesRecord:
-    build: dict  # the family's build shapes (batch, height, width, text_len, ...); a ranged engine's optimum
+    build: dict[str, int]  # the family's build shapes (batch, height, width, text_len, ...); a ranged engine's optimum
     inputs: dict[str, list[int]]  # graph input shapes at the build shapes (a static engine's only ones)
     kind: EngineKind = EngineKind.STATIC  # engines from before issue 15 have no kind: static
-    min: dict | None = None  # ranged: the smallest shapes served (same axes as build)
-    max: dict | None = None  # ranged: the largest
+    min: dict[str, int] | None = None  # ranged: the smallest shapes served (same axes as build)
+    max: dict[str, int] | None = None  # ranged: the largest
 
     def range(self, family) -> ShapeRange:
         """The shapes this engine serves (a static engine: its build shapes only)."""
@@ -143,19 +167,30 @@ class Manifest:
     sampler: dict  # the scheduler config
     graphs: dict[str, GraphSpec]
     plans: list[PlanRecord] = field(default_factory=list)  # calibrated plans (none for uniform builds and 0.2)
+    bound: BoundWeights | None = None  # compiled backends: weights bound at load (None: eager, in the graphs)
     format: str = FORMAT
     versions: dict = field(default_factory=dict)  # library versions at build time
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256, every file but this one
     manifest_sha256: str = ""
 
+    # Set by `read` for a load; not part of the format (no annotation: not dataclass fields). `opened`: the
+    # listed files, open and hashed (a verified.VerifiedSet), which `path` names; `signed`: a signature by a
+    # trusted key was checked (the weights are then hashed in full, never taken from a cache).
+    opened = None
+    signed = False
+
     def path(self, folder: Path, name: str) -> Path:
-        """folder/name for a file this manifest lists (and hashed at read); anything else is refused."""
-        return confined(folder, name, self.files)
+        """A path for a file this manifest lists; anything else is refused. After a load's `read`, the path
+        reaches the very bytes that were hashed (verified.VerifiedSet), whatever is renamed over the file
+        since; a peek's (hash_files=False) is folder/name."""
+        path = confined(folder, name, self.files)
+        return path if self.opened is None else self.opened.path(name)
 
     def load_spec(self, eager_graphs=None, folder: Path | None = None) -> LoadSpec:
         resolve = None if folder is None else (lambda name: self.path(folder, name))
+        unchanged = None if self.opened is None else self.opened.check_unchanged
         return LoadSpec(self.graphs, self.dtype, self.device, eager_graphs, resolve, self.backend_options,
-                        ranged=self.shapes.kind is EngineKind.RANGED)
+                        ranged=self.shapes.kind is EngineKind.RANGED, unchanged=unchanged)
 
     def to_dict(self) -> dict:
         data = _plain(dataclasses.asdict(self))
@@ -179,13 +214,15 @@ def _plain(x):
     return x
 
 
-def _parse(tp, value, where: str):
-    """`value` (parsed JSON) as type `tp`, recursively; a mismatch raises naming the field."""
+def _parse(tp, value, where: str, limit: int = fields.TEXT_MAX):
+    """`value` (parsed JSON) as type `tp`, recursively; a mismatch raises naming the field. Strings are checked
+    (`fields.text`, at most `limit` characters), untyped values scanned, and each record's values checked
+    (`_CHECKS`), so that nothing a forged manifest holds fails later with a traceback."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        return _parse(next(a for a in args if a is not type(None)), value, where)
+        return _parse(next(a for a in args if a is not type(None)), value, where, limit)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise SvdExportError(f"manifest field {where} must be an object")
@@ -193,27 +230,43 @@ def _parse(tp, value, where: str):
         out = {}
         for f in dataclasses.fields(tp):
             if f.name in value:
-                out[f.name] = _parse(hints[f.name], value[f.name], f"{where}.{f.name}".lstrip("."))
+                out[f.name] = _parse(hints[f.name], value[f.name], f"{where}.{f.name}".lstrip("."),
+                                     f.metadata.get("max_chars", fields.TEXT_MAX))
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise SvdExportError(f"manifest field {where}.{f.name} is missing".replace(" .", " "))
-        return tp(**out)
+        record = tp(**out)
+        if tp in _CHECKS:
+            _CHECKS[tp](record, where)
+        return record
     if isinstance(tp, type) and issubclass(tp, Enum):
         try:
             return tp(value)
-        except ValueError:
-            raise SvdExportError(f"manifest field {where} has unknown value {value!r}") from None
+        except (ValueError, TypeError):
+            raise SvdExportError(f"manifest field {where} has unknown value {clip(repr(value))}") from None
     if origin is list:
         if not isinstance(value, list):
             raise SvdExportError(f"manifest field {where} must be a list")
-        return [_parse(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+        return [_parse(args[0], v, f"{where}[{i}]", limit) for i, v in enumerate(value)] if args else \
+            fields.scan(value, where)
     if origin is dict:
         if not isinstance(value, dict):
             raise SvdExportError(f"manifest field {where} must be an object")
-        return {k: _parse(args[1], v, f"{where}.{k}") for k, v in value.items()} if args else value
+        if not args:
+            return fields.scan(value, where)
+        return {fields.text(k, f"{where} (a key)"): _parse(args[1], v, f"{where}.{k}", limit) for k, v in value.items()}
     want = {float: (int, float), int: (int,), str: (str,), bool: (bool,), dict: (dict,), list: (list,)}.get(tp)
     if want is not None and (not isinstance(value, want) or (tp is not bool and isinstance(value, bool))):
         raise SvdExportError(f"manifest field {where} must be {tp.__name__}, got {type(value).__name__}")
-    return value
+    if isinstance(value, str):
+        return fields.text(value, where, limit)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return fields.integer(value, where)
+    return fields.scan(value, where) if isinstance(value, (dict, list)) else value
+
+
+# Each record's values beyond their JSON types (runtime/fields.py), checked as `_parse` makes the record.
+_CHECKS = {Manifest: fields.manifest, ShapesRecord: fields.shapes, GraphSpec: fields.graph, PlanRecord: fields.plan,
+           CalibrationRecord: fields.calibration, CacheConfig: fields.cache}
 
 
 def library_versions() -> dict[str, str]:
@@ -243,12 +296,14 @@ def write(folder: Path, manifest: Manifest) -> Manifest:
 
 
 def read(folder: Path, check_versions: bool = True, trusted_keys: list | None = None,
-         hash_files: bool = True) -> Manifest:
+         hash_files: bool = True, signature: bool = True) -> Manifest:
     """The verified manifest of an engine folder; any mismatch raises SvdExportError naming it.
 
-    With trusted keys (given, or SVDEXPORT_TRUSTED_KEYS) the manifest's bytes must carry a signature by one
-    of them, checked before anything else is parsed or opened. `hash_files=False` only peeks (option checks
-    before the work); a load always hashes."""
+    With trusted keys (trust.trusted_keys: given, or SVDEXPORT_TRUSTED_KEYS) the manifest's bytes must carry
+    a signature by one of them, checked before anything else is parsed or opened; `signature=False` checks
+    none (signing an engine: nothing in it runs). `hash_files=False` only peeks (option checks before the
+    work); a load hashes every listed file through a descriptor it keeps open (`Manifest.opened`, released
+    by Engine.close), so that what the backends load is what was hashed."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
@@ -259,13 +314,10 @@ def read(folder: Path, check_versions: bool = True, trusted_keys: list | None = 
         raw = path.read_bytes()
     except OSError as e:
         raise SvdExportError(f"{path} is unreadable: {e}") from None
-    keys = trust.trusted_keys(trusted_keys)
+    keys = trust.trusted_keys(trusted_keys) if signature else []
     if keys:
         trust.verify(folder, raw, keys)
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SvdExportError(f"{path} is unreadable: {e}") from None
+    data = parse_json(raw, path)  # not UTF-8, malformed, too deep, a huge integer: one line
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise SvdExportError(f"{path} is not an {FORMAT} manifest")
     if data.get("manifest_sha256") != _digest(data):
@@ -276,16 +328,13 @@ def read(folder: Path, check_versions: bool = True, trusted_keys: list | None = 
     cond = manifest.model.conditioning
     if cond.kind is ConditioningKind.CLASS_TABLE:
         manifest.path(folder, cond.file or "")
-    for name, digest in manifest.files.items() if hash_files else ():
-        f = folder / name
-        if not f.is_file():
-            raise SvdExportError(f"engine file {f} is missing")
-        if sha256_file(f) != digest:
-            raise SvdExportError(f"engine file {f} is corrupted (sha256 does not match the manifest)")
     if check_versions:
         now = library_versions()
         for lib in ("torch", "diffusers", "svdexport"):
             if manifest.versions.get(lib) != now[lib]:
                 raise SvdExportError(f"engine {folder} was built with {lib} {manifest.versions.get(lib)}, this "
                                      f"environment has {now[lib]}; rebuild it")
+    if hash_files:  # engine files are hashed in full on every load (no cache: a cache would hide bit rot)
+        manifest.opened = VerifiedSet(folder, manifest.files, what="engine file", against="the manifest")
+    manifest.signed = bool(keys)
     return manifest

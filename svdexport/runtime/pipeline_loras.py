@@ -18,8 +18,10 @@ import copy
 import torch
 
 from svdexport.errors import SvdExportError
-from svdexport.models.lora import adapted_parameters, adapter_state, fuse_active, install, tuner_modules
-from svdexport.runtime.engine import Engine, base_weights
+from svdexport.models.lora import adapted_parameters, adapter_state, check_adapter_call, fuse_active, install
+from svdexport.models.lora import tuner_modules
+from svdexport.runtime.base import base_weights
+from svdexport.runtime.engine import Engine
 from svdexport.runtime.lora import WeightSwap, graph_weights
 
 
@@ -75,6 +77,7 @@ class PipelineLoras:
     # diffusers' pipeline LoRA methods call these on pipe.transformer (ModelMixin): the hollow model runs them.
     def load_lora_adapter(self, *args, **kwargs) -> None:
         self.engine.check_lora_support()  # tensorrt: refused here, before anything is loaded
+        check_adapter_call(self.hollow, args, kwargs)  # a LoRA of another model: refused, not half loaded
         self.hollow.load_lora_adapter(*args, **kwargs)
 
     def set_adapters(self, *args, **kwargs) -> None:

@@ -9,6 +9,9 @@ signs the whole engine.
 - `svdexport sign ENGINE --key KEY`: ENGINE/signature.json = {format, key_id, manifest_sha256, signature}.
 - `svdexport.load(ENGINE, trusted_keys=[...])`, `--trusted-key PUB` or SVDEXPORT_TRUSTED_KEYS=PUB1:PUB2:
   the engine must be signed by one of these keys, or it is refused before anything else is read.
+
+The variable fails closed: set, it requires a signature on every load; set but naming no key ("", ":"), it
+refuses every load. No caller switches it off: `trusted_keys=[]` names no key, so the variable decides.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import os
 from pathlib import Path
 
 from svdexport.errors import SvdExportError
-from svdexport.files import atomic_file
+from svdexport.files import atomic_file, read_json, remove_stale
 
 SIGNATURE = "signature.json"
 FORMAT = "svdexport.signature/1"
@@ -93,12 +96,21 @@ def load_public(path: Path):
 
 
 def trusted_keys(given: list | None = None) -> list[Path]:
-    """The public key files to trust: `given` (the API's or --trusted-key; [] trusts no key and requires no
-    signature), else (None) SVDEXPORT_TRUSTED_KEYS."""
-    if given is not None:
+    """The public key files to trust; a load then requires a signature by one of them ([]: none required).
+
+    `given` (the API's trusted_keys, --trusted-key) when it names a key; else (None or []) SVDEXPORT_TRUSTED_KEYS:
+    unset, no key; set, its keys, and set but naming none ("", ":") refuses in one line, so that a variable
+    meant to require signatures never lets an unsigned engine through."""
+    if given:
         return [Path(p) for p in given]
-    env = os.environ.get(ENV, "")
-    return [Path(p) for p in env.split(os.pathsep) if p]
+    env = os.environ.get(ENV)
+    if env is None:
+        return []
+    keys = [Path(p) for p in env.split(os.pathsep) if p.strip()]
+    if not keys:
+        raise SvdExportError(f"{ENV} is set but names no public key file ({env[:40]!r}): every load is refused; set it "
+                             f"to key files joined by {os.pathsep!r}, or unset it to load unsigned engines")
+    return keys
 
 
 def sign(folder: Path, key_path: Path) -> dict:
@@ -106,6 +118,7 @@ def sign(folder: Path, key_path: Path) -> dict:
     from svdexport.runtime.manifest import MANIFEST
 
     key = load_private(key_path)
+    remove_stale(Path(folder) / SIGNATURE)  # a killed sign's .signature.json.tmp-PID (dead processes' only)
     manifest = (Path(folder) / MANIFEST).read_bytes()
     record = {"format": FORMAT, "key_id": key_id(key.public_key()),
               "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
@@ -125,7 +138,7 @@ def verify(folder: Path, manifest_bytes: bytes, keys: list[Path]) -> str:
     if not path.is_file():
         raise SvdExportError(f"engine {folder} is not signed ({SIGNATURE} is missing) and a signature is required")
     try:
-        record = json.loads(path.read_text())
+        record = read_json(path)  # not UTF-8, too deep, a huge integer: one line (SvdExportError)
         signature = base64.b64decode(record["signature"], validate=True)
         if record.get("format") != FORMAT:
             raise ValueError(f"format is not {FORMAT}")

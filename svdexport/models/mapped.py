@@ -1,0 +1,74 @@
+"""A diffusers transformer whose weights are views of its mapped checkpoint files: the weights once in memory.
+
+`from_pretrained` reads every tensor into memory it owns (and diffusers' single-file path converts on top of
+that). Here the checkpoint's safetensors files are mapped (`tensorfile.MappedFile`), an optional layout
+conversion runs over the mapped tensors, and the model is assembled on the meta device with
+`load_state_dict(assign=True)`: a parameter in the build dtype is the file's bytes themselves; one in another
+dtype is cast (a copy in the build dtype, the only copy). `origins` tells, for each weight the model takes
+from the files, where its bytes are: what an engine references instead of copying.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from svdexport.errors import SvdExportError
+from svdexport.tensorfile import Located, MappedFile, origins_of
+
+
+@dataclass
+class MappedWeights:
+    """The model and where its weights came from."""
+
+    model: nn.Module
+    files: list[MappedFile]  # the mapped checkpoint files, in the order `origins` indexes them
+    origins: dict[str, Located]  # parameter/buffer name in the model -> its bytes in `files`
+
+
+def map_checkpoint(paths: list[str | Path]) -> tuple[list[MappedFile], dict[str, torch.Tensor]]:
+    """The files mapped, and all their tensors by name (a name in two shards is refused)."""
+    files = [MappedFile(p) for p in paths]
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        for key in f.keys():
+            if key in state:
+                raise SvdExportError(f"the tensor {key[:120]!r} is in two weight files ({f.path.name} and another)")
+            state[key] = f.tensor(key)
+    return files, state
+
+
+def assemble(cls, config: dict, state: dict[str, torch.Tensor], dtype: torch.dtype, where: str) -> nn.Module:
+    """`cls(**config)` on the meta device, its weights taken from `state` (floating ones cast to `dtype` only
+    where they differ); missing or unexpected names are refused in one line."""
+    from svdexport.models.weights import config_kwargs
+
+    with torch.device("meta"):
+        model = cls.from_config(config_kwargs(config))
+    state = {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1:2] or str(e).splitlines()[:1]
+        raise SvdExportError(f"cannot load {cls.__name__} weights from {where}: config and weights disagree "
+                             f"({first[0].strip()[:200]})") from None
+    meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if meta:  # non-persistent buffers are not in checkpoints: the model's own init computes them
+        raise SvdExportError(f"{where} leaves {meta[0]} of {cls.__name__} unset")
+    return model.eval().requires_grad_(False)
+
+
+def load_mapped(cls, config: dict, paths: list[str | Path], dtype: torch.dtype, where: str,
+                convert: Callable[[dict], dict] | None = None) -> MappedWeights:
+    """The model from the checkpoint files `paths`, its weights views of their mapping (cast where `dtype`
+    differs); `convert` turns the files' names into diffusers' (a layout conversion), keeping views where it
+    can."""
+    files, state = map_checkpoint(paths)
+    if convert is not None:
+        state = convert(state)
+    origins = origins_of(state, files)
+    return MappedWeights(assemble(cls, config, state, dtype, where), files, origins)
