@@ -64,7 +64,6 @@ from svdexport.models.flux import FLUX, FluxShapes  # noqa: E402
 JOBS = ("final", "block", "embedded-full", "embedded-reduced")
 SHAPES = FluxShapes(batch=1, height=1024, width=1024, text_len=512)
 K_MAX = 64
-GIB = 2**30
 NO_CONSTANTS = {"aot_inductor.package_constants_in_so": False}
 EMBEDDED = {"none": NO_CONSTANTS, "so": {"aot_inductor.package_constants_in_so": True},
             "binary_blob": {"aot_inductor.package_constants_in_so": False,

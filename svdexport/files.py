@@ -32,16 +32,6 @@ def sha256_file(path: Path, progress: bool = False) -> str:
     return h.hexdigest()
 
 
-def sha256_state_dict(state: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(memoryview(t.view(torch.uint8).numpy()) if t.numel() else b"")  # no copy: GBs at FLUX.1 width
-    return h.hexdigest()
-
-
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """safetensors.torch.save_file with its metadata in sorted order, so that the same tensors and metadata
     give the same bytes (and the same sha256 in a manifest): safetensors 0.8 writes metadata in hash-map

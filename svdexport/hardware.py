@@ -63,6 +63,27 @@ def cpu_bf16(flags: set[str] | None = None, capability: str | None = None) -> tu
     return True, f"this CPU has {unit}"
 
 
+def describe_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU in words, for every number a benchmark prints: its model name, its bf16 and int8 matrix units
+    (this project's machines are an Intel Sapphire Rapids with AMX, or an AMD Zen 4 with AVX512-BF16/VNNI and
+    no AMX) and the cores this process may use."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        text = ""
+    field_of = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in text.splitlines()) if v}
+    flags = cpu_flags(cpuinfo) or set()
+    units = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("amx_int8", "AMX-INT8"), ("avx512_bf16", "AVX512-BF16"),
+                                     ("avx512_vnni", "AVX512-VNNI")) if flag in flags]
+    kind = ("Intel Sapphire Rapids class" if "amx_bf16" in flags else
+            "AMD Zen 4 class" if field_of.get("vendor_id") == "AuthenticAMD" and "avx512_bf16" in flags else "")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    parts = [field_of.get("model name", "unknown CPU"), kind, ", ".join(units) + ("" if "amx_bf16" in flags or not
+                                                                                   units else ", no AMX"),
+             f"{cores} cores"]
+    return "; ".join(p for p in parts if p)
+
+
 @dataclass
 class Peak:
     """The best matmul rate measured in one dtype on one device."""

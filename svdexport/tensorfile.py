@@ -16,11 +16,13 @@ relative to the data's start.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -118,6 +120,14 @@ class MappedFile:
             return raw.clone().view(dtype).view(shape) if numel else torch.empty(shape, dtype=dtype)
         return raw.view(dtype).view(shape)
 
+    def drop(self, begin: int, end: int) -> None:
+        """Gives the pages of bytes begin..end back to the kernel (read again from the file if touched): after a
+        tensor was cast to another dtype, its file bytes need not stay resident beside the copy."""
+        page = mmap.PAGESIZE
+        start, stop = -(-begin // page) * page, end // page * page  # whole pages only: neighbours stay
+        if self._map is not None and stop > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: self.tensor(k) for k in self.entries}
 
@@ -157,14 +167,22 @@ def origins_of(tensors: dict[str, torch.Tensor], files: list[MappedFile]) -> dic
 def write(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Writes a safetensors file atomically, one tensor's bytes at a time (sorted keys and metadata: the same
     tensors give the same bytes); tensors that view a mapped file are read from it as they are written."""
+    write_lazy(path, {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, tensors.__getitem__, metadata)
+
+
+def write_lazy(path: str | Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+               make: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """`write` of tensors made one at a time by `make(name)` (dtype and shape given up front, in `specs`), each
+    dropped once written: the file never has to fit in memory."""
     # Widest dtypes first, as safetensors orders them: every tensor starts aligned to its element size.
-    items = sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0]))
+    names = sorted(specs, key=lambda k: (-specs[k][0].itemsize, k))
     header, offset = {}, 0
-    for key, t in items:
-        if t.dtype not in NAMES:
-            raise SvdExportError(f"cannot write a {t.dtype} tensor ({key}) to safetensors")
-        nbytes = t.numel() * t.element_size()
-        header[key] = {"dtype": NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+    for key in names:
+        dtype, shape = specs[key]
+        if dtype not in NAMES:
+            raise SvdExportError(f"cannot write a {dtype} tensor ({key}) to safetensors")
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     if metadata:
         header["__metadata__"] = dict(sorted(metadata.items()))
@@ -173,8 +191,10 @@ def write(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str
     with atomic_file(Path(path)) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for _, t in items:
-            t = t.detach().to("cpu").contiguous()
+        for key in names:
+            t = make(key).detach().to("cpu", specs[key][0]).contiguous()
+            if tuple(t.shape) != tuple(specs[key][1]):
+                raise SvdExportError(f"tensor {key} has shape {tuple(t.shape)}, not {specs[key][1]}")
             if t.numel():
                 f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
         f.flush()

@@ -171,10 +171,10 @@ def fake_runner(plan, out, crashes: dict, calls: list):
             names = gpu_full_depth.method_names(plan, s["backend"])
             if key in crashes:  # died in the engine's load: nothing saved
                 return crashes[key], "Segmentation fault"
-            rows = [gpu_full_depth.MethodRow(names[0], seconds=1.5, full_steps=9, step_parity=5e-3)
+            rows = [gpu_full_depth.MethodRow(names[0], seconds=1.5, full_steps=9, feature_parity=5e-3)
                     if s["engine"] else gpu_full_depth.MethodRow(names[0], skipped=s["engine_skipped"]),
-                    gpu_full_depth.MethodRow(names[1], seconds=12.3, full_steps=50, step_parity=0.0),
-                    gpu_full_depth.MethodRow(names[2], seconds=8.2, full_steps=50, step_parity=4e-3)]
+                    gpu_full_depth.MethodRow(names[1], seconds=12.3, full_steps=50, feature_parity=0.0),
+                    gpu_full_depth.MethodRow(names[2], seconds=8.2, full_steps=50, feature_parity=4e-3)]
             Path(s["result"]).write_text(json.dumps({"rows": [r.__dict__ for r in rows]}))
             return 0, ""
 
@@ -220,9 +220,10 @@ def test_a_build_that_does_not_fit_the_budget_is_skipped_and_the_baselines_still
 
 def test_the_full_depth_table_has_ratios_against_eager_and_compile():
     rows = [gpu_full_depth.MethodRow("SVD-Cache engine (aoti)", seconds=1.5, full_steps=9, prepare_s=35,
-                                     peak_allocated_gib=25.04, peak_reserved_gib=26.0, step_parity=5e-3,
+                                     peak_allocated_gib=25.04, peak_reserved_gib=26.0, feature_parity=5e-3,
+                                     output_parity=3e-2, device_used_gib=25.3,
                                      latents_vs_eager=0.05),
-            gpu_full_depth.MethodRow("eager bf16", seconds=12.3, full_steps=50, step_parity=0.0),
+            gpu_full_depth.MethodRow("eager bf16", seconds=12.3, full_steps=50, feature_parity=0.0),
             gpu_full_depth.MethodRow("torch.compile (regional)", skipped="time budget: 20 s left")]
     rec = {"plan": gpu_check.dataclasses.asdict(gpu_full_depth.FULL_DEPTH), "notes": ["a note"],
            "phases": {"checkpoint": {"seconds": 41.2, "status": "ok"}}, "rows": [r.__dict__ for r in rows]}
@@ -230,9 +231,12 @@ def test_the_full_depth_table_has_ratios_against_eager_and_compile():
     assert "on NVIDIA H100 80GB HBM3" in lines[0] and "checkpoint 41 s (ok)" in lines[0]
     header, engine, eager, compiled = lines[2], lines[4], lines[5], lines[6]
     assert header.count("|") == engine.count("|") == eager.count("|") == compiled.count("|") == 11
-    assert engine == "| SVD-Cache engine (aoti) | 1.50 | 8.20x | - | 9/50 | 35 | 25.0 | 26.0 | 5.0e-03 (ok) | 5.0e-02 |"
+    assert engine == ("| SVD-Cache engine (aoti) | 1.50 | 8.20x | - | 9/50 | 35 | 25.0 | 26.0 (25.3) "
+                      "| 5.0e-03 (ok) (3.0e-02) | 5.0e-02 |")
     assert eager.startswith("| eager bf16 | 12.30 | 1.00x |") and "skipped: time budget" in compiled
     assert lines[-1] == "note: a note" and not gpu_full_depth.ok(rec)  # a skipped method: not a complete row
+    rec["rows"][2] = gpu_full_depth.MethodRow("torch.compile (regional)").__dict__  # the child died before it
+    assert "skipped: not measured: the measurement ended before it |" in gpu_full_depth.table(rec, "GPU")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
@@ -255,7 +259,8 @@ def test_full_depth_tiny_runs_the_whole_row_on_this_cpu(tmp_path):
     engine, eager, compiled = rec["rows"]
     assert rec["backend"] == "aoti" and rec["build"]["ok"] and not any(r["skipped"] for r in rec["rows"])
     assert engine["full_steps"] < 50 == eager["full_steps"] == compiled["full_steps"]
-    assert engine["step_parity"] <= 2e-2 and compiled["step_parity"] <= 2e-2 and eager["step_parity"] == 0.0
+    assert engine["feature_parity"] <= 2e-2 and compiled["feature_parity"] <= 2e-2 and eager["feature_parity"] == 0.0
+    assert engine["output_parity"] < 0.1 and compiled["output_parity"] < 2e-2  # the output: eager's head rounds
     assert 0 < engine["latents_vs_eager"] < 1 and compiled["latents_vs_eager"] < 2e-2
     table = proc.stdout[proc.stdout.index("| method |"):]
     assert f"| {engine['seconds']:.2f} | {eager['seconds'] / engine['seconds']:.2f}x |" in table

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 from svdexport import tensorfile
 from svdexport.export import GraphExport
 from svdexport.export.bindings import bind, graph_constants
-from svdexport.files import sha256_file
 from svdexport.runtime import manifest as mf
 
 if TYPE_CHECKING:  # builder imports this module
@@ -39,7 +38,7 @@ def write_bound(p: "Prepared", graphs: dict[str, GraphExport], engine_dir: Path,
     bindings, own = bind(constants, names, p.loaded.origins if referenced else {}, embed_all=not referenced)
     (engine_dir / BINDINGS_FILE).write_text(json.dumps(bindings.to_dict(), sort_keys=True) + "\n")
     tensorfile.write(engine_dir / CONSTANTS_FILE, own, {"format": "svdexport.constants"})
-    files = [mf.ReferencedFile(str(f.path.resolve()), sha256_file(f.path, progress=True), f.path.stat().st_size)
-             for f in p.loaded.files] if referenced else []
+    files = [mf.ReferencedFile(str(f.path.resolve()), f.digest(use_cache=True), f.stat.st_size)
+             for f in p.loaded.files] if referenced else []  # the build key's hashing filled the cache
     embedded = sum(t.numel() * t.element_size() for t in own.values())
     return mf.BoundWeights(files, BINDINGS_FILE, CONSTANTS_FILE, bindings.referenced_bytes(), embedded)

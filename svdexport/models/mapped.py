@@ -42,14 +42,13 @@ def map_checkpoint(paths: list[str | Path]) -> tuple[list[MappedFile], dict[str,
     return files, state
 
 
-def assemble(cls, config: dict, state: dict[str, torch.Tensor], dtype: torch.dtype, where: str) -> nn.Module:
-    """`cls(**config)` on the meta device, its weights taken from `state` (floating ones cast to `dtype` only
-    where they differ); missing or unexpected names are refused in one line."""
+def assemble(cls, config: dict, state: dict[str, torch.Tensor], where: str) -> nn.Module:
+    """`cls(**config)` on the meta device, its weights taken from `state` (as they are: `load_mapped` casts);
+    missing or unexpected names are refused in one line."""
     from svdexport.models.weights import config_kwargs
 
     with torch.device("meta"):
         model = cls.from_config(config_kwargs(config))
-    state = {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
@@ -71,4 +70,9 @@ def load_mapped(cls, config: dict, paths: list[str | Path], dtype: torch.dtype, 
     if convert is not None:
         state = convert(state)
     origins = origins_of(state, files)
-    return MappedWeights(assemble(cls, config, state, dtype, where), files, origins)
+    for name, t in state.items():  # casts one tensor at a time, each one's file pages dropped once copied
+        if t.is_floating_point() and t.dtype != dtype:
+            state[name] = t.to(dtype)
+            if (o := origins.get(name)) is not None:
+                files[o.file].drop(o.offset, o.offset + t.numel() * t.element_size())
+    return MappedWeights(assemble(cls, config, state, where), files, origins)

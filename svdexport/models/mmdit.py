@@ -15,7 +15,8 @@ from svdexport.cache.svd import reconstruct, split
 from svdexport.errors import SvdExportError
 from svdexport.models import weights as wt
 from svdexport.models.family import Family, Shapes
-from svdexport.models.mapped import MappedWeights
+from svdexport.models.mapped import MappedWeights, load_mapped
+from svdexport.models.random_weights import bundled_checkpoint
 from svdexport.models.weights import WeightsInfo
 
 # Turns a hooked module's (args, output) into the site feature [B, N, D].
@@ -198,9 +199,11 @@ class MMDiTFamily(Family):
     def load_weights(self, info: WeightsInfo, dtype: torch.dtype) -> MappedWeights:
         """The transformer and where its weights came from: views of the mapped checkpoint files (the weights
         once in memory), or generated for a bundled spec (no files)."""
-        if info.source.startswith("bundled:") and not info.files:
-            model = wt.generated(self.transformer_class(), self.bundled[info.source.split(":", 1)[1]], info, dtype)
-            return MappedWeights(model.eval().requires_grad_(False), [], {})
+        if info.source.startswith("bundled:") and not self.bundled[info.source.split(":", 1)[1]].is_dir():
+            # A bundled spec of random weights: its checkpoint made once into this user's cache, then mapped.
+            path, _ = bundled_checkpoint(self.transformer_class(), self.bundled[info.source.split(":", 1)[1]])
+            info.files = [str(path)]
+            return load_mapped(self.transformer_class(), info.config, [path], dtype, info.source)
         if Path(info.source).is_file():
             return self.load_file(info, dtype)
         return wt.load_folder(self.transformer_class(), info, dtype)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from svdexport.errors import SvdExportError
-from svdexport.files import fingerprint, sha256_state_dict
+from svdexport.files import fingerprint
 from svdexport.verified import VerifiedFile, sha256_of
 
 CALIBRATION_PROMPTS = Path(__file__).parent / "prompts" / "calibration.txt"
@@ -32,7 +32,7 @@ class WeightsInfo:
     config: dict  # the transformer's diffusers config
     files: list[str] = field(default_factory=list)  # weight files read, absolute paths, in hashing order
     pipeline_parts: list[str] = field(default_factory=list)  # text encoders / VAE found beside the transformer
-    sha256: str = ""  # digest of the weights; set at load for the generated bundled model, else on demand
+    sha256: str = ""  # digest of the weight files (a bundled random spec's: of its cached checkpoint), on demand
     conditioning: dict = field(default_factory=lambda: {"kind": "synthetic"})  # or a class table (file, labels)
     shapes: dict | None = None  # default build shapes the model declares (bundled models)
     precision: dict | None = None  # {"dtype", "why"}: the precision the model declares for --dtype auto
@@ -173,16 +173,6 @@ def inspect_weights(weights: str | None, default: str, bundled: dict[str, Path],
 def cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     # nn.Module.to itself: ModelMixin.to warns about float32-only modules, which these models do not have.
     return nn.Module.to(model, dtype)
-
-
-def generated(cls, spec_path: Path, info: WeightsInfo, dtype: torch.dtype) -> nn.Module:
-    """Seeded random weights from a bundled spec: reproducible, so no binary is committed."""
-    spec = json.loads(spec_path.read_text())
-    torch.manual_seed(spec["seed"])
-    model = cls(**spec["config"])
-    info.config = dict(model.config)
-    info.sha256 = sha256_state_dict(model.state_dict())
-    return cast(model, dtype)
 
 
 def weight_files(info: WeightsInfo) -> list[str]:
