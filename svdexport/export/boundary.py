@@ -17,24 +17,25 @@ import torch
 
 
 class Boundary:
-    """Makes positional inputs contiguous, of the exported dtypes (GraphSpec.input_dtypes) and on `device`.
-    Inputs past the recorded ones, and None (an eager graph's absent optional input), pass unchanged."""
+    """Makes positional inputs contiguous, of the exported dtypes (GraphSpec.input_dtypes; a None entry keeps
+    the input's own) and on `device`. Inputs past the recorded ones, and None inputs (an eager graph's absent
+    optional input), pass unchanged."""
 
-    def __init__(self, dtypes: list[str], device: str | torch.device):
-        self.dtypes = tuple(getattr(torch, d) for d in dtypes)
+    def __init__(self, dtypes: list[str | None], device: str | torch.device):
+        self.dtypes = tuple(None if d is None else getattr(torch, d) for d in dtypes)
         device = torch.device(device)
         if device.type == "cuda" and device.index is None and torch.cuda.is_available():
             device = torch.device("cuda", torch.cuda.current_device())  # where .to("cuda") puts a tensor
         self.device = device
 
-    def right(self, t: torch.Tensor | None, dtype: torch.dtype) -> bool:
-        return t is None or (t.dtype == dtype and t.device == self.device and t.is_contiguous())
+    def right(self, t: torch.Tensor | None, dtype: torch.dtype | None) -> bool:
+        return t is None or ((dtype is None or t.dtype == dtype) and t.device == self.device and t.is_contiguous())
 
     def __call__(self, inputs: tuple) -> tuple:
         """`inputs` itself when every one is right, else a tuple with the wrong ones converted."""
         if all(self.right(t, d) for t, d in zip(inputs, self.dtypes)):
             return inputs
-        fixed = tuple(t if self.right(t, d) else t.to(self.device, d).contiguous()
+        fixed = tuple(t if self.right(t, d) else t.to(device=self.device, dtype=d).contiguous()
                       for t, d in zip(inputs, self.dtypes))
         return fixed + tuple(inputs[len(fixed):])
 
@@ -52,8 +53,12 @@ def guard_module(module: torch.nn.Module, boundary: Boundary) -> torch.nn.Module
 
 
 def retyped(graphs: dict, old: str, new: str) -> dict:
-    """Graph specs (GraphSpec by name) of an eager twin in another precision: the inputs recorded in the engine's
-    dtype `old` (activations, timestep, residuals) become `new`; the others (float32 coefficients and rotary
-    table, int64 masks) keep theirs, as a build in `new` from float32 or bfloat16 records them."""
-    return {name: dataclasses.replace(g, input_dtypes=[new if d == old else d for d in g.input_dtypes])
-            for name, g in graphs.items()}
+    """Graph specs (GraphSpec by name) for an eager twin in precision `new` of an engine in `old`, as a build in
+    `new` records them where the record tells: below float32, the inputs recorded in `old` are the ones that
+    follow the precision (activations, timestep, residuals) and become `new`, the others (float32 bases,
+    coefficients, rotary table; int64 masks) keep theirs. A float32 engine records both kinds as float32: those
+    inputs get None, the twin's boundary keeps their dtype (its own inputs give it)."""
+    def twin(d: str) -> str | None:
+        return d if d != old else (None if old == "float32" else new)
+
+    return {name: dataclasses.replace(g, input_dtypes=[twin(d) for d in g.input_dtypes]) for name, g in graphs.items()}

@@ -92,7 +92,8 @@ class Sampling(ABC):
 
     @abstractmethod
     def model_timestep(self, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """The scheduler's timestep t as the pipeline passes it to the transformer (per batch row)."""
+        """The scheduler's timestep t as the pipeline passes it to the transformer: one value per batch row, a
+        contiguous tensor (not `t.expand(B)`'s stride-0 view) in the latents' dtype and device."""
 
 
 class PromptEncoder(ABC):
