@@ -72,7 +72,8 @@ def test_onnx_with_auto_dtype_on_a_bf16_cpu_builds_fp32(monkeypatch):
     small = {"height": 128, "width": 128, "text_len": 8}
     p = BuildOptions(weights="bundled:random", backend="onnx", shapes=small)
     prepare(p)
-    assert (p.dtype, p.dtype_reason) == ("fp32", "auto: ONNX Runtime's CPU provider has no bf16 kernels")
+    assert (p.dtype, p.dtype_reason) == ("fp32", "auto: ONNX Runtime's CPU provider has no bf16 kernels; --dtype bf16 "
+                                             "keeps bf16 weights and computes in float32")
     d = BuildOptions(backend="aoti")
     prepare(d)
     assert d.dtype == "fp32" and d.dtype_reason.startswith("auto: the model declares fp32")

@@ -241,8 +241,8 @@ def onnx_engine(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("swaps", [{"full.onnx": "cached.onnx"}, {"full.onnx.data": "cached.onnx.data"}],
-                         ids=["model", "external-data"])
+@pytest.mark.parametrize("swaps", [{"full.onnx": "cached.onnx"}, {"constants.safetensors": "bases.safetensors"}],
+                         ids=["model", "weights"])
 def test_an_onnx_model_or_its_weights_renamed_over_after_the_hash_are_not_loaded(onnx_engine, key, tmp_path,
                                                                                   monkeypatch, swaps):
     engine = signed_copy(onnx_engine, tmp_path / "engine", key)

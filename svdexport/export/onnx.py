@@ -1,16 +1,16 @@
 """ONNX Runtime: the programs exported to ONNX (graphs folder), optimized into the engine folder.
 
-- Export (onnx_export.py): torch.onnx's dynamo exporter from the torch.export program; every weight stays an
-  initializer named by its FQN, declared (type and shape) without its bytes: neither folder holds a copy.
-  At load each session takes its weights from the engine's bindings (LoadSpec.constants: views of the mapped
-  checkpoint, or of the engine's constants file for bundled and --embed-weights engines) through
-  add_external_initializers, without a copy. Engines built before bindings keep their weights in
-  NAME.onnx.data files, mapped the same way.
-- bf16 on a CPU: bf16 initializers (the checkpoint's bytes) cast to float32 where they are used, float32
+- Export (onnx_export.py): torch.onnx's dynamo exporter from the torch.export program; every weight is a graph
+  input named by its FQN, typed and shaped, without its bytes: neither folder holds a copy of the weights. At
+  load each session's weights are the engine's bound tensors (LoadSpec.constants: views of the mapped
+  checkpoint, or of the engine's constants file for bundled and --embed-weights engines), given by I/O binding,
+  which ONNX Runtime reads in place (moved once to the GPU where the session runs there); a LoRA rebinds them.
+  Engines built before bindings keep their weights as initializers in NAME.onnx.data files (ModelFiles).
+- bf16 on a CPU: bf16 weights (the checkpoint's bytes) cast to float32 where they are used, float32
   activations (backend_options "compute": "float32" and the input dtypes the sessions take).
-- Optimization at build: onnxruntime's transformer optimizer (model type "mmdit", the FLUX/SD3 family), on the
-  model without weight data; at load the session applies ORT_ENABLE_ALL except ConstantFolding, without
-  weight prepacking (DISABLED_OPTIMIZERS, PREPACK: either would copy every weight).
+- Optimization at build: onnxruntime's transformer optimizer (model type "mmdit", the FLUX/SD3 family); at load
+  the session applies every remaining ORT optimization (ORT_ENABLE_ALL) for this machine: weights that are
+  inputs are never constant-folded or prepacked, so no optimization copies them.
 - A ranged engine's programs have dynamic dimensions, which the exporter turns into ONNX dynamic axes
   (symbolic dims named after torch.export's symbols); ORT allocates outputs of dynamic shape itself.
 - Sessions are created once per engine, with intra-op threads = the cores this process may use, and run
@@ -37,17 +37,11 @@ from svdexport.quiet import quiet
 _ELEM = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.float64: 11, torch.int64: 7, torch.int32: 6,
          torch.uint8: 2, torch.int8: 3, torch.bool: 9}
 _TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16,
-          "tensor(double)": torch.float64, "tensor(int64)": torch.int64}
+          "tensor(double)": torch.float64, "tensor(int64)": torch.int64, "tensor(int32)": torch.int32,
+          "tensor(uint8)": torch.uint8, "tensor(int8)": torch.int8, "tensor(bool)": torch.bool}
 # Bytes per element of the ONNX element types external data may hold (float, uint8, int8, uint16, int16,
 # int32, int64, bool, float16, double, uint32, uint64, bfloat16).
 _ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
-
-# Session settings that keep the weights where they are bound, never copied (OnnxBackend.weight_copies has the
-# measurements): ConstantFolding folds Transpose(W) and Cast(W) into new initializers, a copy of every weight
-# (without it ORT still fuses each transpose into Gemm/FusedMatMul with transB, which reads W as it is);
-# prepacking keeps a packed copy of each MatMul/Gemm weight.
-DISABLED_OPTIMIZERS = ["ConstantFolding"]
-PREPACK = False
 
 
 def providers() -> list[str]:
@@ -70,16 +64,13 @@ def cpu_threads() -> int:
 
 
 class ModelFiles:
-    """An ONNX model read once: its bytes, and each external initializer as an OrtValue over memory it does not
-    copy: a declared weight (onnx_export.BOUND) over the tensor `bound` gives it by name (LoadSpec.constants:
-    views of the mapped checkpoint or constants file), one stored in a data file (engines built before
-    bindings) over a read-only mapping of that file. Sessions are made from these, never from the paths: ONNX
+    """An ONNX model read once: its bytes, and each external initializer (engines built before bindings) as an
+    array over a read-only mapping of its data file. Sessions are made from these, never from the paths: ONNX
     Runtime resolves a model's folder to its real path to find the weights, so from the path it would read
     whatever is there now, not the engine's verified files (`resolve`: an external-data location to the path to
     read it from; default: beside the model)."""
 
-    def __init__(self, path: Path, resolve: Callable[[str], Path] | None = None,
-                 bound: dict[str, torch.Tensor] | None = None):
+    def __init__(self, path: Path, resolve: Callable[[str], Path] | None = None):
         import onnx
 
         self.bytes = Path(path).read_bytes()
@@ -90,27 +81,12 @@ class ModelFiles:
         for tensor in onnx.external_data_helper._get_all_tensors(model):
             if tensor.data_location != onnx.TensorProto.EXTERNAL:
                 continue
-            if exported.declared(tensor):
-                self.external[tensor.name] = self._bound(tensor, bound, path)
-                continue
             info = {e.key: e.value for e in tensor.external_data}
             location = info.get("location", "")
             file = resolve(location) if resolve is not None else Path(path).parent / location
             if file not in maps:
                 maps[file] = _map(file)
             self.external[tensor.name] = self._value(tensor, info, maps[file], path)
-
-    def _bound(self, tensor, bound: dict[str, torch.Tensor] | None, path: Path):
-        shown = getattr(path, "origin", path)
-        t = (bound or {}).get(tensor.name)
-        if t is None:
-            raise SvdExportError(f"the engine binds no weight to {tensor.name} of {shown}: rebuild it")
-        if _ELEM.get(t.dtype) != tensor.data_type or list(t.shape) != list(tensor.dims):
-            raise SvdExportError(f"the engine binds a {t.dtype} {list(t.shape)} tensor to {tensor.name} of {shown}, "
-                                 "which declares another type or shape: rebuild it")
-        value, owner = _ortvalue(t)
-        self._arrays.append(owner)  # the session reads this memory: alive as long as the model
-        return value
 
     def _value(self, tensor, info: dict, data, path: Path):
         import numpy as np
@@ -149,20 +125,39 @@ def _map(path: Path) -> bytes | mmap.mmap:
 
 
 class OrtGraph:
-    """One ONNX Runtime session called with positional torch tensors through I/O binding. `resolve` and
-    `unchanged`: see ModelFiles and LoadSpec.unchanged."""
+    """One ONNX Runtime session called with positional torch tensors through I/O binding. Its other inputs are its
+    weights, each bound to the tensor of its name in `bound` (LoadSpec.constants); `resolve` and `unchanged`:
+    see ModelFiles and LoadSpec.unchanged."""
 
     def __init__(self, path: Path, input_names: list[str], resolve: Callable[[str], Path] | None = None,
                  unchanged: Callable[[], None] | None = None, bound: dict[str, torch.Tensor] | None = None):
         self.path, self.overrides, self.unchanged = path, {}, unchanged
-        self.model = open_engine_file(path, "an ONNX model", lambda: ModelFiles(path, resolve, bound))
+        self.model = open_engine_file(path, "an ONNX model", lambda: ModelFiles(path, resolve))
         self._open()
         self.device = session_device(self.session.get_providers())
         position = {n: i for i, n in enumerate(input_names)}
-        # The exporter may drop an input the graph does not read; bind only what the session declares.
-        check_signature(path, input_names, None, [i.name for i in self.session.get_inputs()])
-        self.inputs = [(i.name, position[i.name]) for i in self.session.get_inputs()]
+        declared = self.session.get_inputs()
+        weights = [i for i in declared if i.name not in position and i.name in (bound or {})]
+        # The exporter may drop an input the graph does not read; bind only what the session declares. An input
+        # neither the graph's nor a bound weight: another graph's model (the files swapped).
+        check_signature(path, input_names, None, [i.name for i in declared if i not in weights])
+        self._declared = {i.name: (i.type, list(i.shape)) for i in weights}
+        self.weights = {i.name: self._weight(i.name, bound[i.name]) for i in weights}
+        self.inputs = [(i.name, position[i.name]) for i in declared if i not in weights]
         self.outputs = [(o.name, tuple(o.shape), _TORCH[o.type]) for o in self.session.get_outputs()]
+
+    @property
+    def names(self) -> set[str]:
+        """The weights a LoRA may replace: bound inputs, or initializers (engines built before bindings)."""
+        return set(self.weights) | self.model.names
+
+    def _weight(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """`t` as the session reads it in place: on its device (one copy to a GPU; none on a CPU), contiguous."""
+        kind, shape = self._declared[name]
+        if _TORCH.get(kind) != t.dtype or shape != list(t.shape):
+            raise SvdExportError(f"the engine binds a {t.dtype} {list(t.shape)} tensor to {name} of "
+                                 f"{getattr(self.path, 'origin', self.path)}, which takes {kind} {shape}: rebuild it")
+        return t.detach().to(self.device).contiguous()
 
     def _open(self) -> None:
         import onnxruntime as ort
@@ -175,13 +170,12 @@ class OrtGraph:
         # ORT's idle threads spin by default; between calls they would take the cores from PyTorch's
         # sampler and predictor work (measured: 2x slower 50-step loops on 2 cores).
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if not PREPACK:  # MatMul/Gemm would keep a packed copy of every weight (the bound one stays mapped)
-            so.add_session_config_entry("session.disable_prepacking", "1")
-        # Replaced weights (LoRAs): given at session creation, before ORT's own constant folding and weight
-        # pre-packing, which then see them. The session reads their memory: kept alive in self.overrides.
-        # ORT replaces an initializer stored in the model file with add_initializer, one stored as external data
-        # (every large weight) only with add_external_initializers, and refuses the other way round. Every
-        # external initializer is given so (ModelFiles): ORT opens no file.
+        # Initializers (engines built before bindings) and their replacements (LoRAs): given at session creation,
+        # before ORT's own constant folding and weight pre-packing, which then see them (ORT copies them). The
+        # session reads their memory: kept alive in self.overrides. ORT replaces an initializer stored in the
+        # model file with add_initializer, one stored as external data (every large weight) only with
+        # add_external_initializers, and refuses the other way round. Every external initializer is given so
+        # (ModelFiles): ORT opens no file.
         external = {**self.model.external, **{n: v for n, (v, _, ext) in self.overrides.items() if ext}}
         if external:
             so.add_external_initializers(list(external), list(external.values()))
@@ -189,18 +183,21 @@ class OrtGraph:
             if not ext:
                 so.add_initializer(name, value)
         try:
-            self.session = ort.InferenceSession(self.model.bytes, so, providers=providers(),
-                                                disabled_optimizers=DISABLED_OPTIMIZERS)
+            self.session = ort.InferenceSession(self.model.bytes, so, providers=providers())
         except Exception as e:
             raise SvdExportError(f"ONNX Runtime cannot load {getattr(self.path, 'origin', self.path)}: "
                                  f"{str(e).splitlines()[0]}") from None
 
-    def replace(self, weights: dict[str, torch.Tensor], external: set[str]) -> None:
-        """A new session with these initializers replaced (the others from the engine's files); `external`:
-        the names the model stores as external data."""
+    def replace(self, weights: dict[str, torch.Tensor]) -> None:
+        """These weights replaced: a bound input is bound to the new tensor; initializers (engines built before
+        bindings) need a new session, the others taken from the engine's files again."""
+        for name in [n for n in weights if n in self.weights]:
+            self.weights[name] = self._weight(name, weights.pop(name))
+        if not weights:
+            return
         for name, value in weights.items():
             ortvalue, t = _ortvalue(value)
-            self.overrides[name] = (ortvalue, t, name in external)  # t owns the memory the OrtValue reads
+            self.overrides[name] = (ortvalue, t, name in self.model.external)  # t owns the memory ORT reads
         self.session = None  # the old session's memory goes before the new one is made
         self._open()
         if self.unchanged is not None:  # the mapped weights are the engine's files: not written in place since
@@ -208,6 +205,8 @@ class OrtGraph:
 
     def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
         binding = self.session.io_binding()
+        for name, t in self.weights.items():  # read in place, as they are (the engine keeps them alive)
+            binding.bind_input(name, t.device.type, t.device.index or 0, _ELEM[t.dtype], tuple(t.shape), t.data_ptr())
         keep = []  # tensors whose memory the session reads: alive until the run ends
         for name, pos in self.inputs:
             t = args[pos].to(self.device).contiguous()  # in place where the tensor is already on the device
@@ -235,7 +234,11 @@ class OnnxBackend(Backend):
     name = "onnx"
     requires = ("onnx", "onnxscript", "onnxruntime")
     extra = "onnx"
-    weight_copies = 4.3  # measured 4.1 on bundled:flux1-reduced (export, optimizer, session), rounded up
+    # The models hold no weights: the build holds them once (export, check and optimizer add 0.05 GiB). Measured
+    # at 256x256, text 64 (/usr/bin/time -v, whole-process peak RSS over weight bytes): 1.20 for
+    # bundled:flux1-reduced in fp32 (4.60 of 3.83 GiB), 1.42 for it as a local bf16 folder with --dtype bf16 (2.70
+    # of 1.91 GiB: Python and the calibration's activations on top); 4.1 before. Sessions copy nothing at load.
+    weight_copies = 1.1
 
     def build(self, graphs: dict[str, GraphExport], engine_dir: Path, graphs_dir: Path) -> dict:
         import logging
@@ -254,10 +257,10 @@ class OnnxBackend(Backend):
                 exported.check(raw)  # the standard ONNX model; the optimized one has ORT's own ops, checked at load
                 exported.optimize(raw, engine_dir / f"{name}.onnx", exported.heads(graphs[name].module))
         record = {"models": {n: f"{n}.onnx" for n in GRAPHS}, "providers": providers(),
-                  "optimizer": "onnxruntime.transformers mmdit, then ORT_ENABLE_ALL at load without ConstantFolding",
-                  "checked": "exported model: onnx.checker and strict shape inference, weights as typed inputs",
-                  "weights": "initializers named by parameter FQN, declared without data and bound at load "
-                             "(bindings.json), replaceable at session creation",
+                  "optimizer": "onnxruntime.transformers mmdit, then ORT_ENABLE_ALL at load",
+                  "checked": "exported model: onnx.checker and strict shape inference, both from the file path",
+                  "weights": "graph inputs named by parameter FQN, without data: bound at load (bindings.json) "
+                             "by I/O binding, replaceable by name",
                   "intra_op_threads": "cores available to the process at load"}
         if in_float32:  # bf16 weights computed in float32: the session's own input types, not the build's
             record.update(compute="float32", input_dtypes=dtypes)
@@ -286,13 +289,13 @@ class OnnxBackend(Backend):
     fixed_weights = None
 
     def update_weights(self, graphs: tuple, weights: dict[str, dict[str, torch.Tensor]], spec: LoadSpec) -> None:
-        """ONNX Runtime initializers supplied at session creation, by the parameter FQNs the exporter kept."""
+        """The sessions' weights replaced by name (the parameter FQNs the exporter kept): bound inputs rebound,
+        initializers (engines built before bindings) given to a new session."""
         for name, graph in zip(GRAPHS, graphs):  # both checked before either changes
-            missing_weights(name, weights.get(name) or {}, graph.fn.model.names)
-        external = {name: set(graph.fn.model.external) for name, graph in zip(GRAPHS, graphs)}
+            missing_weights(name, weights.get(name) or {}, graph.fn.names)
         for name, graph in zip(GRAPHS, graphs):
             if weights.get(name):
-                graph.fn.replace(weights[name], external[name])
+                graph.fn.replace(dict(weights[name]))
 
 
 def _session_dtypes(spec: LoadSpec) -> dict:
