@@ -41,7 +41,7 @@ import svdexport  # noqa: E402
 from svdexport import hardware  # noqa: E402
 from svdexport.bench import roofline  # noqa: E402
 from svdexport.bench.metrics import rel_l2  # noqa: E402
-from svdexport.build.builder import BuildOptions, build  # noqa: E402
+from svdexport.builder.build import BuildOptions, build  # noqa: E402
 from svdexport.errors import SvdExportError  # noqa: E402
 from svdexport.export import backend  # noqa: E402
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import svdexport  # noqa: E402
 from svdexport.bench.metrics import psnr  # noqa: E402
-from svdexport.build.builder import BuildOptions, build  # noqa: E402
+from svdexport.builder.build import BuildOptions, build  # noqa: E402
 from svdexport.cache.config import CacheConfig  # noqa: E402
 from svdexport.models import mmdit  # noqa: E402
 

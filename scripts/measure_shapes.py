@@ -25,7 +25,7 @@ from measure_precision import arguments  # noqa: E402
 import svdexport  # noqa: E402
 from svdexport.bench.metrics import psnr  # noqa: E402
 from svdexport.bench.stats import paired, summary  # noqa: E402
-from svdexport.build.builder import BuildOptions, build  # noqa: E402
+from svdexport.builder.build import BuildOptions, build  # noqa: E402
 from svdexport.cache.config import CacheConfig  # noqa: E402
 
 RESOLUTIONS = [(96, 96), (128, 128), (160, 160)]

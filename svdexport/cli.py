@@ -19,7 +19,7 @@ from svdexport.runtime import trust
 from svdexport.commands import bench_with_lora
 
 def cmd_build(a: argparse.Namespace) -> None:
-    from svdexport.build.builder import build
+    from svdexport.builder.build import build
 
     opts = build_options(a, a.backend)
     out = Path(a.out or f"engines/{a.model}-{a.backend}")
@@ -53,7 +53,7 @@ def cmd_build(a: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(a: argparse.Namespace) -> None:
-    from svdexport.build.builder import calibrate_to_file
+    from svdexport.builder.build import calibrate_to_file
 
     bases = calibrate_to_file(build_options(a), Path(a.out))
     print(f"wrote {a.out}: {len(bases.sites)} sites, ranks {bases.ranks}, "

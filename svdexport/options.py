@@ -143,7 +143,7 @@ def model_args(p: argparse.ArgumentParser) -> None:
 
 def build_options(a: argparse.Namespace, backend: str = "eager"):
     from svdexport.models import family
-    from svdexport.build.builder import BuildOptions
+    from svdexport.builder.build import BuildOptions
 
     family(a.model)  # an unknown family fails here, before any work
     cache = CacheConfig(granularity=a.granularity, predictor=a.predictor, beta=a.beta, order=a.order, tau=a.tau,

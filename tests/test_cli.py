@@ -290,7 +290,7 @@ def test_existing_foreign_folder_is_not_replaced(tmp_path, capsys):
 def test_failed_rebuild_keeps_the_previous_engine(engine, tmp_path, capsys, monkeypatch):
     eng = copy_engine(engine, tmp_path)
     before = (eng / "manifest.json").read_text()
-    from svdexport.build import builder as build_mod
+    from svdexport.builder import build as build_mod
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
@@ -355,7 +355,7 @@ def test_plan_steps_fit_the_forecast_at_other_step_counts(tmp_path, capsys):
 
 def test_refined_plans_are_stored_and_used(tmp_path, capsys):
     import svdexport
-    from svdexport.build.step_plans import refine_budgets
+    from svdexport.builder.step_plans import refine_budgets
 
     code, out, err = run_cli(capsys, "build", "--out", tmp_path / "r", *FAST[:2], "--calib-steps", "8",
                              *FAST[4:], "--full-steps", "4", "--refine-evaluations", "30", "--refine-samples", "2")

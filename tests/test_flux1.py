@@ -11,7 +11,7 @@ from helpers import TINY, tiny_model
 from svdexport.cli import main
 from svdexport.models import flux
 from svdexport.models.flux import FLUX
-from svdexport.build import memory
+from svdexport.builder import memory
 from helpers import assert_one_line_error, run_cli
 from tiny_pipeline import tiny_pipeline
 

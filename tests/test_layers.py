@@ -12,7 +12,7 @@ from svdexport.models.family import Family, Sampling
 ROOT = Path(svdexport.__file__).parent
 # Lowest first; a module may import its own layer and the ones below, never one above.
 LAYERS = [("errors", "files", "hardware", "media", "outputs", "quiet", "tensorfile", "verified"), ("cache",), ("export",), ("models",),
-          ("runtime",), ("build",), ("bench", "batch", "cli", "commands", "options", "__init__")]
+          ("runtime",), ("builder",), ("bench", "batch", "cli", "commands", "options", "__init__")]
 
 
 def layer(module: str) -> int:

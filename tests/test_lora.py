@@ -79,7 +79,7 @@ def test_lora_options_are_checked_in_one_line(tmp_path_factory, tmp_path, capsys
 
 @pytest.mark.slow
 def test_apply_fuses_the_pipelines_loras(tmp_path_factory):
-    from svdexport.build.builder import BuildOptions, build
+    from svdexport.builder.build import BuildOptions, build
     from tiny_pipeline import prompt_embeds, tiny_pipeline
 
     def call(pipe):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from svdexport.build import memory
+from svdexport.builder import memory
 from svdexport.export import backend
 
 GiB = 2**30

@@ -17,7 +17,7 @@ from diffusers import FluxTransformer2DModel
 import svdexport
 from helpers import FAST, assert_one_line_error, graph_inputs, make_lora, plain_diffusers_loop, run_cli
 from svdexport import tensorfile
-from svdexport.build import precision
+from svdexport.builder import precision
 from svdexport.cli import main
 from svdexport.errors import SvdExportError
 from svdexport.export import onnx as onnx_backend

@@ -30,13 +30,13 @@ def built(tmp_path_factory):
 def no_work(monkeypatch):
     """Makes every long piece of work fail loudly: a check that comes after it is a test failure."""
     from svdexport.bench import compare, latency
-    from svdexport.build import builder
+    from svdexport.builder import build
     from svdexport.runtime import engine
 
     def boom(*a, **k):
         raise AssertionError("the work started before the outputs were checked")
 
-    for module, name in ((builder, "run_calibration"), (engine.Engine, "generate"), (latency, "bench"),
+    for module, name in ((build, "run_calibration"), (engine.Engine, "generate"), (latency, "bench"),
                          (compare, "compare")):
         monkeypatch.setattr(module, name, boom)
 

@@ -10,7 +10,7 @@ import torch
 import svdexport
 from svdexport.cache.config import step_plan
 from svdexport.errors import SvdExportError
-from svdexport.build.builder import BuildOptions, build
+from svdexport.builder.build import BuildOptions, build
 from helpers import Recording, make_lora
 from tiny_pipeline import prompt_embeds, tiny_pipeline
 

@@ -9,8 +9,8 @@ import torch
 from helpers import FAST, TINY, TINY_SHAPES, random_bases, run_cli, tiny_model
 from svdexport import hardware
 from svdexport.bench.roofline import count_flops
-from svdexport.build import precision
-from svdexport.build.builder import BuildOptions, prepare
+from svdexport.builder import precision
+from svdexport.builder.build import BuildOptions, prepare
 from svdexport.errors import SvdExportError
 from svdexport.models.flux import FLUX
 

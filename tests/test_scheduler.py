@@ -7,7 +7,7 @@ from helpers import cached_sampler, plain_diffusers_loop
 from svdexport.bench.metrics import rel_l2
 from svdexport.models import flux
 from svdexport.models.flux import FLUX
-from svdexport.build.calibrate import CalibrationSettings, calibrate
+from svdexport.builder.calibrate import CalibrationSettings, calibrate
 
 
 @pytest.mark.parametrize("granularity", ["block", "final"])

@@ -27,7 +27,7 @@ import sys, statistics, math, time, json, torch
 sys.path.insert(0, 'scripts/experiments')
 import svdexport
 from objective_study import batch_inputs, generate, psnrs
-from svdexport.build.calibrate import CALIBRATION_SEED
+from svdexport.builder.calibrate import CALIBRATION_SEED
 from svdexport.cache import plan as plans
 from svdexport.runtime.plans import schedule_weights
 cap_mode = sys.argv[1]  # 'dpgap' | 'none' | int

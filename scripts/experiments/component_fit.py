@@ -34,7 +34,7 @@ sys.path.insert(0, "scripts/experiments")
 import svdexport
 from ls_forecast import generate, ls_table
 from objective_study import batch_inputs, psnrs
-from svdexport.build.calibrate import CALIBRATION_SEED
+from svdexport.builder.calibrate import CALIBRATION_SEED
 from svdexport.cache import plan as plans
 from svdexport.runtime.plans import schedule_weights
 

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, "scripts/experiments")
 import svdexport
 from objective_study import batch_inputs, psnrs
-from svdexport.build.calibrate import CALIBRATION_SEED
+from svdexport.builder.calibrate import CALIBRATION_SEED
 from svdexport.cache import fitted as fit
 from svdexport.cache import plan as plans
 from svdexport.runtime.plans import schedule_weights

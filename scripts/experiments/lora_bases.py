@@ -19,8 +19,8 @@ import sys
 import torch
 
 from svdexport.bench.metrics import psnr
-from svdexport.build.builder import BuildOptions, prepare, run_calibration
-from svdexport.build.calibrate import CalibrationSettings, plan_statistics
+from svdexport.builder.build import BuildOptions, prepare, run_calibration
+from svdexport.builder.calibrate import CalibrationSettings, plan_statistics
 from svdexport.cache import fitted as fit
 from svdexport.cache import plan as plans
 from svdexport.cache.config import CacheConfig

@@ -16,7 +16,7 @@ import torch
 import svdexport
 from svdexport.models.flux import FLUX, BUNDLED_DIR
 from svdexport.models.lora import LoraFile, fuse
-from svdexport.build.builder import BuildOptions, build
+from svdexport.builder.build import BuildOptions, build
 backend, base_engine, lora = sys.argv[1:4]
 root = Path(sys.argv[4] if len(sys.argv) > 4 else f"lora-vs-fused-{backend}")
 shutil.rmtree(root, ignore_errors=True)

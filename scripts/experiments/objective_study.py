@@ -42,7 +42,7 @@ import torch
 
 import svdexport
 from svdexport.bench import peers as peer_lib
-from svdexport.build.calibrate import CALIBRATION_SEED
+from svdexport.builder.calibrate import CALIBRATION_SEED
 from svdexport.cache import plan as plans
 from svdexport.cache.predictors import SvdTaylor
 from svdexport.runtime.plans import schedule_weights

@@ -26,7 +26,7 @@ from svdexport.cache.plan import (GAMMA_GRID, forecast_errors, plan_mask, search
 from svdexport.cache.plan_stats import PlanAccumulator
 from svdexport.cache.predictors import ResidualForecast
 from svdexport.cache.svd import reconstruct
-from svdexport.build.calibrate import CALIBRATION_SEED
+from svdexport.builder.calibrate import CALIBRATION_SEED
 from svdexport.runtime.scheduler import StepCache
 
 # Uniform plans of today's rule with 9 and 7 full steps out of 50 (warmup 3).

@@ -25,7 +25,7 @@ _DTYPE_OPTION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 def rebuild_options(manifest, scratch: Path):
     """BuildOptions that rebuild this engine as it was built (its calibration prompts written to `scratch`)."""
-    from svdexport.build.builder import BuildOptions
+    from svdexport.builder.build import BuildOptions
 
     prompts = manifest.model.conditioning.calibration_prompts
     prompt_file = None
@@ -50,7 +50,7 @@ def steady_median(seconds: list[float]) -> float:
 def bench_lora(engine_dir: str, loras: list, repeats: int = 3, rebuild: bool = True) -> dict:
     """Seconds to load `loras` into the loaded engine, to unload them, and to rebuild the engine; the ratio."""
     import svdexport
-    from svdexport.build.builder import build
+    from svdexport.builder.build import build
 
     engine = svdexport.load(engine_dir)
     swaps, unloads, requests = [], [], []

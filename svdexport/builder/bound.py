@@ -19,7 +19,7 @@ from svdexport.export.bindings import bind, graph_constants
 from svdexport.runtime import manifest as mf
 
 if TYPE_CHECKING:  # builder imports this module
-    from svdexport.build.builder import Prepared
+    from svdexport.builder.build import Prepared
 
 BINDINGS_FILE = "bindings.json"
 CONSTANTS_FILE = "constants.safetensors"

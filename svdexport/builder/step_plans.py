@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from svdexport.build import calibrate as calibrate_mod
-from svdexport.build.calibrate import CALIBRATION_SEED, CalibrationSettings, plan_statistics
+from svdexport.builder import calibrate as calibrate_mod
+from svdexport.builder.calibrate import CALIBRATION_SEED, CalibrationSettings, plan_statistics
 from svdexport.cache import plan as plans
 from svdexport.cache.plan_stats import PlanStats
 from svdexport.cache.svd import Bases
@@ -19,7 +19,7 @@ from svdexport.runtime import plans as run_plans
 from svdexport.runtime.plans import SEARCH_ORDER, schedule_weights
 
 if TYPE_CHECKING:  # builder imports this module
-    from svdexport.build.builder import BuildOptions, Prepared
+    from svdexport.builder.build import BuildOptions, Prepared
 
 # Inputs with a leading batch axis, for families without a prompt encoder that lists them.
 BATCHED = ("hidden_states", "encoder_hidden_states", "pooled_projections", "encoder_attention_mask", "guidance")

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from svdexport.build import memory, precision
-from svdexport.build.calibrate import CALIBRATION_SEED, CalibrationSettings, calibrate
-from svdexport.build.step_plans import calibrate_plan
-from svdexport.build.bound import write_bound
-from svdexport.build.ranged import range_states, shapes_record
+from svdexport.builder import memory, precision
+from svdexport.builder.calibrate import CALIBRATION_SEED, CalibrationSettings, calibrate
+from svdexport.builder.step_plans import calibrate_plan
+from svdexport.builder.bound import write_bound
+from svdexport.builder.ranged import range_states, shapes_record
 from svdexport.cache.plan_stats import save_stats
 from svdexport.cache.config import CacheConfig
 from svdexport.cache.predictors import FITTED
