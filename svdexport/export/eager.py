@@ -13,7 +13,7 @@ from svdexport.export.boundary import Boundary, guard_module
 class EagerBackend(Backend):
     name = "eager"
     needs_export = False
-    weight_copies = 1.3  # the weights once, and the calibration activations
+    weight_copies = 1.1  # the weights once (mapped from the checkpoint), and the calibration activations
 
     def build(self, graphs: dict[str, GraphExport], engine_dir: Path, graphs_dir: Path) -> dict:
         return {}
