@@ -18,7 +18,7 @@ NAME_MAX = 255  # characters of a class name or site name; bytes of one componen
 PROMPT_MAX = 1 << 16  # characters of one calibration prompt
 INT_MAX = (1 << 63) - 1  # what torch and the C libraries below take
 AXIS_MAX = 16384  # a build shape's axis: pixels, frames, text tokens, batch
-ELEMENTS_MAX = 1 << 31  # elements of one graph input
+ELEMENTS_MAX = 1 << 36  # elements of one graph input (HunyuanVideo's block residuals at 33 frames of 480x848: 3.5e9)
 STEPS_MAX = 10000  # sampling steps
 DTYPES = ("float32", "bfloat16", "float16")  # an engine's precision (build --dtype fp32 | bf16 | fp16)
 DEVICES = ("cpu", "cuda")
@@ -181,6 +181,7 @@ def check_table(m, table: dict, path) -> None:
     import torch
 
     from svdexport.models import family
+    from svdexport.models.family import Conditioning
 
     fam, labels = family(m.model.family), m.model.conditioning.labels
     shapes = fam.shapes(m.shapes.build)
@@ -190,8 +191,8 @@ def check_table(m, table: dict, path) -> None:
         problem = f"its rows ({', '.join(f'{k}: {n}' for k, n in rows.items())}) are not one per label ({len(labels)})"
     else:
         try:
-            x = fam.example_inputs(m.model.config, shapes, 0, dtype=getattr(torch, m.dtype), table=table,
-                                   labels=[len(labels) - 1] * shapes.batch)
+            x = fam.example_inputs(m.model.config, shapes, 0, dtype=getattr(torch, m.dtype),
+                                   conditioning=Conditioning(table, [len(labels) - 1] * shapes.batch))
         except KeyError as e:
             problem = f"it has no {e.args[0]!r} tensor (it has {clip(', '.join(sorted(table)))})"
         except Exception as e:
