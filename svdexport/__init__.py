@@ -1,6 +1,9 @@
-"""svdexport: SVD-Cache feature caching for Diffusion Transformers, as static compiled engines."""
+"""svdexport: SVD-Cache feature caching for Diffusion Transformers, as static compiled engines.
 
-__version__ = "0.4.0"  # 0.4: compiled engines bind their weights at load; engines of 0.3 are refused, rebuild them
+Thin on purpose: importing the package loads nothing heavy (torch, diffusers); `load` and `apply` import the
+runtime when called, so that `svdexport --help` starts fast."""
+
+from svdexport.version import __version__
 
 
 def load(engine_dir, trusted_keys=None, weights=None):

@@ -12,10 +12,12 @@ import tempfile
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch
 from tqdm import tqdm
+
+if TYPE_CHECKING:  # annotations only: importing files (keygen, sign) must not import torch
+    import torch
 
 _CHUNK = 1 << 22
 

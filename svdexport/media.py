@@ -12,29 +12,31 @@ import json
 import struct
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
-
-import torch
+from typing import TYPE_CHECKING, Iterator
 
 from svdexport.errors import SvdExportError
 from svdexport.files import atomic_file
 
+if TYPE_CHECKING:  # torch is imported where tensors are written: outputs (keygen, sign) import this module
+    import torch
+
 MARK = "svdexport"  # PNG "Software" text, GIF comment, MP4 "comment" tag, JSON "written_by", markdown comment
 LATENTS_FORMAT = "svdexport.latents/1"
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
+              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}  # torch.X -> safetensors
 
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """The safetensors format written here with sorted keys: the library keeps metadata in a hash map whose
     order changes from process to process, which made equal latents byte-different files."""
+    import torch
+
     header: dict = {"__metadata__": dict(sorted(metadata.items()))}
     blobs, offset = [], 0
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        header[name] = {"dtype": _ST_DTYPES[str(t.dtype).removeprefix("torch.")], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
         offset += len(data)
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()

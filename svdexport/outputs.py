@@ -18,6 +18,15 @@ from svdexport.files import read_json, remove_stale
 from svdexport.media import written_by_svdexport
 
 MANIFEST = "manifest.json"  # what makes a folder an engine (or exported-graphs) folder
+
+
+def manifest_digest(data: dict) -> str:
+    """The digest an engine manifest records of its own content (every field but `manifest_sha256`)."""
+    import hashlib
+    import json
+
+    body = {k: v for k, v in data.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 LOCK_WAIT_S = 2.0  # how long a second build into the same folder waits before it is refused
 
 

@@ -2,7 +2,9 @@
 onnx engines are ranged (issue 15): optimised for FAST's 128x128, batch 1, serving 96..160 px and batch 1..2;
 the inductor one is static (a ranged inductor engine compiles at every load, slowly: its own test below)."""
 
+import contextlib
 import importlib.util
+import io
 import json
 import re
 import runpy
@@ -33,6 +35,7 @@ CPU_BACKENDS = [
 
 
 RANGE = ["--min-height", "96", "--max-height", "160", "--min-width", "96", "--max-width", "160", "--max-batch", "2"]
+BUILD_LOGS: dict[str, str] = {}  # backend -> what its build wrote to stderr
 
 
 @pytest.fixture(scope="module", params=CPU_BACKENDS)
@@ -40,10 +43,30 @@ def built(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     out = root / "engine"
     ranged = RANGE if request.param != "inductor" else []
-    assert main(["build", "--backend", request.param, "--out", str(out), "--graphs", str(root / "graphs"), *FAST,
-                 *ranged]) == 0
+    with contextlib.redirect_stderr(io.StringIO()) as log:
+        code = main(["build", "--backend", request.param, "--out", str(out), "--graphs", str(root / "graphs"), *FAST,
+                     *ranged])
+    BUILD_LOGS[request.param] = log.getvalue()
+    sys.stderr.write(log.getvalue())
+    assert code == 0
     engine = svdexport.load(out)
     return request.param, out, engine, engine.eager_reference()
+
+
+PHASES = {  # issue 26: every phase that can take more than a few seconds, announced with its elapsed time
+    "aoti": ["exporting the full graph (torch.export)", "exporting the cached graph (torch.export)",
+             "compiling the full graph (AOTInductor)", "compiling the cached graph (AOTInductor)"],
+    "inductor": ["exporting the full graph (torch.export)", "exporting the cached graph (torch.export)"],
+    "onnx": [f"{what} the {graph} {kind}" for graph in ("full", "cached") for what, kind in
+             (("exporting", "graph to ONNX"), ("checking", "ONNX model (onnx.checker)"),
+              ("optimizing", "ONNX model (ONNX Runtime's transformer optimizer)"))],
+}
+
+
+def test_the_build_announces_each_long_phase_with_its_time(built):
+    lines = BUILD_LOGS[built[0]].splitlines()
+    for phase in PHASES[built[0]]:
+        assert sum(bool(re.fullmatch(re.escape(phase) + r" \.\.\. \d+\.\d s", line)) for line in lines) == 1, phase
 
 
 def one_step_state(engine, eager_full, seed=1, shapes=None):  # inputs of one step, C and R from eager
@@ -194,6 +217,9 @@ def test_loads_and_runs_without_the_diffusers_transformer(built, without_model_c
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ok 3 2" in proc.stdout and "transformer blocked" in proc.stdout  # 5 steps: warmup 3
     assert f"graphs compiled {2 if backend == 'inductor' else 0}" in proc.stdout
+    if backend == "inductor":  # the compile at load says so: a first load sat silent for 91 s before
+        for graph in ("full", "cached"):
+            assert f"compiling the {graph} graph (Inductor, at load" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_rebuild_with_same_settings_reuses_and_other_settings_rebuild(tmp_path, capsys):

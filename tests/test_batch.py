@@ -15,7 +15,7 @@ from PIL import Image
 
 from svdexport.batch import items as store
 from svdexport.batch.runner import NAMESPACE, BatchOptions, run
-from svdexport.cache.config import step_plan
+from svdexport.cache.plan import StepPlan
 from svdexport.cli import main
 from svdexport.errors import SvdExportError
 from helpers import assert_one_line_error, digits_model, make_lora, run_cli
@@ -69,7 +69,7 @@ def test_killed_worker_loses_nothing_and_duplicates_nothing(engine, tmp_path):
     assert [m["index"] for m in lines] == list(range(n))
     assert all(m["text"] == str(m["index"] % 10) and m["seed"] == m["index"] for m in lines)
     assert len({m["worker"] for m in lines}) >= 2  # the replacement worker took over
-    full = sum(step_plan(200, 3, 7))  # the engine's schedule
+    full = len(StepPlan.uniform(200, 3, 7).full_steps)  # the engine's schedule
     assert all((m["full_steps"], m["cached_steps"]) == (full, 200 - full) for m in lines)
 
 

@@ -305,23 +305,24 @@ def test_failed_rebuild_keeps_the_previous_engine(engine, tmp_path, capsys, monk
 def test_calibrated_plan_is_stored_searched_and_shown(engine, tmp_path, capsys):
     import svdexport
     from svdexport.cache import fitted as fit
-    from svdexport.cache.plan import search_table, uniform_plan
+    from svdexport.cache.plan import StepPlan, search_table
 
     e = svdexport.load(engine)  # built with 4 calibration steps: its plan is for 4 steps
     record = e.manifest.plans[0]  # the build's budget first, then the other refined budgets
-    assert record.steps == 4 and record.full_steps[0] == 0 and len(record.full_steps) == len(uniform_plan(4, 3, 7))
+    assert record.steps == 4 and record.full_steps[0] == 0
+    assert len(record.full_steps) == len(StepPlan.uniform(4, 3, 7).full_steps)
     assert len(e.manifest.plans) == 1 and not record.refined and record.score is None  # refinement is opt-in
-    assert e.plan(4).full_steps == record.full_steps and e.plan(4).how == "calibrated"
+    assert e.plan(4).full_steps == record.full_steps and e.plan(4).source == "calibrated"
     # Another budget at the calibrated step count: searched at run time from the stored statistics.
     two = e.plan(4, e.cache_config(full_steps=2))
     # (the DP on the engine's own forecast, svd-fitted: Taylor's gamma-0 plan only happened to coincide)
-    assert two.full_steps == search_table(fit.errors(e.plan_stats), 2, e._schedule_weights(4)).full_steps
+    assert two.full_steps == search_table(fit.errors(e.plan_stats), 2, e.step_sizes(4)).full_steps
     # Another step count: the stated rule (rescaled), and every request plan starts with a full step.
     other = e.plan(20)
-    assert other.how.startswith("calibrated for 4 steps") and other.full_steps[0] == 0
+    assert other.source.startswith("calibrated for 4 steps") and other.full_steps[0] == 0
     assert e.generate(seed=1, steps=20).full_steps == len(other.full_steps)
     # warmup / interval at run time mean the uniform plan they describe.
-    assert e.plan(20, e.cache_config(interval=5)).full_steps == uniform_plan(20, 3, 5)
+    assert e.plan(20, e.cache_config(interval=5)).full_steps == StepPlan.uniform(20, 3, 5).full_steps
     code, out, _ = run_cli(capsys, "run", engine, "--steps", 4, "--out", tmp_path / "p.png")
     assert code == 0 and f"full steps (calibrated): {' '.join(map(str, record.full_steps))}" in out
 
@@ -340,13 +341,13 @@ def test_plan_steps_fit_the_forecast_at_other_step_counts(tmp_path, capsys):
     assert "calibrated plan of 6 steps: full steps" in out
     # A request of 6 steps: the recorded plan and weights fitted on the 6-step trajectories, not Taylor's.
     plan = e.plan(6)
-    assert plan.how == "calibrated" and plan.full_steps == e.manifest.plans[1].full_steps
-    expected = fit.weights(e.stats_for(6), plan.full_steps, 6)
-    assert set(plan.fitted) == set(expected)
-    assert all(np.array_equal(x, y) for i in expected for x, y in zip(plan.fitted[i], expected[i]))
+    assert plan.source == "calibrated" and plan.full_steps == e.manifest.plans[1].full_steps
+    expected = fit.forecast_weights(e.stats_for(6), plan.full_steps, 6)
+    assert set(plan.forecast_weights) == set(expected)
+    assert all(np.array_equal(x, y) for i in expected for x, y in zip(plan.forecast_weights[i], expected[i]))
     assert e.generate(seed=0, steps=6).full_steps == len(plan.full_steps)
     # Other step counts keep the stated rule, and say how to fit them.
-    assert "build with --plan-steps 20 to fit it there" in e.plan(20).how
+    assert "build with --plan-steps 20 to fit it there" in e.plan(20).source
     for bad in (["1"], ["x"], ["6,,8"], ["6", "--plan", "uniform", "--predictor", "svd-taylor"]):
         code, _, err = run_cli(capsys, "build", "--out", tmp_path / "bad", *FAST, "--plan-steps", *bad)
         assert code != 0 and "--plan-steps" in err and len(err.strip().splitlines()) == 1
@@ -378,7 +379,7 @@ def test_uniform_build_stores_no_plan(tmp_path, capsys):
                              "svd-taylor", *FAST)
     assert code == 0, err
     e = svdexport.load(tmp_path / "u")
-    assert e.manifest.plans == [] and e.plan_stats is None and e.plan(50).how == "uniform"
+    assert e.manifest.plans == [] and e.plan_stats is None and e.plan(50).source == "uniform"
     assert e.generate(seed=0, steps=12).full_steps == 3 + 1  # warmup 0-2, then step 8
     # The fitted predictor (the default) keeps the statistics its weights come from, and no plan.
     code, out, err = run_cli(capsys, "build", "--out", tmp_path / "f", "--plan", "uniform", *FAST)
@@ -386,6 +387,6 @@ def test_uniform_build_stores_no_plan(tmp_path, capsys):
     e = svdexport.load(tmp_path / "f")
     assert e.manifest.plans == [] and e.plan_stats is not None
     plan = e.plan(4)
-    assert plan.how == "uniform" and set(plan.fitted) == set(range(4)) - set(plan.full_steps)
+    assert plan.source == "uniform" and set(plan.forecast_weights) == set(range(4)) - set(plan.full_steps)
     code, _, err = run_cli(capsys, "build", "--out", tmp_path / "v", "--plan", "best", *FAST)
     assert_one_line_error(code, err, "unknown plan 'best'")

@@ -89,9 +89,9 @@ def test_peers_also_run_the_plan_searched_for_their_own_forecast(engine, result)
     e = svdexport.load(engine)
     rows = {r["method"]: r for r in result["rows"]}
     want = rows["SVD-Cache svd-fitted (engine)"]["plan"]
-    weights = e._schedule_weights(STEPS)
-    taylor = search(e.plan_stats, BUDGET, 1, 1.0, weights).full_steps  # the DP itself, not compare's path
-    reuse = search(e.plan_stats, BUDGET, 0, 0.0, weights).full_steps
+    sizes = e.step_sizes(STEPS)
+    taylor = search(e.plan_stats, BUDGET, 1, 1.0, sizes).full_steps  # the DP itself, not compare's path
+    reuse = search(e.plan_stats, BUDGET, 0, 0.0, sizes).full_steps
     cases = [("TaylorSeer whole feature o1", "calibrated plan", taylor, "taylor gamma 1"),
              ("TaylorSeer whole feature o2", "calibrated plan", taylor, "taylor gamma 1"),
              ("cachedit-dbcache-taylorseer o1", "same plan", taylor, "taylor gamma 1"),

@@ -9,7 +9,7 @@ import torch
 
 from svdexport.cache import fitted as fit
 from svdexport.cache.config import CacheConfig
-from svdexport.cache.plan import forecast_errors, plan_mask, search_table, table_cost
+from svdexport.cache.plan import StepPlan, forecast_errors, search_table, table_cost
 from svdexport.cache.plan_stats import load_stats, save_stats
 from svdexport.cache.predictors import SvdTaylor, make_predictor
 from svdexport.cache.svd import reconstruct, split
@@ -42,7 +42,7 @@ def test_table_equals_the_error_of_the_runtime_predictor():
     w = np.linspace(0.5, 1.5, 9)
     err = fit.errors(stats)
     for plan in ([0, 1, 4], [0, 2, 3, 7], [0, 5], [0, 1, 2, 3, 4, 5, 6, 7, 8]):
-        direct = _direct_cost(traj, bases, plan, w, fit.weights(stats, plan, 9))
+        direct = _direct_cost(traj, bases, plan, w, fit.forecast_weights(stats, plan, 9))
         assert table_cost(err, plan, w) == pytest.approx(direct, rel=1e-7, abs=1e-12)
 
 
@@ -66,14 +66,14 @@ def test_a_decaying_feature_is_forecast_exactly_where_taylor_overshoots():
     scale = float(traj.pow(2).sum())
     for k, j, i in [(0, 1, 3), (2, 4, 7), (8, 0, 5)]:  # k = 8: only one full step before i
         assert fitted[k, j, i] < 1e-9 * scale < taylor[k, j, i]
-    principal, residual = fit.weights(stats, [0, 2, 4], 8)[3]  # i = 3 from j = 2, k = 0: F_2 and F_0 are
+    principal, residual = fit.forecast_weights(stats, [0, 2, 4], 8)[3]  # i = 3 from j = 2, k = 0: F_2 and F_0 are
     for a, b in [*zip(principal[0, 0], principal[1, 0]), residual[:, 0]]:  # collinear, so only their
         assert a * 0.7**2 + b == pytest.approx(0.7**3, rel=1e-6)  # combination is fixed: 0.7^3 F_0
 
 
-def test_taylor_weights_reproduce_svd_taylor_order_one():
+def test_taylor_forecast_weights_reproduce_svd_taylor_order_one():
     traj = random_walk(7, seed=1)[:, :1]
-    plan, table = [0, 2, 3], fit.taylor_weights([0, 2, 3], 7, 1)
+    plan, table = [0, 2, 3], fit.taylor_forecast_weights([0, 2, 3], 7, 1)
     for part in (0, 1):  # principal [2, sites, 1] and residual [2, sites] weights alike
         pred = make_predictor("svd-fitted", weights={i: tuple(torch.as_tensor(x) for x in w[part])
                                                      for i, w in table.items()})
@@ -92,7 +92,7 @@ def test_fitted_predictor_refuses_without_weights():
         make_predictor("svd-fitted")
     cache = CacheConfig(predictor="svd-fitted").validate()
     with pytest.raises(SvdExportError, match="fitted weights"):
-        StepCache(None, None, torch.zeros(1, 4, 2), cache, 4, plan_mask([0, 2], 4))
+        StepCache(None, None, torch.zeros(1, 4, 2), cache, StepPlan([0, 2], 4))
 
 
 def test_plan_rule_for_the_fitted_predictor():
@@ -101,15 +101,15 @@ def test_plan_rule_for_the_fitted_predictor():
     cache = CacheConfig(predictor="svd-fitted", full_steps=4).validate()
     ones = lambda steps: np.ones(steps)  # noqa: E731
     plan = plan_for(10, cache, [], stats, ones)
-    assert plan.how == "calibrated" and plan.full_steps == search_table(fit.errors(stats), 4, ones(10)).full_steps
-    assert set(plan.fitted) == set(range(10)) - set(plan.full_steps)
-    assert all(p.shape == (2, 2, 2) and r.shape == (2, 2) for p, r in plan.fitted.values())  # per component
+    assert plan.source == "calibrated" and plan.full_steps == search_table(fit.errors(stats), 4, ones(10)).full_steps
+    assert set(plan.forecast_weights) == set(range(10)) - set(plan.full_steps)
+    assert all(p.shape == (2, 2, 2) and r.shape == (2, 2) for p, r in plan.forecast_weights.values())  # per component
     other = plan_for(20, cache, [], stats, ones)  # not the calibrated count: Taylor's plan and weights, stated
     taylor = plan_for(20, CacheConfig(predictor="svd-taylor", full_steps=4).validate(), [], stats, ones)
-    assert "svd-taylor's plan and weights at 20" in other.how and other.full_steps == taylor.full_steps
-    expected = fit.taylor_weights(other.full_steps, 20, 2)
-    assert set(other.fitted) == set(expected)
-    assert all(np.array_equal(x, y) for i in expected for x, y in zip(other.fitted[i], expected[i]))
+    assert "svd-taylor's plan and weights at 20" in other.source and other.full_steps == taylor.full_steps
+    expected = fit.taylor_forecast_weights(other.full_steps, 20, 2)
+    assert set(other.forecast_weights) == set(expected)
+    assert all(np.array_equal(x, y) for i in expected for x, y in zip(other.forecast_weights[i], expected[i]))
     with pytest.raises(SvdExportError, match="plan statistics"):
         plan_for(10, cache, [], None, ones)
 
@@ -158,9 +158,9 @@ def test_components_moving_at_different_rates_get_their_own_weights(monkeypatch)
     comp = fit.errors(stats)
     scale = float(traj.pow(2).sum())
     assert np.all(comp <= part * (1 + 1e-9) + 1e-12) and comp[0, 1, 3] < 0.5 * part[0, 1, 3]
-    principal, _ = fit.weights(stats, [0, 1], 8)[3]
+    principal, _ = fit.forecast_weights(stats, [0, 1], 8)[3]
     assert principal.shape == (2, 1, 3) and np.abs(principal[:, 0, 0] - principal[:, 0, 2]).max() > 0.01
-    old, _ = fit.weights(dataclasses.replace(stats, comp=None, derived={}), [0, 1], 8)[3]
+    old, _ = fit.forecast_weights(dataclasses.replace(stats, comp=None, derived={}), [0, 1], 8)[3]
     assert old.shape == (2, 1, 1)  # statistics without component Grams: one pair for the principal part
     monkeypatch.setattr(fit, "COMPONENT_RIDGE", 1e-9)  # unregularised: two points fit each rate exactly
     assert fit.errors(dataclasses.replace(stats, derived={}))[0, 1, 3] < 1e-9 * scale < part[0, 1, 3]

@@ -10,7 +10,8 @@ from PIL import Image
 
 import svdexport
 from svdexport.bench.metrics import psnr
-from svdexport.cache.config import CacheConfig, step_plan
+from svdexport.cache.config import CacheConfig
+from svdexport.cache.plan import StepPlan
 from svdexport.cli import main
 from svdexport.models import hunyuanvideo as hv
 from svdexport.models.hunyuanvideo import HUNYUANVIDEO as HV
@@ -69,7 +70,7 @@ def test_padded_text_tokens_are_masked(model):
 
 
 def test_paper_schedule_and_interval_1_equals_the_pipelines_loop(model):
-    assert sum(step_plan(50, hv.DEFAULTS.warmup, hv.DEFAULTS.interval)) == 9  # the paper's 5.56x
+    assert len(StepPlan.uniform(50, hv.DEFAULTS.warmup, hv.DEFAULTS.interval).full_steps) == 9  # the paper's 5.56x
     full, cached = HV.graphs(model, "final")
     loop = CachedSampler(full, cached, bases(model, "final"), CacheConfig(interval=1),
                          HV.sampling(hv.SAMPLER_CONFIG), SHAPES)

@@ -15,6 +15,7 @@ import svdexport
 from helpers import Recording, assert_one_line_error, run_cli
 from svdexport.cli import main
 from svdexport.errors import SvdExportError
+from svdexport.models.family import Conditioning
 from svdexport.models.hunyuanvideo import HUNYUANVIDEO as HV
 from svdexport.models.hunyuanvideo import VideoShapes
 from svdexport.models.weights import read_prompts
@@ -67,7 +68,7 @@ def test_example_inputs_take_the_encoded_rows_and_their_mask():
     mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3, [1] * 2 + [0] * 6])
     table = {"encoder_hidden_states": torch.randn(3, 8, 32, generator=g), "pooled_projections": torch.randn(3, 16),
              "encoder_attention_mask": mask}
-    x = HV.example_inputs(config, shapes, seed=2, table=table)
+    x = HV.example_inputs(config, shapes, seed=2, conditioning=Conditioning(table))
     assert torch.equal(x["encoder_hidden_states"], table["encoder_hidden_states"][[2, 0]])
     assert torch.equal(x["pooled_projections"], table["pooled_projections"][[2, 0]])
     assert torch.equal(x["encoder_attention_mask"], mask[[2, 0]]) and x["encoder_attention_mask"].dtype == torch.int64

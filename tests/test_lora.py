@@ -31,7 +31,7 @@ def test_only_the_adapted_weights_are_read_and_fuse_as_on_the_whole_model(tmp_pa
     where the files do not hold a name, the whole model is loaded instead, with the same values."""
     from svdexport.models.lora import LoraFile, fuse, hollow_of
     from svdexport.runtime import base as base_mod
-    from svdexport.runtime.lora import graph_weights
+    from svdexport.runtime.loras import graph_weights
 
     engine = svdexport.load(quick_engine(tmp_path_factory, "lora-partial"))
     fam, gran, loras = engine.family, engine.cache.granularity, [LoraFile(lora, 0.8), LoraFile(lora, -0.3)]
@@ -157,9 +157,11 @@ def test_hollow_transformer_takes_loras_without_its_weights(lora):
 def test_bench_times_the_lora_load(tmp_path_factory, lora, capsys):
     engine = quick_engine(tmp_path_factory, "lora-bench")
     capsys.readouterr()
-    code, out, _ = run_cli(capsys, "bench", engine, "--lora", lora, "--no-rebuild", "--repeats", "1")
+    code, out, _ = run_cli(capsys, "bench", "lora", engine, "--lora", lora, "--no-rebuild", "--repeats", "1")
     assert code == 0 and "LoRA load" in out and "26 weights replaced" in out
-    assert_one_line_error(*run_cli(capsys, "bench", engine, "--no-rebuild")[::2], "--no-rebuild is for --lora")
+    assert_one_line_error(*run_cli(capsys, "bench", "lora", engine, "--no-rebuild")[::2], "required", "--lora")
+    # bench --lora of 0.4.0 is its own subcommand now: the old form says so in one line
+    assert_one_line_error(*run_cli(capsys, "bench", engine, "--lora", lora)[::2], "bench lora ENGINE --lora FILE")
 
 
 def test_the_steady_load_time_leaves_the_first_load_out():

@@ -3,6 +3,7 @@ up after killed builds; every error is one line; the same seed writes the same b
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -263,13 +264,17 @@ def test_help_shows_the_default_models_values_and_every_name(capsys, monkeypatch
     assert code == 0
     text = " ".join(out.split())
     digits = FAMILIES["flux"].default_shapes(FAMILIES["flux"].inspect(None))
-    assert f"height in pixels (default: the model's: flux (bundled:digits) {digits.height}" in text
-    assert f"text tokens (default: the model's: flux (bundled:digits) {digits.text_len}" in text
+    height, text_len = (re.search(rf"--{o} N (.*?) --", text).group(1) for o in ("height", "text-len"))
+    assert height.startswith("height in pixels") and f"(default: the model's: flux (bundled:digits) {digits.height}" \
+        in height
+    assert text_len.startswith("text tokens") and \
+        f"(default: the model's: flux (bundled:digits) {digits.text_len}" in text_len
     for name, fam in FAMILIES.items():
         assert name in text and all(f"bundled:{b}" in text for b in fam.bundled)
     assert all(b in text for b in BACKENDS) and all(p in text for p in PREDICTORS)
-    for default in ("block | final (default: final)", "(default: svd-fitted)", "(default: 0.95)", "(default: 64)",
-                    "(default: 0.9)", "svd-taylor order, 1 or 2 (default: 1)"):
+    for default in ("block | final: where the cache sites are (default: final", "(default: svd-fitted)",
+                    "(default: 0.95", "(default: 64", "the EMA weight on the old value, default 0.9",
+                    "order 1 or 2 (svd-taylor's finite differences, default 1)", "svd-taylor (order, gamma)"):
         assert default in text, default
 
 

@@ -11,7 +11,7 @@ from helpers import TINY_SHAPES, tiny_model
 from helpers import plain_diffusers_loop
 from svdexport.bench import peers
 from svdexport.bench.metrics import rel_l2
-from svdexport.cache.config import step_plan
+from svdexport.cache.plan import StepPlan
 from svdexport.errors import SvdExportError
 from svdexport.models import flux
 from svdexport.models.flux import FLUX
@@ -76,7 +76,8 @@ def test_peer(setup, name, options):
     if name == "diffusers-taylorseer":
         assert r.full_steps == TAYLORSEER_FULL
     if name.startswith("cachedit") and options.get("schedule", "plan") == "plan":
-        assert r.full_steps == sum(options.get("plan") or step_plan(STEPS, WARMUP, INTERVAL))  # exactly that plan
+        mask = options.get("plan") or StepPlan.uniform(STEPS, WARMUP, INTERVAL).mask
+        assert r.full_steps == sum(mask)  # exactly that plan
     assert rel_l2(r.latents, plain) < 0.5
 
     after = _state(model, inputs)
@@ -153,7 +154,7 @@ def test_peer_on_hunyuanvideo(name):
     r = peers.run_peer(name, model, loop, inputs, WARMUP, INTERVAL)
     assert torch.isfinite(r.latents).all() and 0 < r.full_steps < STEPS
     if name.startswith("cachedit"):
-        assert r.full_steps == sum(step_plan(STEPS, WARMUP, INTERVAL))
+        assert r.full_steps == len(StepPlan.uniform(STEPS, WARMUP, INTERVAL).full_steps)
     assert rel_l2(r.latents, plain) < 0.5
     assert torch.equal(peers._sample(model, loop, inputs)[0], plain)  # no cache left behind
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), weights))

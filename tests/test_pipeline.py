@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import svdexport
-from svdexport.cache.config import step_plan
+from svdexport.cache.plan import StepPlan
 from svdexport.errors import SvdExportError
 from svdexport.builder.build import BuildOptions, build
 from helpers import Recording, make_lora
@@ -81,7 +81,7 @@ def test_cached_pipeline_runs_the_engines_plan_and_equals_its_own_loop(engine):
         calls = engine.full.calls
     finally:
         engine.full = full
-    assert calls == sum(step_plan(20, engine.cache.warmup, engine.cache.interval)) == 5
+    assert calls == len(StepPlan.uniform(20, engine.cache.warmup, engine.cache.interval).full_steps) == 5
     own = engine.generate(inputs, steps=20)
     assert torch.allclose(latents, own.latents, atol=1e-5)
 
@@ -201,7 +201,8 @@ def test_pipeline_loras_an_engine_cannot_take_are_refused(folder, tmp_path_facto
     pipe.load_lora_weights(str(lora), adapter_name="style")
     with pytest.raises(SvdExportError, match="drop fuse_lora") as fuse:
         pipe.fuse_lora()
-    engine.manifest = dataclasses.replace(engine.manifest, backend="tensorrt")  # built with immutable weights
+    # The engine's LoRA state (runtime/loras.py) sees a tensorrt engine built with immutable weights.
+    engine.lora.manifest = dataclasses.replace(engine.manifest, backend="tensorrt")
     with pytest.raises(SvdExportError, match="'tensorrt' cannot load a LoRA") as load:
         pipe.load_lora_weights(str(lora), adapter_name="other")
     with pytest.raises(SvdExportError, match="'tensorrt' cannot load a LoRA") as call:

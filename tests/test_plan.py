@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from svdexport.cache.config import step_plan
-from svdexport.cache.plan import (calibrate_gamma, forecast_errors, plan_cost, refine, search,
-                                  site_weights, table_cost, uniform_plan)
+from svdexport.cache.plan import (StepPlan, calibrate_gamma, forecast_errors, plan_cost, refine, search,
+                                  site_weights, table_cost)
 from svdexport.cache.predictors import ResidualForecast, SvdTaylor, damped_taylor
 from svdexport.cache.svd import reconstruct, split
 from trajectories import orthonormal, random_walk, trajectory_stats, site_weights_direct
@@ -91,7 +90,7 @@ def test_kink_gets_a_full_step(gamma):
     traj = torch.stack([a + i * b if i <= kink else a + kink * b + (i - kink) * c for i in range(steps)])
     stats = trajectory_stats(traj, bases)
     w = np.abs(np.diff(np.linspace(1.0, 0.0, steps + 1) ** 1.5))
-    scale = plan_cost(stats, uniform_plan(steps, 1, 9), 1, gamma, w)
+    scale = plan_cost(stats, StepPlan.uniform(steps, 1, 9).full_steps, 1, gamma, w)
     pieces = [{0} if i < kink else {1} if i > kink else {0, 1} for i in range(steps)]
 
     def covers(plan):  # every cached step extrapolated from two full steps of its own piece
@@ -192,9 +191,17 @@ def test_calibrated_gamma_is_no_worse_than_reuse_or_whole_feature():
 
 @pytest.mark.parametrize("steps,warmup,interval", [(50, 3, 7), (50, 3, 5), (50, 1, 6), (4, 1, 2), (28, 0, 4),
                                                    (10, 0, 1), (1, 3, 7)])
-def test_uniform_plan_equals_step_plan(steps, warmup, interval):
-    mask = step_plan(steps, warmup, interval)
-    assert uniform_plan(steps, warmup, interval) == [i for i, full in enumerate(mask) if full]
+def test_a_step_plan_is_its_full_steps_and_their_mask(steps, warmup, interval):
+    plan = StepPlan.uniform(steps, warmup, interval)
+    assert plan.steps == steps and plan.full_steps[0] == 0 and plan.full_steps == sorted(set(plan.full_steps))
+    assert plan.full_steps == [i for i, full in enumerate(plan.mask) if full] and len(plan.mask) == steps
+    assert StepPlan(list(reversed(plan.full_steps)), steps).full_steps == plan.full_steps  # kept sorted
+
+
+@pytest.mark.parametrize("full_steps,steps", [([1, 2], 4), ([], 3), ([0, 4], 4)])
+def test_a_step_plan_starts_with_a_full_step_and_stays_in_range(full_steps, steps):
+    with pytest.raises(ValueError, match="must start with a full step"):
+        StepPlan(full_steps, steps)
 
 
 def test_rescale_keeps_step_zero_the_budget_and_the_schedule_fractions():

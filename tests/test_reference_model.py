@@ -8,6 +8,7 @@ import torch
 
 from svdexport.bench.compare import _accuracy, _classifier
 from svdexport.models import flux
+from svdexport.models.family import Conditioning
 from svdexport.models.flux import FLUX
 from svdexport.models.weights import load_table
 from svdexport.runtime.scheduler import CachedSampler
@@ -35,7 +36,7 @@ def test_classifier_recognises_95_percent_of_class_conditioned_samples():
     table = load_table(info.conditioning["file"])
     shapes = flux.FluxShapes(**{**info.shapes, "batch": 100})
     labels = [i % 10 for i in range(100)]
-    inputs = FLUX.example_inputs(dict(model.config), shapes, seed=2026, table=table, labels=labels)
+    inputs = FLUX.example_inputs(dict(model.config), shapes, seed=2026, conditioning=Conditioning(table, labels))
     full, cached = FLUX.graphs(model, "final")
     loop = CachedSampler(full, cached, torch.zeros(1, 128, 1), CacheConfig(warmup=50, interval=1),
                          FLUX.sampling(flux.SAMPLER_CONFIG), shapes)

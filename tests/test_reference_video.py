@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from svdexport.bench.compare import _classifier
 from svdexport.cache.config import CacheConfig
 from svdexport.models import hunyuanvideo as hv
+from svdexport.models.family import Conditioning
 from svdexport.models.hunyuanvideo import HUNYUANVIDEO as HV
 from svdexport.models.weights import load_table
 from svdexport.runtime.scheduler import CachedSampler
@@ -107,13 +108,13 @@ def test_bundled_digits_is_registered_with_its_table_and_shapes():
     assert table["encoder_hidden_states"].shape == (40, shapes.text_len, info.config["text_embed_dim"])
     assert table["pooled_projections"].shape == (40, info.config["pooled_projection_dim"])
     assert table["encoder_attention_mask"].shape == (40, shapes.text_len)
-    x = HV.example_inputs(info.config, hv.VideoShapes(**{**info.shapes, "batch": 2}), seed=0, table=table,
-                          labels=[13, 2])
+    x = HV.example_inputs(info.config, hv.VideoShapes(**{**info.shapes, "batch": 2}), seed=0,
+                          conditioning=Conditioning(table, [13, 2]))
     assert torch.equal(x["pooled_projections"], table["pooled_projections"][[13, 2]])
     assert torch.equal(x["encoder_attention_mask"], table["encoder_attention_mask"][[13, 2]].long())
     assert x["hidden_states"].shape == (2, 1, 3, side, side) and "guidance" not in x
     with pytest.raises(Exception, match="labels must be"):
-        HV.example_inputs(info.config, shapes, seed=0, table=table, labels=[40])
+        HV.example_inputs(info.config, shapes, seed=0, conditioning=Conditioning(table, [40]))
 
 
 def test_the_measures_recognise_the_training_clips():
@@ -142,7 +143,7 @@ def generate(labels: list[int], steps: int = 50, seed: int = 2026,
     model = HV.load(info, torch.float32)
     table = load_table(info.conditioning["file"])
     shapes = hv.VideoShapes(**{**info.shapes, "batch": len(labels)})
-    inputs = HV.example_inputs(dict(model.config), shapes, seed=seed, table=table, labels=labels)
+    inputs = HV.example_inputs(dict(model.config), shapes, seed=seed, conditioning=Conditioning(table, labels))
     full, cached = HV.graphs(model, "final")
     loop = CachedSampler(full, cached, torch.zeros(1, HV.hidden_size(dict(model.config)), 1),
                          CacheConfig(warmup=steps, interval=1), HV.sampling(hv.SAMPLER_CONFIG), shapes)

@@ -117,10 +117,11 @@ def test_bench_of_shapes_runs_and_checks_its_options_first(ranged, tmp_path_fact
     for args, words in (([static, "--resolutions", "96x96"], ["static engine", "ranged one"]),
                         ([ranged, "--resolutions", "96"], ["--resolutions must be"]),
                         ([ranged, "--resolutions", "96x192"], ["width 192", "96..160"])):
-        code, _, err = run_cli(capsys, "bench", *args, *quick)
+        code, _, err = run_cli(capsys, "bench", "shapes", *args, *quick)
         assert_one_line_error(code, err, *words)
-    code, out, err = run_cli(capsys, "bench", ranged, "--against", static, "--resolutions", "96x96,160x112", *quick,
-                             "--json", tmp_path / "r.json")
+    assert_one_line_error(*run_cli(capsys, "bench", "shapes", ranged, *quick)[::2], "--against", "--resolutions")
+    code, out, err = run_cli(capsys, "bench", "shapes", ranged, "--against", static, "--resolutions",
+                             "96x96,160x112", *quick, "--json", tmp_path / "r.json")
     assert code == 0, err
     assert "ranged / static" in out and "| 160x112 | 70 |" in out
     import json

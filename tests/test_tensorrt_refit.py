@@ -105,7 +105,7 @@ def bound_program(folder, graph="full"):
 def lora_swap(lora, scale=0.8):
     """The engine's fused weights for `lora`, as Engine.set_loras computes them."""
     from svdexport.models.lora import LoraFile, fuse
-    from svdexport.runtime.lora import graph_weights
+    from svdexport.runtime.loras import graph_weights
 
     model = digits_model()
     return graph_weights(FLUX, model, "final", fuse(model, FLUX.lora_loader, [LoraFile(lora, scale).check()]))

@@ -210,6 +210,17 @@ def test_signing_refuses_an_engine_that_fails_its_hashes(engine, keys, capsys):
     assert not (engine / trust.SIGNATURE).exists()
 
 
+def test_signing_refuses_an_edited_manifest(engine, keys, capsys):
+    """sign reads the manifest without the typed record (it starts in a fraction of a second), but still refuses
+    a manifest edited after the build: its own digest, as a load checks it."""
+    data = json.loads((engine / "manifest.json").read_text())
+    data["dtype"] = "float16"  # edited, digest not recomputed
+    (engine / "manifest.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    code, _, err = run_cli(capsys, "sign", engine, "--key", keys / "alice")
+    assert_one_line_error(code, err, "edited after the build")
+    assert not (engine / trust.SIGNATURE).exists()
+
+
 def test_the_same_build_writes_the_same_engine_files(tmp_path):
     """An engine built twice with the same settings has the same file hashes (eager: every file), so a
     rebuild can be compared with an engine from elsewhere; safetensors alone writes metadata in random order."""

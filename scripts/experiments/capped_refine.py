@@ -29,13 +29,13 @@ import svdexport
 from objective_study import batch_inputs, generate, psnrs
 from svdexport.builder.calibrate import CALIBRATION_SEED
 from svdexport.cache import plan as plans
-from svdexport.runtime.plans import schedule_weights
+from svdexport.runtime.plans import schedule_step_sizes
 cap_mode = sys.argv[1]  # 'dpgap' | 'none' | int
 objective = sys.argv[2]  # mean | capped45 | pooled
 ncal = int(sys.argv[3]); budgets = [int(b) for b in sys.argv[4].split(',')]
 engine = svdexport.load('/tmp/wt12n/digits-eager').eager_reference()
 steps, stats = 50, engine.plan_stats
-w = schedule_weights(engine.sampling, engine.shapes, steps)
+w = schedule_step_sizes(engine.sampling, engine.shapes, steps)
 cal = batch_inputs(engine, [CALIBRATION_SEED + i for i in range(ncal)])
 ref_cal = generate(engine, cal, steps, range(steps), 't1')
 seeds = list(range(16, 80))

@@ -36,7 +36,7 @@ from ls_forecast import generate, ls_table
 from objective_study import batch_inputs, psnrs
 from svdexport.builder.calibrate import CALIBRATION_SEED
 from svdexport.cache import plan as plans
-from svdexport.runtime.plans import schedule_weights
+from svdexport.runtime.plans import schedule_step_sizes
 
 
 @torch.inference_mode()
@@ -77,7 +77,7 @@ def main():
     start, count = (int(v) for v in (sys.argv[3] if len(sys.argv) > 3 else "16:64").split(":"))
     engine = svdexport.load(path).eager_reference()
     steps = 50
-    w = schedule_weights(engine.sampling, engine.shapes, steps)
+    w = schedule_step_sizes(engine.sampling, engine.shapes, steps)
     cal = batch_inputs(engine, [CALIBRATION_SEED + i for i in range(8)], labels=lambda s: s % len(engine.labels))
     _, C, R = trajectories(engine, cal, steps)  # [S, B, N, r], [S, B, N, D] (one site)
     print("coefficients", tuple(C.shape), "residuals", tuple(R.shape), flush=True)

@@ -21,7 +21,8 @@ from objective_study import batch_inputs, psnrs
 from svdexport.builder.calibrate import CALIBRATION_SEED
 from svdexport.cache import fitted as fit
 from svdexport.cache import plan as plans
-from svdexport.runtime.plans import schedule_weights
+from svdexport.cache.plan import StepPlan
+from svdexport.runtime.plans import schedule_step_sizes
 from svdexport.runtime.scheduler import CachedSampler
 
 
@@ -29,16 +30,16 @@ def main():
     path, budgets, ncal, evals = sys.argv[1], [int(b) for b in sys.argv[2].split(",")], int(sys.argv[3]), int(sys.argv[4])
     e = svdexport.load(path).eager_reference()
     st, steps = e.plan_stats, 50
-    w = schedule_weights(e.sampling, e.shapes, steps)
+    w = schedule_step_sizes(e.sampling, e.shapes, steps)
     loop = CachedSampler(e.full, e.cached, e.sampler.bases, e.cache, e.sampling, e.shapes)
 
     def run(x, plan):
-        return loop.generate(x, steps, plan=plans.plan_mask(plan, steps), fitted=fit.weights(st, plan, steps)).latents
+        return loop.generate(x, steps, plan=StepPlan(plan, steps, forecast_weights=fit.forecast_weights(st, plan, steps))).latents
 
     cal = batch_inputs(e, [CALIBRATION_SEED + i for i in range(ncal)])
     ev = batch_inputs(e, list(range(16, 80)), labels=lambda s: s % len(e.labels))
-    ref_cal = loop.generate(cal, steps, plan=[True] * steps).latents
-    ref_ev = loop.generate(ev, steps, plan=[True] * steps).latents
+    ref_cal = loop.generate(cal, steps, plan=StepPlan(list(range(steps)), steps)).latents
+    ref_ev = loop.generate(ev, steps, plan=StepPlan(list(range(steps)), steps)).latents
     err = fit.errors(st)
     for b in budgets:
         cands = {"dp": plans.search_table(err, b, w).full_steps, "dp-flat": plans.search_table(err, b).full_steps}

@@ -22,8 +22,9 @@ from svdexport.bench.metrics import psnr
 from svdexport.builder.build import BuildOptions, prepare, run_calibration
 from svdexport.builder.calibrate import CalibrationSettings, plan_statistics
 from svdexport.cache import fitted as fit
-from svdexport.cache import plan as plans
+from svdexport.cache.plan import StepPlan
 from svdexport.cache.config import CacheConfig
+from svdexport.models.family import Conditioning
 from svdexport.models.lora import LoraFile, fuse
 from svdexport.runtime import plans as run_plans
 from svdexport.runtime.scheduler import CachedSampler
@@ -42,7 +43,7 @@ def psnrs(p, opts, bases, lora_model_graphs, **forecast) -> float:
                           p.sampling, p.shapes)
     out = []
     for s in SEEDS:
-        inputs = p.fam.example_inputs(p.info.config, p.shapes, s, table=p.table, labels=[s % 10] * p.shapes.batch)
+        inputs = p.fam.example_inputs(p.info.config, p.shapes, s, conditioning=Conditioning(p.table, [s % 10] * p.shapes.batch))
         got, ref = loop.generate(inputs, 50).latents, exact.generate(inputs, 50).latents
         out.append(psnr(p.fam.unpack(got, p.shapes), p.fam.unpack(ref, p.shapes)))
     return statistics.mean(out)
@@ -52,14 +53,14 @@ def fitted_psnrs(p, opts, bases, stats, graphs, budget: int = 9) -> float:
     """svd-fitted with `stats`' plan of `budget` full steps and its weights, on the LoRA model's graphs."""
     full, cached = graphs
     cache = CacheConfig(predictor="svd-fitted", full_steps=budget).validate()
-    weights = run_plans.schedule_weights(p.sampling, p.shapes, 50)
-    plan = run_plans.search(stats, budget, cache, weights).full_steps
+    sizes = run_plans.schedule_step_sizes(p.sampling, p.shapes, 50)
+    plan = run_plans.search(stats, budget, cache, sizes).full_steps
     loop = CachedSampler(full, cached, bases.vectors, cache, p.sampling, p.shapes)
     out = []
     for s in SEEDS:
-        inputs = p.fam.example_inputs(p.info.config, p.shapes, s, table=p.table, labels=[s % 10] * p.shapes.batch)
-        got = loop.generate(inputs, 50, plan=plans.plan_mask(plan, 50), fitted=fit.weights(stats, plan, 50)).latents
-        ref = loop.generate(inputs, 50, plan=[True] * 50).latents
+        inputs = p.fam.example_inputs(p.info.config, p.shapes, s, conditioning=Conditioning(p.table, [s % 10] * p.shapes.batch))
+        got = loop.generate(inputs, 50, plan=StepPlan(plan, 50, forecast_weights=fit.forecast_weights(stats, plan, 50))).latents
+        ref = loop.generate(inputs, 50, plan=StepPlan(list(range(50)), 50)).latents
         out.append(psnr(p.fam.unpack(got, p.shapes), p.fam.unpack(ref, p.shapes)))
     return statistics.mean(out)
 

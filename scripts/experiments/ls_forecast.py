@@ -30,7 +30,7 @@ sys.path.insert(0, "scripts/experiments")
 import svdexport
 from objective_study import batch_inputs, psnrs
 from svdexport.cache import plan as plans
-from svdexport.runtime.plans import schedule_weights
+from svdexport.runtime.plans import schedule_step_sizes
 
 
 def ls_table(M, ridge):
@@ -93,7 +93,7 @@ def main():
     path, budgets, ridges = sys.argv[1], [int(b) for b in sys.argv[2].split(",")], [float(r) for r in sys.argv[3].split(",")]
     engine = svdexport.load(path).eager_reference()
     steps, st = 50, engine.plan_stats
-    w = schedule_weights(engine.sampling, engine.shapes, steps)
+    w = schedule_step_sizes(engine.sampling, engine.shapes, steps)
     G, H = st.gram[0], st.proj[0]
     R = G - H  # residual Gram: <s - t, s - t> with t = P s
     seeds = list(range(16, 80))

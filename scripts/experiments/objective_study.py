@@ -45,7 +45,8 @@ from svdexport.bench import peers as peer_lib
 from svdexport.builder.calibrate import CALIBRATION_SEED
 from svdexport.cache import plan as plans
 from svdexport.cache.predictors import SvdTaylor
-from svdexport.runtime.plans import schedule_weights
+from svdexport.cache.plan import StepPlan
+from svdexport.runtime.plans import schedule_step_sizes
 
 
 class CacheDitTaylor:
@@ -130,7 +131,7 @@ def cachedit(engine, seeds, steps, full_steps, order=2):
     for s in seeds:
         x = engine.example_inputs(s, [s % len(engine.labels)])
         r = peer_lib.run_peer("cachedit-dbcache-taylorseer", model, loop, x, 3, 7, schedule="plan",
-                              plan=plans.plan_mask(full_steps, steps), order=order)
+                              plan=StepPlan(full_steps, steps).mask, order=order)
         lats.append(r.latents)
     return torch.cat(lats)
 
@@ -152,7 +153,7 @@ def main():
     torch.manual_seed(0)
     engine = svdexport.load(a.engine).eager_reference()
     steps, stats = a.steps, engine.plan_stats
-    w = schedule_weights(engine.sampling, engine.shapes, steps)
+    w = schedule_step_sizes(engine.sampling, engine.shapes, steps)
     cal = batch_inputs(engine, [CALIBRATION_SEED + i for i in range(a.calib)])
     start, count = map(int, a.eval.split(":"))
     seeds = list(range(start, start + count))
@@ -164,7 +165,7 @@ def main():
         base = {"dp": plans.search(stats, b, 1, 1.0, w).full_steps,
                 "dp-flat": plans.search(stats, b, 1, 1.0).full_steps}
         if a.multistart:
-            base["uniform"] = plans.uniform_plan(steps, 3, {7: 10, 9: 7, 12: 5}[b])
+            base["uniform"] = StepPlan.uniform(steps, 3, {7: 10, 9: 7, 12: 5}[b]).full_steps
         rows = []
         for fc in a.forecasts:
             def score(p, fc=fc):

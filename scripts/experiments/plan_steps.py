@@ -27,7 +27,7 @@ def main(engine_dir: str, steps: int, budgets: list[int], first: int, count: int
     if engine.stats_for(steps).steps != steps:
         sys.exit(f"{engine_dir} keeps no plan statistics of {steps} steps: build it with --plan-steps {steps}")
     eager = engine.eager_reference()
-    own = dict(engine._stats_by_steps)
+    own = dict(engine.planner._stats_by_steps)
     fallback = {engine.plan_stats.steps: engine.plan_stats}  # as if the build had kept only its own count
 
     def image(g):
@@ -40,10 +40,10 @@ def main(engine_dir: str, steps: int, budgets: list[int], first: int, count: int
             ref = image(eager.generate(x, steps=steps, interval=1))
             for b in budgets:
                 for name, sets in (("fitted at N", own), ("fallback", fallback)):
-                    engine._stats_by_steps = sets
+                    engine.planner._stats_by_steps = sets
                     g = engine.generate(x, steps=steps, full_steps=b)
                     rows.setdefault((b, name), []).append(min(psnr(image(g), ref), 99.0))
-    engine._stats_by_steps = own
+    engine.planner._stats_by_steps = own
     print(f"{engine_dir}, {steps} steps, seeds {first}-{first + count - 1}: mean / worst dB")
     print("| full steps | fitted at N | fallback | fitted wins |")
     print("|---|---|---|---|")

@@ -21,8 +21,7 @@ import torch
 
 import svdexport
 from svdexport.bench.metrics import psnr
-from svdexport.cache.plan import (GAMMA_GRID, forecast_errors, plan_mask, search_table, step_weights,
-                                  table_cost, uniform_plan)
+from svdexport.cache.plan import GAMMA_GRID, StepPlan, forecast_errors, search_table, step_sizes, table_cost
 from svdexport.cache.plan_stats import PlanAccumulator
 from svdexport.cache.predictors import ResidualForecast
 from svdexport.cache.svd import reconstruct
@@ -37,8 +36,8 @@ class PlanStep(StepCache):
     """StepCache with a given plan and the residual forecast by damped Taylor (gamma 0: reuse)."""
 
     def __init__(self, engine, bases, steps, full_steps, gamma, record=None):
-        super().__init__(engine.full, engine.cached, bases, engine.cache, steps)
-        self.plan = plan_mask(full_steps, steps)
+        super().__init__(engine.full, engine.cached, bases, engine.cache, StepPlan(full_steps, steps))
+        self.plan = self.mask
         self.residual = ResidualForecast(gamma)
         self.record = record  # list to collect the (true or forecast) feature per step, or None
 
@@ -158,7 +157,7 @@ def diagnose(engine, seeds, steps, out_path):
     bases = engine.sampler.bases
     dim = bases.shape[1]
     identity = torch.eye(dim).expand(bases.shape[0], dim, dim).contiguous()
-    uni = uniform_plan(steps, 3, 7)
+    uni = StepPlan.uniform(steps, 3, 7).full_steps
     variants = {
         "uniform (default)": (uni, bases, 0.0), "uniform, SVD gamma=0.75": (uni, bases, 0.75),
         "uniform, whole feature": (uni, identity, 0.0),
@@ -231,7 +230,7 @@ def main():
     identity = torch.eye(dim).expand(sites, dim, dim).contiguous()
     t0 = time.time()
     stats, trajs = calibrate(engine, steps, calib, bases)
-    w_dt = step_weights(sigmas(engine, steps))
+    w_dt = step_sizes(sigmas(engine, steps))
     print(f"calibration: {calib} trajectories in {time.time() - t0:.1f} s", flush=True)
     # Objectives: the feature-space Gram form (what a build can afford), and optionally the error measured
     # through the output head by brute force (small models only), on a coarser gamma grid.
@@ -247,7 +246,7 @@ def main():
     # Methods: (name, budget, full steps, bases, gamma, objective costs of the method under each objective).
     methods, plans = [], {}
     for n in a.budgets:
-        uni = uniform_plan(steps, *UNIFORM[n])
+        uni = StepPlan.uniform(steps, *UNIFORM[n]).full_steps
         assert len(uni) == n, (n, uni)
         entries = [("uniform, SVD reuse (default)", uni, 0.0), ("uniform, whole feature", uni, 1.0)]
         for name, tabs in tables.items():

@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from svdexport.batch import items as store
 from svdexport.batch.worker import Worker
-from svdexport.commands import check_loras
 from svdexport.errors import SvdExportError, clip
 from svdexport.models import family
 from svdexport.runtime import manifest as manifest_io
+from svdexport.runtime.loras import check_lora_options
 from svdexport.media import writing
 from svdexport.outputs import engine_folder_of, writable_parent
 
@@ -79,7 +79,8 @@ def _validate(opts: BatchOptions) -> tuple[dict, list[store.Item], list]:
         raise SvdExportError(f"--steps must be >= 1, got {opts.steps}")
     manifest = manifest_io.read(Path(opts.engine), trusted_keys=opts.trusted_keys or None)  # workers verify again
     # Each file readable and a LoRA, each SCALE a number, a backend that takes new weights: before any work.
-    loras = check_loras(opts.loras, manifest.backend, family(manifest.model.family))
+    loras = check_lora_options(opts.loras, manifest.backend, family(manifest.model.family),
+                               options=manifest.backend_options)
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise SvdExportError(f"--out {out} is a file, not a folder")

@@ -25,7 +25,7 @@ from svdexport.bench.methods import PREDICTOR_VARIANTS, Method, Setup  # noqa: F
 from svdexport.bench.metrics import psnr, rel_l2, ssim
 from svdexport.bench.stats import PSNR_CAP, paired, summary
 from svdexport.bench.sweep import SWEEP_SEEDS
-from svdexport.cache import plan as plans
+from svdexport.cache.plan import StepPlan
 from svdexport.runtime.scheduler import Generation
 
 
@@ -37,7 +37,7 @@ def _methods(setup: Setup, peers: list[str]) -> list[Method]:
 def budgets_of(steps: int, warmup: int, full_steps=(), intervals=()) -> list[int]:
     """The budgets (full steps) to compare: those given, plus the full steps of the uniform plan of each
     interval (with the engine's warmup)."""
-    out = set(full_steps) | {len(plans.uniform_plan(steps, warmup, iv)) for iv in intervals}
+    out = set(full_steps) | {len(StepPlan.uniform(steps, warmup, iv).full_steps) for iv in intervals}
     return sorted(b for b in out if 1 <= b <= steps)
 
 
@@ -110,7 +110,7 @@ def compare(engine_dir: str, samples: int = 16, steps: int = 50, budgets: tuple[
         p = summary(psnrs)
         rows.append({
             "method": meth.name, "backend": meth.backend, "reference": meth.uncached, "peer": meth.peer,
-            "budget": b, "plan_kind": meth.plan, "plan": meth.steps_of(b), "plan_search": meth.search(b),
+            "budget": b, "plan_kind": meth.plan_kind, "plan": meth.steps_of(b), "plan_search": meth.search(b),
             "base_method": meth.base, "best_plan": None, "settings": settings[(meth.name, b)],
             "full_steps": full[0] if len(set(full)) == 1 else statistics.mean(full),
             "full_steps_min": min(full), "full_steps_max": max(full), "full_steps_per_sample": full,

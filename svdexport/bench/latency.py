@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from svdexport.bench import roofline
+from svdexport.models.family import BASES, COEFFS, LATENTS, RESIDUALS, TIMESTEP
 
 FLUX1_WIDTH = 3072  # hidden size of FLUX.1; the issue-13 targets are for models this wide
 
@@ -56,10 +57,10 @@ def _state(engine, reference, shapes=None) -> dict:
     """Inputs of one mid-schedule step (scheduler timestep 500) at `shapes` (default: the build's) with C and R
     from the reference's full step."""
     inputs = engine.example_inputs(0, shapes=shapes)
-    state = {**inputs, "bases": engine.sampler.bases}
-    state["timestep"] = engine.sampling.model_timestep(torch.tensor(500.0, device=engine.device),
-                                                        inputs["hidden_states"])
-    _, state["coeffs"], state["residuals"] = reference.full(*[state[n] for n in reference.full.input_names])
+    state = {**inputs, BASES.name: engine.sampler.bases}
+    state[TIMESTEP.name] = engine.sampling.model_timestep(torch.tensor(500.0, device=engine.device),
+                                                          inputs[LATENTS.name])
+    _, state[COEFFS.name], state[RESIDUALS.name] = reference.full(*[state[n] for n in reference.full.input_names])
     return state
 
 

@@ -56,12 +56,12 @@ def bench_lora(engine_dir: str, loras: list, repeats: int = 3, rebuild: bool = T
     swaps, unloads, requests = [], [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        engine.set_loras(loras)
+        engine.lora.set(loras)
         engine.generate(seed=0, steps=2)  # the first request after a swap pays what the backend deferred
         swaps.append(time.perf_counter() - start)
-        weights = engine.lora_weights()
+        weights = engine.lora.count()
         start = time.perf_counter()
-        engine.unload_lora()
+        engine.lora.unload()
         engine.generate(seed=0, steps=2)
         unloads.append(time.perf_counter() - start)
         start = time.perf_counter()

@@ -27,6 +27,7 @@ import torch
 from svdexport.bench import peers as peer_lib
 from svdexport.bench.sweep import SWEEP_SEEDS, sweep_threshold
 from svdexport.cache import plan as plans
+from svdexport.cache.plan import StepPlan
 from svdexport.cache.predictors import FITTED
 from svdexport.runtime.plans import SEARCH_ORDER
 from svdexport.runtime.scheduler import CachedSampler, Generation
@@ -60,7 +61,7 @@ THRESHOLD_PEERS = [
 class Method:
     name: str  # row label
     backend: str  # what runs it
-    plan: str  # how its full steps are placed: calibrated, uniform, own, threshold (see the module docstring)
+    plan_kind: str  # how its full steps are placed: calibrated, uniform, own, threshold (see the module docstring)
     run: Callable[[dict, int], Generation]  # (inputs, budget) -> generation
     uncached: bool = False  # the reference: every step full, run once whatever the budgets
     steps_of: Callable[[int], list[int] | None] = lambda b: None  # its static plan at a budget
@@ -84,7 +85,8 @@ def search_label(cache) -> str:
 def uniform_interval(steps: int, warmup: int, budget: int) -> int:
     """The interval whose uniform plan (with `warmup`) has `budget` full steps, or the nearest count
     (ties: the shorter interval)."""
-    return min(range(1, steps + 1), key=lambda iv: (abs(len(plans.uniform_plan(steps, warmup, iv)) - budget), iv))
+    return min(range(1, steps + 1),
+               key=lambda iv: (abs(len(StepPlan.uniform(steps, warmup, iv).full_steps) - budget), iv))
 
 
 @dataclass
@@ -102,7 +104,7 @@ class Setup:
 
     def overrides(self, budget: int) -> dict:
         """The engine's own kind of plan at `budget` full steps, as run-time overrides."""
-        if self.engine.cache.plan == "uniform":
+        if self.engine.cache.plan_kind == "uniform":
             return {"interval": uniform_interval(self.steps, self.warmup, budget)}
         return {"full_steps": budget}
 
@@ -118,12 +120,12 @@ class Setup:
         """What the plan of `plan(budget, **overrides)` was searched for (None: a uniform plan). Without plan
         statistics every request gets the engine's recorded plan, searched for the engine's forecast."""
         cache = self.engine.cache_config(**self.overrides(budget), **overrides)
-        if cache.plan == "uniform":
+        if cache.plan_kind == "uniform":
             return None
         return search_label(cache if self.engine.stats_for(self.steps) is not None else self.engine.cache)
 
     def uniform(self, budget: int) -> list[int]:
-        return plans.uniform_plan(self.steps, self.warmup, uniform_interval(self.steps, self.warmup, budget))
+        return StepPlan.uniform(self.steps, self.warmup, uniform_interval(self.steps, self.warmup, budget)).full_steps
 
     def gamma(self, budget: int) -> float:
         """Residual forecast factor: the one of least forecast error on the calibration trajectories at this
@@ -132,7 +134,7 @@ class Setup:
         if stats is None:
             return GAMMA_FALLBACK
         best = plans.calibrate_gamma(stats, min(budget, stats.steps), SEARCH_ORDER[cache.predictor],
-                                     grid=plans.GAMMA_GRID[1:], weights=self.engine._schedule_weights(stats.steps))
+                                     grid=plans.GAMMA_GRID[1:], step_sizes=self.engine.step_sizes(stats.steps))
         return best.gamma
 
 
@@ -145,7 +147,7 @@ def project_methods(s: Setup) -> list[Method]:
     """Eager full compute, the engine with its plan, the uniform plan and a residual forecast, the project's
     predictors (eager) and TaylorSeer on the whole feature with the calibrated and the uniform plan."""
     engine, eager, steps = s.engine, s.eager, s.steps
-    label, kind, backend = predictor_label(eager.cache), engine.cache.plan, engine.manifest.backend
+    label, kind, backend = predictor_label(eager.cache), engine.cache.plan_kind, engine.manifest.backend
     ms = [Method("eager full compute", "eager", "every step", lambda x, b: eager.generate(x, steps=steps, interval=1),
                  uncached=True, steps_of=lambda b: list(range(steps)))]
     own = f"SVD-Cache {label} (engine)"
@@ -155,7 +157,7 @@ def project_methods(s: Setup) -> list[Method]:
                      if engine.cache.predictor in FITTED else {"gamma": engine.cache.gamma}, search=s.searched_for))
     if kind != "uniform":
         ms.append(Method(f"SVD-Cache {label} uniform plan (engine)", backend, "uniform",
-                         lambda x, b: engine.generate(x, steps=steps, plan="uniform", warmup=s.warmup,
+                         lambda x, b: engine.generate(x, steps=steps, plan_kind="uniform", warmup=s.warmup,
                                                       interval=uniform_interval(steps, s.warmup, b)),
                          steps_of=s.uniform, settings=lambda b: {
                              "warmup": s.warmup, "interval": uniform_interval(steps, s.warmup, b)}, base=own))
@@ -196,7 +198,7 @@ def project_methods(s: Setup) -> list[Method]:
         for plan_name, plan_kind, steps_of, search in variants:
             ms.append(Method(f"TaylorSeer whole feature o{order} ({plan_name})", "eager", plan_kind,
                              lambda x, b, c=cache, f=steps_of: whole.generate(
-                                 x, steps, cache=c, plan=plans.plan_mask(f(b), steps)), steps_of=steps_of,
+                                 x, steps, cache=c, plan=StepPlan(f(b), steps)), steps_of=steps_of,
                              search=search, base=f"TaylorSeer whole feature o{order}"))
     return ms
 
@@ -214,7 +216,7 @@ def peer_methods(s: Setup, names: list[str]) -> list[Method]:
 
     ms = []
     if "diffusers-taylorseer" in names:
-        for lite in (False, True):
+        for lite in [v for v in (False, True) if peer_lib.available("diffusers-taylorseer", eager.family, v) is None]:
             mode = ("lite: blocks skipped, proj_out forecast" if lite
                     else "attention outputs forecast, the rest of every block runs every step (library default)")
             ms.append(Method(f"diffusers-taylorseer{' lite' if lite else ''} o1 (own plan)", "eager", "own",
@@ -233,7 +235,7 @@ def peer_methods(s: Setup, names: list[str]) -> list[Method]:
         if peer not in names:
             continue
         for order in orders:
-            for plan_name, search in [("same plan", {})] + ([own] if s.engine.cache.plan != "uniform" else []):
+            for plan_name, search in [("same plan", {})] + ([own] if s.engine.cache.plan_kind != "uniform" else []):
                 ms.append(_cachedit_method(s, run, peer, order, plan_name, search))
     for label, peer, fixed, start in THRESHOLD_PEERS:
         if peer in names:
@@ -253,9 +255,9 @@ def _cachedit_method(s: Setup, run, peer: str, order: int | None, plan_name: str
         return {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "steps_computation_policy": "static",
                 "steps_computation_mask": mask, **({} if order is None else {"taylorseer_order": order})}
 
-    return Method(f"{base} ({plan_name})", "eager", s.engine.cache.plan,
+    return Method(f"{base} ({plan_name})", "eager", s.engine.cache.plan_kind,
                   lambda x, b: run(peer, x, warmup, uniform_interval(steps, warmup, b), schedule="plan",
-                                   plan=plans.plan_mask(s.plan(b, **search), steps), **extra),
+                                   plan=StepPlan(s.plan(b, **search), steps).mask, **extra),
                   steps_of=lambda b: s.plan(b, **search), settings=settings, peer=peer,
                   search=lambda b: s.searched_for(b, **search), base=base)
 

@@ -19,8 +19,9 @@ Settings, against svdexport's plan (full if i < warmup or (i - warmup + 1) % int
   mag_ratios=R). R comes from the library's own calibration mode (calibrate=True, which skips nothing
   and prints the ratios): one generation on the same model, schedule and conditioning from other noise
   latents (CALIBRATION_SEED), before each measured run and outside its `seconds`.
-- cachedit-dbcache(-taylorseer): cache-dit's registered FLUX adapter applied to the bare transformer
-  (`cache_dit.enable_cache(transformer)` wraps it in its own placeholder pipeline), DBCacheConfig with
+- cachedit-dbcache(-taylorseer): cache-dit's registered adapter of the model (FLUX, HunyuanVideo, SD3)
+  applied to the bare transformer (`cache_dit.enable_cache(transformer)` wraps it in its own placeholder
+  pipeline), DBCacheConfig with
   Fn_compute_blocks=fn_blocks, Bn_compute_blocks=0, max_warmup_steps=warmup, num_inference_steps=steps.
   schedule="plan" (default) passes a plan as steps_computation_mask with the "static" policy: `plan` (a
   list of bools per step, e.g. an engine's calibrated plan) or else svdexport's uniform plan of warmup and
@@ -43,9 +44,9 @@ from typing import Callable
 
 import torch
 
-from svdexport.cache.config import step_plan
+from svdexport.cache.plan import StepPlan
 from svdexport.errors import SvdExportError
-from svdexport.models.family import Family, Sampling, Shapes
+from svdexport.models.family import LATENTS, Family, Sampling, Shapes
 
 PEERS: tuple[str, ...] = ("diffusers-taylorseer", "diffusers-fbcache", "diffusers-magcache", "cachedit-dbcache",
                           "cachedit-dbcache-taylorseer")
@@ -82,12 +83,15 @@ class PeerLoop:
     steps: int
 
 
-def available(name: str, family: Family | None = None) -> str | None:
-    """None if peer `name` can run here (on `family`, when given), else a one-line reason."""
+def available(name: str, family: Family | None = None, lite: bool = False) -> str | None:
+    """None if peer `name` can run here (on `family`, when given; in TaylorSeer's lite mode with `lite`), else
+    a one-line reason."""
     if name not in _SPECS:
         raise SvdExportError(f"unknown peer {name!r} (choose from {', '.join(PEERS)})")
     if family is not None and name not in family.peer_libraries:
         return f"not wired for {family.name} models"
+    if family is not None and lite and f"{name} lite" in family.peer_refusals:
+        return family.peer_refusals[f"{name} lite"]
     config_class = _SPECS[name][0]
     if config_class is None:
         return None if importlib.util.find_spec("cache_dit") else "cache-dit is not installed (pip install cache-dit)"
@@ -124,18 +128,40 @@ def _sample(model, loop: PeerLoop, inputs: dict[str, torch.Tensor],
     """The pipeline's denoising loop (from `latents`, default the inputs' noise); (final latents, seconds)."""
     scheduler = loop.sampling.scheduler()
     timesteps = loop.sampling.set_timesteps(scheduler, loop.steps, loop.shapes)
-    latents = inputs["hidden_states"] if latents is None else latents
+    latents = inputs[LATENTS.name] if latents is None else latents
     start = time.perf_counter()
     with torch.inference_mode():
         for t in timesteps:
-            call = loop.family.forward_kwargs({**inputs, "hidden_states": latents},
+            call = loop.family.forward_kwargs({**inputs, LATENTS.name: latents},
                                               loop.sampling.model_timestep(t, latents))
             # As the pipeline: diffusers' stateful cache hooks keep their state per context name. (FluxPipeline
             # also records `_current_timestep` on itself; only PyramidAttentionBroadcast's callback reads it.)
-            with model.cache_context("cond"):
+            with model.cache_context("cond") if _has_cache_mixin(model) else contextlib.nullcontext():
                 noise = model(**call)[0]
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
     return latents, time.perf_counter() - start
+
+
+def _has_cache_mixin(model: torch.nn.Module) -> bool:
+    from diffusers.models.cache_utils import CacheMixin
+
+    return isinstance(model, CacheMixin)
+
+
+@contextlib.contextmanager
+def _cache_mixin(model: torch.nn.Module):
+    """`model` with diffusers' CacheMixin (enable_cache, cache_context) for a while. diffusers registers the
+    blocks of models whose class does not inherit it (SD3Transformer2DModel's JointTransformerBlock) with its
+    cache hooks, which the mixin switches on; the model's class is put back afterwards."""
+    from diffusers.models.cache_utils import CacheMixin
+
+    own = type(model)
+    if not isinstance(model, CacheMixin):
+        model.__class__ = type(own.__name__, (own, CacheMixin), {"__module__": own.__module__})
+    try:
+        yield
+    finally:
+        model.__class__ = own
 
 
 @contextlib.contextmanager
@@ -230,8 +256,23 @@ def _magcache(model, steps, warmup, interval, calibrate, threshold: float = 0.06
     return model.disable_cache
 
 
+def _cachedit_target(model, pipeline: str | None):
+    """What cache-dit caches: the bare transformer where cache-dit registers an adapter under its class name
+    (FLUX, HunyuanVideo); else the adapter registered under the family's pipeline name (SD3's is
+    "StableDiffusion3"), made as cache-dit makes its transformer-only ones (over a FakeDiffusionPipeline)."""
+    import cache_dit
+    from cache_dit.caching import FakeDiffusionPipeline
+
+    registry = cache_dit.BlockAdapterRegister
+    if registry.is_supported(model) or pipeline is None:
+        return model
+    made = [make for name, make in registry._adapters.items() if pipeline.startswith(name)]
+    return made[0](FakeDiffusionPipeline(model)) if made else model
+
+
 def _cachedit(model, steps, warmup, interval, calibrate, schedule: str = "plan", threshold: float = 0.08,
-              fn_blocks: int = 1, order: int | None = None, plan: list[bool] | None = None) -> Disable:
+              fn_blocks: int = 1, order: int | None = None, plan: list[bool] | None = None,
+              pipeline: str | None = None) -> Disable:
     import cache_dit
 
     if schedule not in ("plan", "dynamic"):
@@ -241,7 +282,7 @@ def _cachedit(model, steps, warmup, interval, calibrate, schedule: str = "plan",
         Fn_compute_blocks=fn_blocks, Bn_compute_blocks=0, max_warmup_steps=warmup, residual_diff_threshold=threshold,
         max_continuous_cached_steps=max(interval - 1, 0), num_inference_steps=steps, enable_separate_cfg=False)
     if schedule == "plan":
-        mask = step_plan(steps, warmup, interval) if plan is None else list(plan)
+        mask = StepPlan.uniform(steps, warmup, interval).mask if plan is None else list(plan)
         if len(mask) != steps or not mask[0]:
             raise SvdExportError(f"plan must give {steps} steps, the first full; got {len(mask)}")
         config.update(steps_computation_mask=[int(f) for f in mask], steps_computation_policy="static")
@@ -249,12 +290,13 @@ def _cachedit(model, steps, warmup, interval, calibrate, schedule: str = "plan",
     if order is not None:
         _check_order(order)
         calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=order)
+    target = _cachedit_target(model, pipeline)
     with _quiet("cache_dit"):
-        cache_dit.enable_cache(model, cache_config=config, calibrator_config=calibrator)
+        cache_dit.enable_cache(target, cache_config=config, calibrator_config=calibrator)
 
     def disable() -> None:
         with _quiet("cache_dit"):
-            cache_dit.disable_cache(model)
+            cache_dit.disable_cache(target)
 
     return disable
 
@@ -272,7 +314,7 @@ def run_peer(name: str, model, loop: PeerLoop, inputs: dict[str, torch.Tensor], 
              **options) -> PeerResult:
     """One generation with peer `name`'s cache on `model`; the model is left as it was, also on errors."""
     steps = loop.steps
-    reason = available(name, loop.family)
+    reason = available(name, loop.family, lite=bool(options.get("lite")))
     if reason is not None:
         raise SvdExportError(reason)
     unknown = sorted(set(options) - set(_SPECS[name][1]))
@@ -283,16 +325,18 @@ def run_peer(name: str, model, loop: PeerLoop, inputs: dict[str, torch.Tensor], 
         raise SvdExportError(f"need steps >= 1, warmup >= 0, interval >= 1; got {steps}, {warmup}, {interval}")
 
     def calibrate() -> None:  # one generation from other noise, for a library that calibrates first
-        x = inputs["hidden_states"]
+        x = inputs[LATENTS.name]
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(CALIBRATION_SEED))
         _sample(model, loop, inputs, noise.to(x.device, x.dtype))
 
     ran = [0]
-    # Counted inside the attention (norm_q runs in FLUX's attention processor, fused QKV or not): a hook
-    # on the block would fire also when a cache hook short-circuits the block's forward, and diffusers'
-    # TaylorSeer forecasts the attention while the rest of the block still runs.
-    probe = model.single_transformer_blocks[-1].attn.norm_q
-    with _restored(model):
+    # Counted inside the last block's attention (Family.peer_probe): a hook on the block would fire also when
+    # a cache hook short-circuits the block's forward, and diffusers' TaylorSeer forecasts the attention while
+    # the rest of the block still runs.
+    probe = loop.family.peer_probe(model)
+    if name.startswith("cachedit") and loop.family.prompts is not None:
+        options = {**options, "pipeline": loop.family.prompts.pipeline_class}
+    with _restored(model), _cache_mixin(model):
         disable = _ENABLE[name](model, steps, warmup, interval, calibrate, **options)
         handle = probe.register_forward_hook(lambda *_: ran.__setitem__(0, ran[0] + 1))
         try:

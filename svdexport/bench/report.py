@@ -99,7 +99,7 @@ def markdown(result: dict) -> str:
                  else "seeds " + ",".join(map(str, seeds)))
     out = [f"# svdexport compare: {c['model']} ({c['backend']} engine)", "",
            f"{c['samples']} samples ({seed_text}), {c['steps']} steps, budgets of {', '.join(map(str, c['budgets']))} "
-           f"full steps; engine: warmup {c['cache']['warmup']}, plan {c['cache']['plan']} (at {c['steps']} steps: "
+           f"full steps; engine: warmup {c['cache']['warmup']}, plan {c['cache'].get('plan_kind', c['cache'].get('plan'))} (at {c['steps']} steps: "
            f"{' '.join(map(str, c['engine_plan']))}), predictor {_forecast(c['cache'])}, granularity {c['cache']['granularity']}, tau {c['cache']['tau']}, k_max "
            f"{c['cache']['k_max']}; machine: {_machine_text(result['machine'])}.", "",
            "Every method runs with the budget's number of full steps. Plan: where its full steps fall (calibrated: "

@@ -1,6 +1,6 @@
 """Batch throughput against the number of Ray workers, measured in one run on one Ray runtime.
 
-    python -m svdexport.bench.scaling engines/flux-aoti --items 64 --workers 1,2 --repeats 2 \\
+    svdexport bench scaling engines/flux-aoti --items 64 --workers 1,2 --repeats 2 \\
         --plot docs/batch_scaling.png --json out/scaling.json
 
 Worker counts alternate (1, 2, 1, 2, ...) so that a drift of the machine hits all of them; each run writes
@@ -10,15 +10,11 @@ start-up (engine loading) is reported beside it.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 from svdexport.batch.runner import BatchOptions, start_ray, run
-from svdexport.errors import SvdExportError
 from svdexport.runtime.manifest import read as read_manifest
 
 
@@ -74,32 +70,7 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("engine")
-    p.add_argument("--items", type=int, default=64)
-    p.add_argument("--workers", default="1,2", help="comma list, e.g. 1,2")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--plot")
-    p.add_argument("--json")
-    a = p.parse_args(argv)
-    try:
-        workers = [int(w) for w in a.workers.split(",")]
-        result = measure(a.engine, a.items, workers, a.repeats, a.steps)
-    except (SvdExportError, ValueError) as e:
-        print(f"svdexport: error: {e}", file=sys.stderr)
-        return 2
-    for w in workers:
-        v = result["workers"][w]
-        print(f"{w} workers: {v['images_per_minute']:.1f} images/min ({v['ratio']:.2f}x), "
-              f"start-up {v['startup_seconds']:.1f} s")
-    if a.plot:
-        plot(result, Path(a.plot))
-    if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def format_result(result: dict) -> str:
+    """One line per worker count: throughput, its ratio to the first count, and start-up."""
+    return "\n".join(f"{w} workers: {v['images_per_minute']:.1f} images/min ({v['ratio']:.2f}x), "
+                     f"start-up {v['startup_seconds']:.1f} s" for w, v in result["workers"].items())

@@ -1,4 +1,4 @@
-"""Cached vs uncached, measured in one process: `python -m svdexport.bench.speedup ENGINE [ENGINE ...]`.
+"""Cached vs uncached, measured in one process: `svdexport bench speedup ENGINE [ENGINE ...]`.
 
 For each engine, runs interval 1 (every step full) and the engine's own schedule interleaved, `repeats`
 times, and reports medians, the block-evaluation ratio, the wall-time ratio and, per predictor, the
@@ -7,14 +7,10 @@ relative L2 distance of the final latents to full compute (same seed and inputs)
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 
 import svdexport
 from svdexport.bench.metrics import rel_l2
-from svdexport.cache.predictors import PREDICTORS
-from svdexport.errors import SvdExportError
 
 
 def measure(engine_dir: str, steps: int, repeats: int, seeds: int, predictors: list[str]) -> list[dict]:
@@ -42,29 +38,12 @@ def measure(engine_dir: str, steps: int, repeats: int, seeds: int, predictors: l
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m svdexport.bench.speedup", description=__doc__.splitlines()[0])
-    p.add_argument("engines", nargs="+")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--seeds", type=int, default=4, help="inputs averaged for the quality column")
-    p.add_argument("--predictors", default=None, help=f"comma list from {','.join(PREDICTORS)} (default: engine's)")
-    a = p.parse_args(argv)
-    try:
-        print("| engine | granularity | predictor | full/total steps | block-eval ratio | uncached s | cached s "
-              "| wall ratio | rel L2 vs full |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for engine_dir in a.engines:
-            preds = a.predictors.split(",") if a.predictors else [svdexport.load(engine_dir).cache.predictor]
-            for r in measure(engine_dir, a.steps, a.repeats, a.seeds, preds):
-                print(f"| {r['engine']} | {r['granularity']} | {r['predictor']} | {r['full_steps']}/{r['steps']} "
-                      f"| {r['block_eval_ratio']:.2f}x | {r['uncached_s']:.3f} | {r['cached_s']:.3f} "
-                      f"| {r['wall_ratio']:.2f}x | {r['rel_l2']:.4f} |")
-    except SvdExportError as e:
-        print(f"svdexport: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def format_rows(rows: list[dict]) -> str:
+    """The rows of `measure` as a markdown table."""
+    lines = ["| engine | granularity | predictor | full/total steps | block-eval ratio | uncached s | cached s "
+             "| wall ratio | rel L2 vs full |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['engine']} | {r['granularity']} | {r['predictor']} | {r['full_steps']}/{r['steps']} "
+                     f"| {r['block_eval_ratio']:.2f}x | {r['uncached_s']:.3f} | {r['cached_s']:.3f} "
+                     f"| {r['wall_ratio']:.2f}x | {r['rel_l2']:.4f} |")
+    return "\n".join(lines)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from svdexport.builder import memory, precision
+from svdexport.builder import bases_file, memory, precision
 from svdexport.builder.calibrate import CALIBRATION_SEED, CalibrationSettings, calibrate
 from svdexport.builder.step_plans import calibrate_plan
 from svdexport.builder.bound import write_bound
@@ -27,10 +27,11 @@ from svdexport.cache.predictors import FITTED
 from svdexport.cache.svd import Bases
 from svdexport.errors import SvdExportError
 from svdexport.export import GraphExport, GraphSpec, backend, export_programs
-from svdexport.files import atomic_dir, atomic_file
+from svdexport.files import atomic_dir
 from svdexport.models import family
-from svdexport.outputs import check_dir, check_file, output_lock
-from svdexport.models.family import Family, Sampling, Shapes
+from svdexport.outputs import check_dir, output_lock
+from svdexport.progress import phase
+from svdexport.models.family import BASES, COEFFS, LATENTS, RESIDUALS, TIMESTEP, Conditioning, Family, Sampling, Shapes
 from svdexport.models.mapped import MappedWeights
 from svdexport.models.ranges import ShapeRange, shape_range
 from svdexport.models.weights import WeightsInfo, load_table, read_prompts
@@ -63,6 +64,7 @@ class BuildOptions:
     # checkpoint's files (build/bound.py); bundled models are always kept inside.
     embed_weights: bool = False
     force: bool = False  # replace an output that svdexport did not write
+    bases: str | None = None  # a `svdexport calibrate` file to use instead of calibrating (builder/bases_file.py)
     dtype_reason: str = ""  # why this dtype (set by prepare: "auto: this CPU has AVX512-BF16 ...")
     # Closed-loop refinement of calibrated plans (plan.refine): plans scored by cached sampling against full
     # compute on `refine_samples` calibration inputs, at most `refine_evaluations` plans per budget (0: the
@@ -85,7 +87,7 @@ class BuildOptions:
             raise SvdExportError("calibration needs at least one sample and one step")
         if any(n < 2 for n in self.plan_steps):
             raise SvdExportError(f"--plan-steps needs step counts of at least 2, got {self.plan_steps}")
-        if self.plan_steps and self.cache.plan != "calibrated" and self.cache.predictor not in FITTED:
+        if self.plan_steps and self.cache.plan_kind != "calibrated" and self.cache.predictor not in FITTED:
             raise SvdExportError(f"--plan-steps plans for a calibrated plan or fits a fitted forecast; a uniform plan "
                                  f"with {self.cache.predictor} keeps no plan statistics")
         if self.refine_evaluations < 0 or self.refine_samples < 1 or any(b < 1 for b in self.refine_budgets or ()):
@@ -114,7 +116,7 @@ class Prepared:
 
     def inputs(self, seed: int, opts: BuildOptions, shapes: Shapes | None = None) -> dict[str, torch.Tensor]:
         x = self.fam.example_inputs(self.info.config, shapes or self.shapes, seed, dtype=DTYPES[opts.dtype],
-                                    table=self.table)
+                                    conditioning=None if self.table is None else Conditioning(self.table))
         return {k: v.to(opts.device) for k, v in x.items()}
 
 
@@ -146,7 +148,7 @@ def prepare(opts: BuildOptions) -> Prepared:
     table, prompts = None, None
     if info.conditioning["kind"] == ConditioningKind.CLASS_TABLE.value:
         table = load_table(info.conditioning["file"])
-        text_len = table["encoder_hidden_states"].shape[1]
+        text_len = table[fam.text_input].shape[1]
         if shapes.text_len != text_len:
             raise SvdExportError(f"this model's class table has {text_len} text tokens; --text-len must be {text_len}")
         if ranges.min.text_len != ranges.max.text_len:
@@ -167,7 +169,9 @@ def prepare(opts: BuildOptions) -> Prepared:
 
 
 def run_calibration(p: Prepared, opts: BuildOptions, progress: bool) -> Bases:
-    """The bases, from inputs of the build shapes, or cycling through them and --calib-shapes."""
+    """The bases, from inputs of the build shapes, or cycling through them and --calib-shapes; or `--bases`."""
+    if opts.bases:
+        return bases_file.given_bases(p, opts)
     settings = CalibrationSettings(opts.calib_samples, opts.calib_steps, opts.cache.tau, opts.cache.k_max)
     cycle = [p.shapes] + [p.range.request(height=h, width=w) for h, w in opts.calib_shapes]
     shapes_of = lambda seed: cycle[(seed - CALIBRATION_SEED) % len(cycle)]  # noqa: E731
@@ -176,26 +180,15 @@ def run_calibration(p: Prepared, opts: BuildOptions, progress: bool) -> Bases:
                      shapes_of=shapes_of)
 
 
-def calibrate_to_file(opts: BuildOptions, out: Path, progress: bool = True) -> Bases:
-    """`svdexport calibrate`: only the bases file, written atomically."""
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise SvdExportError(f"--out must end in .safetensors, got {out}")
-    check_file(out, "--out", opts.force)  # before the work, not after it
-    with output_lock(out):
-        bases = run_calibration(prepare(opts), opts, progress)
-        with atomic_file(out) as tmp:
-            bases.save(tmp)
-    return bases
-
-
 def graph_state(p: Prepared, bases: Bases, example: dict, opts: BuildOptions) -> dict[str, torch.Tensor]:
-    """Every input of both graphs: `example`, the bases, a timestep, and C and R of one full step."""
-    state = {**example, "bases": bases.vectors.to(opts.device)}
-    b = state["hidden_states"].shape[0]
-    state["timestep"] = torch.full((b,), 0.5, dtype=DTYPES[opts.dtype], device=opts.device)
+    """Every input of both graphs: `example`, the bases, a timestep, and C and R of one full step; each as the
+    family's graph contract types it (a family's inputs that break it are refused before the export)."""
+    state = {**example, BASES.name: bases.vectors.to(opts.device)}
+    b = state[LATENTS.name].shape[0]
+    state[TIMESTEP.name] = torch.full((b,), 0.5, dtype=TIMESTEP.torch_dtype(DTYPES[opts.dtype]), device=opts.device)
     with torch.no_grad():
-        _, state["coeffs"], state["residuals"] = p.full(*[state[n] for n in p.full.input_names])
+        _, state[COEFFS.name], state[RESIDUALS.name] = p.full(*[state[n] for n in p.full.input_names])
+    p.fam.contract(p.info.config, opts.cache.granularity).check(state, DTYPES[opts.dtype])
     return state
 
 
@@ -231,6 +224,8 @@ def build_key(p: Prepared, opts: BuildOptions) -> str:
         parts["plan_steps"] = opts.plan_steps
     if opts.embed_weights:
         parts["embed_weights"] = True
+    if opts.bases:
+        parts["bases"] = bases_file.digest(opts.bases)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -291,7 +286,7 @@ def _build(opts: BuildOptions, out: Path, graphs_dir: Path, progress: bool, be) 
         return manifest, True
     bases = run_calibration(p, opts, progress)
     # A fitted predictor's weights come from the plan statistics, so it keeps them with a uniform plan too.
-    planned = opts.cache.plan == "calibrated" or opts.cache.predictor in FITTED
+    planned = opts.cache.plan_kind == "calibrated" or opts.cache.predictor in FITTED
     stats, plan_records = calibrate_plan(p, opts, bases, progress) if planned else (None, [])
     example = p.inputs(0, opts)
     graphs = graph_exports(p, bases, example, opts)
@@ -310,7 +305,8 @@ def _build(opts: BuildOptions, out: Path, graphs_dir: Path, progress: bool, be) 
         bound = None
         if be.needs_export:
             export_programs(graphs, gtmp)
-            bound = write_bound(p, graphs, tmp, opts.embed_weights)
+            with phase("binding the weights (bindings.json, constants.safetensors)", shown_from=1.0):
+                bound = write_bound(p, graphs, tmp, opts.embed_weights)
             (gtmp / "manifest.json").write_text(json.dumps({"engine": str(out), "build_key": key}, indent=2))
         for name in be.carried:  # caches of the engine this build replaces (TensorRT's timing cache)
             if (out / name).is_file():
@@ -341,4 +337,5 @@ def _build(opts: BuildOptions, out: Path, graphs_dir: Path, progress: bool, be) 
             plans=plan_records,
             bound=bound,
         )
-        return mf.write(tmp, manifest), False
+        with phase("hashing the engine files (manifest.json)", shown_from=1.0):
+            return mf.write(tmp, manifest), False

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from svdexport.cache import plan as plans
+from svdexport.cache.plan import StepPlan
 from svdexport.cache.plan_stats import PlanAccumulator, PlanStats
 from svdexport.cache.config import CacheConfig
 from svdexport.cache.svd import Bases, GramAccumulator, reconstruct
@@ -109,11 +109,11 @@ def closed_loop_score(full: Graph, cached: Graph, sampling: Sampling, shapes: Sh
     of `inputs`. What the closed-loop plan refinement (`plan.refine`) maximises: the error that reaches the
     sample, after the output head and the sampler."""
     loop = CachedSampler(full, cached, bases, cache, sampling, shapes)
-    reference = loop.generate(inputs, steps, plan=[True] * steps).latents
+    reference = loop.generate(inputs, steps, plan=StepPlan(list(range(steps)), steps, "every step")).latents
 
     def score(full_steps: list[int]) -> float:
-        latents = loop.generate(inputs, steps, plan=plans.plan_mask(full_steps, steps),
-                                fitted=None if fitted is None else fitted(full_steps)).latents
+        plan = StepPlan(full_steps, steps, "refining", None if fitted is None else fitted(full_steps))
+        latents = loop.generate(inputs, steps, plan=plan).latents
         return float(latent_psnr(latents, reference).clamp_max(99.0).mean())
 
     return score

@@ -10,19 +10,17 @@ from tqdm import tqdm
 from svdexport.builder import calibrate as calibrate_mod
 from svdexport.builder.calibrate import CALIBRATION_SEED, CalibrationSettings, plan_statistics
 from svdexport.cache import plan as plans
+from svdexport.cache.plan import StepPlan
 from svdexport.cache.plan_stats import PlanStats
 from svdexport.cache.svd import Bases
 from svdexport.cache import fitted as fit
 from svdexport.cache.predictors import FITTED
 from svdexport.runtime import manifest as mf
 from svdexport.runtime import plans as run_plans
-from svdexport.runtime.plans import SEARCH_ORDER, schedule_weights
+from svdexport.runtime.plans import SEARCH_ORDER, schedule_step_sizes
 
 if TYPE_CHECKING:  # builder imports this module
     from svdexport.builder.build import BuildOptions, Prepared
-
-# Inputs with a leading batch axis, for families without a prompt encoder that lists them.
-BATCHED = ("hidden_states", "encoder_hidden_states", "pooled_projections", "encoder_attention_mask", "guidance")
 
 # Budgets refined besides the build's own b (b + offset, clamped to the steps): the ladder that
 # docs/benchmarks.md reports (7, 9, 12 of 50 around FLUX's 9). Other budgets get the DP's plan at run time.
@@ -43,7 +41,7 @@ def calibrate_plan(p: Prepared, opts: BuildOptions, bases: Bases,
 
     At the build's step count: the build's budget (`--full-steps`, or as many as the uniform plan of warmup
     and interval has) first, then the other refined budgets. Each starts as the DP's plan of least forecast
-    error (with and without schedule weights, and the uniform plan where one has that budget: the
+    error (with and without the schedule's step sizes, and the uniform plan where one has that budget: the
     best-scoring start) and is refined in closed loop on the calibration inputs (`plan.refine`) unless
     `refine_evaluations` is 0. At each of `plan_steps`: the DP's plan of the build's budget there. A
     uniform-plan build gets the statistics alone (a fitted predictor's weights come from them)."""
@@ -54,7 +52,7 @@ def calibrate_plan(p: Prepared, opts: BuildOptions, bases: Bases,
 
     sets = [statistics(n) for n in [opts.calib_steps, *opts.plan_steps]]
     c = opts.cache
-    if c.plan != "calibrated":
+    if c.plan_kind != "calibrated":
         return sets, []
     records = [r for n, stats in enumerate(sets) for r in _calibrated_plans(p, opts, bases, stats, progress, n == 0)]
     return sets, records
@@ -64,26 +62,26 @@ def _calibrated_plans(p: Prepared, opts: BuildOptions, bases: Bases, stats: Plan
                       refine: bool) -> list[mf.PlanRecord]:
     """The plans of `stats`' step count: refined (when `refine` and the build asks) or the DP's."""
     c, steps = opts.cache, stats.steps
-    uniform = plans.uniform_plan(steps, c.warmup, c.interval)
+    uniform = StepPlan.uniform(steps, c.warmup, c.interval).full_steps
     budget = run_plans.plan_budget(c, steps)
-    weights, order = schedule_weights(p.sampling, p.shapes, steps), SEARCH_ORDER[c.predictor]
+    sizes, order = schedule_step_sizes(p.sampling, p.shapes, steps), SEARCH_ORDER[c.predictor]
     refine = refine and opts.refine_evaluations > 0
     budgets = refine_budgets(budget, steps, opts.refine_budgets) if refine else [budget]
     score = None
     if refine:
-        batched = p.fam.prompts.batched if p.fam.prompts is not None else BATCHED
         x = calibrate_mod.batch_inputs([p.inputs(CALIBRATION_SEED + i, opts) for i in range(opts.refine_samples)],
-                                       batched)
-        fitted = (lambda plan: fit.weights(stats, plan, steps)) if c.predictor in FITTED else None
+                                       p.fam.batched)
+        fitted = (lambda plan: fit.forecast_weights(stats, plan, steps)) if c.predictor in FITTED else None
         score = calibrate_mod.closed_loop_score(p.full, p.cached, p.sampling, p.shapes, bases.vectors.to(opts.device),
                                                 c, x, steps, fitted)
     records = []
     for b in sorted(budgets, key=lambda b: b != budget):  # the build's budget first
-        found = run_plans.search(stats, b, c, weights)
+        found = run_plans.search(stats, b, c, sizes)
         full_steps, refined = found.full_steps, None
         if score is not None and 1 < b < steps:
             starts = [found.full_steps, run_plans.search(stats, b, c).full_steps]
-            starts += [u for iv in range(1, steps + 1) if len(u := plans.uniform_plan(steps, c.warmup, iv)) == b][:1]
+            starts += [u for iv in range(1, steps + 1)
+                       if len(u := StepPlan.uniform(steps, c.warmup, iv).full_steps) == b][:1]
             with tqdm(desc=f"refining the plan of {b} full steps", unit="plan", disable=not progress) as bar:
                 def counted(plan, bar=bar):
                     bar.update()
@@ -91,8 +89,8 @@ def _calibrated_plans(p: Prepared, opts: BuildOptions, bases: Bases, stats: Plan
 
                 refined = plans.refine(starts, steps, counted, max_evaluations=opts.refine_evaluations, tails=True)
             full_steps = refined.full_steps
-        cost = run_plans.cost(stats, full_steps, c, weights)
-        uniform_cost = run_plans.cost(stats, uniform, c, weights) if len(uniform) == b else None
+        cost = run_plans.cost(stats, full_steps, c, sizes)
+        uniform_cost = run_plans.cost(stats, uniform, c, sizes) if len(uniform) == b else None
         records.append(mf.PlanRecord(steps, full_steps, cost, uniform_cost, c.gamma, order,
                                      score=None if refined is None else round(refined.score, 3),
                                      refined=refined is not None, forecast=run_plans.forecast_kind(c.predictor)))

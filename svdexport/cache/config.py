@@ -1,14 +1,14 @@
-"""Cache settings and the step plan (which steps run the full graph)."""
+"""Cache settings: the bases, the forecast and the kind of step plan (cache/plan.py makes the plans)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from svdexport.cache.predictors import PREDICTORS
 from svdexport.errors import SvdExportError
 
 GRANULARITIES = ("block", "final")
-PLANS = ("calibrated", "uniform")
+PLAN_KINDS = ("calibrated", "uniform")
 
 
 @dataclass
@@ -25,7 +25,8 @@ class CacheConfig:
     interval: int | None = 7  # after warmup, one full step every `interval` steps (None: the model's default)
     # Which steps run in full: "calibrated" (chosen at build to minimise the forecast error on the calibration
     # trajectories, see cache/plan.py) or "uniform" (warmup, then every `interval`). Either way a static list.
-    plan: str = "calibrated"
+    # Manifests of 0.4.0 name it `plan`.
+    plan_kind: str = field(default="calibrated", metadata={"formerly": "plan"})
     full_steps: int | None = None  # full steps of a calibrated plan (None: as many as the uniform plan has)
     gamma: float = 1.0  # rule predictors' residual: Taylor step damped by gamma (0: reuse it, as the paper)
 
@@ -45,8 +46,8 @@ class CacheConfig:
             raise SvdExportError(f"interval must be >= 1, got {self.interval}")
         if self.warmup is not None and self.warmup < 0:
             raise SvdExportError(f"warmup must be >= 0, got {self.warmup}")
-        if self.plan not in PLANS:
-            raise SvdExportError(f"unknown plan {self.plan!r} (choose from {', '.join(PLANS)})")
+        if self.plan_kind not in PLAN_KINDS:
+            raise SvdExportError(f"unknown plan {self.plan_kind!r} (choose from {', '.join(PLAN_KINDS)})")
         if self.full_steps is not None and self.full_steps < 1:
             raise SvdExportError(f"full_steps must be >= 1, got {self.full_steps}")
         if not 0.0 <= self.gamma <= 1.0:
@@ -58,15 +59,3 @@ class CacheConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-def step_plan(steps: int, warmup: int, interval: int) -> list[bool]:
-    """True where step i runs the full graph: the first `warmup` steps, then every `interval`-th step.
-
-    The phase follows TaylorSeer, whose counts the paper reports (50 steps, warmup 3: interval 5 -> 12
-    full steps, 7 -> 9, 8 -> 8). Step 0 is always full: a cached step needs something cached.
-    """
-    if steps < 1:
-        raise SvdExportError(f"steps must be >= 1, got {steps}")
-    plan = [i < warmup or (i - warmup + 1) % interval == 0 for i in range(steps)]
-    plan[0] = True
-    return plan

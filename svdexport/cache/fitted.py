@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from svdexport.cache.plan import site_weights
+from svdexport.cache.plan import ForecastWeights, site_weights
 from svdexport.cache.plan_stats import PlanStats
 
 # Ridge toward Taylor's weights, relative to the Gram diagonal: only guards a singular fit (F_j = F_k).
@@ -118,10 +118,8 @@ def _cached_steps(full_steps: list[int], steps: int) -> tuple[np.ndarray, np.nda
     return np.array(ks, dtype=int), np.array(js, dtype=int), np.array(cached, dtype=int)
 
 
-Weights = tuple[np.ndarray, np.ndarray]  # per cached step: principal (a, b) [2, sites, k or 1]; residual [2, sites]
-
-
-def weights(stats: PlanStats, full_steps: list[int], steps: int, ridge: float = RIDGE) -> dict[int, Weights]:
+def forecast_weights(stats: PlanStats, full_steps: list[int], steps: int,
+                     ridge: float = RIDGE) -> dict[int, ForecastWeights]:
     """Per cached step i of the plan, the weights of the plan's last two full steps before i (b = d = 0 after
     the first full step only): (a, b) of the principal part, per component where the statistics allow
     ([2, sites, k]) else one per site ([2, sites, 1]), and (c, d) of the residual ([2, sites])."""
@@ -136,8 +134,8 @@ def weights(stats: PlanStats, full_steps: list[int], steps: int, ridge: float = 
     return {int(i): (p[..., n], r[..., n]) for n, i in enumerate(I)}
 
 
-def taylor_weights(full_steps: list[int], steps: int, sites: int) -> dict[int, Weights]:
-    """Taylor order 1 on both parts in the layout of `weights` (a = c = 1 + m, b = d = -m): the stated rule
+def taylor_forecast_weights(full_steps: list[int], steps: int, sites: int) -> dict[int, ForecastWeights]:
+    """Taylor order 1 on both parts in the layout of `forecast_weights` (a = c = 1 + m, b = d = -m): the stated rule
     for a step count the weights were not fitted at."""
     K, J, I = _cached_steps(full_steps, steps)
     m = np.where(K < steps, (I - J) / np.maximum(J - np.where(K < steps, K, 0), 1), 0.0)

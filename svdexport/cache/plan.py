@@ -1,4 +1,5 @@
-"""Calibrated step plans: which steps run the full graph, chosen by an exact dynamic programme.
+"""Step plans: which steps of a request run the full graph (`StepPlan`, the one plan type of the project), and
+the calibrated ones chosen by an exact dynamic programme.
 
 A plan is a sorted list of step indices that run the full graph (step 0 always). On a cached step i whose
 last two full steps are k < j, every forecast of the project is linear in the features:
@@ -11,6 +12,9 @@ TaylorSeer on the whole feature; order 0 (a = 0) is plain reuse. So the error ||
 quadratic form in inner products of s_p = F_p and t_p = P F_p across steps, which
 `plan_stats.PlanAccumulator` sums online: O(sites x S^2) numbers, whatever the number of samples. Plans are
 static lists; nothing at run time branches on tensor values.
+
+The DP weighs the error of step i by `step_sizes[i]` = |sigma_{i+1} - sigma_i| of the family's schedule (a
+feature error enters the latents times the step size), or 1 where none are given.
 """
 
 from __future__ import annotations
@@ -25,9 +29,47 @@ from svdexport.errors import SvdExportError
 
 GAMMA_GRID = tuple(i / 20 for i in range(21))
 
+# A fitted forecast's weights on one cached step (cache/fitted.py): principal (a, b) [2, sites, k or 1] and
+# residual (c, d) [2, sites], applied to the last two full steps' values.
+ForecastWeights = tuple[np.ndarray, np.ndarray]
 
-def step_weights(sigmas) -> np.ndarray:
-    """|sigma_{i+1} - sigma_i| per step: a feature error on step i enters the latents multiplied by dt."""
+
+@dataclass
+class StepPlan:
+    """Which of `steps` sampling steps run the full graph: what a request runs, whoever made the plan."""
+
+    full_steps: list[int]  # sorted step indices, step 0 first (a cached step needs something cached)
+    steps: int
+    source: str = "uniform"  # "uniform", "calibrated", or the rule that made it from a calibrated plan
+    forecast_weights: dict[int, ForecastWeights] | None = None  # a fitted predictor's, per cached step
+    fallback: str | None = None  # why the engine's forecast is not the one this plan runs, if it is not
+
+    def __post_init__(self):
+        self.full_steps = sorted(set(int(i) for i in self.full_steps))
+        if not self.full_steps or self.full_steps[0] != 0 or self.full_steps[-1] >= self.steps:
+            raise ValueError(f"a plan of {self.steps} steps must start with a full step and stay in range, "
+                             f"got {self.full_steps}")
+
+    @classmethod
+    def uniform(cls, steps: int, warmup: int, interval: int) -> "StepPlan":
+        """The first `warmup` steps, then every `interval`-th step. The phase follows TaylorSeer, whose counts
+        the paper reports (50 steps, warmup 3: interval 5 -> 12 full steps, 7 -> 9, 8 -> 8)."""
+        if steps < 1:
+            raise SvdExportError(f"steps must be >= 1, got {steps}")
+        return cls([i for i in range(steps) if i < warmup or (i - warmup + 1) % interval == 0] + [0], steps)
+
+    @property
+    def mask(self) -> list[bool]:
+        """True where step i runs the full graph."""
+        full = set(self.full_steps)
+        return [i in full for i in range(self.steps)]
+
+    def describe(self) -> str:
+        return f"full steps ({self.source}): {' '.join(map(str, self.full_steps))}"
+
+
+def step_sizes(sigmas) -> np.ndarray:
+    """|sigma_{i+1} - sigma_i| per step: a feature error on step i enters the latents multiplied by it."""
     s = np.asarray(sigmas, dtype=np.float64)
     return np.abs(np.diff(s))
 
@@ -66,7 +108,9 @@ def forecast_errors(stats: PlanStats, order: int = 1, gamma: float = 0.0,
 
 
 @dataclass
-class Plan:
+class Searched:
+    """The DP's plan: its full steps, its cost, and the forecast it was searched for."""
+
     full_steps: list[int]  # sorted, starts with 0
     cost: float  # weighted forecast error of the cached steps on the calibration trajectories
     order: int = 1
@@ -74,31 +118,31 @@ class Plan:
     costs: dict = field(default_factory=dict)  # gamma -> cost of its best plan, when gamma was calibrated
 
 
-def _segment_costs(err: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def _segment_costs(err: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """seg[k, j, n]: cost of the cached steps j+1..n-1 from state (k, j); n = S means to the end.
 
     err[k, j, i] is zero for i <= j, so a prefix sum over i is the segment's sum.
     """
     seg = np.zeros((err.shape[0], err.shape[1], err.shape[2] + 1))
-    seg[:, :, 1:] = np.cumsum(err * weights[None, None, :], axis=2)
+    seg[:, :, 1:] = np.cumsum(err * sizes[None, None, :], axis=2)
     return seg
 
 
-def search(stats: PlanStats, budget: int, order: int = 1, gamma: float = 0.0, weights=None,
-           sites: np.ndarray | None = None) -> Plan:
+def search(stats: PlanStats, budget: int, order: int = 1, gamma: float = 0.0, step_sizes=None,
+           sites: np.ndarray | None = None) -> Searched:
     """The plan of exactly `budget` full steps (step 0 included) with the least weighted forecast error."""
-    plan = search_table(forecast_errors(stats, order, gamma, sites), budget, weights)
-    return Plan(plan.full_steps, plan.cost, order, gamma)
+    plan = search_table(forecast_errors(stats, order, gamma, sites), budget, step_sizes)
+    return Searched(plan.full_steps, plan.cost, order, gamma)
 
 
-def search_table(err: np.ndarray, budget: int, weights=None) -> Plan:
+def search_table(err: np.ndarray, budget: int, step_sizes=None) -> Searched:
     """The DP on any error table err[k, j, i] (as `forecast_errors` lays it out), e.g. one measured
     through the output head. Over (previous full k, last full j, full steps used): O(budget x S^3), exact.
     """
     S = err.shape[1]
     if not 1 <= budget <= S:
         raise ValueError(f"budget must be in [1, {S}], got {budget}")
-    w = np.ones(S) if weights is None else np.asarray(weights, dtype=np.float64)[:S]
+    w = np.ones(S) if step_sizes is None else np.asarray(step_sizes, dtype=np.float64)[:S]
     seg = _segment_costs(err, w)
     js, ns = np.arange(S)[None, :], np.arange(S + 1)
     best = np.full((S + 1, S), np.inf)
@@ -121,33 +165,33 @@ def search_table(err: np.ndarray, budget: int, weights=None) -> Plan:
     for arg in reversed(back):  # state (k, j) came from (arg[k, j], k)
         k, j = int(arg[k, j]), int(k)
         plan.append(j)
-    return Plan(sorted(plan), cost)
+    return Searched(sorted(plan), cost)
 
 
-def calibrate_gamma(stats: PlanStats, budget: int, order: int = 1, grid=GAMMA_GRID, weights=None,
-                    plan: list[int] | None = None, sites: np.ndarray | None = None) -> Plan:
+def calibrate_gamma(stats: PlanStats, budget: int, order: int = 1, grid=GAMMA_GRID, step_sizes=None,
+                    plan: list[int] | None = None, sites: np.ndarray | None = None) -> Searched:
     """The residual damping gamma (and plan, unless `plan` is given) with the least error, over a grid."""
     results = []
     for g in grid:
         if plan is None:
-            results.append(search(stats, budget, order, g, weights, sites))
+            results.append(search(stats, budget, order, g, step_sizes, sites))
         else:
-            results.append(Plan(list(plan), plan_cost(stats, plan, order, g, weights, sites), order, g))
+            results.append(Searched(list(plan), plan_cost(stats, plan, order, g, step_sizes, sites), order, g))
     best = min(results, key=lambda r: r.cost)
     best.costs = {r.gamma: r.cost for r in results}
     return best
 
 
-def plan_cost(stats: PlanStats, plan: list[int], order: int = 1, gamma: float = 0.0, weights=None,
+def plan_cost(stats: PlanStats, plan: list[int], order: int = 1, gamma: float = 0.0, step_sizes=None,
               sites: np.ndarray | None = None) -> float:
     """The weighted forecast error of a given plan (the DP's objective)."""
-    return table_cost(forecast_errors(stats, order, gamma, sites), plan, weights)
+    return table_cost(forecast_errors(stats, order, gamma, sites), plan, step_sizes)
 
 
-def table_cost(err: np.ndarray, plan: list[int], weights=None) -> float:
+def table_cost(err: np.ndarray, plan: list[int], step_sizes=None) -> float:
     """The weighted cost of a plan on an error table (what `search_table` minimises)."""
     S = err.shape[1]
-    w = np.ones(S) if weights is None else np.asarray(weights, dtype=np.float64)[:S]
+    w = np.ones(S) if step_sizes is None else np.asarray(step_sizes, dtype=np.float64)[:S]
     if 0 not in plan:
         raise ValueError("step 0 must be full: a cached step needs something cached")
     full = set(plan)
@@ -202,20 +246,6 @@ def refine(starts: list[list[int]], steps: int, score, shifts=(1, 2, 3), max_eva
                     best, best_score, improved = cand, v, True
                     break
     return Refined(best, best_score, len(seen))
-
-
-def uniform_plan(steps: int, warmup: int, interval: int) -> list[int]:
-    """Today's TaylorSeer-phase schedule (`config.step_plan`) as a list of full-step indices."""
-    if steps < 1:
-        raise SvdExportError(f"steps must be >= 1, got {steps}")
-    plan = {i for i in range(steps) if i < warmup or (i - warmup + 1) % interval == 0}
-    return sorted(plan | {0})
-
-
-def plan_mask(full_steps: list[int], steps: int) -> list[bool]:
-    """The list-of-bools form StepCache uses."""
-    full = set(full_steps)
-    return [i in full for i in range(steps)]
 
 
 def rescale(full_steps: list[int], steps_from: int, steps_to: int, budget: int | None = None) -> list[int]:

@@ -155,6 +155,18 @@ PREDICTORS: dict[str, Callable[[float, int], Predictor]] = {
 }
 
 
+# The settings each predictor takes (CacheConfig's fields of the same names): svd-taylor's order, the EMAs'
+# beta, and gamma for every rule predictor's residual forecast (ResidualForecast); a fitted forecast's weights
+# cover the residual too, so it takes none. The CLI gives them with the predictor: --predictor svd-taylor:order=2.
+PARAMETERS: dict[str, tuple[str, ...]] = {
+    "svd-taylor": ("order", "gamma"),
+    "ema-velocity": ("beta", "gamma"),
+    "ema": ("beta", "gamma"),
+    "reuse": ("gamma",),
+    "svd-fitted": (),
+}
+
+
 def _needs_weights() -> Predictor:
     raise SvdExportError("predictor svd-fitted takes its weights from an engine's plan statistics and plan "
                          "(engine.generate, engine.step_cache)")

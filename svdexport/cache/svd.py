@@ -8,7 +8,7 @@ G = V diag(sigma^2) V^T gives the right singular vectors V and the squared singu
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -64,6 +64,9 @@ class Bases:
     tau: float  # energy threshold used
     num_inputs: int  # calibration inputs (samples)
     num_timesteps: int  # calibration timesteps per input
+    # What a `svdexport calibrate` file was calibrated for (family, weights digest, granularity): checked by
+    # `build --bases`. Empty in an engine's own bases file.
+    origin: dict = field(default_factory=dict)
 
     @property
     def k_max(self) -> int:
@@ -96,6 +99,8 @@ class Bases:
             "num_inputs": str(self.num_inputs),
             "num_timesteps": str(self.num_timesteps),
         }
+        if self.origin:
+            meta["origin"] = json.dumps(self.origin, sort_keys=True)
         save_tensors({"bases": self.vectors.contiguous()}, path, meta)
 
     @classmethod
@@ -114,6 +119,7 @@ class Bases:
                 tau=float(meta["tau"]),
                 num_inputs=int(meta["num_inputs"]),
                 num_timesteps=int(meta["num_timesteps"]),
+                origin=json.loads(meta.get("origin", "{}")),
             )
         except Exception as e:  # safetensors raises its own error type for damaged headers
             raise SvdExportError(f"cannot read bases file {path}: {e}") from None

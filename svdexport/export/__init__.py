@@ -18,6 +18,7 @@ import torch
 
 from svdexport.errors import SvdExportError
 from svdexport.export.boundary import Boundary
+from svdexport.progress import phase
 from svdexport.quiet import quiet
 
 BACKENDS = ("eager", "inductor", "aoti", "onnx", "tensorrt")
@@ -224,14 +225,15 @@ def export_programs(graphs: dict[str, GraphExport], graphs_dir: Path) -> None:
     programs to graphs_dir/NAME.pt2 without their weights (`weightless`: the engine binds them at load)."""
     graphs_dir.mkdir(parents=True, exist_ok=True)
     for name, g in graphs.items():
-        try:
-            with quiet():  # the exporter's warnings; --verbose shows them
-                g.program = torch.export.export(g.module, g.args, dynamic_shapes=g.dynamic_shapes(), strict=False)
-        except Exception as e:  # an exporter failure is a design bug; name the graph that hit it
-            raise SvdExportError(f"torch.export failed on the {name} graph: {str(e).splitlines()[0]}") from e
-        g.program_path = graphs_dir / f"{name}.pt2"
-        with quiet():
-            torch.export.save(weightless(g.program), g.program_path)
+        with phase(f"exporting the {name} graph (torch.export)"):
+            try:
+                with quiet():  # the exporter's warnings; --verbose shows them
+                    g.program = torch.export.export(g.module, g.args, dynamic_shapes=g.dynamic_shapes(), strict=False)
+            except Exception as e:  # an exporter failure is a design bug; name the graph that hit it
+                raise SvdExportError(f"torch.export failed on the {name} graph: {str(e).splitlines()[0]}") from e
+            g.program_path = graphs_dir / f"{name}.pt2"
+            with quiet():
+                torch.export.save(weightless(g.program), g.program_path)
 
 
 def weightless(program):

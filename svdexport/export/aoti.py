@@ -17,6 +17,7 @@ from svdexport.errors import SvdExportError
 from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, check_signature, compiled_pair, missing_weights
 from svdexport.export import open_engine_file
 from svdexport.files import Scratch
+from svdexport.progress import phase
 from svdexport.quiet import quiet
 
 
@@ -30,7 +31,7 @@ class AotiBackend(Backend):
 
         for name in GRAPHS:
             try:
-                with quiet():  # the C++ compiler's and Inductor's warnings; --verbose shows them
+                with phase(f"compiling the {name} graph (AOTInductor)"), quiet():  # quiet: the compilers' warnings
                     aoti_compile_and_package(graphs[name].program, package_path=str(engine_dir / f"{name}.aoti.pt2"),
                                              inductor_configs={"aot_inductor.package_constants_in_so": False})
             except Exception as e:

@@ -14,6 +14,7 @@ import torch
 from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, check_signature, compiled_pair, link_or_copy
 from svdexport.export import open_engine_file, with_constants
 from svdexport.export.eager import copy_into_modules
+from svdexport.progress import phase
 
 
 class InductorBackend(Backend):
@@ -48,7 +49,8 @@ class InductorBackend(Backend):
                 for dim in dims:  # dynamic=True alone compiled these inputs' sizes as constants (measured)
                     torch._dynamo.mark_dynamic(tensor, dim)
             run = Inference(compiled)
-            run(*inputs)
+            with phase(f"compiling the {name} graph (Inductor, at load; later loads reuse its on-disk cache)"):
+                run(*inputs)
             return run
 
         return compiled_pair(spec, compile_one)

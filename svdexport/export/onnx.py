@@ -31,6 +31,7 @@ from svdexport.errors import SvdExportError
 from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, check_signature, compiled_pair, missing_weights
 from svdexport.export import open_engine_file
 from svdexport.export import onnx_export as exported
+from svdexport.progress import phase
 from svdexport.quiet import quiet
 
 # torch dtype <-> ONNX element type (onnx.TensorProto values; ORT binds bfloat16 only by this number).
@@ -250,11 +251,13 @@ class OnnxBackend(Backend):
             mmdit_log.addFilter(_drop_gpu_notice)
         in_float32 = exported.float32_compute(graphs)
         dtypes = {}
-        with quiet():  # the exporter's and the optimizer's progress lines; --verbose shows them
-            for name in GRAPHS:
-                raw = graphs_dir / f"{name}.onnx"
+        for name in GRAPHS:  # quiet: the exporter's and the optimizer's own progress lines; --verbose shows them
+            raw = graphs_dir / f"{name}.onnx"
+            with phase(f"exporting the {name} graph to ONNX"), quiet():
                 dtypes[name] = exported.export_model(graphs[name], name, raw, in_float32)
+            with phase(f"checking the {name} ONNX model (onnx.checker)"), quiet():
                 exported.check(raw)  # the standard ONNX model; the optimized one has ORT's own ops, checked at load
+            with phase(f"optimizing the {name} ONNX model (ONNX Runtime's transformer optimizer)"), quiet():
                 exported.optimize(raw, engine_dir / f"{name}.onnx", exported.heads(graphs[name].module))
         record = {"models": {n: f"{n}.onnx" for n in GRAPHS}, "providers": providers(),
                   "optimizer": "onnxruntime.transformers mmdit, then ORT_ENABLE_ALL at load",

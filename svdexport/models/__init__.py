@@ -9,8 +9,9 @@ from svdexport.errors import SvdExportError
 from svdexport.models.family import Family
 from svdexport.models.flux import FLUX
 from svdexport.models.hunyuanvideo import HUNYUANVIDEO
+from svdexport.models.sd3 import SD3
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX, HUNYUANVIDEO)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX, HUNYUANVIDEO, SD3)}
 
 
 def family(name: str) -> Family:

@@ -3,14 +3,16 @@
 A family is one object (registered in `models.FAMILIES`) that knows one diffusers transformer class: how to
 find and load its weights, how to split it into the full-compute and cached-step graphs, which inputs and
 sampler its pipeline uses, and how to show its output. Everything above `models/` (runtime, build, bench,
-CLI) talks to families only through `Family` and `Sampling`; optional abilities are attributes that are
-None (or False) where a family lacks them, never probed with hasattr.
+CLI) talks to families only through `Family`, `Sampling` and the graph contract (`GraphContract`: the
+graphs' inputs and outputs, declared here once); optional abilities are attributes that are None (or False)
+where a family lacks them, never probed with hasattr.
 """
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -24,14 +26,20 @@ if TYPE_CHECKING:
     from svdexport.models.weights import WeightsInfo
 
 
+def axis(default: int, what: str):
+    """A shape axis: its default and the help text the CLI shows for its option (`Shapes.axes`)."""
+    return field(default=default, metadata={"help": what})
+
+
 @dataclass
 class Shapes:
-    """The static shapes of one engine build; families with more axes (video frames) subclass it."""
+    """The static shapes of one engine build; families with more axes (video frames) subclass it, each axis
+    declared with `axis` so that the CLI offers it with its help text."""
 
-    batch: int = 1  # samples per call
-    height: int = 512  # pixels
-    width: int = 512  # pixels
-    text_len: int = 64  # text tokens
+    batch: int = axis(1, "samples per call")
+    height: int = axis(512, "height in pixels")
+    width: int = axis(512, "width in pixels")
+    text_len: int = axis(64, "text tokens")
 
     pixels_per_token: ClassVar[int] = 16  # pixels per latent token side (VAE factor x patch size)
 
@@ -47,6 +55,11 @@ class Shapes:
     @classmethod
     def names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    @classmethod
+    def axes(cls) -> dict[str, str]:
+        """Axis name -> help text, in declaration order (the CLI's shape options: --text-len for text_len)."""
+        return {f.name: f.metadata.get("help", f.name) for f in fields(cls)}
 
     @classmethod
     def of(cls, family: str, values: dict) -> "Shapes":
@@ -71,6 +84,93 @@ class RunDefaults:
     steps: int
     warmup: int
     interval: int
+
+
+# ---------------------------------------------------------------------------------------- the graph contract
+# Both graphs of every family are called with positional tensors in the order `GraphContract` declares, and
+# return tensors in the order it declares. The shared inputs below are named and typed alike for every family;
+# a family adds its conditioning inputs (`Family.conditioning_inputs`) and orders each graph's inputs
+# (`Family.contract`). The scheduler, the build and the pipelines name graph inputs only through these.
+
+MODEL_DTYPE = "model"  # an input in the engine's own precision (the build's --dtype)
+
+
+@dataclass(frozen=True)
+class GraphInput:
+    name: str
+    dtype: str = MODEL_DTYPE  # or a torch dtype name, for an input whose precision is fixed
+    batch_axis: int | None = 0  # the axis whose row k belongs to sample k (None: one tensor for all samples)
+    tokens: bool = False  # axis 1 counts the text tokens (Shapes.text_len)
+
+    def torch_dtype(self, model: torch.dtype) -> torch.dtype:
+        return model if self.dtype == MODEL_DTYPE else getattr(torch, self.dtype)
+
+
+# The step and cache inputs every family's graphs take. The cache math runs in float32 (the bases and the
+# coefficients: a forecast takes differences of nearly equal values); the residuals are kept in the model's
+# dtype, halving the largest cache state (models/mmdit.py measures why that costs nothing).
+LATENTS = GraphInput("hidden_states")  # the sampler's latents, in the layout the family's pipeline keeps them
+TIMESTEP = GraphInput("timestep")  # Sampling.model_timestep: one value per row
+BASES = GraphInput("bases", "float32", None)  # [sites, hidden, k]: one set for every sample
+COEFFS = GraphInput("coeffs", "float32", 1)  # [sites, batch, image tokens, k]
+RESIDUALS = GraphInput("residuals", MODEL_DTYPE, 1)  # [sites, batch, image tokens, hidden]
+SHARED_INPUTS = (LATENTS, TIMESTEP, BASES, COEFFS, RESIDUALS)
+NOISE_PRED = "noise_pred"  # the model output, of the latents' shape, in the model's dtype
+FULL_OUTPUTS = (NOISE_PRED, COEFFS.name, RESIDUALS.name)  # the full graph's C and R of every cache site
+CACHED_OUTPUTS = (NOISE_PRED,)
+
+
+@dataclass(frozen=True)
+class GraphContract:
+    """The inputs of a family's two graphs, in call order, and their outputs (FULL_OUTPUTS, CACHED_OUTPUTS).
+
+    Contiguity: every input reaches a compiled graph contiguous (row-major, never a stride-0 broadcast view
+    such as `t.expand(B)`), in its declared dtype and on the engine's device: AOTInductor reads the data
+    pointer with the exported strides and dtype unchecked (issue 24). export/boundary.py makes every input so
+    at every backend's graph, whatever the caller passes; families still hand over such tensors (`check`
+    holds a build to it), so that nothing is copied on the hot path."""
+
+    full: tuple[GraphInput, ...]
+    cached: tuple[GraphInput, ...]
+
+    def names(self, graph: str) -> list[str]:  # graph: "full" or "cached"
+        return [i.name for i in getattr(self, graph)]
+
+    def bind(self, module: nn.Module, graph: str) -> nn.Module:
+        """Gives a graph module its `input_names` / `output_names`, refusing a forward whose positional
+        parameters are not the contract's, in its order (a family's bug: the call would mix inputs up)."""
+        names = self.names(graph)
+        params = list(inspect.signature(module.forward).parameters)[: len(names)]
+        if params != names:
+            raise TypeError(f"{type(module).__name__}.forward takes {params}; the {graph} graph's contract is {names}")
+        module.input_names, module.output_names = names, list(FULL_OUTPUTS if graph == "full" else CACHED_OUTPUTS)
+        return module
+
+    def check(self, state: dict[str, torch.Tensor], model: torch.dtype) -> None:
+        """Refuses graph inputs of another dtype than declared, or not contiguous (a family's bug)."""
+        for spec in {i.name: i for i in (*self.full, *self.cached)}.values():
+            t, want = state[spec.name], spec.torch_dtype(model)
+            if t.dtype != want or not t.is_contiguous():
+                raise TypeError(f"graph input {spec.name!r} is {t.dtype}{'' if t.is_contiguous() else ', strided'}; "
+                                f"the contract says {want}, contiguous")
+
+
+@dataclass
+class Conditioning:
+    """Conditioning rows that replace a family's synthetic ones: per graph input, one row per class (the
+    bundled digits models' class table) or per prompt (prompts encoded by the pipeline's text encoders).
+    `labels`: the row of each sample (None: rows seed, seed + 1, ... modulo their count)."""
+
+    rows: dict[str, torch.Tensor]
+    labels: list[int] | None = None
+
+    def pick(self, seed: int, batch: int) -> dict[str, torch.Tensor]:
+        """Each tensor's rows for `batch` samples; wrong labels are the user's one-line error."""
+        count = next(iter(self.rows.values())).shape[0]
+        labels = [(seed + i) % count for i in range(batch)] if self.labels is None else list(self.labels)
+        if len(labels) != batch or not all(0 <= y < count for y in labels):
+            raise SvdExportError(f"labels must be {batch} class indices in [0, {count}), got {labels}")
+        return {k: v[labels] for k, v in self.rows.items()}
 
 
 class Sampling(ABC):
@@ -100,8 +200,10 @@ class PromptEncoder(ABC):
     """Ability: text encoders in the weights folder (calibration on prompts, `run --prompt`, `apply`)."""
 
     pipeline_class: ClassVar[str]  # the diffusers pipeline class name that owns the encoders
-    batched: ClassVar[tuple[str, ...]]  # graph inputs with a leading batch axis (padded to the engine's batch)
     default_guidance: ClassVar[float]  # the pipeline's guidance_scale when the user gives none
+    # CFG in one call: the pipeline joins its uncond and cond rows in one transformer call (SD3); an engine that
+    # serves half that batch runs the halves as two passes, each with its own cache state ("uncond", "cond").
+    batched_cfg: ClassVar[bool] = False
 
     @abstractmethod
     def available(self, info: "WeightsInfo") -> bool:
@@ -136,6 +238,10 @@ class Family(ABC):
     prompts: PromptEncoder | None = None  # ability: text encoders (None: synthetic or class conditioning)
     is_video: ClassVar[bool] = False  # ability: outputs are videos (`video_frames`)
     peer_libraries: ClassVar[tuple[str, ...]] = ()  # peers of bench.peers known to run on this family
+    peer_refusals: ClassVar[dict[str, str]] = {}  # "PEER MODE" (e.g. "diffusers-taylorseer lite") -> why not here
+    # The family's own graph inputs (text embeddings, masks, position tables, guidance): every one its graphs
+    # may take, with dtype and batch axis; `contract` orders them with the shared ones for each graph.
+    conditioning_inputs: ClassVar[tuple[GraphInput, ...]] = ()
     # Ability: the diffusers LoRA loader mixin of the family's pipeline (its Kohya/BFL conversions included),
     # by name; None: LoRAs are refused for this family.
     lora_loader: ClassVar[str | None] = None
@@ -170,16 +276,37 @@ class Family(ABC):
     def sites(self, config: dict, granularity: str) -> list[str]:
         """Cache-site names, in the order the graphs stack them."""
 
+    def peer_probe(self, transformer: nn.Module) -> nn.Module:
+        """A module run inside the last block's attention only when it computes (peers count full steps by
+        it); families with `peer_libraries` override this."""
+        raise SvdExportError(f"no peer library runs on {self.name} models")
+
+    @abstractmethod
+    def contract(self, config: dict, granularity: str) -> GraphContract:
+        """Both graphs' inputs for this config and granularity, in call order (`declare` makes it)."""
+
+    def declare(self, full: list[str], cached: list[str]) -> GraphContract:
+        """A contract from input names, each a shared input or one of `conditioning_inputs`."""
+        known = {i.name: i for i in (*SHARED_INPUTS, *self.conditioning_inputs)}
+        unknown = [n for n in (*full, *cached) if n not in known]
+        if unknown:
+            raise TypeError(f"{self.name} declares no graph input {unknown[0]!r}")
+        return GraphContract(tuple(known[n] for n in full), tuple(known[n] for n in cached))
+
+    @property
+    def batched(self) -> tuple[str, ...]:
+        """Inputs with a leading batch axis: joined to batch samples, padded to an engine's batch."""
+        return tuple(i.name for i in (LATENTS, TIMESTEP, *self.conditioning_inputs) if i.batch_axis == 0)
+
+    @property
+    def text_input(self) -> str | None:
+        """The conditioning input whose axis 1 counts the text tokens (None: the family has none)."""
+        return next((i.name for i in self.conditioning_inputs if i.tokens), None)
+
     @abstractmethod
     def graphs(self, transformer: nn.Module, granularity: str) -> tuple[nn.Module, nn.Module]:
-        """(full-compute graph, cached-step graph): positional tensors, `input_names` / `output_names`.
-
-        The input contract, which every backend's loaded graphs keep: the inputs are called positionally in
-        `input_names` order, batched ones with a leading batch axis (coeffs and residuals: cache sites, then
-        batch; bases: none), row k belonging to sample k in every one. At the compiled-graph
-        boundary (export/boundary.py) each is made contiguous, in the dtype the graph was exported with (the
-        manifest's GraphSpec.input_dtypes) and on the engine's device, whatever the caller passes; a family
-        should still hand over such tensors (`Sampling.model_timestep` does), so that nothing is copied."""
+        """(full-compute graph, cached-step graph), each bound to `contract` (`GraphContract.bind`). The full
+        graph keeps the unmodified transformer as `.transformer` (peers and eager references run it)."""
 
     # ------------------------------------------------------------------ sampling
     @abstractmethod
@@ -196,8 +323,9 @@ class Family(ABC):
 
     @abstractmethod
     def example_inputs(self, config: dict, shapes: Shapes, seed: int, dtype: torch.dtype = torch.float32,
-                       table: dict | None = None, labels: list[int] | None = None) -> dict[str, torch.Tensor]:
-        """Seeded noise latents and conditioning (rows of `table` when given, else synthetic)."""
+                       conditioning: Conditioning | None = None) -> dict[str, torch.Tensor]:
+        """Seeded noise latents and conditioning (`conditioning`'s rows when given, else synthetic), as the
+        contract types them; also whatever `forward_kwargs` needs besides (FLUX's position ids)."""
 
     @abstractmethod
     def forward_kwargs(self, inputs: dict[str, torch.Tensor], timestep: torch.Tensor) -> dict:

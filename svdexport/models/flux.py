@@ -20,9 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from svdexport.errors import SvdExportError
 from svdexport.models import flux_checkpoint, mmdit, preview
-from svdexport.models.family import RunDefaults, Sampling, Shapes
+from svdexport.models.family import Conditioning, GraphContract, GraphInput, RunDefaults, Sampling, Shapes
 from svdexport.models.flux_prompts import FluxPrompts
 from svdexport.models.mmdit import SiteRecorder, rebuilt, split_sites
 from svdexport.models.weights import WeightsInfo
@@ -103,17 +102,13 @@ class FluxFullGraph(nn.Module):
     being computed in float64 from the position ids inside the graph.
     """
 
-    def __init__(self, transformer: nn.Module, granularity: str):
+    def __init__(self, transformer: nn.Module, granularity: str, family: mmdit.MMDiTFamily):
         super().__init__()
         self.transformer = transformer
         self.text_len = 0  # set per call; single-stream sites keep the image tokens after the text
         # Single-stream blocks join (text, image): the image tokens come after the text.
-        self.recorder = SiteRecorder(mmdit.site_hooks(transformer, granularity, lambda out: out[:, self.text_len :]))
+        self.recorder = SiteRecorder(family.site_hooks(transformer, granularity, lambda out: out[:, self.text_len :]))
         self.given_rotary = _GivenRotary()
-        guidance = ["guidance"] if transformer.config.guidance_embeds else []
-        self.input_names = ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
-                            "rotary_cos", "rotary_sin", "bases"] + guidance
-        self.output_names = ["noise_pred", "coeffs", "residuals"]
 
     def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, rotary_cos, rotary_sin,
                 bases, guidance=None):
@@ -143,9 +138,6 @@ class FluxFullGraph(nn.Module):
 class FluxBlockCachedGraph(mmdit.CachedStepGraph):
     """Cached step at block granularity: embedded latents + gate x reconstructed feature, per site."""
 
-    def __init__(self, transformer: nn.Module):
-        super().__init__(transformer, "block")
-
     def forward(self, hidden_states, timestep, pooled_projections, bases, coeffs, residuals, guidance=None):
         dtype = self.proj_out.weight.dtype
         temb = _time_embedding(self.time_text_embed, timestep, pooled_projections, guidance, dtype)
@@ -155,9 +147,6 @@ class FluxBlockCachedGraph(mmdit.CachedStepGraph):
 
 class FluxFinalCachedGraph(mmdit.CachedStepGraph):
     """Cached step at final granularity: norm_out + proj_out of the reconstructed last hidden state."""
-
-    def __init__(self, transformer: nn.Module):
-        super().__init__(transformer, "final")
 
     def forward(self, timestep, pooled_projections, bases, coeffs, residuals, guidance=None):
         dtype = self.proj_out.weight.dtype
@@ -192,26 +181,19 @@ def rotary(config: dict, txt_ids: torch.Tensor, img_ids: torch.Tensor) -> tuple[
 
 
 def example_inputs(config: dict, shapes: Shapes, seed: int, guidance_scale: float = 3.5,
-                   dtype: torch.dtype = torch.float32, table: dict | None = None,
-                   labels: list[int] | None = None) -> dict[str, torch.Tensor]:
-    """Seeded noise latents and conditioning of the transformer's shapes.
-
-    With a class table (the bundled digits model) the conditioning is the table's rows for `labels`
-    (default: classes seed, seed+1, ... modulo the number of classes); otherwise it is seeded synthetic
-    embeddings standing in for the text encoders.
-    """
+                   dtype: torch.dtype = torch.float32, conditioning: Conditioning | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """Seeded noise latents and conditioning of the transformer's shapes: `conditioning`'s rows (the bundled
+    digits model's class table, encoded prompts), else seeded synthetic embeddings for the text encoders'."""
     g = torch.Generator().manual_seed(seed)
     b = shapes.batch
     latents = torch.randn(b, shapes.img_tokens, config["in_channels"], generator=g)
-    if table is None:
+    if conditioning is None:
         enc = torch.randn(b, shapes.text_len, config["joint_attention_dim"], generator=g)
         pooled = torch.randn(b, config["pooled_projection_dim"], generator=g)
     else:
-        classes = table["pooled_projections"].shape[0]
-        labels = [(seed + i) % classes for i in range(b)] if labels is None else list(labels)
-        if len(labels) != b or not all(0 <= y < classes for y in labels):
-            raise SvdExportError(f"labels must be {b} class indices in [0, {classes}), got {labels}")
-        enc, pooled = table["encoder_hidden_states"][labels], table["pooled_projections"][labels]
+        rows = conditioning.pick(seed, b)
+        enc, pooled = rows["encoder_hidden_states"], rows["pooled_projections"]
     inputs = {"hidden_states": latents, "encoder_hidden_states": enc, "pooled_projections": pooled}
     inputs = {k: v.to(dtype) for k, v in inputs.items()}
     inputs["img_ids"] = _image_ids(shapes)
@@ -239,6 +221,11 @@ class FluxFamily(mmdit.MMDiTFamily):
     pipeline_parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
     default_sampler = SAMPLER_CONFIG
     prompts = FluxPrompts(rotary)
+    # The rotary table comes in as float32 (diffusers makes it in float64, which TensorRT refuses); guidance
+    # in float32 as FluxPipeline passes it.
+    conditioning_inputs = (GraphInput("encoder_hidden_states", tokens=True), GraphInput("pooled_projections"),
+                           GraphInput("rotary_cos", "float32", None), GraphInput("rotary_sin", "float32", None),
+                           GraphInput("guidance", "float32"))
     lora_loader = "FluxLoraLoaderMixin"
     peer_libraries = ("diffusers-taylorseer", "diffusers-fbcache", "diffusers-magcache", "cachedit-dbcache",
                       "cachedit-dbcache-taylorseer")
@@ -257,9 +244,18 @@ class FluxFamily(mmdit.MMDiTFamily):
             return FluxShapes(height=1024, width=1024, text_len=512 if info.config.get("guidance_embeds") else 256)
         return FluxShapes()
 
+    def contract(self, config: dict, granularity: str) -> GraphContract:
+        guidance = ["guidance"] if config.get("guidance_embeds") else []
+        latents = ["hidden_states"] if granularity == "block" else []
+        return self.declare(["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "rotary_cos",
+                             "rotary_sin", "bases", *guidance],
+                            [*latents, "timestep", "pooled_projections", "bases", "coeffs", "residuals", *guidance])
+
     def graphs(self, transformer: nn.Module, granularity: str) -> tuple[nn.Module, nn.Module]:
-        cached = FluxFinalCachedGraph(transformer) if granularity == "final" else FluxBlockCachedGraph(transformer)
-        return FluxFullGraph(transformer, granularity), cached
+        contract = self.contract(dict(transformer.config), granularity)
+        kind = FluxFinalCachedGraph if granularity == "final" else FluxBlockCachedGraph
+        cached = kind(transformer, granularity, self)
+        return contract.bind(FluxFullGraph(transformer, granularity, self), "full"), contract.bind(cached, "cached")
 
     def family_sampler(self, config: dict) -> dict:
         """FLUX.1-dev's, or schnell's for a full-width transformer without a guidance embedder."""
@@ -275,8 +271,8 @@ class FluxFamily(mmdit.MMDiTFamily):
         return SCHNELL if schnell else DEV
 
     def example_inputs(self, config: dict, shapes: Shapes, seed: int, dtype: torch.dtype = torch.float32,
-                       table: dict | None = None, labels: list[int] | None = None) -> dict[str, torch.Tensor]:
-        return example_inputs(config, shapes, seed, dtype=dtype, table=table, labels=labels)
+                       conditioning: Conditioning | None = None) -> dict[str, torch.Tensor]:
+        return example_inputs(config, shapes, seed, dtype=dtype, conditioning=conditioning)
 
     def forward_kwargs(self, inputs: dict[str, torch.Tensor], timestep: torch.Tensor) -> dict:
         return {"hidden_states": inputs["hidden_states"], "timestep": timestep, "guidance": inputs.get("guidance"),

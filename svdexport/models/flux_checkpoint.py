@@ -6,31 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 from svdexport.errors import SvdExportError
 from svdexport.models import weights as wt
-from svdexport.models.mapped import MappedWeights, load_mapped
+from svdexport.models.mapped import MappedWeights, SingleCatAsView, header_shapes, load_mapped
 from svdexport.models.weights import WeightsInfo
-
-CLASS_NAME = "FluxTransformer2DModel"
 
 
 def _transformer_class():
     from diffusers import FluxTransformer2DModel
 
     return FluxTransformer2DModel
-
-
-def header_shapes(path: Path) -> dict[str, tuple]:
-    """Tensor names and shapes of a .safetensors file, from its header only."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:
-        raise SvdExportError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
 
 
 def is_bfl(names) -> bool:
@@ -76,35 +62,7 @@ def infer_config(shapes: dict[str, tuple]) -> dict:
 
 def inspect_file(path: Path) -> WeightsInfo:
     """A .safetensors transformer: its config from config.json beside it, else from its tensor shapes."""
-    if path.suffix != ".safetensors":
-        raise SvdExportError(f"weights must be a diffusers folder or a .safetensors file, got {path}")
-    beside = path.parent / "config.json"
-    if beside.exists():
-        config = wt.read_json(beside)
-        wt.check_class(config, beside, CLASS_NAME)
-        config = wt.config_kwargs(config)
-    else:
-        config = infer_config(header_shapes(path))
-    try:
-        with torch.device("meta"):  # fills in the class defaults (e.g. axes_dims_rope) without allocating
-            config = dict(_transformer_class().from_config(config).config)
-    except TypeError as e:
-        raise SvdExportError(f"bad transformer config for {path}: {e}") from None
-    return WeightsInfo(str(path.resolve()), wt.config_kwargs(config), [str(path.resolve())])
-
-
-class _SingleCatAsView(TorchFunctionMode):
-    """diffusers' BFL converter copies each part of a fused weight (q, k, v of a qkv matrix) with
-    torch.cat([part]). A concatenation of one tensor is that tensor: under this mode the part stays a view of
-    the mapped file, so an engine can reference its bytes in the user's checkpoint instead of copying them."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.cat and "out" not in kwargs:
-            parts = args[0] if args else kwargs.get("tensors")
-            if isinstance(parts, (list, tuple)) and len(parts) == 1:
-                return parts[0]
-        return func(*args, **kwargs)
+    return wt.inspect_file(path, _transformer_class(), lambda: infer_config(header_shapes(path)))
 
 
 def to_diffusers(state: dict, path: Path) -> dict:
@@ -114,7 +72,7 @@ def to_diffusers(state: dict, path: Path) -> dict:
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
     try:
-        with _SingleCatAsView():
+        with SingleCatAsView():
             return convert_flux_transformer_checkpoint_to_diffusers(dict(state))
     except (KeyError, IndexError) as e:
         raise SvdExportError(f"{path} is not a FLUX transformer checkpoint ({e})") from None

@@ -15,7 +15,6 @@ TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 class FluxPrompts(PromptEncoder):
     pipeline_class = "FluxPipeline"
-    batched = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
     default_guidance = 3.5  # FLUX.1-dev's distilled guidance
 
     def __init__(self, rotary):

@@ -19,7 +19,7 @@ from torch import nn
 
 from svdexport.errors import SvdExportError
 from svdexport.models import mmdit, preview
-from svdexport.models.family import RunDefaults, Sampling, Shapes
+from svdexport.models.family import Conditioning, GraphContract, GraphInput, RunDefaults, Sampling, Shapes, axis
 from svdexport.models.hunyuanvideo_prompts import HunyuanVideoPrompts
 from svdexport.models.mmdit import SiteRecorder, rebuilt, split_sites
 from svdexport.models.weights import WeightsInfo
@@ -34,11 +34,13 @@ TEMPORAL, SPATIAL = 4, 8  # the causal 3-D VAE: 4 frames and 8x8 pixels per late
 
 @dataclass
 class VideoShapes(Shapes):
-    batch: int = 1  # videos per call
-    height: int = 480  # frame height in pixels, a multiple of 16 (8x8 pixels per latent, 2x2 latents per token)
-    width: int = 848  # frame width in pixels, a multiple of 16
-    text_len: int = 256  # text tokens (HunyuanVideo's Llama prompt length)
-    frames: int = 33  # video frames, 4k + 1 (the VAE keeps the first frame and packs 4 per latent after it)
+    batch: int = axis(1, "videos per call")
+    # 8x8 pixels per latent, 2x2 latents per token
+    height: int = axis(480, "frame height in pixels")
+    width: int = axis(848, "frame width in pixels")
+    text_len: int = axis(256, "text tokens (HunyuanVideo's Llama prompt length)")
+    # The VAE keeps the first frame and packs 4 per latent after it.
+    frames: int = axis(33, "video frames, 4k + 1")
 
     def validate(self) -> "VideoShapes":
         if self.frames < 1 or (self.frames - 1) % TEMPORAL:
@@ -76,19 +78,12 @@ class HunyuanVideoSampling(Sampling):
 class HunyuanVideoFullGraph(nn.Module):
     """The unmodified transformer forward, returning also C and R of every cache site."""
 
-    def __init__(self, transformer):
+    def __init__(self, transformer, granularity: str, family: mmdit.MMDiTFamily):
         super().__init__()
         self.transformer = transformer
         self.text_len = 0  # set per call; single-stream blocks join (image, text): image tokens come first
-        guidance = ["guidance"] if transformer.config.guidance_embeds else []
-        self.input_names = ["hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask",
-                            "pooled_projections", "bases"] + guidance
-        self.output_names = ["noise_pred", "coeffs", "residuals"]
-
-    def bind(self, granularity: str) -> "HunyuanVideoFullGraph":
-        self.recorder = SiteRecorder(mmdit.site_hooks(self.transformer, granularity,
-                                                     lambda out: out[:, : out.shape[1] - self.text_len]))
-        return self
+        self.recorder = SiteRecorder(family.site_hooks(transformer, granularity,
+                                                       lambda out: out[:, : out.shape[1] - self.text_len]))
 
     def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, pooled_projections,
                 bases, guidance=None):
@@ -113,9 +108,6 @@ class HunyuanVideoCachedGraph(mmdit.CachedStepGraph):
     the frames x height x width that unpatchify restores.
     """
 
-    def __init__(self, transformer, granularity: str):
-        super().__init__(transformer, granularity, latents_input=True)
-
     def forward(self, hidden_states, timestep, pooled_projections, bases, coeffs, residuals, guidance=None):
         dtype = self.proj_out.weight.dtype
         temb = self.time_text_embed(timestep, pooled_projections, guidance)[0]  # (conditioning, token_replace)
@@ -134,29 +126,24 @@ def unpatchify(tokens: torch.Tensor, latent_shape) -> torch.Tensor:
 
 
 def example_inputs(config: dict, shapes: Shapes, seed: int, guidance_scale: float = 6.0,
-                   dtype: torch.dtype = torch.float32, table: dict | None = None,
-                   labels: list[int] | None = None) -> dict[str, torch.Tensor]:
+                   dtype: torch.dtype = torch.float32, conditioning: Conditioning | None = None
+                   ) -> dict[str, torch.Tensor]:
     """Seeded noise latents and conditioning of the model's widths.
 
-    With a table (the bundled digits model's class table, or prompts encoded by the pipeline's text
-    encoders) the conditioning is its rows for `labels` (default: rows seed, seed+1, ... modulo the number
-    of rows), text masks included. Otherwise it is synthetic, with a text mask that marks the first three
-    quarters of the tokens valid, so the padded-prompt path of the real model is exercised."""
+    With `conditioning` (the bundled digits model's class table, or prompts encoded by the pipeline's text
+    encoders) the conditioning is its rows, text masks included. Otherwise it is synthetic, with a text mask
+    that marks the first three quarters of the tokens valid, so the padded-prompt path of the real model is
+    exercised."""
     g = torch.Generator().manual_seed(seed)
     b, (f, h, w) = shapes.batch, shapes.latent
     latents = torch.randn(b, config["in_channels"], f, h, w, generator=g)
-    if table is not None:
-        rows = table["pooled_projections"].shape[0]
-        labels = [(seed + i) % rows for i in range(b)] if labels is None else list(labels)
-        if len(labels) != b or not all(0 <= y < rows for y in labels):
-            raise SvdExportError(f"labels must be {b} class indices in [0, {rows}), got {labels}")
-        inputs = {"hidden_states": latents, "encoder_hidden_states": table["encoder_hidden_states"][labels],
-                  "pooled_projections": table["pooled_projections"][labels]}
+    if conditioning is not None:
+        rows = conditioning.pick(seed, b)
+        inputs = {"hidden_states": latents, "encoder_hidden_states": rows["encoder_hidden_states"],
+                  "pooled_projections": rows["pooled_projections"]}
         inputs = {k: v.to(dtype) for k, v in inputs.items()}
-        inputs["encoder_attention_mask"] = table["encoder_attention_mask"][labels].to(torch.int64)
+        inputs["encoder_attention_mask"] = rows["encoder_attention_mask"].to(torch.int64)
     else:
-        if labels is not None:
-            raise SvdExportError("HunyuanVideo models are not class-conditioned; they take no labels")
         valid = max(1, (3 * shapes.text_len) // 4)
         inputs = {
             "hidden_states": latents,
@@ -189,6 +176,10 @@ class HunyuanVideoFamily(mmdit.MMDiTFamily):
     default_sampler = SAMPLER_CONFIG
     is_video = True
     prompts = HunyuanVideoPrompts()  # Llama + CLIP through HunyuanVideoPipeline (hunyuanvideo_prompts.py)
+    # The text mask in int64 (1: a prompt token); guidance (the scale times 1000) in the model's dtype.
+    conditioning_inputs = (GraphInput("encoder_hidden_states", tokens=True),
+                           GraphInput("encoder_attention_mask", "int64"), GraphInput("pooled_projections"),
+                           GraphInput("guidance"))
     # diffusers' hooks find HunyuanVideo's blocks by their registered classes, and cache-dit registers a
     # HunyuanVideo adapter: every peer runs on it as on FLUX (tests/test_peers.py runs each on both).
     peer_libraries = ("diffusers-taylorseer", "diffusers-fbcache", "diffusers-magcache", "cachedit-dbcache",
@@ -201,8 +192,18 @@ class HunyuanVideoFamily(mmdit.MMDiTFamily):
             raise SvdExportError(f"patch sizes {config.patch_size_t}x{config.patch_size}^2 are not HunyuanVideo's 1x2x2")
         return loaded
 
+    def contract(self, config: dict, granularity: str) -> GraphContract:
+        # hidden_states is a cached-graph input at both granularities: unpatchify takes the latents' shape.
+        guidance = ["guidance"] if config.get("guidance_embeds") else []
+        return self.declare(["hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask",
+                             "pooled_projections", "bases", *guidance],
+                            ["hidden_states", "timestep", "pooled_projections", "bases", "coeffs", "residuals",
+                             *guidance])
+
     def graphs(self, transformer: nn.Module, granularity: str) -> tuple[nn.Module, nn.Module]:
-        return HunyuanVideoFullGraph(transformer).bind(granularity), HunyuanVideoCachedGraph(transformer, granularity)
+        contract = self.contract(dict(transformer.config), granularity)
+        return (contract.bind(HunyuanVideoFullGraph(transformer, granularity, self), "full"),
+                contract.bind(HunyuanVideoCachedGraph(transformer, granularity, self), "cached"))
 
     def sampling(self, sampler_config: dict) -> HunyuanVideoSampling:
         return HunyuanVideoSampling(sampler_config)
@@ -211,8 +212,8 @@ class HunyuanVideoFamily(mmdit.MMDiTFamily):
         return DEFAULTS
 
     def example_inputs(self, config: dict, shapes: Shapes, seed: int, dtype: torch.dtype = torch.float32,
-                       table: dict | None = None, labels: list[int] | None = None) -> dict[str, torch.Tensor]:
-        return example_inputs(config, shapes, seed, dtype=dtype, table=table, labels=labels)
+                       conditioning: Conditioning | None = None) -> dict[str, torch.Tensor]:
+        return example_inputs(config, shapes, seed, dtype=dtype, conditioning=conditioning)
 
     def forward_kwargs(self, inputs: dict[str, torch.Tensor], timestep: torch.Tensor) -> dict:
         return {"hidden_states": inputs["hidden_states"], "timestep": timestep,

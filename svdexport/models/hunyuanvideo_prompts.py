@@ -18,7 +18,6 @@ INPUTS = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attenti
 
 class HunyuanVideoPrompts(PromptEncoder):
     pipeline_class = "HunyuanVideoPipeline"
-    batched = INPUTS + ("guidance",)
     default_guidance = 6.0  # HunyuanVideoPipeline's embedded guidance scale
 
     def available(self, info: WeightsInfo) -> bool:

@@ -1,10 +1,15 @@
-"""What the MMDiT families (FLUX, HunyuanVideo, SD3-style) share: the cache sites of their double- and
-single-stream blocks, the hooks that capture them, the gated rebuild of the image stream on cached
-steps, and `MMDiTFamily`, the family base with weights handling, sites and the memory estimate.
+"""What the MMDiT families (FLUX, HunyuanVideo, SD3) share: cache sites declared per block list (`BlockList`,
+`Site`), the hooks that capture them, the gated rebuild of the image stream on cached steps, the cached-step
+graph's parts, and `MMDiTFamily`, the family base with weights handling, sites and the memory estimate.
+
+Nothing here names a family's modules: a family says which module lists hold its blocks, which submodule
+output each site is and which modulation chunk gates it (`blocks`), and which module embeds the latents
+(`latent_embedder`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
 
@@ -94,74 +99,110 @@ def rebuilt(coeffs: torch.Tensor, residuals: torch.Tensor, bases: torch.Tensor, 
     return reconstruct(coeffs.to(c), residuals.to(c), bases.to(c)).to(dtype)
 
 
-# FLUX and HunyuanVideo (and SD3-style MMDiTs) have double-stream blocks with AdaLayerNormZero (`norm1`)
-# and single-stream blocks with AdaLayerNormZeroSingle (`norm`), image and text streams joined in the
-# single blocks. Their cache sites, and the cached step that rebuilds the image stream, are the same.
+@dataclass(frozen=True)
+class Site:
+    """One cache site of a block: the image-stream update the block adds, before its gate."""
+
+    part: str  # the site's name in the block ("attn"; "" for a block's only site)
+    module: str  # the block's submodule whose output (the first, for a tuple) is the feature
+    gate: int  # the chunk of the block's modulation, norm.linear(norm.silu(temb)).chunk(n), that gates it
+    joined: bool = False  # the output is the joined text and image sequence: the image tokens are kept
+    only_in: str | None = None  # the config key listing the blocks that have this site (None: every block)
+
+    def in_block(self, config: dict, index: int) -> bool:
+        return self.only_in is None or index in (config.get(self.only_in) or ())
 
 
-def site_hooks(transformer: nn.Module, granularity: str,
+@dataclass(frozen=True)
+class BlockList:
+    """A module list of blocks of one kind: their modulation layer and their sites, in the order they run."""
+
+    prefix: str  # site names f"{prefix}.{i}.{part}" ("double.0.attn"), f"{prefix}.{i}" for part ""
+    attribute: str  # the transformer's ModuleList of these blocks
+    count: str  # the config key of its length
+    norm: str  # the block's AdaLayerNormZero-style modulation layer (`linear`, `silu`)
+    sites: tuple[Site, ...]
+
+    def block_sites(self, config: dict, index: int) -> list[Site]:
+        return [s for s in self.sites if s.in_block(config, index)]
+
+    def site_names(self, config: dict) -> list[str]:
+        return [f"{self.prefix}.{i}" + (f".{s.part}" if s.part else "") for i in range(config[self.count])
+                for s in self.block_sites(config, i)]
+
+
+# FLUX's and HunyuanVideo's: double-stream blocks with AdaLayerNormZero (shift, scale, gate of the attention,
+# then of the MLP), and single-stream blocks over the joined sequence with AdaLayerNormZeroSingle (shift,
+# scale, gate), whose proj_out output holds both the attention and the MLP.
+DOUBLE = BlockList("double", "transformer_blocks", "num_layers", "norm1",
+                   (Site("attn", "attn", 2), Site("ff", "ff", 5)))
+SINGLE = BlockList("single", "single_transformer_blocks", "num_single_layers", "norm",
+                   (Site("", "proj_out", 2, joined=True),))
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out  # a joint attention returns (image, context)
+
+
+def site_hooks(transformer: nn.Module, granularity: str, blocks: tuple[BlockList, ...],
                image_tokens: Callable[[torch.Tensor], torch.Tensor]) -> list[tuple[nn.Module, Extractor, bool]]:
-    """Hooks for SiteRecorder, in `sites` order. "final": the image tokens entering norm_out. "block":
-    per double-stream block the image attention and MLP outputs, per single-stream block the image
-    tokens of proj_out's output (`image_tokens` picks them from the joined sequence), all before gates."""
+    """Hooks for SiteRecorder, in `sites` order. "final": the image tokens entering norm_out. "block": each
+    block's sites (`image_tokens` picks the image tokens of a joined sequence), all before their gates."""
     if granularity == "final":
         return [(transformer.norm_out, lambda args, out: args[0], True)]
-    hooks = []
-    for block in transformer.transformer_blocks:
-        hooks.append((block.attn, lambda args, out: out[0], False))  # (image, context) outputs
-        hooks.append((block.ff, lambda args, out: out, False))
-    for block in transformer.single_transformer_blocks:
-        hooks.append((block.proj_out, lambda args, out: image_tokens(out), False))
+    config, hooks = dict(transformer.config), []
+    for kind in blocks:
+        for i, block in enumerate(getattr(transformer, kind.attribute)):
+            for site in kind.block_sites(config, i):
+                joined = lambda args, out: image_tokens(_first(out))  # noqa: E731
+                pick = joined if site.joined else (lambda args, out: _first(out))
+                hooks.append((getattr(block, site.module), pick, False))
     return hooks
 
 
 class GatedRebuild(nn.Module):
     """The image stream of a cached step at block granularity: embedded latents plus, per site, the
-    current step's gate times the reconstructed feature. Exact when the features are exact.
+    current step's gate times the reconstructed feature, in the order the blocks add them. Exact when the
+    features are exact.
 
-    Holds only the blocks' modulation layers, none of the attention or MLP weights the step skips.
+    Holds only the blocks' modulation layers (as `{prefix}_norms`), none of the attention or MLP weights.
     """
 
-    def __init__(self, transformer: nn.Module):
+    def __init__(self, transformer: nn.Module, blocks: tuple[BlockList, ...]):
         super().__init__()
-        self.double_norms = nn.ModuleList(b.norm1 for b in transformer.transformer_blocks)
-        self.single_norms = nn.ModuleList(b.norm for b in transformer.single_transformer_blocks)
+        config = dict(transformer.config)
+        self.lists: list[tuple[str, list[tuple[int, list[int]]]]] = []  # per list: (chunks, gates) per block
+        for kind in blocks:
+            norms = nn.ModuleList(getattr(b, kind.norm) for b in getattr(transformer, kind.attribute))
+            setattr(self, f"{kind.prefix}_norms", norms)
+            self.lists.append((f"{kind.prefix}_norms", [
+                (n.linear.out_features // n.linear.in_features, [s.gate for s in kind.block_sites(config, i)])
+                for i, n in enumerate(norms)]))
 
     def forward(self, h: torch.Tensor, temb: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         site = 0
-        for norm in self.double_norms:
-            # AdaLayerNormZero chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
-            mod = norm.linear(norm.silu(temb)).chunk(6, dim=1)
-            h = h + mod[2].unsqueeze(1) * features[site]
-            h = h + mod[5].unsqueeze(1) * features[site + 1]
-            site += 2
-        for norm in self.single_norms:
-            gate = norm.linear(norm.silu(temb)).chunk(3, dim=1)[2]  # shift, scale, gate
-            h = h + gate.unsqueeze(1) * features[site]
-            site += 1
+        for attribute, gates in self.lists:
+            for norm, (chunks, picks) in zip(getattr(self, attribute), gates):
+                mod = norm.linear(norm.silu(temb)).chunk(chunks, dim=1)
+                for g in picks:
+                    h = h + mod[g].unsqueeze(1) * features[site]
+                    site += 1
         return h
 
 
 class CachedStepGraph(nn.Module):
     """What every cached-step graph holds: the time/text embedder and the output head, plus at block
-    granularity the latent embedder and the gated rebuild; and its positional input names.
+    granularity the family's latent embedder (as `x_embedder`) and the gated rebuild. Its input names are
+    the family's contract (`GraphContract.bind`)."""
 
-    `latents_input` makes `hidden_states` an input at final granularity too (a family whose output
-    head needs the latents' shape); at block granularity it always is.
-    """
-
-    def __init__(self, transformer: nn.Module, granularity: str, latents_input: bool = False):
+    def __init__(self, transformer: nn.Module, granularity: str, family: "MMDiTFamily"):
         super().__init__()
         block = granularity == "block"
-        self.x_embedder = transformer.x_embedder if block else None
-        self.rebuild = GatedRebuild(transformer) if block else None
+        self.x_embedder = getattr(transformer, family.latent_embedder) if block else None
+        self.rebuild = GatedRebuild(transformer, family.blocks) if block else None
         self.time_text_embed = transformer.time_text_embed
         self.norm_out = transformer.norm_out
         self.proj_out = transformer.proj_out
-        latents = ["hidden_states"] if block or latents_input else []
-        guidance = ["guidance"] if transformer.config.guidance_embeds else []
-        self.input_names = latents + ["timestep", "pooled_projections", "bases", "coeffs", "residuals"] + guidance
-        self.output_names = ["noise_pred"]
 
     def image_stream(self, hidden_states, temb: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """The image tokens entering norm_out: rebuilt per block, or the reconstructed final site."""
@@ -176,6 +217,8 @@ class MMDiTFamily(Family):
 
     bundled: ClassVar[dict[str, Path]] = {}  # bundled:NAME -> a committed folder or a JSON spec of random weights
     default_sampler: ClassVar[dict] = {}  # the scheduler config when the weights folder has none
+    blocks: ClassVar[tuple[BlockList, ...]] = (DOUBLE, SINGLE)  # the block lists, in the order they run
+    latent_embedder: ClassVar[str] = "x_embedder"  # the transformer's module that embeds the latents as tokens
 
     def transformer_class(self):
         """The diffusers class, imported only where a model is built: compiled engines run without it."""
@@ -230,8 +273,18 @@ class MMDiTFamily(Family):
     def sites(self, config: dict, granularity: str) -> list[str]:
         if granularity == "final":
             return ["final"]
-        double = [f"double.{i}.{part}" for i in range(config["num_layers"]) for part in ("attn", "ff")]
-        return double + [f"single.{i}" for i in range(config["num_single_layers"])]
+        return [name for kind in self.blocks for name in kind.site_names(config)]
+
+    def site_hooks(self, transformer: nn.Module, granularity: str,
+                   image_tokens: Callable[[torch.Tensor], torch.Tensor]) -> list[tuple[nn.Module, Extractor, bool]]:
+        return site_hooks(transformer, granularity, self.blocks, image_tokens)
+
+    def peer_probe(self, transformer: nn.Module) -> nn.Module:
+        """The last block's query norm (run by the attention processor, fused QKV or not), else its query
+        projection: a hook on the block or on the attention module would fire also when a cache hook
+        short-circuits it."""
+        attn = getattr(transformer, self.blocks[-1].attribute)[-1].attn
+        return attn.norm_q if attn.norm_q is not None else attn.to_q
 
     def sampler_config(self, weights: str | None, config: dict) -> dict:
         if weights is not None and not weights.startswith("bundled"):

@@ -49,17 +49,19 @@ def values(module: nn.Module, param: str, shape: tuple[int, ...], seed: int, nam
 
 
 def write_random(cls, config: dict, seed: int, path: Path) -> None:
-    """A safetensors checkpoint of `cls(**config)` with seeded random float32 weights, streamed tensor by tensor."""
-    with torch.device("meta"):
-        model = cls(**config)
+    """A safetensors checkpoint of `cls(**config)` with seeded random float32 weights, streamed tensor by tensor;
+    a persistent buffer (SD3's position table) holds the values the model's own init gives it."""
+    from svdexport.models.mapped import empty_model
+
+    model = empty_model(cls, config)  # parameters on the meta device, buffers made
     owners = {f"{m}.{p}".lstrip("."): (module, p) for m, module in model.named_modules()
               for p, _ in module.named_parameters(recurse=False)}
-    shapes = {name: (torch.float32, tuple(t.shape)) for name, t in model.state_dict().items()}
-    missing = [n for n in shapes if n not in owners]
-    if missing:  # a persistent buffer: no rule makes its values
-        raise ValueError(f"{cls.__name__} has a buffer {missing[0]} that random weights cannot make")
+    state = model.state_dict()
+    shapes = {name: (torch.float32, tuple(t.shape)) for name, t in state.items()}
 
     def make(name: str) -> torch.Tensor:
+        if name not in owners:  # a buffer
+            return state[name].float().contiguous()
         module, param = owners[name]
         return values(module, param, shapes[name][1], seed, name)
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from svdexport.errors import SvdExportError
 from svdexport.files import fingerprint
+from svdexport.models.mapped import config_kwargs, load_mapped
 from svdexport.verified import VerifiedFile, sha256_of
 
 CALIBRATION_PROMPTS = Path(__file__).parent / "prompts" / "calibration.txt"
@@ -99,11 +100,6 @@ def load_table(path: str | Path) -> dict[str, torch.Tensor]:
         raise SvdExportError(f"cannot read the class table {path}: {str(e).splitlines()[0]}") from None
 
 
-def config_kwargs(config: dict) -> dict:
-    """A diffusers config without its bookkeeping keys (_class_name, _diffusers_version, ...)."""
-    return {k: v for k, v in config.items() if not k.startswith("_")}
-
-
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -170,6 +166,26 @@ def inspect_weights(weights: str | None, default: str, bundled: dict[str, Path],
     return inspect_folder(path, class_name, parts) if path.is_dir() else path
 
 
+def inspect_file(path: Path, cls, infer_config) -> WeightsInfo:
+    """A single .safetensors transformer of diffusers class `cls`: its config from config.json beside it, else
+    `infer_config()` (the family reads it from the tensor shapes of its layouts)."""
+    if path.suffix != ".safetensors":
+        raise SvdExportError(f"weights must be a diffusers folder or a .safetensors file, got {path}")
+    beside = path.parent / "config.json"
+    if beside.exists():
+        config = read_json(beside)
+        check_class(config, beside, cls.__name__)
+        config = config_kwargs(config)
+    else:
+        config = infer_config()
+    try:
+        with torch.device("meta"):  # fills in the class defaults (e.g. axes_dims_rope) without allocating
+            config = dict(cls.from_config(config).config)
+    except TypeError as e:
+        raise SvdExportError(f"bad transformer config for {path}: {e}") from None
+    return WeightsInfo(str(path.resolve()), config_kwargs(config), [str(path.resolve())])
+
+
 def cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     # nn.Module.to itself: ModelMixin.to warns about float32-only modules, which these models do not have.
     return nn.Module.to(model, dtype)
@@ -183,8 +199,6 @@ def weight_files(info: WeightsInfo) -> list[str]:
 
 def load_folder(cls, info: WeightsInfo, dtype: torch.dtype):
     """A diffusers folder's transformer, its weights views of the mapped shard files (models/mapped.py)."""
-    from svdexport.models.mapped import load_mapped
-
     files = weight_files(info)
     loaded = load_mapped(cls, info.config, files, dtype, str(Path(files[0]).parent))
     info.config = dict(loaded.model.config)

@@ -1,4 +1,5 @@
-"""A loaded engine: verified manifest, the two graphs, the bases and the step scheduler."""
+"""A loaded engine: load (verified manifest, the two graphs, the bases), plan (which steps run in full) and
+generate (the step scheduler). The shapes it serves are runtime/shapes.py's, its LoRAs runtime/loras.py's."""
 
 from __future__ import annotations
 
@@ -10,27 +11,30 @@ from pathlib import Path
 import torch
 
 from svdexport.cache.config import CacheConfig
+from svdexport.cache.plan import StepPlan
 from svdexport.cache.plan_stats import load_stats
 from svdexport.cache.svd import Bases
 from svdexport.errors import SvdExportError
 from svdexport.export import backend
 from svdexport.export.boundary import retyped
 from svdexport.models import family
-from svdexport.models.family import Shapes
-from svdexport.models.lora import LoraFile, fuse, hollow_of
+from svdexport.models.family import LATENTS, Conditioning, Shapes
+from svdexport.models.lora import LoraFile
 from svdexport.models.weights import load_table
 from svdexport.runtime import manifest as manifest_io
 from svdexport.runtime import fields, static
-from svdexport.runtime.base import base_weights, eager_graphs
+from svdexport.runtime.base import eager_graphs
 from svdexport.runtime.bound import open_bound
 from svdexport.runtime.latent_shapes import MadeLatents, shapes_for_preview
-from svdexport.runtime.lora import WeightSwap, graph_weights, to_push
+from svdexport.runtime.loras import EngineLoras
 from svdexport.runtime.manifest import BASES_FILE, PLAN_STATS_FILE, ConditioningKind, EngineKind, Manifest
-from svdexport.runtime.plans import RequestPlan, plan_for, schedule_weights
+from svdexport.runtime.plans import Planner
 from svdexport.runtime.scheduler import CachedSampler, Generation, StepCache
+from svdexport.runtime.shapes import ServedShapes
 
 # Run-time overrides of the engine's cache settings: the plan and the forecast, never the bases.
-OVERRIDES = {"interval", "warmup", "predictor", "beta", "order", "plan", "full_steps", "gamma"}
+OVERRIDES = {"interval", "warmup", "predictor", "beta", "order", "plan_kind", "full_steps", "gamma"}
+FORMERLY = {"plan": "plan_kind"}  # override names of 0.4.0, still taken
 
 
 class Engine:
@@ -43,7 +47,6 @@ class Engine:
         self.config = manifest.model.config
         self.shapes = self.family.shapes(manifest.shapes.build)  # a ranged engine's optimum
         self.range = manifest.shapes.range(self.family)
-        self._input_shapes: dict[tuple, dict[str, list[int]]] = {}
         self.dtype = getattr(torch, manifest.dtype)
         self.device = torch.device(manifest.device)
         self.cache = manifest.cache
@@ -55,23 +58,33 @@ class Engine:
         self.table = load_table(manifest.path(folder, cond.file)) if cond.kind is ConditioningKind.CLASS_TABLE else None
         if self.table is not None:
             fields.check_table(manifest, self.table, folder / cond.file)
+        fam, config, dtype = self.family, self.config, self.dtype  # no reference to self
+        rows = None if self.table is None else Conditioning(self.table)
+        self.served = ServedShapes(self.range, manifest.shapes.inputs,
+                                   lambda s: fam.example_inputs(config, s, 0, dtype=dtype, conditioning=rows))
         self.sampling = self.family.sampling(manifest.sampler)
         self.sampler = CachedSampler(full, cached, bases.vectors.to(self.device), self.cache, self.sampling,
                                      self.shapes)
         # Through the manifest's resolver, as every file an engine opens: listed, hashed, inside the folder.
-        sets = load_stats(manifest.path(folder, PLAN_STATS_FILE)) if PLAN_STATS_FILE in manifest.files else []
-        self.plan_stats = sets[0] if sets else None  # at the build's step count
-        self._stats_by_steps = {st.steps: st for st in sets}  # and at build --plan-steps' counts
-        self._weights: dict[int, object] = {}
-        self.loras: list[LoraFile] = []  # fused into the graphs' weights now, in load order
-        self._swap = WeightSwap()  # the weights they changed and the base values under them
-        self.weights_from = None  # who pushed the weights now loaded: None (set_loras, or the build), or a pipeline
+        stats = load_stats(manifest.path(folder, PLAN_STATS_FILE)) if PLAN_STATS_FILE in manifest.files else []
+        self.planner = Planner(manifest.plans, stats, self.sampling, self.shapes)
+        self.plan_stats = self.planner.stats  # at the build's step count
+        self.lora = EngineLoras(manifest, folder, self.family, (full, cached))
         self._made = MadeLatents()  # the request shapes of the latents `generate` returned (for `preview`)
 
+    # ------------------------------------------------------------------ shapes (runtime/shapes.py)
     def request_shapes(self, batch: int | None = None, height: int | None = None, width: int | None = None,
                        text_len: int | None = None) -> Shapes:
         """The build shapes with the given axes replaced; refused in one line outside the engine's range."""
-        return self.range.request(batch=batch, height=height, width=width, text_len=text_len)
+        return self.served.request(batch, height, width, text_len)
+
+    def input_shapes(self, shapes: Shapes) -> dict[str, list[int]]:
+        """Every input's shape at `shapes`."""
+        return self.served.inputs_at(shapes)
+
+    def check_inputs(self, inputs: dict[str, torch.Tensor], shapes: Shapes | None = None) -> None:
+        """Refuses, in one line, inputs not of `shapes` (default: the build shapes, or a ranged engine's range)."""
+        self.served.check(inputs, shapes)
 
     def example_inputs(self, seed: int = 0, labels: list[int] | None = None,
                        shapes: Shapes | None = None) -> dict[str, torch.Tensor]:
@@ -79,51 +92,25 @@ class Engine:
         synthetic embeddings) with `shapes` (default: the build shapes) and the engine's dtype."""
         if labels is not None and self.table is None:
             raise SvdExportError("this engine's model is not class-conditioned; it takes no labels")
+        rows = None if self.table is None else Conditioning(self.table, labels)
         inputs = self.family.example_inputs(self.config, shapes or self.shapes, seed, dtype=self.dtype,
-                                            table=self.table, labels=labels)
+                                            conditioning=rows)
         return {k: v.to(self.device) for k, v in inputs.items()}
 
-    def input_shapes(self, shapes: Shapes) -> dict[str, list[int]]:
-        """Every input's shape at `shapes` (from the family's own inputs at those shapes, memoised)."""
-        key = tuple(shapes.to_dict().items())
-        if key not in self._input_shapes:
-            x = self.family.example_inputs(self.config, shapes, 0, dtype=self.dtype, table=self.table)
-            self._input_shapes[key] = {k: list(v.shape) for k, v in x.items() if k in self.manifest.shapes.inputs}
-        return self._input_shapes[key]
-
-    def check_inputs(self, inputs: dict[str, torch.Tensor], shapes: Shapes | None = None) -> None:
-        """Refuses, in one line, inputs that are not of `shapes` (default: the build shapes); a ranged engine
-        without `shapes` (a pipeline's call) takes inputs whose every dimension lies in its range."""
-        span = shapes is None and self.range.ranged
-        build = shapes is None or shapes == self.shapes
-        if span:
-            lo, hi = self.input_shapes(self.range.min), self.input_shapes(self.range.max)
-        wanted = self.manifest.shapes.inputs if build else self.input_shapes(shapes)
-        for name, want in wanted.items():
-            got = inputs.get(name)
-            if got is None:
-                raise SvdExportError(f"input {name!r} is missing")
-            shape = list(got.shape)
-            if span and (len(shape) != len(lo[name]) or not all(a <= g <= b for a, g, b in zip(lo[name], shape, hi[name]))):
-                raise SvdExportError(f"input {name!r} has shape {tuple(shape)}; this ranged engine takes "
-                                     f"{tuple(lo[name])} to {tuple(hi[name])}")
-            if not span and shape != want:
-                at = "this engine was built for" if build else f"at {shapes.to_dict()} it must be"
-                raise SvdExportError(f"input {name!r} has shape {tuple(shape)}; {at} {tuple(want)}")
-
+    # ------------------------------------------------------------------ generate
     def generate(self, inputs: dict[str, torch.Tensor] | None = None, seed: int = 0, steps: int | None = None,
                  progress: bool = False, labels: list[int] | None = None, batch: int | None = None,
                  height: int | None = None, width: int | None = None, **cache_overrides) -> Generation:
         """One request. `inputs` defaults to seeded synthetic ones of batch, height and width (default: the
         build's; a ranged engine takes any in its range, and given inputs set batch and text length);
-        keyword overrides (`OVERRIDES`: plan, full_steps, interval, warmup, predictor, beta, order, gamma)
+        keyword overrides (`OVERRIDES`: plan_kind, full_steps, interval, warmup, predictor, beta, order, gamma)
         change the plan or forecast without rebuilding. The step plan is the engine's, calibrated at the
         build shapes, whatever the request's shapes; the sampler's resolution shift is the request's."""
         text_len = None
         if inputs is not None and self.range.ranged:
-            batch = batch or inputs["hidden_states"].shape[0]
-            if "encoder_hidden_states" in inputs:
-                text_len = inputs["encoder_hidden_states"].shape[1]
+            batch = batch or inputs[LATENTS.name].shape[0]
+            if self.family.text_input in inputs:
+                text_len = inputs[self.family.text_input].shape[1]
         shapes = self.request_shapes(batch, height, width, text_len)
         if inputs is None:
             inputs = self.example_inputs(seed, labels, shapes)
@@ -131,35 +118,10 @@ class Engine:
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         steps = steps or self.steps
         cache = self.cache_config(**cache_overrides)
-        plan = self.plan(steps, cache)
-        result = self.sampler.generate(inputs, steps, cache=cache, progress=progress, plan=plan.mask, shapes=shapes,
-                                       fitted=plan.fitted)
+        result = self.sampler.generate(inputs, steps, cache=cache, progress=progress, plan=self.plan(steps, cache),
+                                       shapes=shapes)
         self._made.remember(result.latents, shapes)  # preview(result.latents) at the request's shapes
         return result
-
-    def cache_config(self, **overrides) -> CacheConfig:
-        """The engine's cache settings with run-time overrides of the step plan or the forecast. Giving
-        warmup or interval (and no plan) asks for the uniform plan they describe."""
-        if set(overrides) - OVERRIDES:
-            raise SvdExportError(f"cannot override {sorted(set(overrides) - OVERRIDES)} at run time "
-                                 f"(allowed: {', '.join(sorted(OVERRIDES))})")
-        if {"interval", "warmup"} & set(overrides) and "plan" not in overrides and "full_steps" not in overrides:
-            overrides = {**overrides, "plan": "uniform"}
-        return dataclasses.replace(self.cache, **overrides).validate()
-
-    def plan(self, steps: int | None = None, cache: CacheConfig | None = None) -> RequestPlan:
-        """Which of `steps` steps run the full graph under `cache` (default: the engine's settings)."""
-        steps = steps or self.steps
-        return plan_for(steps, cache or self.cache, self.manifest.plans, self.stats_for(steps), self._schedule_weights)
-
-    def stats_for(self, steps: int):
-        """The plan statistics of `steps` sampling steps where the build made them, else the build's own."""
-        return self._stats_by_steps.get(steps, self.plan_stats)
-
-    def _schedule_weights(self, steps: int):
-        if steps not in self._weights:
-            self._weights[steps] = schedule_weights(self.sampling, self.shapes, steps)
-        return self._weights[steps]
 
     def step_cache(self, steps: int, cache: CacheConfig | None = None) -> StepCache:
         """Fresh cache state for one request of `steps` steps (used when something else owns the loop)."""
@@ -167,83 +129,83 @@ class Engine:
         plan = self.plan(steps, cache)
         if plan.fallback:  # nothing prints the plan of a loop someone else owns (a pipeline): say it once
             warnings.warn(f"{self.folder}: {plan.fallback}", stacklevel=2)
-        return StepCache(self.full, self.cached, self.sampler.bases, cache, steps, plan.mask, plan.fitted)
-
-    def eager_reference(self, dtype: torch.dtype | None = None) -> "Engine":
-        """The same weights, bases and settings run by eager PyTorch: what every backend is measured against.
-        With `dtype`, an eager twin in that precision (bench and compare set a bf16 engine against float32)."""
-        manifest = self.manifest
-        if dtype is not None and dtype != self.dtype:
-            precision = str(dtype).removeprefix("torch.")  # its graphs take their inputs in it (the boundary's)
-            manifest = dataclasses.replace(manifest, dtype=precision, backend="eager",
-                                           graphs=retyped(manifest.graphs, manifest.dtype, precision))
-            manifest.opened, manifest.signed = self.manifest.opened, self.manifest.signed  # not fields: not copied
-        elif manifest.backend == "eager":
-            return self
-        full, cached = backend("eager").load(self.folder, manifest.load_spec(lambda: eager_graphs(manifest), self.folder))
-        twin = Engine(self.folder, manifest, full, cached, self.bases)
-        if self._swap.new:  # the same LoRAs, fused
-            backend("eager").update_weights((full, cached), self._swap.new, manifest.load_spec())
-            twin.loras, twin._swap = list(self.loras), self._swap
-        return twin
-
-    def load_lora(self, path, scale: float = 1.0) -> None:
-        """Fuses one more LoRA file (diffusers, PEFT, Kohya or BFL names) into the engine's weights and pushes
-        the changed weights into the compiled graphs, without recompiling them; the engine folder is untouched.
-        LoRAs stack: each load fuses all loaded ones into the base weights again, in order."""
-        try:
-            scale = float(scale)
-        except (TypeError, ValueError):
-            raise SvdExportError(f"LoRA scale must be a number, got {scale!r}") from None
-        self.set_loras([*self.loras, LoraFile(Path(path), scale).check()])
-
-    def unload_lora(self) -> None:
-        """Pushes the base weights back (bit for bit: the values the engine was built with)."""
-        self.set_loras([])
-
-    def set_loras(self, loras: list[LoraFile]) -> None:
-        """Exactly these LoRAs fused, in order, into the base weights (none: the base engine)."""
-        if loras or self.loras:
-            self.check_lora_support()
-        wanted = WeightSwap()
-        if loras:  # fused on a hollow transformer, into which only the adapted modules' base weights are read
-            model = hollow_of(self.family.transformer_class(), self.config, self.dtype)
-            fused = fuse(model, self.family.lora_loader, loras, fill=lambda names: base_weights(self.manifest, names))
-            wanted = graph_weights(self.family, model, self.cache.granularity, fused)
-        self.push_weights(wanted)
-        self.loras = list(loras)
-
-    def check_lora_support(self) -> None:
-        """Refuses, in one line, an engine that cannot take LoRAs (its backend cannot replace weights, or its
-        family has no diffusers LoRA loader)."""
-        be = backend(self.manifest.backend)
-        if (refusal := be.weights_refusal(self.manifest.backend_options)) is not None:
-            raise SvdExportError(f"backend {be.name!r} cannot load a LoRA into a built engine: {refusal}")
-        if self.family.lora_loader is None:
-            raise SvdExportError(f"LoRAs are not supported for {self.family.name} models (no diffusers LoRA loader)")
-
-    def lora_weights(self) -> int:
-        """How many distinct weights the loaded LoRAs replaced."""
-        return self._swap.count()
-
-    def push_weights(self, wanted: WeightSwap, source: object = None) -> None:
-        """Makes the graphs' weights the base ones except `wanted.new`; `source` says who asked (a pipeline
-        running the engine gives its adapters so, and compares `weights_from` before pushing again)."""
-        be = backend(self.manifest.backend)
-        push, merged = to_push(self._swap, wanted.cast(self.dtype))
-        be.update_weights((_inner(self.full), _inner(self.cached)), push, self.manifest.load_spec(folder=self.folder))
-        for graph in (self.full, self.cached):
-            if isinstance(graph, static.StaticGraph):
-                graph.recapture()  # a captured CUDA graph may hold the old weight buffers' addresses
-        self._swap = merged if merged.new else WeightSwap()
-        self.weights_from = source
+        return StepCache(self.full, self.cached, self.sampler.bases, cache, plan)
 
     def preview(self, latents: torch.Tensor, shapes: Shapes | None = None):
         """One picture of final latents at `shapes`; by default those of the request that made them, else the
         only shapes the engine serves that give latents of their shape (refused in one line if not one)."""
         shapes = shapes_for_preview(latents, shapes, self._made, self.range,
-                                    lambda s: self.input_shapes(s)["hidden_states"])
+                                    lambda s: self.input_shapes(s)[LATENTS.name])
         return self.family.preview(latents, shapes)
+
+    # ------------------------------------------------------------------ plan (runtime/plans.py)
+    def cache_config(self, **overrides) -> CacheConfig:
+        """The engine's cache settings with run-time overrides of the step plan or the forecast. Giving
+        warmup or interval (and no plan kind or budget) asks for the uniform plan they describe."""
+        overrides = {FORMERLY.get(k, k): v for k, v in overrides.items()}
+        if set(overrides) - OVERRIDES:
+            raise SvdExportError(f"cannot override {sorted(set(overrides) - OVERRIDES)} at run time "
+                                 f"(allowed: {', '.join(sorted(OVERRIDES))})")
+        if {"interval", "warmup"} & set(overrides) and "plan_kind" not in overrides and "full_steps" not in overrides:
+            overrides = {**overrides, "plan_kind": "uniform"}
+        return dataclasses.replace(self.cache, **overrides).validate()
+
+    def plan(self, steps: int | None = None, cache: CacheConfig | None = None) -> StepPlan:
+        """Which of `steps` steps run the full graph under `cache` (default: the engine's settings), with a
+        fitted predictor's forecast weights."""
+        return self.planner.plan(steps or self.steps, cache or self.cache)
+
+    def stats_for(self, steps: int):
+        """The plan statistics of `steps` sampling steps where the build made them, else the build's own."""
+        return self.planner.stats_for(steps)
+
+    def step_sizes(self, steps: int):
+        """The schedule's step sizes |sigma_{i+1} - sigma_i| at `steps` steps: the plan search's error weights."""
+        return self.planner.step_sizes(steps)
+
+    # ------------------------------------------------------------------ LoRAs (runtime/loras.py)
+    @property
+    def loras(self) -> list[LoraFile]:
+        """The LoRA files fused into the graphs' weights now, in load order."""
+        return list(self.lora.files)
+
+    def load_lora(self, path, scale: float = 1.0) -> None:
+        """Fuses one more LoRA file (diffusers, PEFT, Kohya or BFL names) into the engine's weights and pushes
+        the changed weights into the compiled graphs, without recompiling them; the engine folder is untouched.
+        LoRAs stack: each load fuses all loaded ones into the base weights again, in order."""
+        self.lora.load(path, scale)
+
+    def unload_lora(self) -> None:
+        """Pushes the base weights back (bit for bit: the values the engine was built with)."""
+        self.lora.unload()
+
+    def set_loras(self, loras: list[LoraFile]) -> None:
+        """Exactly these LoRAs fused, in order, into the base weights (none: the base engine)."""
+        self.lora.set(loras)
+
+    def lora_weights(self) -> int:
+        """How many distinct weights the loaded LoRAs replaced."""
+        return self.lora.count()
+
+    # ------------------------------------------------------------------ load
+    def eager_reference(self, dtype: torch.dtype | None = None) -> "Engine":
+        """The same weights, bases, settings and LoRAs run by eager PyTorch: what every backend is measured
+        against. With `dtype`, an eager twin in that precision (bench and compare set a bf16 engine against
+        float32)."""
+        manifest = self.manifest
+        if manifest.backend == "eager" and (dtype is None or dtype == self.dtype):
+            return self
+        retype = {}
+        if dtype is not None and dtype != self.dtype:
+            precision = str(dtype).removeprefix("torch.")  # its graphs take their inputs in it (the boundary's)
+            retype = dict(dtype=precision, graphs=retyped(manifest.graphs, manifest.dtype, precision))
+        manifest = dataclasses.replace(manifest, backend="eager", **retype)  # the twin's graphs are eager
+        manifest.opened, manifest.signed = self.manifest.opened, self.manifest.signed  # not fields: not copied
+        spec = manifest.load_spec(lambda: eager_graphs(manifest), self.folder)
+        full, cached = backend("eager").load(self.folder, spec)
+        twin = Engine(self.folder, manifest, full, cached, self.bases)
+        self.lora.copy_to(twin.lora)
+        return twin
 
     def close(self) -> None:
         """Releases what loading extracted (AOTInductor's shared libraries) and the engine files it holds open;
@@ -261,11 +223,6 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _inner(graph):
-    """The backend's own graph under a CUDA-graph wrapper."""
-    return graph.graph if isinstance(graph, static.StaticGraph) else graph
 
 
 def load(folder, trusted_keys: list | None = None, weights=None) -> Engine:

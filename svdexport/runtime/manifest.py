@@ -15,7 +15,6 @@ signature (`runtime/trust.py`) by a trusted key makes an engine from elsewhere s
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import platform
 import types
@@ -29,11 +28,11 @@ from svdexport.errors import SvdExportError, clip
 from svdexport.export import GraphSpec, LoadSpec
 from svdexport.files import confined, parse_json, sha256_file
 from svdexport.models.ranges import ShapeRange, static
+from svdexport.outputs import MANIFEST, manifest_digest  # one name for the file, here and in outputs and trust
 from svdexport.runtime import fields, trust
 from svdexport.verified import VerifiedSet
 
 FORMAT = "svdexport.engine/1"
-MANIFEST = "manifest.json"
 BASES_FILE = "bases.safetensors"
 TABLE_FILE = "conditioning.safetensors"  # class-conditioning table, for models that have one
 PLAN_STATS_FILE = "plan_stats.safetensors"  # cross-step feature inner products: plans for other budgets at run time
@@ -229,8 +228,10 @@ def _parse(tp, value, where: str, limit: int = fields.TEXT_MAX):
         hints = typing.get_type_hints(tp)
         out = {}
         for f in dataclasses.fields(tp):
-            if f.name in value:
-                out[f.name] = _parse(hints[f.name], value[f.name], f"{where}.{f.name}".lstrip("."),
+            # A field renamed since its engines were built is read under its former name (`formerly`).
+            key = f.name if f.name in value else f.metadata.get("formerly", f.name)
+            if key in value:
+                out[f.name] = _parse(hints[f.name], value[key], f"{where}.{key}".lstrip("."),
                                      f.metadata.get("max_chars", fields.TEXT_MAX))
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise SvdExportError(f"manifest field {where}.{f.name} is missing".replace(" .", " "))
@@ -273,15 +274,13 @@ def library_versions() -> dict[str, str]:
     import diffusers
     import torch
 
-    from svdexport import __version__
+    from svdexport.version import __version__
 
     return {"svdexport": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "python": platform.python_version()}
 
 
-def _digest(data: dict) -> str:
-    body = {k: v for k, v in data.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+_digest = manifest_digest  # (tests forge manifests through this name)
 
 
 def write(folder: Path, manifest: Manifest) -> Manifest:

@@ -2,15 +2,16 @@
 engine-backed stand-in, so `pipe(prompt, ...)` keeps its text encoders, VAE, scheduler and prompts and
 runs the full-compute and cached-step engines with the engine's step plan. The family's `PromptEncoder`
 turns the pipeline's transformer call into graph inputs (FluxPipeline and its img2img and inpainting
-variants, which share the transformer call; HunyuanVideoPipeline). `run_prompts` is
-`svdexport run --prompt`: the whole pipeline of the folder the engine was built from.
+variants, which share the transformer call; HunyuanVideoPipeline; StableDiffusion3Pipeline). `run_prompts`
+is `svdexport run --prompt`: the whole pipeline of the folder the engine was built from.
 
 The stand-in knows the step from the pipeline's scheduler (`step_index`, None before the first step of a
 call; `begin_index` where img2img starts partway through), so its cache state starts fresh at the first
 step of every call, and the step plan covers the steps the call actually runs. True CFG
 calls the transformer twice per step under `cache_context("cond")` / `("uncond")`: each context keeps
-its own cache state. LoRAs loaded into the pipeline, before or after `apply`, go into the engine's weights
-(pipeline_loras.py).
+its own cache state; a pipeline that joins both in one call (SD3's: `PromptEncoder.batched_cfg`) has its
+halves run as those two contexts when the engine serves half the call's rows. LoRAs loaded into the
+pipeline, before or after `apply`, go into the engine's weights (pipeline_loras.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from diffusers.models.modeling_utils import ModelMixin
 
 from svdexport.errors import SvdExportError
+from svdexport.models.family import LATENTS, TIMESTEP
 from svdexport.models.lora import hollow, hollow_of
 from svdexport.models.weights import from_pretrained
 from svdexport.runtime.engine import Engine
@@ -39,7 +41,7 @@ class EngineTransformer(PipelineLoras, ModelMixin):
     backed by a compiled engine; and what its LoRA methods need (PipelineLoras). A ModelMixin only because
     diffusers' pipeline LoRA methods skip components that are not.
 
-    Inputs with a leading batch axis (the family's `prompts.batched`) are padded with their last row when
+    Inputs with a leading batch axis (the family's `batched`) are padded with their last row when
     the call has fewer samples than the engine's smallest batch (a static engine's only one; a batch range
     is not padded); every graph input is cast to the dtype the engine
     was built with (activations in its precision, FLUX's rotary table and guidance in float32,
@@ -80,7 +82,7 @@ class EngineTransformer(PipelineLoras, ModelMixin):
     def plan_of_last_call(self) -> list[bool]:
         """Which steps of the latest call ran the full graph."""
         cache = self._caches.get("cond")
-        return list(cache.plan) if cache else []
+        return cache.plan.mask if cache else []
 
     def _step(self) -> tuple[int, int]:
         """(index of the current step among the steps this call runs, how many it runs) from the pipeline's
@@ -94,17 +96,41 @@ class EngineTransformer(PipelineLoras, ModelMixin):
     def _fit_batch(self, inputs: dict[str, torch.Tensor]) -> int:
         """Pads the batch up to the engine's smallest (a static engine's only) batch; a ranged batch is not padded."""
         want, most = self.engine.range.min.batch, self.engine.range.max.batch
-        got = inputs["hidden_states"].shape[0]
+        got = inputs[LATENTS.name].shape[0]
         if got > most:
             unit = "videos" if self.engine.family.is_video else "images"
             raise SvdExportError(f"the pipeline asks for {got} {unit} per step (prompts x num_{unit}_per_prompt); "
                                  f"this engine {_serves(self.engine, 'batch')} (rebuild with "
                                  f"--{'max-' * (want != most)}batch {got})")
-        for k in self.engine.family.prompts.batched:
+        for k in self.engine.family.batched:
             if k in inputs and got < want:
                 x = inputs[k]
                 inputs[k] = torch.cat([x, x[-1:].expand(want - got, *x.shape[1:])])
         return got
+
+    def _contexts(self, inputs: dict[str, torch.Tensor]) -> list[tuple[str, dict[str, torch.Tensor]]]:
+        """The call's rows by cache context. A family whose pipeline joins its uncond and cond rows in one call
+        (`batched_cfg`: SD3) has them run as two passes, each with its own cache state, when the engine serves
+        fewer rows than the call has; else the call is one pass in the pipeline's context."""
+        got, batched = inputs[LATENTS.name].shape[0], self.engine.family.batched
+        if not self.engine.family.prompts.batched_cfg or got <= self.engine.range.max.batch or got % 2:
+            return [(self._context, inputs)]
+        half = [{k: v[part] if k in batched else v for k, v in inputs.items()}
+                for part in (slice(None, got // 2), slice(got // 2, None))]
+        return [("uncond", half[0]), ("cond", half[1])]  # the pipeline's order: torch.cat([latents] * 2)
+
+    def _run(self, i: int, steps: int, context: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Step i of `steps` on the cache state of `context` (fresh at step 0)."""
+        engine = self.engine
+        batch = self._fit_batch(inputs)
+        inputs = {k: v.to(engine.device, self._dtypes.get(k, v.dtype)) for k, v in inputs.items()}
+        engine.check_inputs(inputs)
+        if i == 0:
+            self._caches[context] = engine.step_cache(steps, self.cache)
+        cache = self._caches.get(context)
+        if cache is None or cache.plan.steps != steps:
+            raise SvdExportError(f"step {i} of a call whose step 0 this engine did not see; call the pipeline again")
+        return cache(i, inputs)[:batch]
 
     @torch.inference_mode()
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, joint_attention_kwargs: dict | None = None,
@@ -121,23 +147,16 @@ class EngineTransformer(PipelineLoras, ModelMixin):
         i, steps = self._step()
         if i == 0:
             self.sync_loras()  # once per call (and context): adapters loaded, weighted or unloaded since the last
-        inputs = engine.family.prompts.call_inputs(engine.config, {**kwargs, "hidden_states": hidden_states,
-                                                           "timestep": timestep}, self._memo)
-        text_len = inputs["encoder_hidden_states"].shape[1]
+        inputs = engine.family.prompts.call_inputs(engine.config, {**kwargs, LATENTS.name: hidden_states,
+                                                           TIMESTEP.name: timestep}, self._memo)
+        text_len = inputs[engine.family.text_input].shape[1]
         lo, hi = engine.range.min.text_len, engine.range.max.text_len
         if not lo <= text_len <= hi:
             raise SvdExportError(f"the prompt embeddings have {text_len} tokens; this engine "
                                  f"{_serves(engine, 'text_len', '')}: call the pipeline with "
                                  f"max_sequence_length={engine.shapes.text_len}")
-        batch = self._fit_batch(inputs)
-        inputs = {k: v.to(engine.device, self._dtypes.get(k, v.dtype)) for k, v in inputs.items()}
-        engine.check_inputs(inputs)
-        if i == 0:
-            self._caches[self._context] = engine.step_cache(steps, self.cache)
-        cache = self._caches.get(self._context)
-        if cache is None or len(cache.plan) != steps:
-            raise SvdExportError(f"step {i} of a call whose step 0 this engine did not see; call the pipeline again")
-        out = cache(i, inputs)[:batch].to(hidden_states.device, hidden_states.dtype)
+        out = torch.cat([self._run(i, steps, context, rows) for context, rows in self._contexts(inputs)])
+        out = out.to(hidden_states.device, hidden_states.dtype)
         if not return_dict:
             return (out,)
         from diffusers.models.modeling_outputs import Transformer2DModelOutput

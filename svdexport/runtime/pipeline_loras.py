@@ -6,41 +6,24 @@ The stand-in keeps a hollow copy of the pipeline's transformer (`models.lora.hol
 and adapters, with placeholders that take no memory for its base weights) and hands diffusers' calls on
 `pipe.transformer` to it, so the LoRA loader converts and injects the files as it would into the real model.
 At the first step of each pipeline call the stand-in compares the adapters' state with the one it pushed;
-when it changed, PEFT fuses the adapters onto the engine's base weights of the adapted modules (read alone
-from the files the manifest names, as `engine.load_lora` reads them) and the weights that changed go into the compiled graphs. No adapter
+when it changed, the engine's LoRA state (`engine.lora`, runtime/loras.py) fuses the adapters onto the engine's
+base weights of the adapted modules and pushes the weights that changed into the compiled graphs. No adapter
 left pushes the base weights back, bit for bit.
 """
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from svdexport.errors import SvdExportError
-from svdexport.models.lora import adapted_parameters, adapter_state, check_adapter_call, fuse_active, install
-from svdexport.models.lora import tuner_modules
-from svdexport.runtime.base import base_weights
+from svdexport.models.lora import adapter_state, check_adapter_call, tuner_modules
 from svdexport.runtime.engine import Engine
-from svdexport.runtime.lora import WeightSwap, graph_weights
-
-
-def fused_swap(hollowed: torch.nn.Module, engine: Engine) -> WeightSwap:
-    """The engine's weights with the adapters of a hollow transformer fused (none: the base weights)."""
-    if not tuner_modules(hollowed):
-        return WeightSwap()
-    engine.check_lora_support()
-    model = copy.deepcopy(hollowed).to("cpu")  # placeholders stay one element each
-    # Only the adapted modules' base weights are read (the engine's own, checked unchanged).
-    install(model, base_weights(engine.manifest, list(adapted_parameters(model))))
-    fused = fuse_active(model)
-    return graph_weights(engine.family, model, engine.cache.granularity, fused)
 
 
 class PipelineLoras:
     """The LoRA side of the engine-backed stand-in (`pipeline.EngineTransformer`, a diffusers ModelMixin so that
     the pipeline's LoRA methods reach it): the PEFT methods diffusers calls on `pipe.transformer` act on
-    `self.hollow`, and `sync_loras` pushes their result into `self.engine`."""
+    `self.hollow`, and `sync_loras` pushes their result into `self.engine.lora`."""
 
     engine: Engine
     hollow: torch.nn.Module
@@ -52,7 +35,7 @@ class PipelineLoras:
             raise SvdExportError("the pipeline's transformer has fused LoRAs (pipe.fuse_lora): call "
                                  "pipe.unfuse_lora() before svdexport.apply, which fuses the loaded adapters itself")
         self.hollow = hollowed  # a registered submodule: diffusers finds its PEFT layers in `modules()`
-        self._token = object()  # this stand-in, in the engine's `weights_from`
+        self._token = object()  # this stand-in, in `engine.lora.source`
         self._pushed = ()  # the adapter state this stand-in last pushed: none yet
         self.sync_loras()
 
@@ -62,11 +45,10 @@ class PipelineLoras:
         the pipeline has adapters. A pipeline that never had adapters leaves the engine's LoRAs (engine.load_lora)
         as they are; once it has, its adapters replace them, and unloading them gives the base engine."""
         state = adapter_state(self.hollow)
-        if state == self._pushed and (not state or self.engine.weights_from == (self._token, state)):
+        if state == self._pushed and (not state or self.engine.lora.source == (self._token, state)):
             return
         with torch.inference_mode(False):  # the engine keeps these weights beyond this call
-            self.engine.push_weights(fused_swap(self.hollow, self.engine), source=(self._token, state))
-        self.engine.loras = []  # the pipeline's adapters, not files
+            self.engine.lora.push_adapters(self.hollow, source=(self._token, state))
         self._pushed = state
 
     def _apply(self, fn, recurse: bool = True):
@@ -76,7 +58,7 @@ class PipelineLoras:
 
     # diffusers' pipeline LoRA methods call these on pipe.transformer (ModelMixin): the hollow model runs them.
     def load_lora_adapter(self, *args, **kwargs) -> None:
-        self.engine.check_lora_support()  # tensorrt: refused here, before anything is loaded
+        self.engine.lora.check_support()  # tensorrt: refused here, before anything is loaded
         check_adapter_call(self.hollow, args, kwargs)  # a LoRA of another model: refused, not half loaded
         self.hollow.load_lora_adapter(*args, **kwargs)
 

@@ -115,7 +115,7 @@ def trusted_keys(given: list | None = None) -> list[Path]:
 
 def sign(folder: Path, key_path: Path) -> dict:
     """Writes folder/signature.json over the manifest's bytes. The caller has verified the engine first."""
-    from svdexport.runtime.manifest import MANIFEST
+    from svdexport.outputs import MANIFEST  # the name alone: trust reads bytes and paths, never a manifest's fields
 
     key = load_private(key_path)
     remove_stale(Path(folder) / SIGNATURE)  # a killed sign's .signature.json.tmp-PID (dead processes' only)
