@@ -62,14 +62,18 @@ class AotiBackend(Backend):
 
     def update_weights(self, graphs: tuple, weights: dict[str, dict[str, torch.Tensor]], spec: LoadSpec) -> None:
         """AOTInductor's constant-buffer update: the package's constants are the parameters by FQN (no
-        compile-time folding of weights), copied into the loaded model's buffers."""
+        compile-time folding of weights); the changed ones are bound to the new tensors, the rest stay."""
         for name, graph in zip(GRAPHS, graphs):  # both checked before either changes
             missing_weights(name, weights.get(name) or {}, graph.fn.get_constant_fqns())
         for name, graph in zip(GRAPHS, graphs):
             given = weights.get(name) or {}
             if given:
-                graph.fn.load_constants({k: v.detach().to(spec.device).contiguous() for k, v in given.items()},
-                                        check_full_update=False)
+                # Rebound, never copied into: the bound constants may be read-only views of a mapped checkpoint
+                # (a copy into them is a segfault, not an error), and the engine's buffers are the user's anyway.
+                values = dict(graph.fn.svdexport_constants)
+                values.update({k: v.detach().to(spec.device).contiguous() for k, v in given.items()})
+                graph.fn.load_constants(values, check_full_update=True, user_managed=True)
+                graph.fn.svdexport_constants = values
 
 
 def bind(package, name: str, spec: LoadSpec) -> None:
