@@ -10,4 +10,4 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   quiet_pip install "torch==2.13.0"
 fi
-quiet_pip install -e ".[dev,onnx,bench,ray]"
+quiet_pip install -e ".[dev,onnx,bench,ray,quantize]"

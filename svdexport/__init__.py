@@ -4,6 +4,9 @@ Thin on purpose: importing the package loads nothing heavy (torch, diffusers); `
 runtime when called, so that `svdexport --help` starts fast."""
 
 from svdexport.version import __version__
+from svdexport.quiet import hush_import_noise
+
+hush_import_noise()  # logging levels only: imports nothing heavy
 
 
 def load(engine_dir, trusted_keys=None, weights=None):

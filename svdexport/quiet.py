@@ -14,6 +14,18 @@ from typing import Iterator
 ENV = "SVDEXPORT_VERBOSE"
 
 
+# Loggers whose import-time warnings say nothing to an svdexport user once torchao (the quantize extra) is
+# installed: diffusers imports it with its models; torchao logs the CUDA kernels it cannot load on a CPU and
+# torch its enums' pytree deprecation, and diffusers that torchao 0.18 moved tensor classes it looks for.
+IMPORT_NOISE = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
+
+
+def hush_import_noise() -> None:
+    """Raises IMPORT_NOISE's loggers to ERROR unless verbose (before anything imports them: levels stay set)."""
+    for name in IMPORT_NOISE:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose() else logging.ERROR)
+
+
 def verbose() -> bool:
     return os.environ.get(ENV, "") not in ("", "0")
 
@@ -24,6 +36,7 @@ def set_verbose(on: bool) -> None:
         os.environ[ENV] = "1"
     else:
         os.environ.pop(ENV, None)
+    hush_import_noise()
 
 
 @contextmanager

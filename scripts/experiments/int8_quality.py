@@ -9,7 +9,9 @@ bound at load (scripts/experiments/int8_flux1_step.py's `aoti`). Every engine ru
 engine's, rounded to bf16, as `svdexport compare` gives a bf16 engine and its fp32 reference).
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python scripts/experiments/int8_quality.py [--model hunyuanvideo] \\
-        [--seeds 2000-2015] [--variants int8-all,int8-kept]
+        [--seeds 2000-2015] [--variants int8-all,int8-kept,int8-built]
+
+int8-built: the engine `svdexport build --backend aoti --quantize int8` makes (builder/quantized.py).
 """
 from __future__ import annotations
 
@@ -49,10 +51,12 @@ class Graph:
         return out if len(self.output_names) > 1 else out[0]
 
 
-def engine(root: Path, model: str, dtype: str, backend: str):
-    out = root / f"{model}-{dtype}-{backend}"
-    build(BuildOptions(model=model, weights="bundled:digits", backend=backend, dtype=dtype), out,
-          graphs_dir=root / f"graphs-{model}-{dtype}-{backend}", progress=False)
+def engine(root: Path, model: str, dtype: str, backend: str, quantize: str = "none"):
+    """A CLI-equivalent build (`build --quantize int8` for the int8-built variant: the shipped int8 engine)."""
+    tag = f"{model}-{dtype}-{backend}" + ("" if quantize == "none" else f"-{quantize}")
+    out = root / tag
+    build(BuildOptions(model=model, weights="bundled:digits", backend=backend, dtype=dtype, quantize=quantize), out,
+          graphs_dir=root / f"graphs-{tag}", progress=False)
     return svdexport.load(out)
 
 
@@ -96,7 +100,8 @@ def main() -> None:
     e16 = engine(root, a.model, "bf16", "aoti")
     print(f"engines built in {time.perf_counter() - start:.0f} s", flush=True)
     (root / "packages").mkdir(exist_ok=True)
-    e8 = {v: int8_engine(root, a.model, v, root / "packages") for v in a.variants.split(",")}
+    e8 = {v: engine(root, a.model, "fp32", "aoti", "int8") if v == "int8-built"  # build --quantize int8
+          else int8_engine(root, a.model, v, root / "packages") for v in a.variants.split(",")}
     rows: dict[str, list[float]] = {}
 
     def add(name: str, gen, ref) -> None:

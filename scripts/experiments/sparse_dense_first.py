@@ -1,6 +1,6 @@
 """Issue 27 item 4, follow-up: does running the first K full-graph calls of a generation with dense attention (and
 the rest sparse) recover the digits models' quality? (Training-free sparse attention for video DiTs keeps the early,
-layout-setting steps dense.) Same engines as sparse_quality.py; the sparse engine's full graph is swapped for the
+layout-setting steps dense.) Same engines as sparse_quality.py (`BuildOptions(attention=...)`); the sparse engine's full graph is swapped for the
 dense engine's (same weights; the graph takes the bases as an input) on its first K calls. Experiment only.
 
     PYTHONPATH=. .venv/bin/python scripts/experiments/sparse_dense_first.py --model flux \\
@@ -20,9 +20,6 @@ import svdexport
 from svdexport.bench.metrics import psnr
 from svdexport.builder.build import BuildOptions, build
 from svdexport.models import FAMILIES
-from svdexport.models.sparse_attention import parse_attention
-
-from sparse_quality import SparseGraphs  # noqa: E402  (scripts/experiments on the path)
 
 
 class FirstDense:
@@ -53,11 +50,8 @@ def main() -> None:
         opts = dict(model=a.model, weights="bundled:digits", dtype="fp32", backend="eager")
         build(BuildOptions(**opts), Path(tmp) / "dense", progress=False)
         dense = svdexport.load(Path(tmp) / "dense")
-        spec = parse_attention(a.attention, 3 if a.model == "hunyuanvideo" else 2)
-        with SparseGraphs(fam, spec, dense.shapes):
-            build(BuildOptions(**opts), Path(tmp) / "sparse", progress=False)
-            sparse = svdexport.load(Path(tmp) / "sparse")
-            sparse.generate(seed=first, steps=2, interval=1)
+        build(BuildOptions(**opts, attention=a.attention), Path(tmp) / "sparse", progress=False)
+        sparse = svdexport.load(Path(tmp) / "sparse")
         own_full, shapes, labels = sparse.sampler.full, dense.shapes, dense.labels
         rows = {}
         for seed in range(first, last + 1):
@@ -70,7 +64,7 @@ def main() -> None:
                     img = fam.unpack(sparse.generate(x, steps=50, **kw).latents, shapes)
                     rows.setdefault(f"first {k} full-graph calls dense, {what}", []).append(min(psnr(img, ref), 99.0))
             sparse.sampler.full = own_full
-    print(f"{a.model} bundled:digits, fp32 eager, --attention {spec.text()}, seeds {first}-{last}, load {load0:.1f} -> "
+    print(f"{a.model} bundled:digits, fp32 eager, --attention {sparse.manifest.attention.option}, seeds {first}-{last}, load {load0:.1f} -> "
           f"{os.getloadavg()[0]:.1f}, {time.time() - t0:.0f} s; PSNR against dense full compute")
     print("| variant | mean dB | worst dB |\n|---|---|---|")
     for name, v in rows.items():

@@ -135,6 +135,7 @@ def bench(engine_dir: str, steps: int = 50, repeats: int = 5, step_calls: int = 
         ratios |= {"full_step_vs_eager_fp32": s["engine_full"] / s["eager_fp32_full"],
                    "e2e_speedup_vs_eager_fp32_uncached": e["eager_fp32_uncached"] / e["engine_cached"]}
     memory = {"process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    gemm = engine_gemm_path(engine)
     if engine.device.type == "cuda":
         memory["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     context = {"backend": m.backend, "hidden": engine.family.hidden_size(engine.config), "fp32_twin": twin is not None}
@@ -145,11 +146,25 @@ def bench(engine_dir: str, steps: int = 50, repeats: int = 5, step_calls: int = 
         "engine": str(engine_dir), "backend": m.backend, "device": str(engine.device), "dtype": m.dtype,
         "shapes": m.shapes.build, "cache": m.cache.to_dict(), "steps": steps,
         "step_seconds": s, "e2e_seconds": e, "ratios": ratios, "limit": limit, "memory": memory,
-        "targets": targets, "eager_is_engine": same,
+        "targets": targets, "eager_is_engine": same, "gemm_path": gemm,
         "method": f"medians of {repeats} interleaved repeats ({step_calls} calls per step timing), "
                   f"{e2e_repeats} interleaved end-to-end runs of {steps} steps; matmul peak: best over the "
                   f"repeats of {peak_repeats} product(s) per shape, measured between the step timings",
     }
+
+
+def engine_gemm_path(engine) -> str | None:
+    """The GEMM path an aoti engine's full graph calls, read from its generated code (export/gemm_path.py);
+    None for the other backends (their kernels are chosen by their runtimes)."""
+    from svdexport.export import gemm_path
+
+    m = engine.manifest
+    if m.backend != "aoti":
+        return None
+    code = gemm_path.package_code(m.path(engine.folder, m.backend_options["packages"]["full"]))
+    scheme = m.backend_options.get("quantization")
+    quantized = f"; quantized: {scheme['name']} ({scheme['method']})" if scheme else ""
+    return gemm_path.describe(gemm_path.gemm_paths(code)) + quantized
 
 
 def _row(label: str, eager: float, engine: float, unit: str, twin: bool, fp32: float | None = None) -> str:
@@ -192,6 +207,7 @@ def format_report(r: dict) -> str:
     lines += [
         f"{speed}; engine cached step = {q['cached_vs_full_step'] * 100:.1f}% of its full step",
         roofline.describe(r["limit"]),
+        *([r["gemm_path"]] if r.get("gemm_path") else []),
         "memory: " + ", ".join(f"{k} {v:.0f}" for k, v in r["memory"].items()),
     ]
     if r["targets"]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from svdexport.builder import bases_file, memory, precision
+from svdexport.builder import bases_file, memory, precision, quantized, sparse
 from svdexport.builder.calibrate import CALIBRATION_SEED, CalibrationSettings, calibrate
 from svdexport.builder.step_plans import calibrate_plan
 from svdexport.builder.bound import write_bound
@@ -72,6 +72,8 @@ class BuildOptions:
     refine_evaluations: int = 0  # opt-in: see README (on held-out seeds it raised the mean, lost the worst sample)
     refine_samples: int = 32
     refine_budgets: list[int] | None = None
+    attention: str = "dense"  # dense | sparse[:tile=AxB[xC],window=N|AxB[xC]] (builder/sparse.py)
+    quantize: str = "none"  # none | int8 | fp8 | auto: quantized graphs (builder/quantized.py; aoti only)
 
     def validate(self) -> "BuildOptions":
         self.cache.validate()
@@ -92,6 +94,8 @@ class BuildOptions:
                                  f"with {self.cache.predictor} keeps no plan statistics")
         if self.refine_evaluations < 0 or self.refine_samples < 1 or any(b < 1 for b in self.refine_budgets or ()):
             raise SvdExportError("refinement needs evaluations >= 0, samples >= 1 and budgets >= 1")
+        self.attention = sparse.normalized(self)
+        quantized.check(self)  # refused in one line where no scheme ships; an int8 CPU build is fp32
         return self
 
 
@@ -131,6 +135,7 @@ def prepare(opts: BuildOptions) -> Prepared:
     if opts.cache.k_max > dim:
         raise SvdExportError(f"k_max={opts.cache.k_max} exceeds the model's hidden size {dim}")
     shapes = fam.shapes({**fam.default_shapes(info).to_dict(), **opts.shapes})
+    layout = sparse.layout(opts, shapes)  # refused here, before the weights load, if it cannot fit the shapes
     ranges = shape_range(fam.name, shapes, opts.min_shapes, opts.max_shapes)
     for h, w in opts.calib_shapes:  # calibration shapes are shapes the engine serves
         ranges.request(height=h, width=w)
@@ -142,7 +147,7 @@ def prepare(opts: BuildOptions) -> Prepared:
     opts.plan_steps = sorted(set(opts.plan_steps) - {opts.calib_steps})
     itemsize = DTYPES[opts.dtype].itemsize
     est = memory.estimate(fam.parameters(info.config), itemsize, fam.activation_bytes(info.config, shapes, itemsize),
-                          backend(opts.backend).weight_copies, opts.device)
+                          quantized.weight_copies(opts), opts.device)
     if opts.check_memory:
         memory.check(est, f"building this model with the {opts.backend} backend in {opts.dtype}")
     table, prompts = None, None
@@ -162,7 +167,7 @@ def prepare(opts: BuildOptions) -> Prepared:
         raise SvdExportError(f"--calibration-prompts needs text encoders; {info.source} has none "
                              f"(a {fam.name} pipeline folder with its text encoders and tokenizers)")
     loaded = fam.load_weights(info, DTYPES[opts.dtype])
-    model = loaded.model.to(opts.device)
+    model = sparse.installed(loaded.model.to(opts.device), layout)
     full, cached = fam.graphs(model, opts.cache.granularity)
     return Prepared(fam, model, loaded, info, shapes, ranges, full, cached, fam.sites(info.config, opts.cache.granularity),
                     sampling, table, defaults.steps, est, prompts)
@@ -226,6 +231,8 @@ def build_key(p: Prepared, opts: BuildOptions) -> str:
         parts["embed_weights"] = True
     if opts.bases:
         parts["bases"] = bases_file.digest(opts.bases)
+    parts.update(sparse.key_parts(opts))
+    parts.update(quantized.key_parts(opts))
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -290,6 +297,7 @@ def _build(opts: BuildOptions, out: Path, graphs_dir: Path, progress: bool, be) 
     stats, plan_records = calibrate_plan(p, opts, bases, progress) if planned else (None, [])
     example = p.inputs(0, opts)
     graphs = graph_exports(p, bases, example, opts)
+    quantized.apply(p, graphs, opts)  # only the exported graphs: calibration ran on the unquantized model
     graphs_ctx = atomic_dir(graphs_dir, opts.force) if be.needs_export else contextlib.nullcontext(None)
     with atomic_dir(out, opts.force) as tmp, graphs_ctx as gtmp:
         bases.save(tmp / BASES_FILE)
@@ -336,6 +344,7 @@ def _build(opts: BuildOptions, out: Path, graphs_dir: Path, progress: bool, be) 
             graphs=_describe(graphs),
             plans=plan_records,
             bound=bound,
+            attention=sparse.record(p.model),
         )
         with phase("hashing the engine files (manifest.json)", shown_from=1.0):
             return mf.write(tmp, manifest), False

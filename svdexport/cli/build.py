@@ -60,6 +60,9 @@ def cmd_build(a: argparse.Namespace) -> None:
     if m.graphs_dir:
         print(f"exported graphs in {m.graphs_dir}")
     print(f"parameters: full graph {g['full'].parameters:,}, cached-step graph {g['cached'].parameters:,}")
+    if m.attention is not None:
+        print(f"attention: {m.attention.option} over the {'x'.join(map(str, m.attention.grid))} token grid: the mask "
+              f"keeps {m.attention.kept:.0%} of the pairs, {m.attention.blocks_computed:.0%} of the blocks computed")
     given = f"; from {opts.bases}" if opts.bases else ""
     print(f"ranks (tau {m.calibration.tau}, k_max {m.calibration.k_max}{given}): {ranks}")
     for plan in m.plans:

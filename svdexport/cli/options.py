@@ -27,7 +27,8 @@ REMOVED_PARAMETERS = {  # build's flags of 0.4.0 that the predictor now carries
     "--gamma": "is gone: the predictor carries its parameters, e.g. --predictor svd-taylor:gamma=0",
 }
 BUILD_ONLY = ("--predictor", "--warmup", "--interval", "--plan", "--full-steps", "--plan-steps", "--refine-evaluations",
-              "--refine-samples", "--refine-budgets", "--no-memory-check", "--backend", "--graphs", "--embed-weights")
+              "--refine-samples", "--refine-budgets", "--no-memory-check", "--backend", "--graphs", "--embed-weights",
+              "--attention", "--quantize")
 
 
 def add_model_group(p: argparse.ArgumentParser, h: FamilyHelp) -> None:
@@ -113,6 +114,17 @@ def add_backend_group(p: argparse.ArgumentParser, h: FamilyHelp) -> None:
     g = p.add_argument_group("backend (how the graphs become an engine)")
     g.add_argument("--backend", default="eager", help=f"{h.backends} (default: %(default)s)")
     g.add_argument("--graphs", help="folder for the exported programs (default graphs/NAME of --out)")
+    g.add_argument("--attention", default="dense", metavar="dense|sparse[:tile=AxB[xC],window=N|AxB[xC]]",
+                   help="sparse: block-sparse tile-window attention through FlexAttention in the full-compute graph "
+                   "(aoti, inductor or eager; static shapes), all text tokens kept; tile in tokens, window in tiles "
+                   "per axis; defaults FLUX tile=8x16,window=1, HunyuanVideo tile=2x8x8,window=1 (frames x rows x "
+                   "columns); pays from about 2.5-5k tokens on CPU; untuned it costs the digits models 11-25 dB: "
+                   "check the quality on your model (docs/sparse.md) (default: %(default)s)")
+    g.add_argument("--quantize", default="none", metavar="none|int8|fp8|auto",
+                   help="quantized linears, aoti backend only: int8 on a CPU (PT2E + oneDNN: AMX-INT8 or VNNI; "
+                   "calibrates in fp32; 1.56-1.74x the bf16 aoti full step at FLUX.1 width, docs/int8.md), fp8 on "
+                   "CUDA GPUs of compute capability 8.9+ (torchao; int8 on older ones); auto: the best the device "
+                   "has, else none. Needs torchao; a quantized engine takes no LoRA (default: %(default)s)")
     g.add_argument("--embed-weights", action="store_true", help="keep the weights inside the engine (a "
                    "self-contained engine to ship); default: an engine built from a local checkpoint references "
                    "its files by sha256 and maps them at load (bundled models are always kept inside)")
@@ -181,7 +193,7 @@ def build_options(a: argparse.Namespace, stage: str):
                 "refine_samples": a.refine_samples,
                 "refine_budgets": list(int_list(a.refine_budgets, "--refine-budgets")) or None}
         more = {"backend": a.backend, "check_memory": not a.no_memory_check, "embed_weights": a.embed_weights,
-                "bases": a.bases,
+                "bases": a.bases, "attention": a.attention, "quantize": a.quantize,
                 **{f"{end}_shapes": {k: getattr(a, f"{end}_{k}") for k in a.ranged_axes} for end in ("min", "max")}}
     shapes = {k: getattr(a, k) for k in a.shape_axes if getattr(a, k) is not None}
     quiet.set_verbose(a.verbose)  # read by the backends' quiet() and inherited by subprocesses

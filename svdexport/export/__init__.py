@@ -55,6 +55,9 @@ class LoadSpec:
     # Refuses an engine file written in place since it was hashed (what `resolve` names may then differ from
     # what was hashed); backends that read engine files again after the load (a refit) call it after the read.
     unchanged: Callable[[], None] | None = None
+    # Builds the graphs from the model's config alone, every weight on the meta device (bound at load by name):
+    # what a backend compiles where the engine holds no program of a graph (inductor with sparse attention).
+    skeleton_graphs: Callable[[], tuple] | None = None
 
     def file(self, kind: str, graph: str, engine_dir: Path) -> Path:
         """The file of `graph` that backend_options[kind] names, through the manifest's resolver."""
@@ -84,6 +87,8 @@ class GraphExport:
     # between them is dynamic in the exported program (torch.export Dim), the ONNX model and TensorRT's profile.
     min_args: tuple | None = None
     max_args: tuple | None = None
+    # export/quantize.QuantScheme of a quantized graph (`build --quantize`: its module's linears are int8/fp8)
+    quantization: object = None
 
     def dynamic_shapes(self) -> tuple | None:
         """torch.export's dynamic_shapes: per input, {dim: Dim.DYNAMIC(min, max)} for the dims that vary."""
@@ -231,9 +236,21 @@ def export_programs(graphs: dict[str, GraphExport], graphs_dir: Path) -> None:
                     g.program = torch.export.export(g.module, g.args, dynamic_shapes=g.dynamic_shapes(), strict=False)
             except Exception as e:  # an exporter failure is a design bug; name the graph that hit it
                 raise SvdExportError(f"torch.export failed on the {name} graph: {str(e).splitlines()[0]}") from e
+            if unsavable(g.program):  # compiled from memory; the folder says why its program is not there
+                (graphs_dir / f"{name}.not-saved.txt").write_text(f"{name}.pt2 is not saved: {unsavable(g.program)}\n")
+                continue
             g.program_path = graphs_dir / f"{name}.pt2"
             with quiet():
                 torch.export.save(weightless(g.program), g.program_path)
+
+
+def unsavable(program) -> str | None:
+    """Why torch.export.save cannot write `program` (None: it can): torch 2.13 serialises no flex_attention node
+    (sparse attention, docs/sparse.md), for any mask."""
+    flex = torch.ops.higher_order.flex_attention
+    if any(n.op == "call_function" and n.target is flex for n in program.graph.nodes):
+        return f"it holds FlexAttention, which torch {torch.__version__} cannot serialise (torch.export.save)"
+    return None
 
 
 def weightless(program):

@@ -16,6 +16,8 @@ from torch.utils import _pytree as pytree
 from svdexport.errors import SvdExportError
 from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, check_signature, compiled_pair, missing_weights
 from svdexport.export import open_engine_file
+from svdexport.export.aoti_frozen import bind_frozen, compile_frozen, quantization
+from svdexport.export.quantize import LORA_REFUSAL, PT2E_X86
 from svdexport.files import Scratch
 from svdexport.progress import phase
 from svdexport.quiet import quiet
@@ -29,6 +31,10 @@ class AotiBackend(Backend):
     def build(self, graphs: dict[str, GraphExport], engine_dir: Path, graphs_dir: Path) -> dict:
         from torch._inductor import aoti_compile_and_package
 
+        scheme = graphs["full"].quantization
+        if scheme is not None and scheme.method == PT2E_X86:  # int8 on a CPU: oneDNN qlinear needs freezing
+            return compile_frozen(graphs, engine_dir, scheme)
+        record = {"quantization": scheme.to_dict()} if scheme is not None else {}  # torchao: plain constants
         for name in GRAPHS:
             try:
                 with phase(f"compiling the {name} graph (AOTInductor)"), quiet():  # quiet: the compilers' warnings
@@ -36,7 +42,7 @@ class AotiBackend(Backend):
                                              inductor_configs={"aot_inductor.package_constants_in_so": False})
             except Exception as e:
                 raise SvdExportError(f"AOTInductor failed on the {name} graph: {str(e).splitlines()[0]}") from e
-        return {"packages": {n: f"{n}.aoti.pt2" for n in GRAPHS}}
+        return {"packages": {n: f"{n}.aoti.pt2" for n in GRAPHS}, **record}
 
     def load(self, engine_dir: Path, spec: LoadSpec):
         from torch._inductor import aoti_load_package
@@ -50,7 +56,10 @@ class AotiBackend(Backend):
             # Its call spec (pytree of the inputs and outputs) against the manifest's graph, before any call.
             ins, outs = (pytree.treespec_loads(s).num_leaves for s in package.loader.get_call_spec())
             check_signature(path, spec.graphs[name].inputs, spec.graphs[name].outputs, ins, outs)
-            bind(package, name, spec)
+            if "derived" in spec.options:  # compiled with freezing (a quantized engine): derived constants
+                bind_frozen(package, name, spec, engine_dir, path, scratch)
+            else:
+                bind(package, name, spec)
             return package
 
         pair = compiled_pair(spec, one)
@@ -59,6 +68,11 @@ class AotiBackend(Backend):
         return pair
 
     fixed_weights = None
+
+    def weights_refusal(self, options: dict) -> str | None:
+        """A quantized engine's weights are derived at build (int8/fp8, prepacked): no LoRA can be pushed."""
+        scheme = quantization(options)
+        return None if scheme is None else LORA_REFUSAL.format(scheme=f"{scheme.name}, {scheme.method}")
 
     def update_weights(self, graphs: tuple, weights: dict[str, dict[str, torch.Tensor]], spec: LoadSpec) -> None:
         """AOTInductor's constant-buffer update: the package's constants are the parameters by FQN (no

@@ -30,7 +30,8 @@ REPLAYABLE = {"aten.permute.default", "aten.t.default", "aten.clone.default", "a
               "aten._to_copy.default", "aten.view.default", "aten.reshape.default", "aten.transpose.int",
               "aten.mul.Tensor", "aten.unsqueeze.default", "aten.squeeze.dim", "aten.expand.default",
               "prims.convert_element_type.default",
-              "mkldnn._reorder_linear_weight", "onednn.qlinear_prepack", "onednn.qconv_prepack"}
+              "mkldnn._reorder_linear_weight", "mkldnn._reorder_convolution_weight", "onednn.qlinear_prepack",
+              "onednn.qconv_prepack"}  # _reorder_convolution_weight: HunyuanVideo's Conv3d patch embedder (fp32)
 
 
 def _op_name(target) -> str:

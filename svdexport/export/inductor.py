@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from svdexport.errors import SvdExportError
 from svdexport.export import GRAPHS, Backend, GraphExport, LoadSpec, check_signature, compiled_pair, link_or_copy
 from svdexport.export import open_engine_file, with_constants
 from svdexport.export.eager import copy_into_modules
@@ -22,12 +23,25 @@ class InductorBackend(Backend):
     weight_copies = 1.1  # programs saved without weights (bound at load): the weights once, as aoti
 
     def build(self, graphs: dict[str, GraphExport], engine_dir: Path, graphs_dir: Path) -> dict:
-        for name in GRAPHS:
-            link_or_copy(graphs[name].program_path, engine_dir / f"{name}.pt2")
-        return {"programs": {n: f"{n}.pt2" for n in GRAPHS}, "compiled": "at load"}
+        programs = {n: f"{n}.pt2" for n in GRAPHS if graphs[n].program_path is not None}
+        for name, file in programs.items():
+            link_or_copy(graphs[name].program_path, engine_dir / file)
+        # A graph whose program torch.export cannot save (FlexAttention: export.unsavable) is rebuilt at load from
+        # the model's config and bound to the engine's constants like a program's module, then compiled.
+        rebuilt = [n for n in GRAPHS if n not in programs]
+        return {"programs": programs, "compiled": "at load", **({"rebuilt": rebuilt} if rebuilt else {})}
 
     def load(self, engine_dir: Path, spec: LoadSpec):
+        rebuilt = spec.options.get("rebuilt") or []
+        if rebuilt and (spec.constants is None or spec.skeleton_graphs is None):
+            raise SvdExportError(f"the engine binds no weights to its rebuilt {rebuilt[0]} graph: rebuild it")
+        skeleton = spec.skeleton_graphs() if rebuilt else None
+
         def compile_one(name: str):
+            if name in rebuilt:
+                module = with_constants(skeleton[GRAPHS.index(name)],
+                                        {k: v.to(spec.device) for k, v in spec.constants(name).items()})
+                return compiled_at_load(name, module, spec, [])
             path = spec.file("programs", name, engine_dir)
             program = open_engine_file(path, "a torch.export program", lambda: torch.export.load(str(path)))
             signature = program.graph_signature  # its own input names, before the compile runs it
@@ -39,19 +53,7 @@ class InductorBackend(Backend):
             module = program.module()
             if spec.constants is not None:  # a weightless program: its weights bound from the engine's bindings
                 module = with_constants(module, {k: v.to(spec.device) for k, v in spec.constants(name).items()})
-            compiled = torch.compile(module, dynamic=spec.ranged, fullgraph=True)
-            # Compile now, at load, so that the first generation is not charged with it.
-            g = spec.graphs[name]
-            with torch.inference_mode():  # inference tensors: Inference passes them on as they are, marks included
-                inputs = [torch.zeros(s, dtype=getattr(torch, d), device=spec.device)
-                          for s, d in zip(g.input_shapes, g.input_dtypes)]
-            for tensor, dims in zip(inputs, dynamic_dims(program) if spec.ranged else []):
-                for dim in dims:  # dynamic=True alone compiled these inputs' sizes as constants (measured)
-                    torch._dynamo.mark_dynamic(tensor, dim)
-            run = Inference(compiled)
-            with phase(f"compiling the {name} graph (Inductor, at load; later loads reuse its on-disk cache)"):
-                run(*inputs)
-            return run
+            return compiled_at_load(name, module, spec, dynamic_dims(program) if spec.ranged else [])
 
         return compiled_pair(spec, compile_one)
 
@@ -61,6 +63,23 @@ class InductorBackend(Backend):
         # torch.compile reads the program module's parameters as graph inputs (inlined nn modules, no
         # freezing): new values copied into them take effect without recompiling.
         copy_into_modules({n: g.fn.compiled._orig_mod for n, g in zip(GRAPHS, graphs)}, weights)
+
+
+def compiled_at_load(name: str, module: torch.nn.Module, spec: LoadSpec, dynamic: list[list[int]]) -> "Inference":
+    """`module` compiled by torch.compile, now (so that the first generation is not charged with it); `dynamic`:
+    per input, the dimensions a ranged engine's program declares dynamic."""
+    compiled = torch.compile(module, dynamic=spec.ranged, fullgraph=True)
+    g = spec.graphs[name]
+    with torch.inference_mode():  # inference tensors: Inference passes them on as they are, marks included
+        inputs = [torch.zeros(s, dtype=getattr(torch, d), device=spec.device)
+                  for s, d in zip(g.input_shapes, g.input_dtypes)]
+    for tensor, dims in zip(inputs, dynamic):
+        for dim in dims:  # dynamic=True alone compiled these inputs' sizes as constants (measured)
+            torch._dynamo.mark_dynamic(tensor, dim)
+    run = Inference(compiled)
+    with phase(f"compiling the {name} graph (Inductor, at load; later loads reuse its on-disk cache)"):
+        run(*inputs)
+    return run
 
 
 def dynamic_dims(program) -> list[list[int]]:

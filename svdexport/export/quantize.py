@@ -62,6 +62,7 @@ class QuantScheme:
     weights: str = "per-channel, symmetric"
     keep_conditioning: bool = False  # leave the conditioning GEMVs in the engine's dtype
     kept: list[str] = field(default_factory=list)  # linears left in the engine's dtype (module names), at build
+    linears: int = 0  # linears quantized in the full graph, at build (0: not counted, older records)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,8 +73,9 @@ class QuantScheme:
             return None
         try:
             return cls(str(data["name"]), str(data["method"]), str(data["activations"]), str(data["weights"]),
-                       bool(data.get("keep_conditioning", False)), [str(k) for k in data.get("kept", [])])
-        except (KeyError, TypeError) as e:
+                       bool(data.get("keep_conditioning", False)), [str(k) for k in data.get("kept", [])],
+                       int(data.get("linears", 0)))
+        except (KeyError, TypeError, ValueError) as e:
             raise SvdExportError(f"the engine's quantization record is malformed ({type(e).__name__}: {e})") from None
 
 
@@ -173,7 +175,23 @@ def quantize_pt2e(module: nn.Module, args: tuple, kept: list[str], dynamic: bool
     gm = prepare_pt2e(gm, quantizer)
     with torch.no_grad():
         gm(*args)  # observers: weights' ranges (and activations', for static scales)
-    return convert_pt2e(gm)
+    return without_unused_tensors(convert_pt2e(gm))
+
+
+def without_unused_tensors(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """`gm` without the parameters and buffers its graph no longer reads: convert_pt2e folds each quantized
+    weight into a new int8 constant and leaves the float weight on the module, where an export would lift it
+    into the program (bound and, from a bf16 checkpoint, cast to fp32 at every load for nothing)."""
+    gm.graph.eliminate_dead_code()
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [n for n, _ in (*gm.named_parameters(), *gm.named_buffers())]:
+        if name not in read:
+            owner, _, leaf = name.rpartition(".")
+            module = gm.get_submodule(owner) if owner else gm
+            module._parameters.pop(leaf, None)
+            module._buffers.pop(leaf, None)
+    gm.recompile()
+    return gm
 
 
 def exported_module_names(kept: list[str], prefix: str) -> list[str]:

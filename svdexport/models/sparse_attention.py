@@ -47,6 +47,25 @@ class SparseSpec:
         return {"kind": "sparse", "tile": list(self.tile), "window": list(self.window)}
 
 
+@dataclass
+class AttentionRecord:
+    """A sparse-attention engine's layout as its manifest records it (a dense engine records none)."""
+
+    kind: str  # "sparse"
+    option: str  # the --attention option in full (the family's defaults filled in): what a load rebuilds
+    tile: list[int]  # tokens per tile, per grid axis
+    window: list[int]  # tiles attended on either side, per grid axis
+    grid: list[int]  # the image tokens' grid at the build shapes
+    text_tokens: int
+    kept: float  # fraction of (query, key) pairs the mask keeps, every text token valid
+    blocks_computed: float  # fraction of FlexAttention's (query, key) blocks computed: what the kernel pays for
+
+    @classmethod
+    def of(cls, layout: "SparseLayout") -> "AttentionRecord":
+        return cls("sparse", layout.spec.text(), list(layout.spec.tile), list(layout.spec.window), list(layout.grid),
+                   layout.text_len, round(layout.kept, 6), round(layout.computed, 6))
+
+
 def parse_attention(text: str | None, axes: int) -> SparseSpec | None:
     """`--attention` of a family whose image tokens form an `axes`-dimensional grid: None for "dense" (or not given),
     else the sparse spec, with the family's defaults for what the option leaves out. Refuses bad text in one line."""

@@ -23,7 +23,7 @@ from torch import nn
 import torch
 
 from svdexport.errors import SvdExportError
-from svdexport.models.sparse_attention import SparseLayout, SparseSpec, check_sparse, make_layout
+from svdexport.models.sparse_attention import SparseLayout, SparseSpec, check_sparse, make_layout, parse_attention
 
 # Why a backend cannot build a sparse-attention engine (None: it can).
 REFUSALS = {
@@ -31,6 +31,11 @@ REFUSALS = {
     "tensorrt": "torch-tensorrt has no FlexAttention converter (it is a higher-order op with a mask subgraph): "
                 "use aoti or inductor",
 }
+
+
+# The image tokens' grid axes of the families that take `--attention sparse` (FLUX: rows x columns; HunyuanVideo:
+# frames x rows x columns).
+AXES = {"flux": 2, "hunyuanvideo": 3}
 
 
 def refusal(backend: str, ranged: bool = False) -> str | None:
@@ -58,6 +63,16 @@ def layout_for(family: str, shapes, spec: SparseSpec) -> SparseLayout:
     video = family == "hunyuanvideo"
     return check_sparse(make_layout(spec, token_grid(family, shapes), shapes.text_len, text_first=not video,
                                     padded_text=video))
+
+
+def install_recorded(transformer: nn.Module, family: str, shapes, option: str | None) -> None:
+    """Installs the layout an engine's manifest records (its --attention option, at its build shapes) on a
+    transformer rebuilt from the weights (the eager graphs of a load); None or "dense": nothing."""
+    if option in (None, "dense"):
+        return
+    if family not in AXES:
+        raise SvdExportError(f"--attention sparse is not available for {family} models (flux and hunyuanvideo)")
+    install(transformer, layout_for(family, shapes, parse_attention(option, AXES[family])))
 
 
 def _reordered(x: torch.Tensor, index: torch.Tensor, start: int, dim: int) -> torch.Tensor:
@@ -121,7 +136,8 @@ def install(transformer: nn.Module, layout: SparseLayout) -> list:
     other = next((p for p in inners if type(p) not in (FluxAttnProcessor, HunyuanVideoAttnProcessor2_0)), None)
     if other is not None:  # an IP-Adapter's or a user's processor: its weights and inputs are not ours to rebuild
         raise SvdExportError(f"--attention sparse needs the model's own attention processors, not {type(other).__name__}")
-    transformer.sparse_layout = layout
+    # On the transformer's device (Module.to moves the buffers in place: the processors share this very layout).
+    transformer.sparse_layout = layout.to(next(transformer.parameters()).device)
     originals = []
     for block, inner in zip(blocks, inners):
         originals.append(block.attn.processor)

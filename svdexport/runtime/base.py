@@ -9,6 +9,7 @@ import dataclasses
 import torch
 
 from svdexport.models import family
+from svdexport.models.sparse_processor import install_recorded
 from svdexport.runtime.manifest import Manifest
 
 
@@ -59,5 +60,20 @@ def read_tensors(files: list[str], names: set[str], dtype: torch.dtype) -> dict[
 
 
 def eager_graphs(manifest: Manifest) -> tuple:
-    """The engine's two graphs in eager PyTorch, from the weights it was built from (checked unchanged)."""
-    return family(manifest.model.family).graphs(base_model(manifest), manifest.cache.granularity)
+    """The engine's two graphs in eager PyTorch, from the weights it was built from (checked unchanged), with the
+    sparse attention layout the engine was built with, if any (remade at its build shapes)."""
+    fam, model = family(manifest.model.family), base_model(manifest)
+    if manifest.attention is not None:
+        install_recorded(model, fam.name, fam.shapes(manifest.shapes.build), manifest.attention.option)
+    return fam.graphs(model, manifest.cache.granularity)
+
+
+def skeleton_graphs(manifest: Manifest) -> tuple:
+    """The engine's two graphs built from its config alone, every weight on the meta device (a compiled backend binds
+    the engine's constants to them by name: export.with_constants), with its sparse attention layout, if any."""
+    fam = family(manifest.model.family)
+    with torch.device("meta"):
+        model = fam.transformer_class().from_config(manifest.model.config).to(getattr(torch, manifest.dtype))
+    if manifest.attention is not None:
+        install_recorded(model, fam.name, fam.shapes(manifest.shapes.build), manifest.attention.option)
+    return fam.graphs(model.eval().requires_grad_(False), manifest.cache.granularity)

@@ -23,7 +23,7 @@ from svdexport.models.lora import LoraFile
 from svdexport.models.weights import load_table
 from svdexport.runtime import manifest as manifest_io
 from svdexport.runtime import fields, static
-from svdexport.runtime.base import eager_graphs
+from svdexport.runtime.base import eager_graphs, skeleton_graphs
 from svdexport.runtime.bound import open_bound
 from svdexport.runtime.latent_shapes import MadeLatents, shapes_for_preview
 from svdexport.runtime.loras import EngineLoras
@@ -240,6 +240,7 @@ def load(folder, trusted_keys: list | None = None, weights=None) -> Engine:
         # a graph compiled at load (inductor): imported after that compile, the first call would compile again.
         family(manifest.model.family).sampling(manifest.sampler).scheduler()
         spec = manifest.load_spec(lambda: eager_graphs(manifest), folder)
+        spec.skeleton_graphs = lambda: skeleton_graphs(manifest)
         if manifest.bound is not None:  # compiled graphs without weights: bound from the checkpoint's bytes
             spec.constants = open_bound(manifest, folder, weights)
         elif weights is not None:

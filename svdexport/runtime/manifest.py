@@ -28,6 +28,7 @@ from svdexport.errors import SvdExportError, clip
 from svdexport.export import GraphSpec, LoadSpec
 from svdexport.files import confined, parse_json, sha256_file
 from svdexport.models.ranges import ShapeRange, static
+from svdexport.models.sparse_attention import AttentionRecord
 from svdexport.outputs import MANIFEST, manifest_digest  # one name for the file, here and in outputs and trust
 from svdexport.runtime import fields, trust
 from svdexport.verified import VerifiedSet
@@ -167,6 +168,7 @@ class Manifest:
     graphs: dict[str, GraphSpec]
     plans: list[PlanRecord] = field(default_factory=list)  # calibrated plans (none for uniform builds and 0.2)
     bound: BoundWeights | None = None  # compiled backends: weights bound at load (None: eager, in the graphs)
+    attention: AttentionRecord | None = None  # --attention sparse: the layout (None: dense, not written)
     format: str = FORMAT
     versions: dict = field(default_factory=dict)  # library versions at build time
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256, every file but this one
@@ -200,6 +202,8 @@ class Manifest:
         for k in ("shapes", "plan_steps"):  # options that, unused, leave the manifest as it was before them
             if not data["calibration"][k]:
                 del data["calibration"][k]
+        if data["attention"] is None:  # a dense engine's manifest is what it was before the option
+            del data["attention"]
         return data
 
 
