@@ -8,7 +8,7 @@ from torch import nn
 
 from helpers import random_bases
 from svdexport.models.flux import FLUX
-from svdexport.builder.build import parameter_count
+from svdexport.builder.records import parameter_count
 
 
 def call_args(graph, inputs, t, bases, coeffs=None, residuals=None):

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from svdexport.builder import bases_file, memory, precision, quantized, sparse
+from svdexport.builder.records import describe, existing, peak_rss
 from svdexport.builder.calibrate import CALIBRATION_SEED, CalibrationSettings, calibrate
 from svdexport.builder.step_plans import calibrate_plan
 from svdexport.builder.bound import write_bound
@@ -26,7 +27,7 @@ from svdexport.cache.config import CacheConfig
 from svdexport.cache.predictors import FITTED
 from svdexport.cache.svd import Bases
 from svdexport.errors import SvdExportError
-from svdexport.export import GraphExport, GraphSpec, backend, export_programs
+from svdexport.export import GraphExport, backend, export_programs
 from svdexport.files import atomic_dir
 from svdexport.models import family
 from svdexport.outputs import check_dir, output_lock
@@ -236,35 +237,6 @@ def build_key(p: Prepared, opts: BuildOptions) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def existing(out: Path, key: str) -> mf.Manifest | None:
-    """The manifest of a valid engine at `out` built with the same key, else None."""
-    if not (out / mf.MANIFEST).exists():
-        return None
-    try:
-        manifest = mf.read(out)
-    except SvdExportError:
-        return None  # damaged or outdated: rebuild it
-    return manifest if manifest.build_key == key else None
-
-
-def peak_rss() -> int:
-    """Peak resident memory of this process so far, in bytes (Linux reports KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def parameter_count(module: torch.nn.Module) -> int:
-    """Distinct parameters a graph holds (shared submodules counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
-
-
-def _describe(graphs: dict[str, GraphExport]) -> dict[str, GraphSpec]:
-    return {name: GraphSpec(g.input_names, g.output_names, parameter_count(g.module),
-                            [list(a.shape) for a in g.args], [str(a.dtype).removeprefix("torch.") for a in g.args])
-            for name, g in graphs.items()}
-
-
 def build(opts: BuildOptions, out: Path, graphs_dir: Path | None = None,
           progress: bool = True) -> tuple[mf.Manifest, bool]:
     """Builds an engine folder at `out` (replaced only when the whole build succeeded); returns its manifest
@@ -341,7 +313,7 @@ def _build(opts: BuildOptions, out: Path, graphs_dir: Path, progress: bool, be) 
             memory={**p.memory.to_dict(), "measured_peak_rss_bytes": peak_rss()},
             build_seconds=round(time.perf_counter() - start, 1),
             sampler=p.sampling.config,
-            graphs=_describe(graphs),
+            graphs=describe(graphs),
             plans=plan_records,
             bound=bound,
             attention=sparse.record(p.model),
