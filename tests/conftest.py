@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from helpers import TINY_SHAPES, tiny_model
+from helpers import FAST, TINY_SHAPES, tiny_model
 
 # --dtype auto picks bf16 on CPUs with bf16 matrix units: the engines the suite builds must not depend on the
 # test machine's CPU, so auto means fp32 here (subprocesses inherit it). test_precision.py tests the rule with
@@ -35,3 +35,14 @@ def default_aoti_engine(tmp_path_factory):
             os.environ["SVDEXPORT_CPU_BF16"] = pinned
     return out
 
+
+
+@pytest.fixture(scope="session")
+def fast_aoti_engine(tmp_path_factory):
+    """A quick AOTInductor engine of the bundled model (FAST: one calibration sample, 128x128), its exported
+    programs in `graphs` beside it: for the tests that need any aoti engine, built once per session."""
+    from svdexport.cli import main
+
+    out = tmp_path_factory.mktemp("fast-aoti") / "engine"
+    assert main(["build", "--backend", "aoti", "--out", str(out), "--graphs", str(out.parent / "graphs"), *FAST]) == 0
+    return out

@@ -46,6 +46,7 @@ def outputs(out):
 
 @slow
 @needs_ray
+@pytest.mark.extended
 def test_killed_worker_loses_nothing_and_duplicates_nothing(engine, tmp_path):
     import ray
 

@@ -25,8 +25,8 @@ ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
 
 
 @pytest.fixture(scope="module")
-def aoti(default_aoti_engine):
-    return default_aoti_engine  # any AOTInductor engine: the latency tests' build, shared (conftest.py)
+def aoti(fast_aoti_engine):
+    return fast_aoti_engine  # any AOTInductor engine: the session's quick one (conftest.py)
 
 
 @pytest.fixture
@@ -84,6 +84,7 @@ def test_a_batch_leaves_no_extracted_package(aoti, tmp_path, private_tmp):
 
 
 @pytest.mark.skipif(not HAS_RAY, reason="Ray is an optional extra")
+@pytest.mark.extended
 def test_a_killed_batch_driver_takes_its_ray_runtime_with_it(tmp_path):
     import psutil
 

@@ -354,6 +354,7 @@ def test_plan_steps_fit_the_forecast_at_other_step_counts(tmp_path, capsys):
         assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.extended
 def test_refined_plans_are_stored_and_used(tmp_path, capsys):
     import svdexport
     from svdexport.builder.step_plans import refine_budgets

@@ -73,6 +73,7 @@ def test_the_script_refuses_a_machine_without_a_gpu_before_installing_anything()
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_tiny_mode_runs_the_whole_check_on_this_cpu(tmp_path):
     """The script end to end on a CPU, one backend in its child process: onnx in the fp32 --dtype auto picks
     for it, each step within tolerance of eager, its LoRA step, the tables. (The tiny plan's aoti row builds the bf16 engine
@@ -247,6 +248,7 @@ def test_full_depth_without_a_gpu_is_one_line(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_full_depth_tiny_runs_the_whole_row_on_this_cpu(tmp_path):
     """The row end to end with the tiny preset on this CPU: checkpoint, `svdexport build --backend aoti`, and in
     one child the engine, eager and torch.compile (regional) on the same inputs; ratios from that run."""

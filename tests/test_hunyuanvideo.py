@@ -160,6 +160,7 @@ def test_run_writes_the_video_and_a_frame_grid(built, tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_compare_reports_temporal_consistency(tmp_path, capsys):
     out = tmp_path / "engine"
     assert main(["build", "--out", str(out), *FAST]) == 0

@@ -1,6 +1,6 @@
 """Latency regression tests: ratios measured side by side in one process, compared with stored floors.
 
-    scripts/test.sh -m latency        (they also run in the default suite: about a minute)
+    scripts/test.sh -m latency        (CI runs them in the extended tier: scripts/test.sh --extended)
 
 Floors live in tests/baselines/latency.json with the measurement they came from; never absolute times.
 """
@@ -15,7 +15,7 @@ import svdexport
 from svdexport.bench.latency import bench
 from svdexport.bench.metrics import psnr
 
-pytestmark = [pytest.mark.latency, pytest.mark.slow]
+pytestmark = [pytest.mark.latency, pytest.mark.slow, pytest.mark.extended]
 BASELINE = json.loads((Path(__file__).parent / "baselines" / "latency.json").read_text())
 
 

@@ -167,21 +167,21 @@ def swapped(kind):
     return edit
 
 
-def test_swapped_aoti_packages_are_refused_at_load(default_aoti_engine, tmp_path):
+def test_swapped_aoti_packages_are_refused_at_load(fast_aoti_engine, tmp_path):
     folder = tmp_path / "engine"
-    shutil.copytree(default_aoti_engine, folder)
+    shutil.copytree(fast_aoti_engine, folder)
     forge(folder, swapped("packages"))
     with pytest.raises(SvdExportError, match=r"cached\.aoti\.pt2 is not the graph its manifest loads it as"):
         svdexport.load(folder)
 
 
-def test_swapped_inductor_programs_are_refused_before_compiling(default_aoti_engine, tmp_path):
+def test_swapped_inductor_programs_are_refused_before_compiling(fast_aoti_engine, tmp_path):
     """An inductor engine made of the aoti engine's exported programs (its graphs folder), listed swapped."""
     folder = tmp_path / "engine"
-    shutil.copytree(default_aoti_engine, folder)
+    shutil.copytree(fast_aoti_engine, folder)
     for name in ("full", "cached"):
         (folder / f"{name}.aoti.pt2").unlink()
-        shutil.copy(default_aoti_engine.parent / "graphs" / f"{name}.pt2", folder / f"{name}.pt2")
+        shutil.copy(fast_aoti_engine.parent / "graphs" / f"{name}.pt2", folder / f"{name}.pt2")
 
     def edit(d):
         d["backend"], d["backend_options"] = "inductor", {"programs": {"full": "cached.pt2", "cached": "full.pt2"}}

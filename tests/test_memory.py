@@ -31,6 +31,7 @@ def test_the_estimate_counts_host_and_device_apart(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_a_full_width_build_peaks_below_the_estimate_and_the_bound(tmp_path):
     """bundled:flux1-reduced (FLUX.1's width, 2 + 2 blocks, 2.05 GB of bf16 weights) built with aoti in a
     process of its own: its peak resident memory (the manifest's measured_peak_rss_bytes, getrusage of that

@@ -78,6 +78,7 @@ def test_the_int8_engine_is_within_int8_error_of_fp32_and_quantized(int8_engine)
 
 
 @needs_torchao
+@pytest.mark.extended
 def test_an_int8_hunyuanvideo_engine_is_within_int8_error_of_fp32(tmp_path):
     """HunyuanVideo's graphs quantize too (its fp32 Conv3d patch embedder stays fp32, prepacked at load)."""
     import svdexport

@@ -30,6 +30,7 @@ def test_weights_are_small_documented_and_match_their_hashes():
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_classifier_recognises_95_percent_of_class_conditioned_samples():
     info = FLUX.inspect(None)
     model = FLUX.load(info, torch.float32)

@@ -153,6 +153,7 @@ def generate(labels: list[int], steps: int = 50, seed: int = 2026,
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_generated_clips_show_the_requested_digit_moving_the_requested_way():
     videos, names = generate(list(range(40)))  # every (digit, direction) once
     digits, directions = zip(*map(requested, names))

@@ -339,6 +339,7 @@ def test_engine_at_interval_1_matches_diffusers_loop(eager_dir, tmp_path, backen
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_compare_runs_every_method_and_the_peers_wired_for_sd3(eager_dir):
     """`compare` on an SD3 engine: the project's methods and the three peers that run on SD3, not TaylorSeer's
     lite mode (refused with its reason), every row at the budget asked for."""

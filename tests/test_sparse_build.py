@@ -155,6 +155,7 @@ def test_a_lora_pushed_into_a_sparse_engine_matches_its_eager_twin(flux_engine, 
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_inductor_compiles_the_sparse_full_graph_rebuilt_from_the_config(flux_engine, tmp_path):
     """inductor: the full program cannot be saved, so the engine rebuilds the graph from the model's config at load,
     binds the engine's constants (the weights and the layout's tables) to it and compiles it."""

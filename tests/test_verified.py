@@ -226,8 +226,8 @@ def check_swap(engine, key, monkeypatch, swaps):
 
 
 @pytest.mark.slow
-def test_an_aoti_package_renamed_over_after_the_hash_is_not_loaded(default_aoti_engine, key, tmp_path, monkeypatch):
-    engine = signed_copy(default_aoti_engine, tmp_path / "engine", key)
+def test_an_aoti_package_renamed_over_after_the_hash_is_not_loaded(fast_aoti_engine, key, tmp_path, monkeypatch):
+    engine = signed_copy(fast_aoti_engine, tmp_path / "engine", key)
     check_swap(engine, key, monkeypatch, {"full.aoti.pt2": "cached.aoti.pt2"})
 
 
