@@ -296,3 +296,15 @@ class MMDiTFamily(Family):
     def family_sampler(self, config: dict) -> dict:
         """The family's own scheduler config for a transformer config (override for variants)."""
         return dict(self.default_sampler)
+
+
+
+def text_rows(config: dict, batch: int, text_len: int, seed: int, g: torch.Generator,
+              conditioning=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text embeddings, pooled embedding) of an example batch: `conditioning`'s rows for `seed` (class table,
+    encoded prompts), else noise from `g` of the text encoders' widths."""
+    if conditioning is None:
+        enc = torch.randn(batch, text_len, config["joint_attention_dim"], generator=g)
+        return enc, torch.randn(batch, config["pooled_projection_dim"], generator=g)
+    rows = conditioning.pick(seed, batch)
+    return rows["encoder_hidden_states"], rows["pooled_projections"]

@@ -118,12 +118,7 @@ def example_inputs(config: dict, shapes: Shapes, seed: int, dtype: torch.dtype =
     g = torch.Generator().manual_seed(seed)
     b = shapes.batch
     latents = torch.randn(b, config["in_channels"], shapes.height // VAE_SCALE, shapes.width // VAE_SCALE, generator=g)
-    if conditioning is None:
-        enc = torch.randn(b, shapes.text_len, config["joint_attention_dim"], generator=g)
-        pooled = torch.randn(b, config["pooled_projection_dim"], generator=g)
-    else:
-        rows = conditioning.pick(seed, b)
-        enc, pooled = rows["encoder_hidden_states"], rows["pooled_projections"]
+    enc, pooled = mmdit.text_rows(config, b, shapes.text_len, seed, g, conditioning)
     inputs = {"hidden_states": latents, "encoder_hidden_states": enc, "pooled_projections": pooled}
     return {k: v.to(dtype).contiguous() for k, v in inputs.items()}
 
