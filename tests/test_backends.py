@@ -120,6 +120,7 @@ def test_engine_files_are_hashed_and_graphs_exported(built):
     assert m.graphs["cached"].parameters < m.graphs["full"].parameters / 2
 
 
+@pytest.mark.extended
 def test_ranged_inductor_engine_matches_eager(tmp_path_factory):
     root = tmp_path_factory.mktemp("inductor-ranged")
     assert main(["build", "--backend", "inductor", "--out", str(root / "e"), "--graphs", str(root / "g"), *FAST,

@@ -73,6 +73,7 @@ def test_extracted_packages_are_removed_at_exit_and_after_a_kill(aoti, private_t
 
 
 @pytest.mark.skipif(not HAS_RAY, reason="Ray is an optional extra")
+@pytest.mark.extended
 def test_a_batch_leaves_no_extracted_package(aoti, tmp_path, private_tmp):
     (tmp_path / "items.txt").write_text("".join(f"{i}\n" for i in range(4)))
     cmd = [sys.executable, "-m", "svdexport.cli", "batch", str(aoti), "--prompts", str(tmp_path / "items.txt"),

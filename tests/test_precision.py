@@ -194,7 +194,7 @@ def test_bench_reports_only_the_targets_that_make_sense(backend, hidden, twin, e
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["aoti", "inductor"])
+@pytest.mark.parametrize("backend", ["aoti", pytest.param("inductor", marks=pytest.mark.extended)])
 def test_bf16_engine_matches_eager_bf16(backend, tmp_path, capsys):
     """One full and one cached step of a bf16 engine against eager bf16: rel. L2 <= 1e-2 (bf16 rounding of
     differently fused kernels), C and R float32 alike; 50 steps of SVD-Cache within 35 dB of eager."""
@@ -235,6 +235,7 @@ def eager_bf16(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_compare_sets_a_bf16_engine_against_fp32_full_compute(eager_bf16):
     from svdexport.bench.compare import compare
 
@@ -249,6 +250,7 @@ def test_compare_sets_a_bf16_engine_against_fp32_full_compute(eager_bf16):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_bench_of_a_bf16_eager_engine_reports_fp32_and_the_limit(eager_bf16):
     from svdexport.bench.latency import bench, format_report
 

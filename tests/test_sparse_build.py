@@ -175,6 +175,7 @@ def test_inductor_compiles_the_sparse_full_graph_rebuilt_from_the_config(flux_en
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_hunyuanvideo_sparse_engine_masks_the_prompt_padding_at_run_time(video_engine):
     _, engine, eager = video_engine
     rec = engine.manifest.attention
