@@ -37,8 +37,9 @@ from svdexport import hardware
 from svdexport.bench.latency import _call, _state, engine_gemm_path
 from svdexport.bench.metrics import psnr
 from svdexport.bench.roofline import count_flops
-from svdexport.bench.stacking import VARIANTS, now, render
+from svdexport.bench.stacking import GEN_FULL, GEN_STEPS, VARIANTS, now, render
 from svdexport.builder.build import BuildOptions, build
+from svdexport.errors import SvdExportError
 from svdexport.files import atomic_file
 from svdexport.models import FAMILIES
 from svdexport.models.sparse_attention import parse_attention
@@ -64,6 +65,7 @@ class Settings:
     speed_weights: str = "bundled:flux1-reduced"
     speed_calib: dict = field(default_factory=lambda: {"calib_samples": 1, "calib_steps": 2})  # speed only
     cached_calls: int = 5  # cached-step calls per timing (a cached step is milliseconds)
+    e2e_up_to: int = 256  # heights whose 50-step generations are also measured end to end (seconds there)
 
 
 QUICK = Settings(seeds=range(5000, 5002), steps=10, budget=4, quality_calib={"calib_samples": 1, "calib_steps": 4},
@@ -72,8 +74,10 @@ QUICK = Settings(seeds=range(5000, 5002), steps=10, budget=4, quality_calib={"ca
 
 
 def engine(work: Path, model: str, weights: str, attention: str, precision: str, shapes: dict, calib: dict):
-    """The engine `svdexport build --backend aoti` makes of these options (bf16: --dtype bf16; int8: --quantize
-    int8, which quantizes the fp32 model), built once into WORK and reused while its build key matches."""
+    """The folder of the engine `svdexport build --backend aoti` makes of these options (bf16: --dtype bf16; int8:
+    --quantize int8, which quantizes the fp32 model), built once into WORK and reused while its build key matches;
+    and its build record (the seconds of the run that built it; whether this run reused it). Not loaded here: a
+    build's memory check counts what this process holds."""
     kw = {"bf16": {"dtype": "bf16"}, "int8": {"quantize": "int8"}, "fp32": {"dtype": "fp32"}}[precision]
     backend = "eager" if precision == "fp32" else "aoti"
     opts = BuildOptions(model=model, weights=weights, backend=backend, attention=attention, shapes=dict(shapes),
@@ -83,9 +87,15 @@ def engine(work: Path, model: str, weights: str, attention: str, precision: str,
                     "_".join(f"{v}" for v in calib.values()) or "calib-default"])
     start = time.perf_counter()
     _, reused = build(opts, work / "engines" / tag, graphs_dir=work / "graphs" / tag, progress=False)
-    seconds = time.perf_counter() - start
-    print(f"  {tag}: {'reused' if reused else f'built in {seconds:.0f} s'}", flush=True)
-    return svdexport.load(work / "engines" / tag), (None if reused else round(seconds))
+    seconds = round(time.perf_counter() - start)
+    print(f"  {tag}: {'reused' if reused else f'built in {seconds} s'}", flush=True)
+    times = work / "build_seconds.json"  # what each engine's build took, for the runs that reuse it
+    known = json.loads(times.read_text()) if times.exists() else {}
+    if not reused or tag not in known:
+        known[tag] = seconds if not reused else None
+        with atomic_file(times) as tmp:
+            tmp.write_text(json.dumps(known, indent=1))
+    return work / "engines" / tag, {"seconds": known[tag], "reused": reused}
 
 
 def image_pairs_kept(model: str, shapes, option: str) -> float:
@@ -102,11 +112,15 @@ def quality(model: str, s: Settings, work: Path) -> dict:
     for a, p in VARIANTS:
         engines[f"{a}-{p}"], builds[f"{a} {p}"] = engine(work, model, "bundled:digits", a if a == "dense" else option,
                                                          p, {}, s.quality_calib)
+    ref, engines = svdexport.load(ref), {k: svdexport.load(f) for k, f in engines.items()}
     fam, shapes, labels = ref.family, ref.shapes, ref.labels
     psnrs: dict[str, list[float]] = {}
+    own: dict[str, list[float]] = {}  # SVD-Cache against the same engine's every-step-full output: the cache's cost
 
-    def add(key: str, gen, target) -> None:
-        psnrs.setdefault(key, []).append(min(psnr(fam.unpack(gen.latents.float(), shapes), target), 99.0))
+    def add(key: str, gen, target) -> torch.Tensor:
+        img = fam.unpack(gen.latents.float(), shapes)
+        psnrs.setdefault(key, []).append(min(psnr(img, target), 99.0))
+        return img
 
     for seed in s.seeds:
         x = ref.example_inputs(seed, None if labels is None else [seed % len(labels)] * shapes.batch)
@@ -116,8 +130,9 @@ def quality(model: str, s: Settings, work: Path) -> dict:
         add("fp32-dense-cache", ref.generate(x32, steps=s.steps, full_steps=s.budget), target)
         for name, e in engines.items():
             xin = x16 if e.dtype == torch.bfloat16 else x32
-            add(f"{name}-full", e.generate(xin, steps=s.steps, interval=1), target)
-            add(f"{name}-cache", e.generate(xin, steps=s.steps, full_steps=s.budget), target)
+            full = add(f"{name}-full", e.generate(xin, steps=s.steps, interval=1), target)
+            cached = add(f"{name}-cache", e.generate(xin, steps=s.steps, full_steps=s.budget), target)
+            own.setdefault(f"{name}-cache", []).append(min(psnr(cached, full), 99.0))
         print(f"  {model} seed {seed} done ({time.time() - t0:.0f} s)", flush=True)
     sparse_rec = engines["sparse-bf16"].manifest.attention
     for e in [ref, *engines.values()]:
@@ -126,7 +141,7 @@ def quality(model: str, s: Settings, work: Path) -> dict:
             "sparse": sparse_rec.option,
             "image_pairs_kept": image_pairs_kept(model, shapes, sparse_rec.option),
             "blocks_computed": sparse_rec.blocks_computed, "seeds": [s.seeds.start, s.seeds.stop - 1],
-            "steps": s.steps, "budget": s.budget, "psnr": psnrs, "build_s": builds,
+            "steps": s.steps, "budget": s.budget, "psnr": psnrs, "psnr_own": own, "build_s": builds,
             "calibration": s.quality_calib or "the product's defaults", "seconds": round(time.time() - t0),
             "load": [load0, os.getloadavg()[0]], "threads": torch.get_num_threads()}
 
@@ -139,6 +154,19 @@ def dense_flops(e, state: dict) -> int:
     return count_flops(full, meta)
 
 
+def attention_call(e, dtype: str) -> float:
+    """Seconds of one dense SDPA call at the engine's tokens and head layout in `dtype` (PyTorch's CPU kernel, what
+    the dense engines call): int8 engines run attention in fp32 (PT2E's x86 flow), bf16 engines in bf16."""
+    shape = (e.shapes.batch, e.config["num_attention_heads"], e.shapes.img_tokens + e.shapes.text_len,
+             e.config["attention_head_dim"])
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=g).to(getattr(torch, dtype)) for _ in range(3))
+    torch.nn.functional.scaled_dot_product_attention(q, k, v)  # warm-up
+    start = time.perf_counter()
+    torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return time.perf_counter() - start
+
+
 @torch.inference_mode()
 def speed(height: int, text_len: int, option: str, rounds: int, s: Settings, work: Path) -> dict:
     t0, load0 = time.time(), os.getloadavg()[0]
@@ -147,6 +175,7 @@ def speed(height: int, text_len: int, option: str, rounds: int, s: Settings, wor
     for a, p in VARIANTS:  # built one at a time (an int8 build at FLUX.1 width peaks near 8 GiB), then loaded
         engines[f"{a}-{p}"], builds[f"{a} {p}"] = engine(work, "flux", s.speed_weights, a if a == "dense" else option,
                                                          p, shapes, s.speed_calib)
+    engines = {k: svdexport.load(f) for k, f in engines.items()}
     calls, states = {}, {}
     for name, e in engines.items():
         states[name] = _state(e, e)  # one mid-schedule step; C and R from the engine's own full step
@@ -159,6 +188,7 @@ def speed(height: int, text_len: int, option: str, rounds: int, s: Settings, wor
     mm = hardware.flux_shapes(engines["dense-bf16"].shapes.img_tokens + text_len,
                               FAMILIES["flux"].hidden_size(engines["dense-bf16"].config), "cpu")
     order = list(calls)
+    attention = {"bfloat16": [], "float32": []}  # one dense attention call: what fp32 between the linears pays
     for r in range(rounds):
         for key in order[2 * r % len(order):] + order[:2 * r % len(order)]:  # rotated: no variant always first
             n = 1 if key[1] == "full" else s.cached_calls
@@ -167,7 +197,18 @@ def speed(height: int, text_len: int, option: str, rounds: int, s: Settings, wor
                 calls[key]()
             times[f"{key[0]}/{key[1]}"].append((time.perf_counter() - start) / n)
         peaks.append(hardware.matmul_peak(torch.bfloat16, "cpu", mm, 3).flops_per_s)
+        for dtype, ts in attention.items():
+            ts.append(attention_call(engines["dense-bf16"], dtype))
         print(f"  {height}x{height} round {r}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in times.items()),
+              flush=True)
+    e2e = {}
+    if height <= s.e2e_up_to:  # the derivation checked: one whole generation per engine and schedule
+        for name, e in engines.items():
+            x = e.example_inputs(0)
+            for schedule, kw in (("full", {"interval": 1}), ("cache", {"full_steps": GEN_FULL})):
+                g = e.generate(x, steps=GEN_STEPS, **kw)
+                e2e[f"{name}/{schedule}"] = {"seconds": g.seconds, "full_steps": g.full_steps}
+        print(f"  {height}x{height} end to end: " + ", ".join(f"{k} {v['seconds']:.2f} s" for k, v in e2e.items()),
               flush=True)
     sparse_rec = engines["sparse-bf16"].manifest.attention
     fam_shapes = engines["dense-bf16"].shapes
@@ -177,13 +218,23 @@ def speed(height: int, text_len: int, option: str, rounds: int, s: Settings, wor
     return {"date": now(), "weights": s.speed_weights, "shapes": fam_shapes.to_dict(), "sparse": sparse_rec.option,
             "image_pairs_kept": image_pairs_kept("flux", fam_shapes, sparse_rec.option),
             "blocks_computed": sparse_rec.blocks_computed, "block_tokens": int(math.prod(sparse_rec.tile)),
-            "times": times, "peaks": peaks, "dense_flops": flops, "rounds": rounds, "cached_calls": s.cached_calls,
+            "hidden": FAMILIES["flux"].hidden_size(engines["dense-bf16"].config), "calibration": s.speed_calib,
+            "times": times, "peaks": peaks, "attention_call": attention, "dense_flops": flops, "e2e": e2e,
+            "attention_calls": sum(engines["dense-bf16"].config[k] for k in ("num_layers", "num_single_layers")),
+            "rounds": rounds, "cached_calls": s.cached_calls,
             "gemm": gemm, "build_s": builds,
             "seconds": round(time.time() - t0), "load": [load0, os.getloadavg()[0]],
             "threads": torch.get_num_threads()}
 
 
 def main() -> None:
+    try:
+        run()
+    except SvdExportError as e:  # a refused build (memory, options): one line, as the CLI says it
+        raise SystemExit(f"stacking.py: error: {e}") from None
+
+
+def run() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny settings (a smoke test; the numbers mean nothing)")
     p.add_argument("--work", default="/tmp/svdexport-stacking", help="engines and per-section results")
@@ -196,8 +247,13 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     s = QUICK if a.quick else Settings()
     if a.seeds:
-        first, last = (int(x) for x in a.seeds.split("-"))
+        try:
+            first, last = (int(x) for x in a.seeds.split("-"))
+        except ValueError:
+            raise SystemExit(f"stacking.py: error: --seeds takes FIRST-LAST, got {a.seeds!r}") from None
         s.seeds = range(first, last + 1)
+    command = "PYTHONPATH=. OMP_NUM_THREADS={} .venv/bin/python scripts/stacking.py {}".format(
+        os.environ.get("OMP_NUM_THREADS", "unset"), shlex.join(sys.argv[1:])).strip()
     work = Path(a.work) / ("quick" if a.quick else "full")
     out = Path(a.out) if a.out else (work / "stacking-quick.md" if a.quick else Path("docs/stacking.md"))
     all_sections = [f"quality-{m}" for m in s.quality] + [f"speed-{h}" for h, *_ in s.speed]
@@ -214,6 +270,7 @@ def main() -> None:
         else:
             h, text, option, rounds = next(x for x in s.speed if f"speed-{x[0]}" == name)
             r = speed(h, text, option, rounds, s, work)
+        r["command"] = command
         with atomic_file(work / "results" / f"{name}.json") as tmp:
             tmp.write_text(json.dumps(r, indent=1))
         print(f"{name}: {time.time() - t:.0f} s", flush=True)
@@ -226,8 +283,11 @@ def main() -> None:
             results[name] = json.loads(f.read_text())
         else:
             results["not_measured"].insert(0, f"{name}: not run in this document's runs.")
-    command = "PYTHONPATH=. OMP_NUM_THREADS={} .venv/bin/python scripts/stacking.py {}".format(
-        results["env"]["omp"], shlex.join(sys.argv[1:]))
+    # The commands that measured the sections (the first run's default, for results written before they said)
+    measured = dict.fromkeys(r.get("command", "PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python scripts/stacking.py")
+                             for k, r in results.items() if k.startswith(("quality-", "speed-")))
+    if measured and list(measured) != [command]:
+        command = " ; ".join(measured) + f" (rendered by: {command})"
     with atomic_file(out) as tmp:
         tmp.write_text(render(results, command, a.quick))
     print(f"wrote {out}")

@@ -13,6 +13,7 @@ PRECISION = ("bf16", "int8")
 SCHEDULES = ("full", "cache")
 VARIANTS = [(a, p) for a in ATTENTION for p in PRECISION]  # the engines: attention x precision
 BASE = "dense-bf16-cache"  # the paired deltas' reference cell: what a user of the bf16 SVD-Cache engine has now
+FLUX1_HIDDEN = 3072
 GEN_STEPS, GEN_FULL = 50, 9  # the derived generation times: 50 steps, SVD-Cache at 9 of them full
 
 
@@ -22,8 +23,6 @@ def now() -> str:
 
 
 NOT_MEASURED = [
-    "End-to-end 50-step generation at FLUX.1 width: the times above are derived from step times (each cell would "
-    "take minutes to tens of minutes per sample on 2 shared cores).",
     "Quality at a real model's size (FLUX.1-dev at 1024x1024, a real HunyuanVideo at 8k+ tokens): no such trained "
     "model on this machine. The digits models' grids are small (FLUX 8x8 tokens, HunyuanVideo 3x6x6), so their "
     "sparse tiles are 4-16 tokens: a quality measurement of the mask's reach, not of its speed.",
@@ -57,9 +56,10 @@ def speed_summary(r: dict, budget: int, steps: int) -> dict[str, dict]:
         full, cached = med[f"{a}-{p}/full"], med[f"{a}-{p}/cached"]
         out[f"{a}-{p}"] = {"full": full, "cached": cached, "of_peak": r["dense_flops"] / full / peak,
                            "full_gen": steps * full, "cache_gen": budget * full + (steps - budget) * cached}
-    base = out["dense-bf16"]["full_gen"]
-    for v in out.values():
+    base, rounds = out["dense-bf16"]["full_gen"], r["times"]["dense-bf16/full"]
+    for name, v in out.items():
         v["full_x"], v["cache_x"] = base / v["full_gen"], base / v["cache_gen"]
+        v["full_paired"] = statistics.median(b / t for b, t in zip(rounds, r["times"][f"{name}/full"]))
     return out
 
 
@@ -81,7 +81,7 @@ def render(results: dict, command: str, quick: bool) -> str:
     lines += [f"Measured {dates[0]} to {dates[-1]} on {env['cpu']}; torch {env['torch']}, {env['threads']} "
               f"thread(s) (OMP_NUM_THREADS={env['omp']}); load average {min(loads, default=0):.1f}-"
               f"{max(loads, default=0):.1f} (1-minute, at each section's start and end; the cores are shared with "
-              f"other jobs). Every engine is built by "
+              f"other jobs). The reference is an fp32 eager engine; every other engine is built by "
               "`svdexport build --backend aoti` (bf16: `--dtype bf16`; int8: `--quantize int8`, which calibrates and "
               "quantizes from the fp32 model: PT2E, per-channel int8 weights, dynamic per-tensor activations, fp32 "
               "between the linears; sparse: `--attention sparse:...`) and run by `Engine.generate`.", ""]
@@ -102,12 +102,65 @@ def render(results: dict, command: str, quick: bool) -> str:
             v = ss[h][f"{a}-{p}"]
             row.append(f"{v[f'{c}_gen']:.2f} s, {v[f'{c}_x']:.2f}x")
         lines.append("| " + " | ".join(row) + " |")
+    lines += reading(q, qs, ss, sp)
     for m, r in q.items():
         lines += quality_section(m, r, qs[m])
     for h, r in sp.items():
         lines += speed_section(r, ss[h])
-    lines += ["", "## Not measured here", ""] + [f"- {n}" for n in results["not_measured"] + NOT_MEASURED]
+    derived_only = [f"End-to-end {GEN_STEPS}-step generation at {r['shapes']['height']}x{r['shapes']['width']}: "
+                    f"its times are derived from the step times only (without cache, one generation of dense bf16 "
+                    f"would take {ss[h]['dense-bf16']['full_gen'] / 60:.0f} minutes here)."
+                    for h, r in sp.items() if not r.get("e2e")]
+    notes = results["not_measured"] + derived_only + NOT_MEASURED
+    lines += ["", "## Not measured here", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def reading(q: dict, qs: dict, ss: dict, sp: dict) -> list[str]:
+    """What the table says against issue 27's gates, computed (int8 SVD-Cache within 0.5 dB of bf16 SVD-Cache
+    on both trained models; an int8 full step at least 1.5x the bf16 engine's at 256x256, text 64)."""
+    out = ["", "What it says against issue 27's gates and levers (computed from the tables below):", ""]
+    for m, s in qs.items():
+        d = s["dense-int8-cache"][2]
+        own = {k: statistics.mean(v) for k, v in q[m].get("psnr_own", {}).items()}
+        cache = ("; SVD-Cache against the same engine's full compute: "
+                 + ", ".join(f"{k.removesuffix('-cache').replace('-', ' ')} {v:.1f}" for k, v in own.items())
+                 + " dB") if own else ""
+        out.append(f"- {m} digits, int8 SVD-Cache against bf16 SVD-Cache, paired mean: {d:+.2f} dB (gate >= -0.50: "
+                   f"{'pass' if d >= -0.5 else 'FAIL'}); sparse attention costs SVD-Cache "
+                   f"{-s['sparse-bf16-cache'][2]:.1f} dB in the mean (bf16){cache}.")
+    for h, s in ss.items():
+        sh = sp[h]["shapes"]
+        full_x = s["dense-int8"]["full_paired"]
+        gate = f" (gate >= 1.50x: {'pass' if full_x >= 1.5 else 'FAIL'})" if sh["height"] == 256 else ""
+        best = max(s, key=lambda v: s[v]["cache_x"])
+        out.append(f"- {sh['height']}x{sh['width']}: int8 full step {full_x:.2f}x dense bf16's{gate}, sparse "
+                   f"{s['sparse-bf16']['full_paired']:.2f}x, both {s['sparse-int8']['full_paired']:.2f}x; fastest "
+                   f"50-step generation: {best.replace('-', ' ')} with SVD-Cache, {s[best]['cache_x']:.2f}x dense "
+                   f"bf16 without cache (dense bf16 with SVD-Cache: {s['dense-bf16']['cache_x']:.2f}x).")
+    return out
+
+
+def attention(r: dict) -> str:
+    """The dense attention calls of one full step in bf16 and in fp32 (the int8 engines' precision between their
+    linears), when the run measured them."""
+    calls = r.get("attention_call")
+    if not calls:
+        return ""
+    bf16, fp32 = (statistics.median(calls[d]) * r["attention_calls"] for d in ("bfloat16", "float32"))
+    return (f" Dense attention alone (PyTorch's SDPA at these shapes, {r['attention_calls']} calls per full step, "
+            f"one timed call per round, medians): bf16 {bf16 * 1e3:.0f} ms, fp32 {fp32 * 1e3:.0f} ms per step; the "
+            f"int8 engines run it in fp32 (PT2E's x86 flow keeps everything between the linears in fp32).")
+
+
+def builds(build_s: dict) -> str:
+    """Each engine's build time (from the run that built it; older results: a number, or None when reused)."""
+    def one(v) -> str:
+        if not isinstance(v, dict):
+            return "reused" if v is None else f"{v} s"
+        took = "?" if v["seconds"] is None else f"{v['seconds']} s"
+        return f"{took} (an earlier run)" if v["reused"] else took
+    return ", ".join(f"{k} {one(v)}" for k, v in build_s.items())
 
 
 def quality_section(model: str, r: dict, summ: dict) -> list[str]:
@@ -120,24 +173,33 @@ def quality_section(model: str, r: dict, summ: dict) -> list[str]:
            f"Reference: an fp32 eager dense engine, every step full; every engine gets the same noise, rounded to "
            f"bf16. Paired: per seed, the cell minus dense bf16 SVD-Cache {budget} of {steps}, then mean and worst. "
            f"{r['seconds']} s with the builds (load {r['load'][0]:.1f} -> {r['load'][1]:.1f}); builds: "
-           + ", ".join(f"{k} {'reused' if v is None else f'{v} s'}" for k, v in r["build_s"].items()) + ".", "",
+           + builds(r["build_s"]) + ".", "",
+           "\"vs its own full\": the SVD-Cache output against the same engine's every-step-full output (what the "
+           "cache itself costs on top of that engine's precision and attention).", "",
            "| attention | precision | schedule | mean dB | worst dB "
-           "| paired vs dense bf16 SVD-Cache: mean / worst dB |",
-           "|---|---|---|---|---|---|"]
+           "| paired vs dense bf16 SVD-Cache: mean / worst dB | vs its own full: mean / worst dB |",
+           "|---|---|---|---|---|---|---|"]
+    own = r.get("psnr_own", {})
     for a, p, c in cells():
         m, w, dm, dw = summ[f"{a}-{p}-{c}"]
         paired = "(the base)" if f"{a}-{p}-{c}" == BASE else f"{dm:+.2f} / {dw:+.2f}"
-        out.append(f"| {a} | {p} | {CELL_NAMES[c].format(steps=steps, budget=budget)} | {m:.2f} | {w:.2f} | {paired} |")
+        vs_own = own.get(f"{a}-{p}-{c}")
+        vs_own = f"{statistics.mean(vs_own):.2f} / {min(vs_own):.2f}" if vs_own else ""
+        out.append(f"| {a} | {p} | {CELL_NAMES[c].format(steps=steps, budget=budget)} | {m:.2f} | {w:.2f} | {paired} "
+                   f"| {vs_own} |")
     m, w, dm, dw = summ["fp32-dense-cache"]
     out.append(f"| dense | fp32 (context) | {CELL_NAMES['cache'].format(steps=steps, budget=budget)} | {m:.2f} | "
-               f"{w:.2f} | {dm:+.2f} / {dw:+.2f} |")
+               f"{w:.2f} | {dm:+.2f} / {dw:+.2f} | |")
     return out
 
 
 def speed_section(r: dict, summ: dict) -> list[str]:
     sh = r["shapes"]
     tokens = sh["height"] * sh["width"] // 256 + sh["text_len"]
-    out = ["", f"## Speed: FLUX.1 width (`{r['weights']}`), {sh['height']}x{sh['width']}, text {sh['text_len']} "
+    width = "FLUX.1 width" if r.get("hidden") == FLUX1_HIDDEN else f"hidden {r.get('hidden')}"
+    calib = r.get("calibration", {"calib_samples": 1, "calib_steps": 2})
+    checked = "checked against whole generations below" if r.get("e2e") else "not measured end to end at this size"
+    out = ["", f"## Speed: {width} (`{r['weights']}`), {sh['height']}x{sh['width']}, text {sh['text_len']} "
                f"({tokens} tokens)", "",
            f"The four aoti engines loaded side by side in one process; {r['rounds']} interleaved rounds (order "
            f"rotated each round), medians; a full step is one call, a cached step the mean of {r['cached_calls']} "
@@ -147,15 +209,35 @@ def speed_section(r: dict, summ: dict) -> list[str]:
            f"over that peak, for every variant (int8 and sparse do the same work in cheaper operations or skip part "
            f"of it). Sparse `{r['sparse']}`: {r['image_pairs_kept']:.1%} of the image-image pairs, "
            f"{r['blocks_computed']:.1%} of the blocks computed, {r['block_tokens']}-token blocks. 50-step times are "
-           f"**derived**, not measured end to end: no cache = 50 full steps; SVD-Cache = 9 full + 41 cached steps "
-           f"(the sampler's per-step host work left out). {r['seconds']} s with the builds (calibration 1 sample x 2 "
-           f"steps: speed only), load {r['load'][0]:.1f} -> {r['load'][1]:.1f}; builds: "
-           + ", ".join(f"{k} {'reused' if v is None else f'{v} s'}" for k, v in r["build_s"].items()) + ".", "",
-           "| engine | GEMM path | full step ms | of bf16 peak | cached step ms | 50 steps, no cache | speedup | "
-           "50 steps, SVD-Cache 9/50 | speedup |", "|---|---|---|---|---|---|---|---|---|"]
+           f"**derived** from the step times: no cache = 50 full steps; SVD-Cache = 9 full + 41 cached steps "
+           f"(the sampler's per-step host work left out; {checked}). {r['seconds']} s with the builds (calibration "
+           f"{calib['calib_samples']} sample(s) x {calib['calib_steps']} steps: speed only), load "
+           f"{r['load'][0]:.1f} -> {r['load'][1]:.1f}; builds: "
+           + builds(r["build_s"]) + ".", "",
+           "\"paired\": the median over rounds of each round's dense bf16 full step over this one's."
+           + attention(r), "",
+           "| engine | GEMM path | full step ms | vs dense bf16, paired | of bf16 peak | cached step ms | "
+           "50 steps, no cache | speedup | 50 steps, SVD-Cache 9/50 | speedup |", "|" + "---|" * 10]
     for a, p in VARIANTS:
         v = summ[f"{a}-{p}"]
-        out.append(f"| {a} {p} | {r['gemm'][f'{a}-{p}']} | {v['full'] * 1e3:.0f} | {v['of_peak']:.0%} | "
+        gemm = (r["gemm"][f"{a}-{p}"] or "-").removeprefix("GEMM path: ")
+        out.append(f"| {a} {p} | {gemm} | {v['full'] * 1e3:.0f} | {v['full_paired']:.2f}x | {v['of_peak']:.0%} | "
                    f"{v['cached'] * 1e3:.1f} | {v['full_gen']:.2f} s | {v['full_x']:.2f}x | {v['cache_gen']:.2f} s | "
                    f"{v['cache_x']:.2f}x |")
+    return out + measured(r, summ)
+
+
+def measured(r: dict, summ: dict) -> list[str]:
+    """The derived 50-step times against whole generations (`Engine.generate`, one each), where the run made them."""
+    e2e = r.get("e2e")
+    if not e2e:
+        return []
+    out = ["", f"Checked end to end: one {GEN_STEPS}-step generation per engine and schedule (`Engine.generate`, seed "
+               f"0, after the rounds; the sampler's own wall time), against the derived times above.", "",
+           "| engine | no cache: measured / derived | SVD-Cache: measured / derived (full steps run) |",
+           "|---|---|---|"]
+    for a, p in VARIANTS:
+        v, full, cache = summ[f"{a}-{p}"], e2e[f"{a}-{p}/full"], e2e[f"{a}-{p}/cache"]
+        out.append(f"| {a} {p} | {full['seconds']:.2f} s / {v['full_gen']:.2f} s | {cache['seconds']:.2f} s / "
+                   f"{v['cache_gen']:.2f} s ({cache['full_steps']}) |")
     return out
