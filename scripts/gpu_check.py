@@ -48,6 +48,13 @@ from svdexport.export import backend  # noqa: E402
 # Parity bound per dtype (rel. L2 of one step's output against eager in the same dtype): bf16 kernels fused
 # differently round differently; float32 engines agree to about 1e-6 (REFERENCE.md section 5).
 TOLERANCE = {"bfloat16": 2e-2, "float16": 2e-2, "float32": 1e-3}
+QUANTIZED_TOLERANCE = 1e-1  # rel. L2 of a quantized engine's step against eager in the build dtype (int8/fp8 error)
+
+
+def row_engine(name: str) -> tuple[str, str]:
+    """(backend, --quantize) of a row: "aoti", or "aoti+fp8" for a quantized engine of that backend."""
+    backend_name, _, scheme = name.partition("+")
+    return backend_name, scheme or "none"
 
 
 @dataclass
@@ -70,8 +77,11 @@ class Plan:
 # inductor (torch.compile at load) second: a compiled GPU row even where AOTInductor's loader crashes.
 # The LoRA step on the GPU for tensorrt (the refit no CPU test reaches); aoti and onnx take it on the CPU
 # (--tiny), and on the GPU with --lora-backends (each costs two loads of the base weights).
-GPU = Plan("bundled:flux1-reduced", {"height": 1024, "width": 1024}, "cuda", ("aoti", "inductor", "tensorrt", "onnx"),
-           {"aoti": "bf16", "inductor": "bf16", "tensorrt": "bf16", "onnx": "bf16"}, lora=("tensorrt",))
+# aoti+fp8 last (issue 27): torchao's fp8 (int8 on GPUs before compute capability 8.9) beside the bf16 rows.
+GPU = Plan("bundled:flux1-reduced", {"height": 1024, "width": 1024}, "cuda",
+           ("aoti", "inductor", "tensorrt", "onnx", "aoti+fp8"),
+           {"aoti": "bf16", "inductor": "bf16", "tensorrt": "bf16", "onnx": "bf16", "aoti+fp8": "bf16"},
+           lora=("tensorrt",))
 # On a CPU: aoti in bf16 as on the GPU (the digits model's own default is fp32), onnx as `build` picks (fp32:
 # ONNX Runtime's CPU provider has no bf16 kernels).
 TINY = Plan("bundled:digits", {}, "cpu", ("aoti", "onnx"), {"aoti": "bf16", "onnx": "auto"}, budget_s=300.0,
@@ -99,9 +109,12 @@ class Row:
 
 
 def unavailable(name: str, device: str) -> str | None:
-    """Why a backend cannot run here, in one line; None when it can."""
+    """Why a backend (or a quantized row, "aoti+fp8") cannot run here, in one line; None when it can."""
+    name, scheme = row_engine(name)
     try:
         backend(name).check()
+        if scheme != "none":
+            BuildOptions(backend=name, quantize=scheme, device=device).validate()
     except SvdExportError as e:
         return str(e)
     if name == "onnx" and device == "cuda":
@@ -265,8 +278,9 @@ class Check:
             reason = f"time budget: {self.elapsed():.0f} s of {p.budget_s:.0f} s spent before it could start"
         if reason is not None:
             return Row(name, skipped=reason)
-        opts = BuildOptions(weights=p.weights, backend=name, dtype=p.dtypes.get(name, "auto"), device=p.device,
-                            shapes=dict(p.shapes),
+        backend_name, scheme = row_engine(name)
+        opts = BuildOptions(weights=p.weights, backend=backend_name, dtype=p.dtypes.get(name, "auto"), device=p.device,
+                            shapes=dict(p.shapes), quantize=scheme,
                             calib_samples=p.calib_samples, calib_steps=p.calib_steps)
         start = time.perf_counter()
         build(opts, self.out / name, graphs_dir=self.out / f"{name}-graphs", progress=False)
@@ -282,7 +296,8 @@ class Check:
             got, want = engine.full(*full_args), eager.full(*[state[n] for n in eager.full.input_names])
             got_c, want_c = engine.cached(*cached_args), eager.cached(*[state[n] for n in eager.cached.input_names])
             row.parity = {"full": rel_l2(got[0], want[0]), "cached": rel_l2(got_c, want_c)}
-            row.parity_ok = max(row.parity.values()) <= TOLERANCE[engine.manifest.dtype]
+            tol = TOLERANCE[engine.manifest.dtype] if scheme == "none" else QUANTIZED_TOLERANCE
+            row.parity_ok = max(row.parity.values()) <= tol
             engine.full(*full_args), engine.cached(*cached_args)  # warm-up (CUDA-graph capture, lazy init)
             full_s = median_seconds(lambda: engine.full(*full_args), p.device, p.step_calls)
             cached_s = median_seconds(lambda: engine.cached(*cached_args), p.device, p.step_calls)
@@ -407,7 +422,8 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="the same logic on a CPU: bundled digits, aoti and onnx")
     ap.add_argument("--out", default="/tmp/svdexport-gpu-check", help="folder for the engines it builds")
-    ap.add_argument("--backends", help="comma list (default: aoti,tensorrt,onnx; --tiny: aoti,onnx)")
+    ap.add_argument("--backends", help="comma list (default: aoti,inductor,tensorrt,onnx,aoti+fp8; --tiny: aoti,onnx); "
+                    "BACKEND+SCHEME is a quantized engine (aoti+int8 on a CPU, aoti+fp8 on a GPU)")
     ap.add_argument("--budget-s", type=float, help="seconds the whole check may take (default 480; --tiny 300)")
     ap.add_argument("--json", help="also write the rows (and the measured matmul peaks) as JSON")
     ap.add_argument("--lora-backends", help="comma list of backends that get the LoRA step, or 'none' "

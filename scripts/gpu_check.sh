@@ -55,6 +55,7 @@ if [[ " $* " != *" --full-depth "* ]]; then  # the full-depth row needs diffuser
     install 'import onnxruntime as o; assert "CUDAExecutionProvider" in o.get_available_providers()' \
         onnxruntime-gpu 'onnxscript>=0.2' 'onnx-ir>=0.1' 'onnx>=1.17'
     install 'import torch_tensorrt' "torch-tensorrt==${torch_version%.*}.*"
+    install 'import torchao' --no-deps 'torchao>=0.18'  # the aoti+fp8 row (build --quantize fp8)
 fi
 "$py" -c 'import diffusers' 2>/dev/null || {
     echo "svdexport: error: diffusers is missing and could not be installed (carry it: scripts/gpu_wheels.sh)" >&2

@@ -275,3 +275,12 @@ def test_full_depth_tiny_on_the_gpu(tmp_path):
     rec = gpu_full_depth.run_row(plan, tmp_path)
     assert rec["phases"]["checkpoint"]["status"] == "ok" and "aoti probe" in rec["phases"]
     assert all(not r["skipped"] for r in rec["rows"]), rec
+
+
+def test_a_quantized_row_is_its_backend_with_a_scheme_and_refused_where_it_cannot_build():
+    assert gpu_check.row_engine("aoti") == ("aoti", "none")
+    assert gpu_check.row_engine("aoti+fp8") == ("aoti", "fp8")
+    assert "aoti+fp8" in gpu_check.GPU.backends and gpu_check.GPU.backends[:4] == ("aoti", "inductor", "tensorrt", "onnx")
+    if not torch.cuda.is_available():
+        assert "fp8" in gpu_check.unavailable("aoti+fp8", "cpu")  # the build's own one-line refusal
+    assert "aoti" in gpu_check.unavailable("onnx+int8", "cpu")  # only aoti ships quantized engines
