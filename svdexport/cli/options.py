@@ -122,7 +122,8 @@ def add_backend_group(p: argparse.ArgumentParser, h: FamilyHelp) -> None:
                    "check the quality on your model (docs/sparse.md) (default: %(default)s)")
     g.add_argument("--quantize", default="none", metavar="none|int8|fp8|auto",
                    help="quantized linears, aoti backend only: int8 on a CPU (PT2E + oneDNN: AMX-INT8 or VNNI; "
-                   "calibrates in fp32; 1.56-1.74x the bf16 aoti full step at FLUX.1 width, docs/int8.md), fp8 on "
+                   "calibrates in fp32; 1.5-1.7x the bf16 aoti full step at FLUX.1 width and 256x256, 0.6x at 1024x1024 where "
+                   "fp32 attention dominates: docs/int8.md), fp8 on "
                    "CUDA GPUs of compute capability 8.9+ (torchao; int8 on older ones); auto: the best the device "
                    "has, else none. Needs torchao; a quantized engine takes no LoRA (default: %(default)s)")
     g.add_argument("--embed-weights", action="store_true", help="keep the weights inside the engine (a "
