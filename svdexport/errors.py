@@ -13,6 +13,12 @@ def clip(text: object, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error raised by a library (its traceback-sized message cut to what names the problem);
+    the exception's type when it says nothing."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def one_line(error: Exception, output: object = None, limit: int = 2000) -> str:
     """What the CLI prints of an error: one line of at most `limit` characters (the places that quote user text
     cut it already; this bounds what they missed). An OSError that no writer named (a write raises it without

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from svdexport.errors import SvdExportError
+from svdexport.errors import SvdExportError, first_line
 from svdexport.export import GraphExport, backend
 from svdexport.export import quantize as qz
 from svdexport.progress import phase
@@ -95,7 +95,7 @@ def apply(p: "Prepared", graphs: dict[str, GraphExport], opts: "BuildOptions") -
                     g.module = qz.quantize_pt2e(g.module, g.args, [], dynamic_shapes=g.dynamic_shapes())
                 except Exception as e:
                     raise SvdExportError(f"PT2E quantization failed on the {name} graph: "
-                                         f"{(str(e).splitlines() or [type(e).__name__])[0]}") from e
+                                         f"{first_line(e)}") from e
     else:
         quantize_transformer(p.model, full, graphs["full"].args, p.shapes.batch, scheme)
     for g in graphs.values():

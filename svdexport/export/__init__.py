@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from svdexport.errors import SvdExportError
+from svdexport.errors import SvdExportError, first_line
 from svdexport.export.boundary import Boundary
 from svdexport.progress import phase
 from svdexport.quiet import quiet
@@ -185,7 +185,7 @@ def open_engine_file(path: Path, what: str, opener: Callable[[], object]):
     except SvdExportError:
         raise
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         shown = getattr(path, "origin", path)  # a verified file's own path, not its link (verified.VerifiedPath)
         raise SvdExportError(f"cannot load {shown} as {what}: {first}") from None
 
@@ -236,8 +236,9 @@ def export_programs(graphs: dict[str, GraphExport], graphs_dir: Path) -> None:
                     g.program = torch.export.export(g.module, g.args, dynamic_shapes=g.dynamic_shapes(), strict=False)
             except Exception as e:  # an exporter failure is a design bug; name the graph that hit it
                 raise SvdExportError(f"torch.export failed on the {name} graph: {str(e).splitlines()[0]}") from e
-            if unsavable(g.program):  # compiled from memory; the folder says why its program is not there
-                (graphs_dir / f"{name}.not-saved.txt").write_text(f"{name}.pt2 is not saved: {unsavable(g.program)}\n")
+            why = unsavable(g.program)
+            if why is not None:  # compiled from memory; the folder says why its program is not there
+                (graphs_dir / f"{name}.not-saved.txt").write_text(f"{name}.pt2 is not saved: {why}\n")
                 continue
             g.program_path = graphs_dir / f"{name}.pt2"
             with quiet():

@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 from svdexport import tensorfile
-from svdexport.errors import SvdExportError
+from svdexport.errors import SvdExportError, first_line
 from svdexport.export import GRAPHS, GraphExport, LoadSpec
 from svdexport.export import derived
 from svdexport.export.bindings import graph_constants
 from svdexport.export.gemm_path import gemm_paths, package_code
 from svdexport.export.quantize import QuantScheme, inductor_configs
-from svdexport.files import Scratch
+from svdexport.files import Scratch, read_json
 from svdexport.progress import phase
 from svdexport.quiet import quiet
 
@@ -51,7 +51,7 @@ def compile_frozen(graphs: dict[str, GraphExport], engine_dir: Path, scheme: Qua
             raise
         except Exception as e:
             raise SvdExportError(f"AOTInductor failed on the {name} {scheme.name} graph: "
-                                 f"{(str(e).splitlines() or [type(e).__name__])[0]}") from e
+                                 f"{first_line(e)}") from e
         opaque = [k for k, t in made.unrecipted.items() if t.layout != torch.strided]
         if opaque:  # nothing could rebuild it at load, and no file format stores it
             raise SvdExportError(f"freezing made a {made.unrecipted[opaque[0]].layout} constant {opaque[0]} of the "
@@ -71,11 +71,7 @@ def bind_frozen(package, name: str, spec: LoadSpec, engine_dir: Path, path: Path
     """Binds every constant of a frozen package by its internal name: the program's constants from the
     engine's bindings (no copy), the derived ones replayed from their recipes or read from the engine's file."""
     recipes_path = spec.file("derived", name, engine_dir)
-    try:
-        recipes = json.loads(Path(recipes_path).read_bytes())
-    except (OSError, ValueError, RecursionError) as e:
-        raise SvdExportError(f"cannot read the engine's derived-constant recipes {recipes_path}: {str(e)[:120]}") \
-            from None
+    recipes = read_json(recipes_path, f"the engine's derived-constant recipes {recipes_path}")
     if not isinstance(recipes, dict) or not all(isinstance(r, list) for r in recipes.values()):
         raise SvdExportError(f"the engine's derived-constant recipes {recipes_path} are malformed")
     kept_file = tensorfile.MappedFile(spec.file("derived_tensors", name, engine_dir))
@@ -87,7 +83,7 @@ def bind_frozen(package, name: str, spec: LoadSpec, engine_dir: Path, path: Path
         raise
     except Exception as e:  # a recipe whose arguments do not fit its op: the file was written so
         raise SvdExportError(f"the engine's derived constants of its {name} graph cannot be made again "
-                             f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}): rebuild it") from None
+                             f"({type(e).__name__}: {first_line(e)[:120]}): rebuild it") from None
     folder = scratch.path / f"{name}.names"
     folder.mkdir(parents=True, exist_ok=True)
     names = derived.constant_names(path, folder)

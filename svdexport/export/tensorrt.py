@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from svdexport.errors import SvdExportError
+from svdexport.errors import SvdExportError, first_line
 from svdexport.export import (GRAPHS, Backend, GraphExport, LoadSpec, compiled_pair, link_or_copy,
                               missing_weights, open_engine_file, program_with)
 
@@ -147,7 +147,7 @@ class TrtGraph:
                 module = refit_fn(compiled_module=self.module, in_place=False,
                                   new_weight_module=move_to_device_pass(program, self.device))
             except Exception as e:
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                first = first_line(e)
                 raise SvdExportError(f"TensorRT refit failed on the {name} graph: {first}") from e
         self.module, self.changed = module, changed
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import NoReturn
 
-from svdexport.errors import SvdExportError, clip
+from svdexport.errors import SvdExportError, clip, first_line
 
 TEXT_MAX = 4096  # characters of a manifest string: paths, hashes, config values (PATH_MAX)
 NAME_MAX = 255  # characters of a class name or site name; bytes of one component of a file name
@@ -159,7 +159,7 @@ def manifest(m, where: str) -> None:
         sampling = fam.sampling(m.sampler)
         sampling.set_timesteps(sampling.scheduler(), m.steps, build)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         refuse("sampler", f"is not a scheduler config diffusers can run: {clip(first, 160)}")
 
 
@@ -196,7 +196,7 @@ def check_table(m, table: dict, path) -> None:
         except KeyError as e:
             problem = f"it has no {e.args[0]!r} tensor (it has {clip(', '.join(sorted(table)))})"
         except Exception as e:
-            problem = clip((str(e).strip().splitlines() or [type(e).__name__])[0], 160)
+            problem = clip(first_line(e), 160)
         else:
             wrong = [k for k, want in m.shapes.inputs.items() if k in x and list(x[k].shape) != want]
             if wrong:
