@@ -34,7 +34,7 @@ import torch
 
 import svdexport
 from svdexport import hardware
-from svdexport.bench.latency import _call, _state, engine_gemm_path
+from svdexport.bench.latency import engine_gemm_path, graph_call, step_state
 from svdexport.bench.metrics import psnr
 from svdexport.bench.roofline import count_flops
 from svdexport.bench.stacking import GEN_FULL, GEN_STEPS, VARIANTS, now, render
@@ -178,9 +178,9 @@ def speed(height: int, text_len: int, option: str, rounds: int, s: Settings, wor
     engines = {k: svdexport.load(f) for k, f in engines.items()}
     calls, states = {}, {}
     for name, e in engines.items():
-        states[name] = _state(e, e)  # one mid-schedule step; C and R from the engine's own full step
+        states[name] = step_state(e, e)  # one mid-schedule step; C and R from the engine's own full step
         for kind, graph in (("full", e.full), ("cached", e.cached)):
-            calls[(name, kind)] = _call(graph, states[name], e.manifest.graphs[kind].input_dtypes)
+            calls[(name, kind)] = graph_call(graph, states[name], e.manifest.graphs[kind].input_dtypes)
             calls[(name, kind)]()  # warm-up
     flops = dense_flops(engines["dense-bf16"], states["dense-bf16"])
     times = {f"{n}/{k}": [] for n, k in calls}

@@ -15,7 +15,7 @@ import time
 import torch
 import svdexport
 from svdexport import hardware
-from svdexport.bench.latency import _call, _state, engine_gemm_path
+from svdexport.bench.latency import engine_gemm_path, graph_call, step_state
 
 root = sys.argv[1]
 rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 7
@@ -26,8 +26,8 @@ for n, e in engines.items():
 calls = {}
 with torch.inference_mode():
     for n, e in engines.items():
-        state = _state(e, e)  # C and R from the engine's own full step
-        calls[n] = _call(e.full, state, e.manifest.graphs["full"].input_dtypes)
+        state = step_state(e, e)  # C and R from the engine's own full step
+        calls[n] = graph_call(e.full, state, e.manifest.graphs["full"].input_dtypes)
         calls[n](); calls[n]()  # warm-up
     ref = calls["bf16"]()[0].float()
     out = calls["int8"]()[0].float()

@@ -46,14 +46,14 @@ TARGETS = [
 ]
 
 
-def _time(fn: Callable[[], object], times: list[float], calls: int) -> None:
+def time_calls(fn: Callable[[], object], times: list[float], calls: int) -> None:
     start = time.perf_counter()
     for _ in range(calls):
         fn()
     times.append((time.perf_counter() - start) / calls)
 
 
-def _state(engine, reference, shapes=None) -> dict:
+def step_state(engine, reference, shapes=None) -> dict:
     """Inputs of one mid-schedule step (scheduler timestep 500) at `shapes` (default: the build's) with C and R
     from the reference's full step."""
     inputs = engine.example_inputs(0, shapes=shapes)
@@ -64,7 +64,7 @@ def _state(engine, reference, shapes=None) -> dict:
     return state
 
 
-def _call(graph, state: dict, dtypes: list[str] | None = None) -> Callable[[], object]:
+def graph_call(graph, state: dict, dtypes: list[str] | None = None) -> Callable[[], object]:
     """A call of `graph` on the state; `dtypes`: the engine's recorded input dtypes, which a compiled graph
     requires exactly (the eager reference's C and R may be in another dtype than an older engine's)."""
     args = [state[n] for n in graph.input_names]
@@ -84,7 +84,7 @@ def bench(engine_dir: str, steps: int = 50, repeats: int = 5, step_calls: int = 
     same = eager is engine  # an eager engine: "against eager" would be against itself
     twin = engine.eager_reference(torch.float32) if engine.dtype != torch.float32 else None
 
-    state = _state(engine, eager)
+    state = step_state(engine, eager)
     inputs = engine.example_inputs(0)
     graphs = {"engine_full": engine.full, "engine_cached": engine.cached}
     dtypes = {"engine_full": m.graphs["full"].input_dtypes, "engine_cached": m.graphs["cached"].input_dtypes}
@@ -94,11 +94,11 @@ def bench(engine_dir: str, steps: int = 50, repeats: int = 5, step_calls: int = 
         graphs |= {"eager_full": eager.full, "eager_cached": eager.cached}
         e2e_fns |= {"eager_uncached": lambda: eager.generate(inputs, steps=steps, interval=1),
                     "eager_cached": lambda: eager.generate(inputs, steps=steps)}
-    steps_fns = {k: _call(g, state, dtypes.get(k)) for k, g in graphs.items()}
+    steps_fns = {k: graph_call(g, state, dtypes.get(k)) for k, g in graphs.items()}
     if twin is not None:
         state32 = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         inputs32 = {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}
-        steps_fns |= {"eager_fp32_full": _call(twin.full, state32), "eager_fp32_cached": _call(twin.cached, state32)}
+        steps_fns |= {"eager_fp32_full": graph_call(twin.full, state32), "eager_fp32_cached": graph_call(twin.cached, state32)}
         e2e_fns["eager_fp32_uncached"] = lambda: twin.generate(inputs32, steps=steps, interval=1)
     for fn in steps_fns.values():  # warm-up: one-time costs stay out of the medians
         fn(), fn()
@@ -106,7 +106,7 @@ def bench(engine_dir: str, steps: int = 50, repeats: int = 5, step_calls: int = 
     peaks = []  # the matmul peak, measured once per repeat between the step timings: the same machine state
     for _ in range(repeats):
         for k, fn in steps_fns.items():
-            _time(fn, step_times[k], step_calls)
+            time_calls(fn, step_times[k], step_calls)
         peaks.append(roofline.engine_peak(engine, peak_repeats))
     e2e_times = {k: [] for k in e2e_fns}
     for _ in range(e2e_repeats):

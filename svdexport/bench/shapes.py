@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from svdexport.bench.latency import _call, _state, _time
+from svdexport.bench.latency import graph_call, step_state, time_calls
 from svdexport.errors import SvdExportError
 from svdexport.models.ranges import parse_sizes
 
@@ -32,7 +32,7 @@ def _medians(fns: dict[str, Callable[[], object]], repeats: int, calls: int) -> 
     times = {k: [] for k in fns}
     for _ in range(repeats):  # interleaved: drifts of the machine hit every column alike
         for k, fn in fns.items():
-            _time(fn, times[k], calls)
+            time_calls(fn, times[k], calls)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -57,8 +57,8 @@ def _same_build(ranged, static) -> None:
 
 def _graph_fns(prefix: str, engine, state: dict) -> dict[str, Callable[[], object]]:
     m = engine.manifest
-    return {f"{prefix}_full": _call(engine.full, state, m.graphs["full"].input_dtypes),
-            f"{prefix}_cached": _call(engine.cached, state, m.graphs["cached"].input_dtypes)}
+    return {f"{prefix}_full": graph_call(engine.full, state, m.graphs["full"].input_dtypes),
+            f"{prefix}_cached": graph_call(engine.cached, state, m.graphs["cached"].input_dtypes)}
 
 
 @torch.inference_mode()
@@ -77,7 +77,7 @@ def bench_shapes(engine_dir: str, against: str | None, resolutions: list[tuple[i
     if against:
         static = svdexport.load(against)
         _same_build(engine, static)
-        state = _state(engine, eager)
+        state = step_state(engine, eager)
         s = _medians({**_graph_fns("ranged", engine, state), **_graph_fns("static", static, state)},
                      repeats, step_calls)
         inputs = engine.example_inputs(0)
@@ -91,9 +91,9 @@ def bench_shapes(engine_dir: str, against: str | None, resolutions: list[tuple[i
         static.close()
     rows = []
     for sh in shapes:
-        state = _state(engine, eager, sh)
+        state = step_state(engine, eager, sh)
         s = _medians({**_graph_fns("engine", engine, state),
-                      "eager_full": _call(eager.full, state)}, repeats, step_calls)
+                      "eager_full": graph_call(eager.full, state)}, repeats, step_calls)
         inputs = engine.example_inputs(0, shapes=sh)
         e = _e2e({"engine": lambda: engine.generate(inputs, steps=steps, height=sh.height, width=sh.width)},
                  e2e_repeats)
